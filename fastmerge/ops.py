@@ -1,0 +1,166 @@
+"""The three primitive ops every fast backend implements, defined once with torch.library.
+
+Schemas and fake (meta) kernels live here; the plain-torch kernels below are the registered
+fallback (CompositeExplicitAutograd) and the definition the C++/CUDA/Triton kernels mirror:
+
+- ``fastmerge::score_histogram``: radix-select digit histograms of the selection score
+  (|t_i| or t_i*t_i*v_i, as float32 bits) for (model, prefix) targets, plus per-bin sums of
+  |t_i|, accumulated in place so chunks and tensors merge by addition.
+- ``fastmerge::model_stats``: per-model sums over a chunk: sum |t_i|, sum |t_i| over the kept
+  elements (mode 0/1/2/3 of ``iparams``), sum v_i^p; accumulated in place (float64).
+- ``fastmerge::fused_merge``: the one-pass merge of a chunk: reads base + N models (+ N second
+  moments) once and writes the output dtype once.
+
+Per-model parameters travel packed (see ``fastmerge.plan``):
+``fparams`` float32 [N, 6] = (weight, rescale, lo, hi, consensus_lambda, ota_scale);
+``iparams`` int64 [N, 3] = (mode, dare_key as int64 bits, dare_keep_threshold).
+Keep j iff mode 0; or mode 1 and lo <= score < hi (hi = inf: no upper bound); never for
+mode 2; mode 3 iff Philox(key, j + offset).word0 < dare_keep_threshold.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference, rng
+from .methods import COMBINES, MergeSpec
+
+# Enumerations shared with csrc/common/fastmerge_params.h (keep in sync; tests check).
+MODE_KEEP_ALL, MODE_BAND, MODE_KEEP_NONE, MODE_DARE = 0, 1, 2, 3
+SCORE_MAGNITUDE, SCORE_FISHER = 0, 1
+COMBINE_IDS = {name: i for i, name in enumerate(COMBINES)}  # linear=0 sum=1 ties=2 ...
+ELECT_SUM, ELECT_COUNT = 0, 1
+ELECT_WEIGHTED, ELECT_UNWEIGHTED = 0, 1
+NORMALIZE_NONE, NORMALIZE_WEIGHTS, NORMALIZE_COUNT = 0, 1, 2
+F_WEIGHT, F_RESCALE, F_LO, F_HI, F_CONSENSUS_LAMBDA, F_OTA_SCALE = range(6)
+I_MODE, I_DARE_KEY, I_DARE_THRESHOLD = range(3)
+NUM_FPARAMS, NUM_IPARAMS = 6, 3
+RADIX_BITS = 16
+NUM_BINS = 1 << RADIX_BITS
+NONFINITE_BIN = 0x7F80  # level-0 bins >= this hold Inf/NaN scores
+
+LIB = torch.library.Library("fastmerge", "DEF")
+LIB.define("score_histogram(Tensor? base, Tensor[] models, Tensor[] second_moments, int score, "
+           "Tensor targets, int level, Tensor(a!) counts, Tensor(b!) sums) -> ()")
+LIB.define("model_stats(Tensor? base, Tensor[] models, Tensor[] second_moments, int score, "
+           "Tensor fparams, Tensor iparams, float power, int offset, Tensor(a!) out) -> ()")
+LIB.define("fused_merge(Tensor? base, Tensor[] models, Tensor[] second_moments, Tensor fparams, "
+           "Tensor iparams, int combine, int score, int elect, int elect_on, int normalize, "
+           "int consensus_k, float scale, float power, float eps, int offset, "
+           "ScalarType out_dtype, Tensor(a!) nonfinite) -> Tensor")
+
+
+# ----------------------------------------------------------------------------- plain torch
+def _task_vectors(base, models) -> torch.Tensor:
+    t = torch.stack([m.to(torch.float32) for m in models])
+    return t - base.to(torch.float32) if base is not None else t
+
+
+def _score_bits(t: torch.Tensor, v: Optional[torch.Tensor], score: int) -> torch.Tensor:
+    """float32 score -> its bit pattern with the sign cleared, as int64 (orders like the value)."""
+    s = (t * t) * v.to(torch.float32) if score == SCORE_FISHER else t.abs()
+    return s.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def score_histogram_torch(base, models, second_moments, score, targets, level, counts, sums):
+    """Level 0: bin = top 16 bits of the score, per model (targets[:, 0]).
+    Level 1: among elements whose top 16 bits equal targets[:, 1], bin = low 16 bits."""
+    for row, (i, prefix) in enumerate(targets.tolist()):
+        t = _task_vectors(base, [models[i]])[0].reshape(-1)
+        v = second_moments[i].reshape(-1) if score == SCORE_FISHER else None
+        bits = _score_bits(t, v, score)
+        mag = t.abs().to(torch.float64)
+        if level == 0:
+            bins = bits >> RADIX_BITS
+        else:
+            sel = (bits >> RADIX_BITS) == prefix
+            bins, mag = bits[sel] & (NUM_BINS - 1), mag[sel]
+        counts[row] += torch.bincount(bins, minlength=NUM_BINS).to(counts.device)
+        sums[row] += torch.bincount(bins, weights=mag, minlength=NUM_BINS).to(sums.device)
+
+
+def keep_masks_packed(t, second_moments, score, fparams, iparams, offset) -> torch.Tensor:
+    """Boolean keep masks [N, *S] from the packed per-model parameters."""
+    masks = []
+    for i, (mode, key, thr) in enumerate(iparams.tolist()):
+        if mode == MODE_KEEP_ALL:
+            masks.append(torch.ones_like(t[i], dtype=torch.bool))
+        elif mode == MODE_KEEP_NONE:
+            masks.append(torch.zeros_like(t[i], dtype=torch.bool))
+        elif mode == MODE_DARE:
+            r = rng.philox_uniform_u32(key & rng.MASK64, offset, t[i].numel(), t.device)
+            masks.append((r < thr).reshape(t[i].shape))
+        else:
+            v = second_moments[i] if score == SCORE_FISHER else None
+            s = _score_bits(t[i], v, score).view(torch.int64)
+            s = (s.to(torch.int32)).view(torch.float32).reshape(t[i].shape)
+            lo, hi = fparams[i, F_LO].item(), fparams[i, F_HI].item()
+            masks.append((s >= lo) & ((s < hi) | (hi == float("inf"))))
+    return torch.stack(masks)
+
+
+def model_stats_torch(base, models, second_moments, score, fparams, iparams, power, offset, out):
+    t = _task_vectors(base, models)
+    keep = keep_masks_packed(t, second_moments, score, fparams, iparams, offset)
+    mag = t.abs().to(torch.float64).reshape(len(models), -1)
+    out[:, 0] += mag.sum(1).to(out.device)
+    out[:, 1] += (mag * keep.reshape(len(models), -1)).sum(1).to(out.device)
+    if second_moments:
+        p = torch.stack([v.to(torch.float32).clamp(min=0) ** power for v in second_moments])
+        out[:, 2] += p.to(torch.float64).reshape(len(models), -1).sum(1).to(out.device)
+
+
+def packed_spec(n, fparams, combine, elect, elect_on, normalize, consensus_k, scale, power, eps):
+    """A MergeSpec carrying only what the element-wise combine reads (weights, flags)."""
+    return MergeSpec(
+        method="packed", n_models=n, sparsifier="none", combine=COMBINES[combine],
+        weights=tuple(fparams[:, F_WEIGHT].tolist()), densities=(1.0,) * n, gammas=(0.0,) * n,
+        lambda_=scale, normalize={NORMALIZE_NONE: False, NORMALIZE_WEIGHTS: True,
+                                  NORMALIZE_COUNT: "count"}[normalize],
+        election=("sum", "count")[elect], elect_on=("weighted", "unweighted")[elect_on],
+        consensus_lambdas=tuple(fparams[:, F_CONSENSUS_LAMBDA].tolist()),
+        consensus_k=consensus_k, power=power, eps=eps)
+
+
+def fused_merge_torch(base, models, second_moments, fparams, iparams, combine, score, elect,
+                      elect_on, normalize, consensus_k, scale, power, eps, offset, out_dtype,
+                      nonfinite):
+    n = len(models)
+    spec = packed_spec(n, fparams, combine, elect, elect_on, normalize, consensus_k, scale,
+                       power, eps)
+    w = fparams[:, F_WEIGHT].to(torch.float32).reshape((-1,) + (1,) * models[0].dim())
+    if combine == COMBINE_IDS["linear"]:
+        m = torch.stack([x.to(torch.float32) for x in models])
+        nonfinite += (~torch.isfinite(m)).reshape(n, -1).sum(1).to(nonfinite.device)
+        return reference.linear_combine(spec, m, w, {}).to(out_dtype)
+    t = _task_vectors(base, models)
+    nonfinite += (~torch.isfinite(t)).reshape(n, -1).sum(1).to(nonfinite.device)
+    keep = keep_masks_packed(t, second_moments, score, fparams, iparams, offset)
+    r = fparams[:, F_RESCALE].to(torch.float32).reshape(w.shape)
+    out = reference.combine(spec, base, t, t * keep * r, w, second_moments,
+                            p_scales=fparams[:, F_OTA_SCALE].tolist())
+    return out.to(out_dtype)
+
+
+torch.library.impl(LIB, "score_histogram", "CompositeExplicitAutograd")(score_histogram_torch)
+torch.library.impl(LIB, "model_stats", "CompositeExplicitAutograd")(model_stats_torch)
+torch.library.impl(LIB, "fused_merge", "CompositeExplicitAutograd")(fused_merge_torch)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("fastmerge::score_histogram")
+def _score_histogram_fake(base, models, second_moments, score, targets, level, counts, sums):
+    return None
+
+
+@torch.library.register_fake("fastmerge::model_stats")
+def _model_stats_fake(base, models, second_moments, score, fparams, iparams, power, offset, out):
+    return None
+
+
+@torch.library.register_fake("fastmerge::fused_merge")
+def _fused_merge_fake(base, models, second_moments, fparams, iparams, combine, score, elect,
+                      elect_on, normalize, consensus_k, scale, power, eps, offset, out_dtype,
+                      nonfinite):
+    return models[0].new_empty(models[0].shape, dtype=out_dtype)

@@ -1,0 +1,159 @@
+"""From a resolved MergeSpec to the packed per-model parameters of the fused merge pass.
+
+``plan_tensor`` runs the passes a method needs before the merge (radix selection for top-k,
+bands and FFG; one statistics pass for DARE + ``rescale="l1"`` or OTA's per-tensor means) over
+a re-iterable chunk source, through whichever backend is given, and returns a
+:class:`TensorPlan`. Backends never see user parameters, only the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from . import rng
+from .methods import MergeSpec, band_counts, top_k_count
+from .ops import (COMBINE_IDS, ELECT_COUNT, ELECT_SUM, ELECT_UNWEIGHTED, ELECT_WEIGHTED,
+                  F_CONSENSUS_LAMBDA, F_HI, F_LO, F_OTA_SCALE, F_RESCALE, F_WEIGHT, I_DARE_KEY,
+                  I_DARE_THRESHOLD, I_MODE, MODE_BAND, MODE_DARE, MODE_KEEP_ALL, MODE_KEEP_NONE,
+                  NORMALIZE_COUNT, NORMALIZE_NONE, NORMALIZE_WEIGHTS, NUM_FPARAMS, NUM_IPARAMS,
+                  SCORE_FISHER, SCORE_MAGNITUDE)
+from .selection import ChunkSource, Histograms, level0, select
+
+INF = float("inf")
+
+
+@dataclass
+class TensorPlan:
+    """Everything the fused pass needs for one tensor (all of its chunks)."""
+    spec: MergeSpec
+    tensor_name: str
+    fparams: torch.Tensor  # float32 [N, 6]
+    iparams: torch.Tensor  # int64 [N, 3]
+    combine: int
+    score: int
+    elect: int
+    elect_on: int
+    normalize: int
+    passes: int = 0        # read passes over the inputs before the merge pass
+    info: dict = field(default_factory=dict)
+
+    def op_args(self) -> tuple:
+        """The trailing arguments of ``fastmerge::fused_merge`` after the tensors."""
+        s = self.spec
+        return (self.combine, self.score, self.elect, self.elect_on, self.normalize,
+                s.consensus_k, float(s.scale), float(s.power), float(s.eps))
+
+    def on(self, device) -> "TensorPlan":
+        if self.fparams.device == torch.device(device):
+            return self
+        return TensorPlan(**{**self.__dict__, "fparams": self.fparams.to(device),
+                             "iparams": self.iparams.to(device)})
+
+
+def _as_int64_bits(u64: int) -> int:
+    return u64 - (1 << 64) if u64 >= 1 << 63 else u64
+
+
+def selection_requests(spec: MergeSpec, numel: int) -> list[list[int]]:
+    """The k's each model's sparsifier needs: [k] for top-k, [k_lo, n_top] for a band."""
+    out = []
+    for d, g in zip(spec.densities, spec.gammas):
+        if spec.sparsifier in ("topk", "fisher"):
+            out.append([top_k_count(d, numel)])
+        elif spec.sparsifier == "band":
+            n_top, k_lo = band_counts(d, g, numel)
+            out.append([0] if top_k_count(d, numel) == 0 else [k_lo, n_top])
+        else:
+            out.append([])
+    return out
+
+
+def thresholds_from_selection(spec: MergeSpec, numel: int, backend, source: ChunkSource,
+                              score: int, names: Sequence[str] = (),
+                              hist: Optional[Histograms] = None):
+    """Per-model (lo, hi) and the L1 of what they keep, by radix selection over ``source``."""
+    reqs = selection_requests(spec, numel)
+    if hist is None:
+        hist = level0(backend, spec.n_models, score, source, names)
+    flat = [(i, k) for i, ks in enumerate(reqs) for k in ks]
+    sel = select(backend, hist, flat, score, source)
+    out, kept, pos = [], [], 0
+    for ks in reqs:
+        vals, l1 = sel.thresholds[pos:pos + len(ks)], sel.kept_l1[pos:pos + len(ks)]
+        pos += len(ks)
+        if len(ks) == 1:
+            out.append((vals[0], INF))
+            kept.append(l1[0])
+        else:  # band: keep lo <= s < hi; hi from k = n_top (inf when n_top = 0)
+            lo, hi = vals
+            out.append((lo, hi))
+            kept.append(l1[0] - (l1[1] if hi != INF else 0.0))
+    return out, kept, hist.total_l1()
+
+
+def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tensor_name: str = "",
+                thresholds: Optional[Sequence[tuple[float, float]]] = None) -> TensorPlan:
+    """Resolve thresholds, DARE keys and rescale factors for one tensor of ``numel`` elements.
+
+    ``thresholds`` (per-model (lo, hi)) skips the selection: ``scope="model"`` passes the
+    model-wide ones here."""
+    n = spec.n_models
+    score = SCORE_FISHER if spec.score == "fisher" else SCORE_MAGNITUDE
+    f = torch.zeros(n, NUM_FPARAMS, dtype=torch.float32)
+    iparams = torch.zeros(n, NUM_IPARAMS, dtype=torch.int64)
+    f[:, F_WEIGHT] = torch.tensor(spec.weights)
+    f[:, F_RESCALE] = 1.0
+    f[:, F_HI] = INF
+    f[:, F_CONSENSUS_LAMBDA] = torch.tensor(spec.consensus_lambdas)
+    f[:, F_OTA_SCALE] = 1.0
+    passes, kept_l1, total_l1 = 0, None, None
+    names = (tensor_name,)
+
+    if spec.sparsifier in ("topk", "fisher", "band"):
+        if thresholds is None:
+            thresholds, kept_l1, total_l1 = thresholds_from_selection(
+                spec, numel, backend, source, score, names)
+            passes += 2
+        for i, (lo, hi) in enumerate(thresholds):
+            f[i, F_LO], f[i, F_HI] = lo, hi
+            iparams[i, I_MODE] = (MODE_KEEP_NONE if lo == INF else
+                                  MODE_KEEP_ALL if lo <= 0.0 and hi == INF else MODE_BAND)
+    elif spec.sparsifier == "dare":
+        for i, d in enumerate(spec.densities):
+            thr = rng.dare_keep_threshold(d)
+            iparams[i, I_MODE] = (MODE_KEEP_ALL if thr >= 1 << 32 else
+                                  MODE_KEEP_NONE if thr == 0 else MODE_DARE)
+            iparams[i, I_DARE_KEY] = _as_int64_bits(rng.dare_key(spec.seed, tensor_name, i))
+            iparams[i, I_DARE_THRESHOLD] = thr
+
+    need_l1 = spec.rescale == "l1" and spec.sparsifier != "none" and kept_l1 is None
+    need_p = spec.combine == "ota" and spec.ota_normalize == "global"
+    stats = None
+    if need_l1 or need_p:
+        stats = backend.stats(source, score, f, iparams, spec.power)
+        passes += 1
+        if need_l1:
+            total_l1, kept_l1 = stats[:, 0].tolist(), stats[:, 1].tolist()
+        if need_p:
+            for i in range(n):
+                f[i, F_OTA_SCALE] = 1.0 / (stats[i, 2].item() / max(numel, 1) + spec.eps)
+
+    rescale = [1.0] * n
+    for i, d in enumerate(spec.densities):
+        if spec.rescale == "inverse_density":
+            rescale[i] = 1.0 / d if d > 0 else 0.0
+        elif spec.rescale == "l1" and spec.sparsifier != "none":
+            rescale[i] = total_l1[i] / kept_l1[i] if kept_l1[i] > 0 else 1.0
+    f[:, F_RESCALE] = torch.tensor(rescale, dtype=torch.float64).to(torch.float32)
+
+    normalize = {False: NORMALIZE_NONE, True: NORMALIZE_WEIGHTS, "count": NORMALIZE_COUNT}
+    return TensorPlan(
+        spec=spec, tensor_name=tensor_name, fparams=f, iparams=iparams,
+        combine=COMBINE_IDS[spec.combine], score=score,
+        elect=ELECT_SUM if spec.election == "sum" else ELECT_COUNT,
+        elect_on=ELECT_WEIGHTED if spec.elect_on == "weighted" else ELECT_UNWEIGHTED,
+        normalize=normalize[spec.normalize], passes=passes,
+        info={"thresholds": [tuple(map(float, r)) for r in f[:, [F_LO, F_HI]].tolist()],
+              "rescale": rescale})
