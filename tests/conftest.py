@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# The Triton kernels run on CPU tensors in the Triton interpreter where no GPU is present. The
+# variable must be set before triton is first imported (triton reads it when a kernel is
+# defined), so it is set here, before fastmerge loads its Triton backend.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import fastmerge
 from fastmerge.backends import availability
 

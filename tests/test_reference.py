@@ -131,7 +131,8 @@ def test_lines_scales_the_update():
     assert fm.lines_factor(None, 4, 0.5, 1.0) == 0.5
     assert fm.block_index("model.layers.10.mlp.up_proj.weight") == 10
     assert fm.block_index("model.layers.1.mlp.up") == 1
-    assert fm.block_index("xmodel.layers.1.mlp") is None  # anchored: no substring matches
+    assert fm.block_index("model.mylayers.1.mlp") is None  # anchored: no substring matches
+    assert fm.block_index("model.layers.10.mlp") == 10
     assert fm.block_index("model.embed_tokens.weight") is None
 
 
