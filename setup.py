@@ -43,7 +43,7 @@ def cpu_extensions(cpp_extension):
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return []
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-Wall"]
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-Wall"]
     return [cpp_extension.CppExtension(
         "fastmerge._C", sources, include_dirs=[COMMON],
         extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])]
@@ -65,8 +65,10 @@ def cuda_extensions(cpp_extension):
         return []
     return [cpp_extension.CUDAExtension(
         "fastmerge._cuda", sources, include_dirs=[COMMON, os.path.join(HERE, "csrc", "cuda")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+        # torch 2.13's headers need C++20 (the binding includes them; the .cu files need only
+        # C++17, which tests/test_cuda_compile.py checks, and build as C++20 too).
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
                                      "-lineinfo"]})]
 
 

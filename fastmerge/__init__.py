@@ -6,7 +6,8 @@ from .api import dare_mask, magnitude_threshold, merge_tensors
 from .backends import BACKEND_NAMES, available_backends
 from .lines import block_index, lines_factor
 from .methods import METHODS, MergeSpec, resolve_spec
+from .engine import merge_checkpoints
 
 __all__ = ["merge_tensors", "magnitude_threshold", "dare_mask", "lines_factor", "block_index",
-           "available_backends", "resolve_spec", "MergeSpec", "METHODS", "BACKEND_NAMES",
+           "available_backends", "resolve_spec", "merge_checkpoints", "MergeSpec", "METHODS", "BACKEND_NAMES",
            "__version__"]

@@ -1,4 +1,5 @@
-"""Command line: ``fastmerge demo`` (also ``python -m fastmerge demo``), ``fastmerge backends``."""
+"""Command line: ``fastmerge merge CONFIG.yml OUT_DIR``, ``fastmerge demo``,
+``fastmerge backends`` (also ``python -m fastmerge ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,17 +9,57 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastmerge", description="Fused, memory-frugal model merging")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="merge a tiny synthetic model with several methods (no network)")
+    m = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML config",
+                       description="Merge whole checkpoints as a mergekit-style YAML config "
+                       "says, streaming tensors under a memory budget into sharded safetensors.")
+    m.add_argument("config", help="merge config (YAML; mergekit syntax + scope, lines)")
+    m.add_argument("out_dir", help="output directory (written atomically)")
+    m.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    m.add_argument("--memory-budget", default=None,
+                   help="bound on what the merge allocates, e.g. 8GiB (default: min(8GiB, "
+                        "half the RAM))")
+    m.add_argument("--shard-size", default="5GB", help="output shard size (default: 5GB)")
+    m.add_argument("--backend", default="auto",
+                   choices=["auto", "torch", "cpu", "cuda", "triton"],
+                   help="kernel backend (default: auto)")
+    m.add_argument("--seed", type=int, default=None, help="DARE seed (overrides the config)")
+    m.add_argument("--lines-pattern", default=None,
+                   help="regex whose last group is the block index (LiNeS depth, gradients)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = sub.add_parser("demo", help="merge tiny synthetic models, in memory and as checkpoints "
+                                    "through the engine (no network)")
     d.add_argument("--backend", action="append", help="backend(s) to time (default: all here)")
     sub.add_parser("backends", help="list the backends and whether each can run here")
     return p
 
 
+def _merge(args) -> int:
+    from .engine import CheckpointError, ConfigError, OutputError, merge_checkpoints
+    try:
+        res = merge_checkpoints(args.config, args.out_dir, device=args.device,
+                                memory_budget=args.memory_budget, shard_size=args.shard_size,
+                                backend=args.backend, seed=args.seed, overwrite=args.overwrite,
+                                quiet=args.quiet, lines_pattern=args.lines_pattern)
+    except KeyboardInterrupt:
+        print("fastmerge: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except (ConfigError, CheckpointError, OutputError, FileExistsError, ValueError,
+            OSError) as exc:
+        print(f"fastmerge: error: {exc}", file=sys.stderr)
+        return 1
+    print(res.summary())
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "merge":
+        return _merge(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import run_demo, run_engine_demo
         run_demo(args.backend)
+        run_engine_demo(backend=(args.backend or ["auto"])[0])
         return 0
     if args.command == "backends":
         from .backends import available_backends

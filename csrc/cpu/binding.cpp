@@ -1,0 +1,291 @@
+// fastmerge CPU backend: the thin torch binding. Registers the three fastmerge:: ops (schemas
+// defined in Python by fastmerge/ops.py) for the CPU dispatch key and exposes a few helpers of
+// the shared header to the tests. All the work is in the raw-pointer kernels (fm_cpu.h).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fm_cpu.h"
+
+namespace fm = fastmerge;
+
+namespace {
+
+int dtype_code(const at::Tensor& t, const char* what, int64_t index) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fm::DTYPE_FLOAT32;
+    case at::kHalf: return fm::DTYPE_FLOAT16;
+    case at::kBFloat16: return fm::DTYPE_BFLOAT16;
+    default:
+      TORCH_CHECK(false, "fastmerge (cpu): ", what, index >= 0 ? "[" + std::to_string(index) + "]"
+                                                               : std::string(),
+                  " has dtype ", t.scalar_type(), "; supported: bfloat16, float16, float32");
+  }
+  return 0;
+}
+
+int out_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return fm::DTYPE_FLOAT32;
+    case at::kHalf: return fm::DTYPE_FLOAT16;
+    case at::kBFloat16: return fm::DTYPE_BFLOAT16;
+    default:
+      TORCH_CHECK(false, "fastmerge (cpu): out_dtype ", t,
+                  " is not supported; use bfloat16, float16 or float32");
+  }
+  return 0;
+}
+
+void check_cpu(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "fastmerge (cpu): ", what, " is on ", t.device(),
+              ", the CPU kernels need CPU tensors");
+}
+
+// Contiguous views of the inputs (kept alive in `hold`) and the raw-pointer description.
+fm::cpu::Inputs make_inputs(const std::optional<at::Tensor>& base, at::TensorList models,
+                            at::TensorList moments, std::vector<at::Tensor>& hold) {
+  const int64_t n = static_cast<int64_t>(models.size());
+  const char* err = fm::fm_check_models(static_cast<int>(n > 1000 ? 1000 : n));
+  TORCH_CHECK(err == nullptr, err, " (got ", n, " models)");
+  TORCH_CHECK(moments.empty() || static_cast<int64_t>(moments.size()) == n,
+              "fastmerge (cpu): second_moments must be empty or one per model (", n, "), got ",
+              moments.size());
+  fm::cpu::Inputs in;
+  in.n = static_cast<int>(n);
+  in.numel = models[0].numel();
+  auto add = [&](const at::Tensor& t, const char* what, int64_t i) -> const void* {
+    check_cpu(t, what);
+    TORCH_CHECK(t.numel() == in.numel, "fastmerge (cpu): ", what, "[", i, "] has ", t.numel(),
+                " elements, models[0] has ", in.numel);
+    hold.push_back(t.contiguous());
+    return hold.back().data_ptr();
+  };
+  hold.reserve(1 + 2 * n);
+  if (base.has_value() && base->defined()) {
+    in.base_dtype = dtype_code(*base, "base", -1);
+    in.base = add(*base, "base", 0);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    in.model_dtypes[i] = dtype_code(models[i], "models", i);
+    in.models[i] = add(models[i], "models", i);
+  }
+  in.has_moments = !moments.empty();
+  for (int64_t i = 0; i < static_cast<int64_t>(moments.size()); ++i) {
+    in.moment_dtypes[i] = dtype_code(moments[i], "second_moments", i);
+    in.moments[i] = add(moments[i], "second_moments", i);
+  }
+  return in;
+}
+
+std::vector<fm::FmModel> unpack_models(const at::Tensor& fparams, const at::Tensor& iparams,
+                                       int64_t n) {
+  TORCH_CHECK(fparams.dim() == 2 && fparams.size(0) == n && fparams.size(1) == fm::NUM_FPARAMS,
+              "fastmerge (cpu): fparams must be [", n, ", ", fm::NUM_FPARAMS, "], got ",
+              fparams.sizes());
+  TORCH_CHECK(iparams.dim() == 2 && iparams.size(0) == n && iparams.size(1) == fm::NUM_IPARAMS,
+              "fastmerge (cpu): iparams must be [", n, ", ", fm::NUM_IPARAMS, "], got ",
+              iparams.sizes());
+  const at::Tensor f = fparams.to(at::kCPU, at::kFloat).contiguous();
+  const at::Tensor ip = iparams.to(at::kCPU, at::kLong).contiguous();
+  std::vector<fm::FmModel> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = fm::fm_unpack_model(f.data_ptr<float>() + i * fm::NUM_FPARAMS,
+                                 ip.data_ptr<int64_t>() + i * fm::NUM_IPARAMS);
+    TORCH_CHECK(out[i].mode >= fm::MODE_KEEP_ALL && out[i].mode <= fm::MODE_DARE,
+                "fastmerge (cpu): unknown keep mode ", out[i].mode, " for model ", i);
+  }
+  return out;
+}
+
+int threads() { return at::get_num_threads(); }
+
+// --------------------------------------------------------------------- the three ops
+void score_histogram_cpu(const std::optional<at::Tensor>& base, at::TensorList models,
+                         at::TensorList second_moments, int64_t score, const at::Tensor& targets,
+                         int64_t level, at::Tensor& counts, at::Tensor& sums) {
+  TORCH_CHECK(!models.empty(), "fastmerge (cpu): score_histogram needs at least one model");
+  TORCH_CHECK(score == fm::SCORE_MAGNITUDE || score == fm::SCORE_FISHER,
+              "fastmerge (cpu): unknown score ", score);
+  TORCH_CHECK(level == 0 || level == 1, "fastmerge (cpu): level must be 0 or 1, got ", level);
+  TORCH_CHECK(score != fm::SCORE_FISHER || second_moments.size() == models.size(),
+              "fastmerge (cpu): the fisher score needs one second-moment tensor per model");
+  TORCH_CHECK(targets.dim() == 2 && targets.size(1) == 2,
+              "fastmerge (cpu): targets must be [T, 2], got ", targets.sizes());
+  const int64_t T = targets.size(0);
+  TORCH_CHECK(counts.dim() == 2 && counts.size(0) == T && counts.size(1) == fm::NUM_BINS &&
+                  counts.scalar_type() == at::kLong,
+              "fastmerge (cpu): counts must be int64 [", T, ", ", fm::NUM_BINS, "]");
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == T && sums.size(1) == fm::NUM_BINS &&
+                  sums.scalar_type() == at::kDouble,
+              "fastmerge (cpu): sums must be float64 [", T, ", ", fm::NUM_BINS, "]");
+  check_cpu(counts, "counts");
+  check_cpu(sums, "sums");
+  const at::Tensor tg = targets.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* tp = tg.data_ptr<int64_t>();
+  for (int64_t r = 0; r < T; ++r) {
+    TORCH_CHECK(tp[2 * r] >= 0 && tp[2 * r] < static_cast<int64_t>(models.size()),
+                "fastmerge (cpu): target row ", r, " names model ", tp[2 * r], " of ",
+                models.size());
+    TORCH_CHECK(tp[2 * r + 1] >= 0 && tp[2 * r + 1] < fm::NUM_BINS,
+                "fastmerge (cpu): target row ", r, " has prefix ", tp[2 * r + 1]);
+  }
+  std::vector<at::Tensor> hold;
+  fm::cpu::Inputs in = make_inputs(base, models, second_moments, hold);
+  const bool direct = counts.is_contiguous() && sums.is_contiguous();
+  at::Tensor c = direct ? counts : counts.contiguous();
+  at::Tensor s = direct ? sums : sums.contiguous();
+  fm::cpu::score_histogram(in, static_cast<int>(score), tp, static_cast<int>(T),
+                           static_cast<int>(level), c.data_ptr<int64_t>(), s.data_ptr<double>(),
+                           threads());
+  if (!direct) {
+    counts.copy_(c);
+    sums.copy_(s);
+  }
+}
+
+void model_stats_cpu(const std::optional<at::Tensor>& base, at::TensorList models,
+                     at::TensorList second_moments, int64_t score, const at::Tensor& fparams,
+                     const at::Tensor& iparams, double power, int64_t offset, at::Tensor& out) {
+  TORCH_CHECK(!models.empty(), "fastmerge (cpu): model_stats needs at least one model");
+  const int64_t n = static_cast<int64_t>(models.size());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == n && out.size(1) == 3 &&
+                  out.scalar_type() == at::kDouble,
+              "fastmerge (cpu): out must be float64 [", n, ", 3], got ", out.sizes());
+  check_cpu(out, "out");
+  std::vector<at::Tensor> hold;
+  fm::cpu::Inputs in = make_inputs(base, models, second_moments, hold);
+  std::vector<fm::FmModel> ms = unpack_models(fparams, iparams, n);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(!(score == fm::SCORE_FISHER && ms[i].mode == fm::MODE_BAND) || in.has_moments,
+                "fastmerge (cpu): the fisher score needs one second-moment tensor per model");
+  at::Tensor o = out.is_contiguous() ? out : out.contiguous();
+  fm::cpu::model_stats(in, static_cast<int>(score), ms.data(), static_cast<float>(power), offset,
+                       o.data_ptr<double>(), threads());
+  if (!out.is_contiguous()) out.copy_(o);
+}
+
+at::Tensor fused_merge_cpu(const std::optional<at::Tensor>& base, at::TensorList models,
+                           at::TensorList second_moments, const at::Tensor& fparams,
+                           const at::Tensor& iparams, int64_t combine, int64_t score,
+                           int64_t elect, int64_t elect_on, int64_t normalize,
+                           int64_t consensus_k, double scale, double power, double eps,
+                           int64_t offset, at::ScalarType out_dtype, at::Tensor& nonfinite) {
+  TORCH_CHECK(!models.empty(), "fastmerge (cpu): fused_merge needs at least one model");
+  const int64_t n = static_cast<int64_t>(models.size());
+  TORCH_CHECK(combine >= 0 && combine < fm::NUM_COMBINES, "fastmerge (cpu): unknown combine ",
+              combine);
+  TORCH_CHECK(elect == fm::ELECT_SUM || elect == fm::ELECT_COUNT,
+              "fastmerge (cpu): unknown election ", elect);
+  TORCH_CHECK(elect_on == fm::ELECT_WEIGHTED || elect_on == fm::ELECT_UNWEIGHTED,
+              "fastmerge (cpu): unknown elect_on ", elect_on);
+  TORCH_CHECK(normalize >= fm::NORMALIZE_NONE && normalize <= fm::NORMALIZE_COUNT,
+              "fastmerge (cpu): unknown normalize ", normalize);
+  TORCH_CHECK(nonfinite.dim() == 1 && nonfinite.size(0) == n &&
+                  nonfinite.scalar_type() == at::kLong,
+              "fastmerge (cpu): nonfinite must be int64 [", n, "]");
+  check_cpu(nonfinite, "nonfinite");
+  const int oc = out_code(out_dtype);
+  std::vector<at::Tensor> hold;
+  fm::cpu::Inputs in = make_inputs(base, models, second_moments, hold);
+  std::vector<fm::FmModel> ms = unpack_models(fparams, iparams, n);
+  TORCH_CHECK(combine != fm::COMBINE_OTA || in.has_moments,
+              "fastmerge (cpu): the ota combine needs one second-moment tensor per model");
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(!(score == fm::SCORE_FISHER && ms[i].mode == fm::MODE_BAND) || in.has_moments,
+                "fastmerge (cpu): the fisher score needs one second-moment tensor per model");
+  const fm::FmMergeConfig cfg = fm::fm_make_config(
+      static_cast<int>(n), ms.data(), static_cast<int>(combine), static_cast<int>(score),
+      static_cast<int>(elect), static_cast<int>(elect_on), static_cast<int>(normalize),
+      static_cast<int>(consensus_k < INT32_MAX ? consensus_k : INT32_MAX),
+      static_cast<float>(scale), static_cast<float>(power), static_cast<float>(eps));
+  at::Tensor out = at::empty(models[0].sizes(), models[0].options().dtype(out_dtype));
+  int64_t nf[FM_MAX_MODELS] = {};
+  const bool ok = fm::cpu::fused_merge(in, cfg, ms.data(), offset, out.data_ptr(), oc, nf,
+                                       threads());
+  TORCH_CHECK(ok, "fastmerge (cpu): could not allocate the merge work buffers");
+  nonfinite.add_(at::from_blob(nf, {n}, at::kLong));
+  return out;
+}
+
+// --------------------------------------------------------------------- test helpers
+pybind11::dict enums() {
+  pybind11::dict d;
+#define FM_ENUM(name) d[#name] = fm::name
+  FM_ENUM(MODE_KEEP_ALL); FM_ENUM(MODE_BAND); FM_ENUM(MODE_KEEP_NONE); FM_ENUM(MODE_DARE);
+  FM_ENUM(SCORE_MAGNITUDE); FM_ENUM(SCORE_FISHER);
+  FM_ENUM(COMBINE_LINEAR); FM_ENUM(COMBINE_SUM); FM_ENUM(COMBINE_TIES);
+  FM_ENUM(COMBINE_CONSENSUS_SUM); FM_ENUM(COMBINE_CONSENSUS_TIES); FM_ENUM(COMBINE_OTA);
+  FM_ENUM(NUM_COMBINES);
+  FM_ENUM(ELECT_SUM); FM_ENUM(ELECT_COUNT); FM_ENUM(ELECT_WEIGHTED); FM_ENUM(ELECT_UNWEIGHTED);
+  FM_ENUM(NORMALIZE_NONE); FM_ENUM(NORMALIZE_WEIGHTS); FM_ENUM(NORMALIZE_COUNT);
+  FM_ENUM(F_WEIGHT); FM_ENUM(F_RESCALE); FM_ENUM(F_LO); FM_ENUM(F_HI);
+  FM_ENUM(F_CONSENSUS_LAMBDA); FM_ENUM(F_OTA_SCALE); FM_ENUM(NUM_FPARAMS);
+  FM_ENUM(I_MODE); FM_ENUM(I_DARE_KEY); FM_ENUM(I_DARE_THRESHOLD); FM_ENUM(NUM_IPARAMS);
+  FM_ENUM(RADIX_BITS); FM_ENUM(NUM_BINS); FM_ENUM(NONFINITE_BIN);
+#undef FM_ENUM
+  d["FM_MAX_MODELS"] = FM_MAX_MODELS;
+  return d;
+}
+
+std::vector<uint32_t> philox4x32_10(std::vector<uint32_t> ctr, std::vector<uint32_t> key) {
+  TORCH_CHECK(ctr.size() == 4 && key.size() == 2, "philox4x32_10(ctr[4], key[2])");
+  fm::fm_philox4x32_10(ctr.data(), key[0], key[1]);
+  return ctr;
+}
+
+// first Philox word for j = start .. start+count-1 (int64 tensor of uint32 values)
+at::Tensor philox_word0(uint64_t key, uint64_t start, int64_t count) {
+  at::Tensor out = at::empty({count}, at::kLong);
+  int64_t* p = out.data_ptr<int64_t>();
+  const uint32_t lo = static_cast<uint32_t>(key), hi = static_cast<uint32_t>(key >> 32);
+  for (int64_t k = 0; k < count; ++k) p[k] = fm::fm_philox_word0(lo, hi, start + k);
+  return out;
+}
+
+uint64_t dare_key(uint64_t seed, const std::string& name, uint64_t index) {
+  return fm::fm_dare_key(seed, name.data(), name.size(), index);
+}
+
+// float32 -> bf16/fp16 through the header's rounding, returned as a tensor of that dtype
+at::Tensor round_to(const at::Tensor& x, at::ScalarType dtype) {
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(xf.sizes(), xf.options().dtype(dtype));
+  const int code = out_code(dtype);
+  const float* src = xf.data_ptr<float>();
+  for (int64_t k = 0; k < xf.numel(); ++k) fm::fm_store(out.data_ptr(), code, k, src[k]);
+  return out;
+}
+
+// bf16/fp16/fp32 -> float32 through the header's loads
+at::Tensor load_float(const at::Tensor& x) {
+  const at::Tensor xc = x.contiguous();
+  const int code = dtype_code(xc, "x", -1);
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  for (int64_t k = 0; k < xc.numel(); ++k) dst[k] = fm::fm_load(xc.data_ptr(), code, k);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmerge, CPU, m) {
+  m.impl("score_histogram", TORCH_FN(score_histogram_cpu));
+  m.impl("model_stats", TORCH_FN(model_stats_cpu));
+  m.impl("fused_merge", TORCH_FN(fused_merge_cpu));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "fastmerge C++ CPU kernels (registers fastmerge:: ops for the CPU key)";
+  mod.def("enums", &enums, "the enumerations of csrc/common/fastmerge_params.h");
+  mod.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of the shared header");
+  mod.def("philox_word0", &philox_word0, "first Philox word for a run of counters");
+  mod.def("dare_key", &dare_key, "splitmix64(seed ^ fnv1a64(name) ^ i * golden)");
+  mod.def("round_to", &round_to, "float32 -> bf16/fp16 by the header's rounding");
+  mod.def("load_float", &load_float, "bf16/fp16/fp32 -> float32 by the header's loads");
+  mod.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
+  mod.def("max_threads", &threads, "threads the kernels use (at::get_num_threads)");
+}

@@ -1,0 +1,46 @@
+// fastmerge CPU backend: raw-pointer kernels (no torch headers). The torch binding
+// (binding.cpp) validates tensors and calls these; the per-element math comes from the shared
+// header csrc/common/fastmerge_math.h, which the CUDA backend compiles too.
+#pragma once
+
+#include <stdint.h>
+
+#include "fastmerge_math.h"
+
+namespace fastmerge {
+namespace cpu {
+
+// Inputs of one chunk: base (optional), N models, N second moments (optional), all of `numel`
+// contiguous elements, each with its own dtype code (DTYPE_* of fastmerge_params.h).
+struct Inputs {
+  const void* base = nullptr;
+  int base_dtype = DTYPE_FLOAT32;
+  const void* models[FM_MAX_MODELS] = {};
+  int model_dtypes[FM_MAX_MODELS] = {};
+  const void* moments[FM_MAX_MODELS] = {};
+  int moment_dtypes[FM_MAX_MODELS] = {};
+  bool has_moments = false;
+  int n = 0;
+  int64_t numel = 0;
+};
+
+// Radix digit histograms of the score bits for T targets (model, prefix), accumulated into
+// counts[T][NUM_BINS] (int64) and sums[T][NUM_BINS] (float64 sums of |t|).
+void score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets,
+                     int level, int64_t* counts, double* sums, int nthreads);
+
+// out[N][3] += (sum |t_i|, sum |t_i| over kept elements, sum max(v_i, 0)^power).
+void model_stats(const Inputs& in, int score, const FmModel* models, float power,
+                 int64_t offset, double* out, int nthreads);
+
+// The fused one-pass merge: writes numel elements of out_dtype to out and adds the per-model
+// counts of non-finite task-vector values to nonfinite[N]. False if a work buffer could not be
+// allocated (the output is then incomplete).
+bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models,
+                 int64_t offset, void* out, int out_dtype, int64_t* nonfinite, int nthreads);
+
+// Which instruction set the multiversioned kernels picked on this machine (for reports).
+const char* isa_name();
+
+}  // namespace cpu
+}  // namespace fastmerge

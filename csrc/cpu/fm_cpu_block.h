@@ -1,0 +1,89 @@
+// fastmerge CPU backend: block-wise loads/stores and threading helpers shared by the kernels.
+//
+// The kernels walk their element range in blocks of kBlock elements: every input block is
+// converted to float32 once into a small stack buffer (vectorised loops, one per dtype), the
+// per-element work reads those buffers, and the output block is rounded to its dtype in one
+// more vectorised loop. Each range function is compiled for several instruction sets
+// (FM_CPU_CLONES: AVX-512, AVX2, baseline) and the loader picks the best one at run time.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include "fm_cpu.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(FASTMERGE_NO_CLONES)
+#define FM_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FM_CPU_CLONES
+#endif
+
+namespace fastmerge {
+namespace cpu {
+
+constexpr int kBlock = 512;
+
+FM_FORCE_INLINE void load_block(const void* p, int dtype, int64_t start, int len,
+                                float* __restrict dst) {
+  if (dtype == DTYPE_BFLOAT16) {
+    const uint16_t* __restrict s = static_cast<const uint16_t*>(p) + start;
+    for (int k = 0; k < len; ++k) dst[k] = fm_bf16_to_float(s[k]);
+  } else if (dtype == DTYPE_FLOAT16) {
+    const uint16_t* __restrict s = static_cast<const uint16_t*>(p) + start;
+    for (int k = 0; k < len; ++k) dst[k] = fm_half_to_float(s[k]);
+  } else {
+    memcpy(dst, static_cast<const float*>(p) + start, sizeof(float) * static_cast<size_t>(len));
+  }
+}
+
+// dst = m_i - b (b = bb, already float32), the task vector block of model i
+FM_FORCE_INLINE void load_task_block(const void* p, int dtype, int64_t start, int len,
+                                     const float* __restrict bb, bool has_base,
+                                     float* __restrict dst) {
+  load_block(p, dtype, start, len, dst);
+  if (has_base) {
+    for (int k = 0; k < len; ++k) dst[k] = fm_sub(dst[k], bb[k]);
+  }
+}
+
+FM_FORCE_INLINE int64_t count_nonfinite(const float* __restrict x, int len) {
+  int32_t c = 0;
+  for (int k = 0; k < len; ++k) c += fm_isfinite(x[k]) ? 0 : 1;
+  return c;
+}
+
+FM_FORCE_INLINE void store_block(void* p, int dtype, int64_t start, int len,
+                                 const float* __restrict src) {
+  if (dtype == DTYPE_BFLOAT16) {
+    uint16_t* __restrict d = static_cast<uint16_t*>(p) + start;
+    for (int k = 0; k < len; ++k) d[k] = fm_float_to_bf16(src[k]);
+  } else if (dtype == DTYPE_FLOAT16) {
+    uint16_t* __restrict d = static_cast<uint16_t*>(p) + start;
+    for (int k = 0; k < len; ++k) d[k] = fm_float_to_half(src[k]);
+  } else {
+    memcpy(static_cast<float*>(p) + start, src, sizeof(float) * static_cast<size_t>(len));
+  }
+}
+
+// Threads worth using for numel elements (small tensors stay on one thread).
+inline int effective_threads(int64_t numel, int nthreads, int64_t min_per_thread) {
+  int64_t t = numel / (min_per_thread > 0 ? min_per_thread : 1);
+  if (t < 1) t = 1;
+  if (t > nthreads) t = nthreads;
+  return static_cast<int>(t < 1 ? 1 : t);
+}
+
+// [begin, end) of thread tid among nt, split on block boundaries.
+inline void thread_range(int64_t numel, int nt, int tid, int64_t* begin, int64_t* end) {
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  const int64_t per = blocks / nt, extra = blocks % nt;
+  const int64_t b0 = tid * per + (tid < extra ? tid : extra);
+  const int64_t b1 = b0 + per + (tid < extra ? 1 : 0);
+  *begin = b0 * kBlock < numel ? b0 * kBlock : numel;
+  *end = b1 * kBlock < numel ? b1 * kBlock : numel;
+}
+
+}  // namespace cpu
+}  // namespace fastmerge

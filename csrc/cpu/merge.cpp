@@ -1,0 +1,173 @@
+// fastmerge CPU backend: the fused merge pass (fused_merge) and the statistics pass
+// (model_stats).
+//
+// fused_merge reads base + N models (+ N second moments) once and writes the output once. Per
+// block of kBlock elements: inputs -> float32 task vectors (counting non-finite values), then
+// per model the sparsified values s_i = (t_i * keep_i) * rescale_i with the keep mode hoisted
+// out of the element loop (fm_keep_mode<MODE>), then the shared per-element combine
+// fm_combine() (csrc/common/fastmerge_element.h, the same code the CUDA backend runs) with the
+// combine id and N fixed at compile time so the element loop unrolls over the models and
+// vectorises across elements, and finally one rounding loop to the output dtype.
+#include <omp.h>
+#include <stdlib.h>
+
+#include "merge_impl.h"
+
+namespace fastmerge {
+namespace cpu {
+namespace {
+
+using detail::MergeCtx;
+
+void merge_range(const MergeCtx& ctx, int64_t begin, int64_t end, int64_t* nonfinite,
+                 bool* done) {
+  switch (ctx.cfg.combine) {
+    case COMBINE_LINEAR:
+    case COMBINE_SUM:
+      detail::merge_range_linear_sum(ctx, begin, end, nonfinite, done);
+      break;
+    case COMBINE_TIES:
+    case COMBINE_OTA:
+      detail::merge_range_ties_ota(ctx, begin, end, nonfinite, done);
+      break;
+    default:
+      detail::merge_range_consensus(ctx, begin, end, nonfinite, done);
+      break;
+  }
+}
+
+// ------------------------------------------------------------------ model_stats
+struct StatsCtx {
+  const Inputs* in;
+  int score;
+  const FmModel* models;
+  float power;
+  int64_t offset;
+};
+
+template <int MODE>
+FM_FORCE_INLINE void stats_block(const FmModel& m, const float* __restrict t,
+                                 const float* __restrict v, int score, uint64_t j0, int len,
+                                 double* acc) {
+  double total = 0.0, kept = 0.0;
+  for (int k = 0; k < len; ++k) {
+    const double a = static_cast<double>(fm_abs(t[k]));
+    total += a;
+    kept += fm_keep_mode<MODE>(m, t[k], v != nullptr ? v[k] : 0.0f, score, j0 + k) ? a : 0.0;
+  }
+  acc[0] += total;
+  acc[1] += kept;
+}
+
+FM_CPU_CLONES
+void stats_range(const StatsCtx& c, int64_t begin, int64_t end, double* acc) {
+  const Inputs& in = *c.in;
+  const bool has_base = in.base != nullptr;
+  alignas(64) float bb[kBlock];
+  alignas(64) float tt[kBlock];
+  alignas(64) float vv[kBlock];
+  for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
+    const int len = static_cast<int>(end - s0 < kBlock ? end - s0 : kBlock);
+    const uint64_t j0 = static_cast<uint64_t>(c.offset + s0);
+    if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
+    for (int i = 0; i < in.n; ++i) {
+      load_task_block(in.models[i], in.model_dtypes[i], s0, len, bb, has_base, tt);
+      const float* v = nullptr;
+      if (in.has_moments) {
+        load_block(in.moments[i], in.moment_dtypes[i], s0, len, vv);
+        v = vv;
+        double p = 0.0;
+        for (int k = 0; k < len; ++k)
+          p += static_cast<double>(fm_pow(vv[k] > 0.0f ? vv[k] : 0.0f, c.power));
+        acc[3 * i + 2] += p;
+      }
+      const FmModel& m = c.models[i];
+      switch (m.mode) {
+        case MODE_KEEP_ALL: stats_block<MODE_KEEP_ALL>(m, tt, v, c.score, j0, len, acc + 3 * i); break;
+        case MODE_BAND: stats_block<MODE_BAND>(m, tt, v, c.score, j0, len, acc + 3 * i); break;
+        case MODE_DARE: stats_block<MODE_DARE>(m, tt, v, c.score, j0, len, acc + 3 * i); break;
+        default: stats_block<MODE_KEEP_NONE>(m, tt, v, c.score, j0, len, acc + 3 * i); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models,
+                 int64_t offset, void* out, int out_dtype, int64_t* nonfinite, int nthreads) {
+  if (in.numel == 0) return true;
+  bool need_v = false;
+  if (cfg.combine != COMBINE_LINEAR && in.has_moments) {
+    need_v = cfg.combine == COMBINE_OTA;
+    for (int i = 0; i < in.n; ++i)
+      need_v = need_v || (cfg.score == SCORE_FISHER && models[i].mode == MODE_BAND);
+  }
+  MergeCtx ctx{&in, cfg, models, offset, out, out_dtype, need_v};
+  const int nt = effective_threads(in.numel, nthreads, int64_t{1} << 15);
+  // per-thread non-finite counts and completion flags (no atomics)
+  int64_t nf[64 * FM_MAX_MODELS];
+  bool done[64];
+  const int threads = nt < 64 ? nt : 64;
+  for (int q = 0; q < 64 * FM_MAX_MODELS; ++q) nf[q] = 0;
+  for (int q = 0; q < 64; ++q) done[q] = false;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    const int nta = omp_get_num_threads();
+    int64_t begin, end;
+    thread_range(in.numel, nta, tid, &begin, &end);
+    if (begin < end) {
+      merge_range(ctx, begin, end, nf + static_cast<size_t>(tid) * FM_MAX_MODELS, &done[tid]);
+    } else {
+      done[tid] = true;
+    }
+    if (tid == 0) {
+      for (int q = nta; q < 64; ++q) done[q] = true;
+    }
+  }
+  bool ok = true;
+  for (int t = 0; t < 64; ++t) ok = ok && done[t];
+  for (int t = 0; t < threads; ++t)
+    for (int i = 0; i < in.n; ++i) nonfinite[i] += nf[static_cast<size_t>(t) * FM_MAX_MODELS + i];
+  return ok;
+}
+
+void model_stats(const Inputs& in, int score, const FmModel* models, float power,
+                 int64_t offset, double* out, int nthreads) {
+  if (in.numel == 0) return;
+  StatsCtx c{&in, score, models, power, offset};
+  const int nt = effective_threads(in.numel, nthreads, int64_t{1} << 15);
+  double* acc = static_cast<double*>(calloc(static_cast<size_t>(nt) * 3 * FM_MAX_MODELS,
+                                            sizeof(double)));
+  double acc_one[3 * FM_MAX_MODELS] = {};
+  const int threads = acc != nullptr ? nt : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num();
+    const int nta = omp_get_num_threads();
+    int64_t begin, end;
+    thread_range(in.numel, nta, tid, &begin, &end);
+    double* mine = acc != nullptr ? acc + static_cast<size_t>(tid) * 3 * FM_MAX_MODELS : acc_one;
+    if (begin < end) stats_range(c, begin, end, mine);
+  }
+  for (int t = 0; t < threads; ++t)
+    for (int q = 0; q < 3 * in.n; ++q)
+      out[q] += acc != nullptr ? acc[static_cast<size_t>(t) * 3 * FM_MAX_MODELS + q] : acc_one[q];
+  free(acc);
+}
+
+const char* isa_name() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(FASTMERGE_NO_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";
+  return "x86-64 baseline";
+#else
+  return "compiler default";
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fastmerge

@@ -1,0 +1,18 @@
+// fastmerge CPU backend: fused-merge instances for the consensus_sum and consensus_ties combine(s) (see merge_impl.h).
+#include "merge_impl.h"
+
+namespace fastmerge {
+namespace cpu {
+namespace detail {
+
+void merge_range_consensus(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
+  if (ctx.cfg.combine == COMBINE_CONSENSUS_SUM) {
+    merge_range_n<COMBINE_CONSENSUS_SUM>(ctx, b, e, nf, done);
+  } else {
+    merge_range_n<COMBINE_CONSENSUS_TIES>(ctx, b, e, nf, done);
+  }
+}
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace fastmerge

@@ -1,0 +1,18 @@
+// fastmerge CPU backend: fused-merge instances for the ties and ota combine(s) (see merge_impl.h).
+#include "merge_impl.h"
+
+namespace fastmerge {
+namespace cpu {
+namespace detail {
+
+void merge_range_ties_ota(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
+  if (ctx.cfg.combine == COMBINE_TIES) {
+    merge_range_n<COMBINE_TIES>(ctx, b, e, nf, done);
+  } else {
+    merge_range_n<COMBINE_OTA>(ctx, b, e, nf, done);
+  }
+}
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace fastmerge

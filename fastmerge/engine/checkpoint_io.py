@@ -1,0 +1,235 @@
+"""Reading safetensors checkpoints lazily, with the header checked before anything is trusted.
+
+``SafetensorsFile`` parses and validates the header itself (JSON, dtypes, shapes, offsets
+against the file size, overlaps) and reads element ranges of one tensor with ``os.preadv``
+into buffers it owns: no mmap, so what a read costs in memory is exactly the buffer (mapped
+file pages would count toward the process RSS). ``Checkpoint`` is a model directory: its
+shards, the name -> file map, config and tokenizer files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# safetensors dtype codes -> torch dtypes (the ones a checkpoint may hold)
+ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        ST_DTYPES[_name] = getattr(torch, _attr)
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+MERGEABLE = (torch.bfloat16, torch.float16, torch.float32)
+MAX_HEADER = 100 * 1024 * 1024   # the safetensors crate's own limit
+_MAX_IO = 1 << 30                # bytes per preadv call
+
+
+class CheckpointError(ValueError):
+    """Bad input: a message naming the file (and the tensor) at fault."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    begin: int   # absolute file offset of the first byte
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _dtype_size(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+class SafetensorsFile:
+    """One .safetensors file: validated header, ranged reads."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.size = self.path.stat().st_size
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot open ({exc.strerror})") from None
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict = {}
+        self._fd: Optional[int] = None
+        self._parse_header()
+
+    def _fail(self, why: str, tensor: Optional[str] = None):
+        where = f"{self.path}" + (f", tensor {tensor!r}" if tensor else "")
+        raise CheckpointError(f"{where}: {why} (truncated or corrupt safetensors file?)")
+
+    def _parse_header(self):
+        if self.size < 8:
+            self._fail(f"file is {self.size} bytes, shorter than the 8-byte header length")
+        with open(self.path, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            if hlen > MAX_HEADER or 8 + hlen > self.size:
+                self._fail(f"header length {hlen} exceeds the file size {self.size}")
+            raw = f.read(hlen)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self._fail(f"header is not valid JSON ({exc})")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        data_start, data_size = 8 + hlen, self.size - 8 - hlen
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            self._fail("__metadata__ is not an object")
+        self.metadata = meta
+        spans = []
+        for name, e in header.items():
+            if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+                self._fail("entry must have exactly dtype, shape and data_offsets", name)
+            if e["dtype"] not in ST_DTYPES:
+                self._fail(f"unknown dtype {e['dtype']!r}", name)
+            shape, offs = e["shape"], e["data_offsets"]
+            if not isinstance(shape, list) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+                self._fail(f"bad shape {shape!r}", name)
+            if (not isinstance(offs, list) or len(offs) != 2
+                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                    or not 0 <= offs[0] <= offs[1]):
+                self._fail(f"bad data_offsets {offs!r}", name)
+            dt = ST_DTYPES[e["dtype"]]
+            want = math.prod(shape) * _dtype_size(dt)
+            if offs[1] - offs[0] != want:
+                self._fail(f"data_offsets {offs} span {offs[1] - offs[0]} bytes but shape "
+                           f"{shape} of {e['dtype']} needs {want}", name)
+            if offs[1] > data_size:
+                self._fail(f"data_offsets {offs} run past the end of the data "
+                           f"({data_size} bytes)", name)
+            spans.append((offs[0], offs[1], name))
+            self.tensors[name] = TensorInfo(name, dt, tuple(shape), data_start + offs[0],
+                                            data_start + offs[1])
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                self._fail(f"data overlaps tensor {n0!r}", n1)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    # -------------------------------------------------------------- reading
+    def _fileno(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self, name: str, start: int = 0, stop: Optional[int] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Elements [start, stop) of tensor ``name`` (flattened) as a 1-D tensor of its dtype.
+
+        ``out``: a uint8 buffer (e.g. pinned) of at least the needed bytes to read into."""
+        info = self.tensors[name]
+        stop = info.numel if stop is None else stop
+        isz = info.itemsize
+        nbytes = (stop - start) * isz
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+        mv = memoryview(buf.numpy()).cast("B") if nbytes else None
+        pos, fd, done = info.begin + start * isz, self._fileno(), 0
+        while done < nbytes:
+            got = os.preadv(fd, [mv[done:done + _MAX_IO]], pos + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}, tensor {name!r}: file ended early while "
+                                      f"reading (truncated?)")
+            done += got
+        return buf.view(info.dtype) if nbytes else torch.empty(0, dtype=info.dtype)
+
+    def __del__(self):  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+WEIGHT_INDEX = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    """A model directory of safetensors shards (with or without an index)."""
+
+    def __init__(self, directory, label: str = ""):
+        self.dir = Path(directory)
+        self.label = label or str(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"model {self.label!r}: {self.dir} is not a directory")
+        index = self.dir / WEIGHT_INDEX
+        if index.exists():
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(wmap.values()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            wmap = None
+        if not files:
+            other = [p.name for p in self.dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+            hint = f" (found {', '.join(other[:3])}: only safetensors is supported)" if other else ""
+            raise CheckpointError(f"model {self.label!r}: no .safetensors files in "
+                                  f"{self.dir}{hint}")
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, SafetensorsFile] = {}
+        for fn in files:
+            p = self.dir / fn
+            if not p.exists():
+                raise CheckpointError(f"{index}: names shard {fn} but {p} does not exist")
+            st = SafetensorsFile(p)
+            self.files[fn] = st
+            for name in st.tensors:
+                if name in self.where:
+                    raise CheckpointError(f"{p}, tensor {name!r}: also stored in "
+                                          f"{self.where[name].path}")
+                self.where[name] = st
+        if wmap is not None:
+            for name, fn in wmap.items():
+                st = self.where.get(name)
+                if st is None or st.path.name != fn:
+                    raise CheckpointError(f"{index}: tensor {name!r} is mapped to {fn} but "
+                                          f"that file does not hold it")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.where[name].tensors[name]
+
+    def read(self, name: str, start: int = 0, stop: Optional[int] = None, out=None):
+        return self.where[name].read(name, start, stop, out)
+
+    def path_of(self, name: str) -> Path:
+        return self.where[name].path
+
+    def close(self):
+        for f in self.files.values():
+            f.close()

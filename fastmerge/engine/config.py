@@ -1,0 +1,382 @@
+"""Merge configs: mergekit-style YAML (plus fastmerge's own keys) -> a per-tensor MergeSpec.
+
+mergekit's option names and value syntax keep their meaning (see SPEC.md "Reading mergekit
+configs"): ``rescale: true`` is ``rescale: l1``; a list of numbers is a gradient interpolated
+piecewise-linearly over block depth ``t = i / (D - 1)`` (tensors outside blocks use t = 0;
+with a single block t = 1, as mergekit does); a list of ``{filter, value}`` conditions picks
+the first whose filter is a substring of the tensor name (``*`` or no filter matches all).
+For mergekit's method names the mergekit defaults apply (normalize true for ties only,
+linear normalizes, rescale l1 for dare_*), unless ``defaults: fastmerge``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from ..lines import DEFAULT_BLOCK_PATTERN, block_index, count_blocks
+from ..methods import ALIASES, METHODS, MergeSpec, canonical_method, resolve_spec
+
+
+class ConfigError(ValueError):
+    """A merge config that cannot be run, with what is supported."""
+
+
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "scope", "lines", "defaults", "name")
+UNSUPPORTED_TOP = {
+    "slices": "layer slices (passthrough / frankenmerges) are not supported; list whole "
+              "models under 'models'",
+    "modules": "per-module definitions are not supported; list whole models under 'models'",
+    "tokenizer": "tokenizer surgery is not supported; use 'tokenizer_source: base'",
+    "chat_template": "chat_template is not supported; the base model's tokenizer files "
+                     "are copied as they are",
+}
+MERGEKIT_ONLY = ("della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher",
+                 "model_stock", "passthrough", "sce", "nearswap", "arcee_fusion",
+                 "ranked_ties", "ram", "task_adapter")
+# mergekit's names with mergekit's defaults
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                    "breadcrumbs", "breadcrumbs_ties")
+
+# per-model parameters (may also be given globally): config name -> resolve_spec argument
+MODEL_PARAMS = {"weight": "weights", "density": "density", "gamma": "gamma",
+                "consensus_lambda": "consensus_lambda"}
+MODEL_DEFAULTS = {"weight": 1.0, "gamma": 0.01, "consensus_lambda": 0.6}
+# shared parameters: config name -> resolve_spec argument (None: accepted, no effect here)
+SHARED_PARAMS = {"lambda": "lambda_", "normalize": "normalize", "rescale": "rescale",
+                 "int8_mask": None, "election": "election", "consensus_method": "election",
+                 "elect_on": "elect_on", "seed": "seed", "consensus_k": "consensus_k",
+                 "ffg_metric": "ffg_metric", "power": "power", "ota_normalize": "ota_normalize",
+                 "eps": "eps"}
+MODEL_KEYS = ("model", "parameters", "preconditioner_path")
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+          "fp32": torch.float32, "float": torch.float32}
+LINES_KEYS = ("alpha", "beta", "outside", "pattern")
+
+
+def supported_methods() -> str:
+    return ", ".join(sorted(list(METHODS) + list(ALIASES)))
+
+
+@dataclass
+class ModelEntry:
+    ref: str
+    parameters: dict = field(default_factory=dict)
+    preconditioner_path: Optional[str] = None
+
+
+@dataclass
+class LinesConfig:
+    alpha: Union[float, str]
+    beta: float
+    outside: str = "alpha"
+    pattern: str = DEFAULT_BLOCK_PATTERN
+
+
+@dataclass
+class MergeConfig:
+    method: str                      # canonical fastmerge method name
+    method_as_written: str
+    base_model: Optional[str]
+    models: list
+    parameters: dict
+    dtype: Optional[torch.dtype] = None
+    out_dtype: Optional[torch.dtype] = None
+    scope: str = "tensor"
+    lines: Optional[LinesConfig] = None
+    defaults: str = "mergekit"
+    tokenizer_source: Optional[str] = None
+    raw: dict = field(default_factory=dict)
+    base_dir: Optional[Path] = None
+
+    @property
+    def output_dtype(self) -> Optional[torch.dtype]:
+        return self.out_dtype or self.dtype
+
+    @property
+    def needs_base(self) -> bool:
+        return METHODS[self.method].needs_base
+
+    @property
+    def uses_mergekit_defaults(self) -> bool:
+        return self.defaults == "mergekit" and self.method_as_written in MERGEKIT_METHODS
+
+
+# ----------------------------------------------------------------------------- value syntax
+def _is_scalar(x) -> bool:
+    return x is None or isinstance(x, (bool, int, float, str))
+
+
+def _check_setting(where: str, setting) -> None:
+    """Reject a malformed value early: scalar, list of scalars, or list of conditions."""
+    if _is_scalar(setting):
+        return
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        raise ConfigError(f"{where}: expected a value, a list of numbers (gradient) or a list "
+                          f"of {{filter, value}} conditions; got {setting!r}")
+    if all(_is_scalar(e) and e is not None for e in setting):
+        return
+    for cond in setting:
+        if not isinstance(cond, dict) or not set(cond) <= {"filter", "value"} or \
+                "value" not in cond:
+            raise ConfigError(f"{where}: a list that is not a gradient of numbers must hold "
+                              f"{{filter, value}} conditions; got {cond!r}")
+        if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+            raise ConfigError(f"{where}: filter must be a string, got {cond['filter']!r}")
+        _check_setting(where, cond["value"])
+
+
+def evaluate_setting(tensor_name: str, setting, t: float):
+    """mergekit's evaluation: scalars as they are, numeric lists interpolated over t,
+    conditions matched by substring (first match wins); None when no condition matches."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if _is_scalar(setting):
+        return setting
+    if not setting:
+        return None
+    if all(_is_scalar(e) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        f = cond.get("filter")
+        if f is None or f == "*" or (tensor_name and f in tensor_name):
+            return evaluate_setting(tensor_name, cond.get("value"), t)
+    return None
+
+
+# ----------------------------------------------------------------------------- parsing
+def _dtype(where: str, value) -> Optional[torch.dtype]:
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise ConfigError(f"{where}: unsupported dtype {value!r}; use one of "
+                          f"{', '.join(DTYPES)}")
+    return DTYPES[value]
+
+
+def _check_params(where: str, params, allowed: dict) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where} must be a mapping of parameter names to values")
+    for k, v in params.items():
+        if k not in allowed:
+            if where.startswith("models[") and k in SHARED_PARAMS:
+                raise ConfigError(f"{where}: {k!r} is shared by all models; set it under the "
+                                  f"top-level 'parameters'")
+            raise ConfigError(f"{where}: unknown parameter {k!r}; supported: "
+                              f"{', '.join(sorted(allowed))}")
+        _check_setting(f"{where}.{k}", v)
+    return dict(params)
+
+
+def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
+    """Validate a config mapping (parsed YAML) and return a MergeConfig."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a merge config must be a YAML mapping")
+    for k in raw:
+        if k in UNSUPPORTED_TOP:
+            raise ConfigError(f"config key {k!r}: {UNSUPPORTED_TOP[k]}")
+        if k not in TOP_KEYS:
+            raise ConfigError(f"unknown config key {k!r}; supported keys: {', '.join(TOP_KEYS)}")
+    method = raw.get("merge_method")
+    if method is None:
+        raise ConfigError(f"the config needs 'merge_method' (one of {supported_methods()})")
+    if method in MERGEKIT_ONLY:
+        raise ConfigError(f"merge_method {method!r} is a mergekit method fastmerge does not "
+                          f"implement; supported: {supported_methods()}")
+    try:
+        canon = canonical_method(method)
+    except ValueError:
+        raise ConfigError(f"unknown merge_method {method!r}; supported: "
+                          f"{supported_methods()}") from None
+    defaults = raw.get("defaults", "mergekit")
+    if defaults not in ("mergekit", "fastmerge"):
+        raise ConfigError(f"defaults must be 'mergekit' or 'fastmerge', got {defaults!r}")
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError("the config needs a non-empty 'models' list")
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"base_model must be a path or hub id, got {base!r}")
+    allowed_global = {**{k: v for k, v in MODEL_PARAMS.items()}, **SHARED_PARAMS}
+    params = _check_params("parameters", raw.get("parameters"), allowed_global)
+    models = []
+    for i, m in enumerate(models_raw):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"models[{i}] must be a mapping with a 'model' key")
+        for k in m:
+            if k not in MODEL_KEYS:
+                raise ConfigError(f"models[{i}]: unknown key {k!r}; supported: "
+                                  f"{', '.join(MODEL_KEYS)}")
+        if not isinstance(m["model"], str):
+            raise ConfigError(f"models[{i}].model must be a path or hub id, got {m['model']!r}")
+        mp = _check_params(f"models[{i}].parameters", m.get("parameters"), MODEL_PARAMS)
+        pre = m.get("preconditioner_path")
+        if pre is not None and not isinstance(pre, str):
+            raise ConfigError(f"models[{i}].preconditioner_path must be a path")
+        models.append(ModelEntry(m["model"], mp, pre))
+    if METHODS[canon].needs_base:
+        if base is None:
+            raise ConfigError(f"merge_method {method!r} needs a base_model")
+        # mergekit: the base model may also be listed among the models; it is the base there
+        models = [m for m in models if m.ref != base]
+        if not models:
+            raise ConfigError("the config lists no model other than the base_model")
+    scope = raw.get("scope", "tensor")
+    if scope not in ("tensor", "model"):
+        raise ConfigError(f"scope must be 'tensor' or 'model', got {scope!r}")
+    tok = raw.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise ConfigError(f"tokenizer_source {tok!r} is not supported; use 'base' (the base "
+                          f"model's tokenizer files are copied)")
+    lines = None
+    if raw.get("lines") is not None:
+        lr = raw["lines"]
+        if not isinstance(lr, dict):
+            raise ConfigError("lines must be a mapping {alpha, beta, outside, pattern}")
+        for k in lr:
+            if k not in LINES_KEYS:
+                raise ConfigError(f"lines: unknown key {k!r}; supported: {', '.join(LINES_KEYS)}")
+        if "beta" not in lr:
+            raise ConfigError("lines needs 'beta' (the paper tunes it on 0.1 .. 1.0; there is "
+                              "no universal default)")
+        alpha = lr.get("alpha", 1.0)
+        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                or not math.isfinite(alpha)):
+            raise ConfigError(f"lines.alpha must be a number or 'auto', got {alpha!r}")
+        beta = lr["beta"]
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or \
+                not math.isfinite(beta):
+            raise ConfigError(f"lines.beta must be a number, got {beta!r}")
+        outside = lr.get("outside", "alpha")
+        if outside not in ("alpha", "ends"):
+            raise ConfigError(f"lines.outside must be 'alpha' or 'ends', got {outside!r}")
+        pattern = lr.get("pattern", DEFAULT_BLOCK_PATTERN)
+        try:
+            import re
+            rx = re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"lines.pattern is not a valid regex: {exc}") from None
+        if rx.groups < 1:
+            raise ConfigError("lines.pattern needs a capture group for the block index, "
+                              "e.g. '(^|\\.)layers\\.(\\d+)\\.'")
+        if METHODS[canon].combine == "linear":
+            raise ConfigError("LiNeS scales task vectors; it does not apply to 'linear'")
+        lines = LinesConfig(alpha if alpha == "auto" else float(alpha), float(beta), outside,
+                            pattern)
+    return MergeConfig(
+        method=canon, method_as_written=method, base_model=base, models=models,
+        parameters=params, dtype=_dtype("dtype", raw.get("dtype")),
+        out_dtype=_dtype("out_dtype", raw.get("out_dtype")), scope=scope, lines=lines,
+        defaults=defaults, tokenizer_source=tok, raw=raw, base_dir=base_dir)
+
+
+def load_config(source) -> MergeConfig:
+    """A MergeConfig from a YAML file path, a YAML string or a mapping."""
+    import yaml
+    base_dir = None
+    if isinstance(source, dict):
+        raw = source
+    else:
+        text = None
+        p = Path(source) if isinstance(source, (str, Path)) else None
+        if p is not None and "\n" not in str(source) and p.exists():
+            text, base_dir = p.read_text(), p.parent.resolve()
+        elif isinstance(source, str) and "\n" in source:
+            text = source
+        else:
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {source if base_dir else ''} is not valid YAML: "
+                              f"{exc}") from None
+    return parse_config(raw, base_dir)
+
+
+# ----------------------------------------------------------------------------- per tensor
+class ParameterResolver:
+    """Evaluates the config's settings for each tensor name into a MergeSpec."""
+
+    def __init__(self, cfg: MergeConfig, names, seed: Optional[int] = None,
+                 pattern: Optional[str] = None):
+        self.cfg = cfg
+        self.pattern = pattern or (cfg.lines.pattern if cfg.lines else DEFAULT_BLOCK_PATTERN)
+        self.num_blocks = count_blocks(names, self.pattern)
+        self.seed = seed
+        self._cache: dict = {}
+
+    def t_of(self, name: str) -> float:
+        i = block_index(name, self.pattern)
+        if i is None:
+            return 0.0
+        return i / (self.num_blocks - 1) if self.num_blocks > 1 else 1.0
+
+    def _value(self, name: str, t: float, key: str, model: Optional[ModelEntry]):
+        for source in ([model.parameters] if model is not None else []) + [self.cfg.parameters]:
+            if key in source:
+                v = evaluate_setting(name, source[key], t)
+                if v is not None:
+                    return v
+        return None
+
+    def kwargs_for(self, name: str) -> dict:
+        cfg, t = self.cfg, self.t_of(name)
+        mk = cfg.uses_mergekit_defaults
+        kw: dict[str, Any] = {}
+        for key, arg in MODEL_PARAMS.items():
+            vals = []
+            for m in cfg.models:
+                v = self._value(name, t, key, m)
+                if v is None:
+                    v = 1.0 if key == "density" and mk else (
+                        METHODS[cfg.method].density if key == "density" else MODEL_DEFAULTS[key])
+                vals.append(v)
+            kw[arg] = vals
+        for key, arg in SHARED_PARAMS.items():
+            v = self._value(name, t, key, None)
+            if arg is None or v is None:
+                continue
+            kw[arg] = v
+        if mk:
+            kw.setdefault("normalize", cfg.method in ("ties", "linear"))
+            kw.setdefault("rescale", "l1" if cfg.method in ("dare_ties", "dare_linear") else None)
+        if kw.get("rescale") in ("none", "None"):
+            kw["rescale"] = None
+        if self.seed is not None:
+            kw["seed"] = self.seed
+        if isinstance(kw.get("seed"), float) and kw["seed"].is_integer():
+            kw["seed"] = int(kw["seed"])
+        if isinstance(kw.get("consensus_k"), float) and kw["consensus_k"].is_integer():
+            kw["consensus_k"] = int(kw["consensus_k"])
+        kw["scope"] = cfg.scope
+        return kw
+
+    def spec_for(self, name: str, lines_factor: float = 1.0) -> MergeSpec:
+        kw = self.kwargs_for(name)
+        key = (repr(sorted(kw.items())), lines_factor)
+        spec = self._cache.get(key)
+        if spec is None:
+            try:
+                spec = resolve_spec(self.cfg.method, len(self.cfg.models),
+                                    lines_factor=lines_factor, **kw)
+            except ValueError as exc:
+                raise ConfigError(f"config parameters for tensor {name!r}: {exc}") from None
+            self._cache[key] = spec
+        return spec

@@ -1,0 +1,562 @@
+"""``merge_checkpoints``: config -> validated inputs -> pre-passes -> streaming merge ->
+atomic sharded output.
+
+Passes over the checkpoint (each streams tensor by tensor, chunk by chunk):
+1. scope="model" with a top-k/band/FFG sparsifier: level-0 histograms of every tensor, added
+   into one per-model histogram, then one level-1 pass (radix selection over the whole model).
+2. LiNeS alpha="auto": the merge at lambda = 1, L = 1 in float32, accumulating
+   ||sum_i t_i||_1 and ||merged||_1 over the whole model; alpha = the first / (N * second).
+   The per-tensor plans of this pass are kept and reused by the merge pass.
+3. The merge: per tensor, the plan's own pre-passes (per-tensor selection, statistics) over
+   its chunks, then the fused pass, each output chunk written at its offset in the shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .._version import __version__
+from ..api import run_plan
+from ..backends import get_backend
+from ..lines import count_blocks, depth_function, lines_factor
+from ..ops import SCORE_FISHER, SCORE_MAGNITUDE
+from ..plan import plan_tensor, thresholds_from_selection
+from ..selection import level0
+from . import parallel
+from .checkpoint_io import MERGEABLE, Checkpoint, CheckpointError, SafetensorsFile
+from .config import ConfigError, MergeConfig, ParameterResolver, load_config
+from .hub import resolve_model
+from .model_card import model_card
+from .streaming import ChunkLoader, element_ranges, plan_chunking, prefetched
+from ..methods import METHODS
+from .writer import AtomicDirectory, ShardLayout, ShardWriter, copy_model_files, parse_size, \
+    write_index
+
+DEFAULT_BUDGET = 8 * 2 ** 30
+MOMENT_SUFFIX = ".exp_avg_sq"
+
+
+@dataclass
+class MergeResult:
+    output_dir: Path
+    method: str
+    backend: str
+    device: str
+    tensors: int
+    shards: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    peak_rss: int
+    peak_gpu: Optional[int]
+    chunk_elems: int
+    passes: list = field(default_factory=list)
+    resolved: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        gpu = f", peak GPU memory {self.peak_gpu / 2 ** 30:.2f} GiB" if self.peak_gpu else ""
+        return (f"fastmerge: {self.method} merged {self.tensors} tensors "
+                f"({self.bytes_in / 1e9:.2f} GB read, {self.bytes_out / 1e9:.2f} GB written, "
+                f"{self.shards} shard{'s' if self.shards != 1 else ''}) in {self.seconds:.1f} s "
+                f"({self.bytes_in / max(self.seconds, 1e-9) / 1e9:.2f} GB/s) on backend "
+                f"{self.backend} ({self.device}); peak RSS {self.peak_rss / 2 ** 30:.2f} GiB"
+                f"{gpu} -> {self.output_dir}")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _default_budget() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return min(DEFAULT_BUDGET, total // 2)
+    except (ValueError, OSError):  # pragma: no cover
+        return DEFAULT_BUDGET
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    base: Optional[Checkpoint]
+    models: list
+    preconditioners: list          # SafetensorsFile per model (curvature methods) or []
+    reference: Checkpoint          # where names, shapes and copied files come from
+    merged: list                   # names of the tensors merged
+    copied: list                   # non-float tensors copied from the reference
+    order: list                    # all names, output order
+    moment_names: dict             # tensor name -> [name in each preconditioner file]
+
+
+def _open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
+    def open_ckpt(ref, what):
+        try:
+            return Checkpoint(resolve_model(ref, cfg.base_dir), label=ref)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{what}: {exc}") from None
+    base = open_ckpt(cfg.base_model, "base_model") if cfg.needs_base else None
+    models = [open_ckpt(m.ref, f"models[{i}]") for i, m in enumerate(cfg.models)]
+    ref = base if base is not None else models[0]
+    names = ref.names
+    others = [("model", i, m) for i, m in enumerate(models)]
+    merged, copied = [], []
+    ref_set = set(names)
+    for _, i, m in others:
+        if m is ref:
+            continue
+        missing = [n for n in names if n not in m.where]
+        if missing:
+            raise CheckpointError(f"model {m.label!r} ({m.dir}) lacks tensor {missing[0]!r} "
+                                  f"(held by {ref.path_of(missing[0])})"
+                                  + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        extra = [n for n in m.names if n not in ref_set]
+        if extra:
+            raise CheckpointError(f"{m.path_of(extra[0])}: tensor {extra[0]!r} is not in the "
+                                  f"{'base' if base is not None else 'first'} model "
+                                  f"{ref.label!r}"
+                                  + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for n in names:
+        ri = ref.info(n)
+        float_ref = ri.dtype in MERGEABLE
+        for _, i, m in others:
+            if m is ref:
+                continue
+            mi = m.info(n)
+            if mi.shape != ri.shape:
+                raise CheckpointError(f"tensor {n!r}: shape {list(mi.shape)} in "
+                                      f"{m.path_of(n)} but {list(ri.shape)} in {ref.path_of(n)}")
+            if float_ref and mi.dtype not in MERGEABLE or not float_ref and mi.dtype != ri.dtype:
+                raise CheckpointError(f"tensor {n!r}: dtype {mi.dtype} in {m.path_of(n)} does "
+                                      f"not match {ri.dtype} in {ref.path_of(n)}")
+        (merged if float_ref else copied).append(n)
+    pre, moment_names = [], {}
+    if needs_moments:
+        for i, m in enumerate(cfg.models):
+            if not m.preconditioner_path:
+                raise ConfigError(f"merge_method {cfg.method!r} needs each model's second "
+                                  f"moments: set models[{i}].preconditioner_path")
+            p = Path(os.path.expanduser(m.preconditioner_path))
+            if not p.is_absolute() and cfg.base_dir is not None and not p.exists():
+                p = cfg.base_dir / p
+            if not p.exists():
+                raise CheckpointError(f"models[{i}].preconditioner_path: {p} does not exist")
+            pre.append(Checkpoint(p, label=str(p)) if p.is_dir() else SafetensorsFile(p))
+        for n in merged:
+            row = []
+            for i, pf in enumerate(pre):
+                store = pf.where if isinstance(pf, Checkpoint) else pf.tensors
+                label = pf.dir if isinstance(pf, Checkpoint) else pf.path
+                mn = n if n in store else n + MOMENT_SUFFIX
+                if mn not in store:
+                    raise CheckpointError(f"{label}: no second moments for tensor {n!r} "
+                                          f"(looked for {n!r} and {n + MOMENT_SUFFIX!r})")
+                vi = pf.info(mn)
+                if vi.shape != ref.info(n).shape:
+                    raise CheckpointError(f"{label}, tensor {mn!r}: second moments have shape "
+                                          f"{list(vi.shape)}, the weights "
+                                          f"{list(ref.info(n).shape)}")
+                if vi.dtype not in MERGEABLE:
+                    raise CheckpointError(f"{label}, tensor {mn!r}: second moments must be "
+                                          f"bf16/fp16/fp32, got {vi.dtype}")
+                row.append(mn)
+            moment_names[n] = row
+    return Inputs(base, models, pre, ref, merged, copied, names, moment_names)
+
+
+_MODEL_IDX = re.compile(r"model (\d+)")
+
+
+def _name_files(exc: ValueError, inputs: Inputs, name: str) -> CheckpointError:
+    """Add the file of the offending model to a NaN/Inf error from the kernels."""
+    msg = str(exc)
+    m = _MODEL_IDX.search(msg)
+    files = []
+    if m and int(m.group(1)) < len(inputs.models):
+        files.append(str(inputs.models[int(m.group(1))].path_of(name)))
+    if inputs.base is not None:
+        files.append(f"base {inputs.base.path_of(name)}")
+    return CheckpointError(f"{msg} [files: {', '.join(files)}]")
+
+
+# ----------------------------------------------------------------------------- the engine
+class _Engine:
+    def __init__(self, cfg, inputs, backend, device, chunking, resolver, progress):
+        self.cfg, self.inputs, self.be, self.device = cfg, inputs, backend, device
+        self.chunk_elems = chunking.chunk_elems
+        self.resolver = resolver
+        self.progress = progress
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-read")
+        self.loader = ChunkLoader(inputs.base, inputs.models, inputs.preconditioners, device)
+        self.with_moments = False
+        self.plans: dict = {}
+        self.passes: list = []
+
+    def close(self):
+        self.reader.shutdown(wait=True, cancel_futures=True)
+
+    def units(self, name):
+        shape = self.inputs.reference.info(name).shape
+        return [(name, s, e) for s, e in element_ranges(shape, self.chunk_elems)]
+
+    def load(self, unit, only_reference=False):
+        name, s, e = unit
+        return self.loader.load(name, s, e, only_reference=only_reference,
+                                with_moments=self.with_moments,
+                                moment_names=self.inputs.moment_names.get(name))
+
+    def source(self, units):
+        return lambda: prefetched(units, self.load, self.reader)
+
+    def numel(self, name):
+        return self.inputs.reference.info(name).numel
+
+    def in_bytes(self, name):
+        r = self.inputs
+        n = sum(m.info(name).nbytes for m in r.models)
+        return n + (r.base.info(name).nbytes if r.base is not None else 0)
+
+    # --- pass 1: model-wide thresholds
+    def model_thresholds(self, spec0, names):
+        score = SCORE_FISHER if spec0.score == "fisher" else SCORE_MAGNITUDE
+        hist = None
+        bar = self.progress("scope=model: histograms", sum(self.in_bytes(n) for n in names))
+        try:
+            for name in names:
+                try:
+                    h = level0(self.be, spec0.n_models, score, self.source(self.units(name)),
+                               (name,))
+                except ValueError as exc:
+                    raise _name_files(exc, self.inputs, name) from None
+                hist = h if hist is None else hist.add(h)
+                bar.update(self.in_bytes(name))
+        finally:
+            bar.close()
+        hist = parallel.allreduce_histograms(hist)
+        total = int(parallel.allreduce_sum(torch.tensor([sum(self.numel(n) for n in names)]))[0])
+        all_units = [u for n in names for u in self.units(n)]
+        thr, kept, l1 = thresholds_from_selection(spec0, total, self.be,
+                                                  self.source(all_units), score, names, hist)
+        self.passes += ["scope=model level-0 histograms", "scope=model level-1 selection"]
+        return [tuple(t) for t in thr], total
+
+    # --- pass 2: LiNeS alpha = ||sum_i t_i||_1 / (N ||merged||_1)
+    def lines_alpha(self, names, thresholds):
+        n = len(self.inputs.models)
+        sums = torch.zeros(2, dtype=torch.float64)
+        bar = self.progress("LiNeS alpha=auto", sum(self.in_bytes(x) for x in names))
+        try:
+            for name in names:
+                spec = dataclasses.replace(self.resolver.spec_for(name), lambda_=1.0,
+                                           lines_factor=1.0)
+                units = self.units(name)
+                src = self.source(units)
+                try:
+                    plan = plan_tensor(spec, src, self.be, self.numel(name), name, thresholds)
+                    self.plans[name] = plan
+                    for ch in src():
+                        out = run_plan(self.be, ch, plan, torch.float32)
+                        b = ch.base.to(torch.float32)
+                        sums[1] += (out - b).abs().sum(dtype=torch.float64).cpu()
+                        tsum = torch.zeros_like(b)
+                        for m in ch.models:
+                            tsum += m.to(torch.float32)
+                        tsum -= n * b
+                        sums[0] += tsum.abs().sum(dtype=torch.float64).cpu()
+                        del out, b, tsum, ch
+                except ValueError as exc:
+                    raise _name_files(exc, self.inputs, name) from None
+                bar.update(self.in_bytes(name))
+        finally:
+            bar.close()
+        sums = parallel.allreduce_sum(sums)
+        self.passes.append("LiNeS alpha=auto statistics (merge at lambda=1, L=1)")
+        if sums[1] == 0:
+            return 1.0, sums.tolist()
+        return float(sums[0] / (n * sums[1])), sums.tolist()
+
+    # --- pass 3: the merge
+    def merge(self, order, specs, out_dtypes, writer, thresholds, bar):
+        writes = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write")
+        pending_write = None
+        merged = set(specs)
+
+        def write(name, offset, tensor):
+            nonlocal pending_write
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writes.submit(writer.write, name, offset, tensor)
+
+        jobs = [(name, self.units(name)) for name in order]
+
+        def submit(k):
+            if k < len(jobs) and len(jobs[k][1]) == 1:
+                return self.reader.submit(self.load, jobs[k][1][0], jobs[k][0] not in merged)
+            return None
+        fut = submit(0)
+        try:
+            for k, (name, units) in enumerate(jobs):
+                is_merged = name in merged
+                if len(units) == 1:
+                    chunk = fut.result() if fut is not None else self.load(units[0], not is_merged)
+                    fut = submit(k + 1)
+                    src = (lambda c: (lambda: [c]))(chunk)
+                    del chunk
+                else:
+                    fut = None
+                    src = (lambda u, ref: (lambda: prefetched(
+                        u, lambda x: self.load(x, ref), self.reader)))(units, not is_merged)
+                if not is_merged:
+                    for ch in src():
+                        write(name, ch.offset, ch.base if ch.base is not None else ch.models[0])
+                        del ch
+                else:
+                    spec = specs[name]
+                    try:
+                        plan = self.plans.pop(name, None)
+                        if plan is None:
+                            plan = plan_tensor(spec, src, self.be, self.numel(name), name,
+                                               thresholds)
+                        else:
+                            plan = dataclasses.replace(plan, spec=spec)
+                        for ch in src():
+                            off = ch.offset
+                            out = run_plan(self.be, ch, plan, out_dtypes[name])
+                            del ch
+                            write(name, off, out)
+                            del out
+                    except ValueError as exc:
+                        raise _name_files(exc, self.inputs, name) from None
+                del src
+                bar.update(self.in_bytes(name))
+                bar.set_postfix_str(f"{k + 1}/{len(jobs)} tensors", refresh=False)
+            if pending_write is not None:
+                pending_write.result()
+        finally:
+            if fut is not None:
+                fut.cancel()
+            writes.shutdown(wait=True, cancel_futures=True)
+        self.passes.append("merge")
+
+
+class _NullBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s, refresh=True):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_factory(quiet: bool):
+    def make(desc: str, total: int):
+        if quiet:
+            return _NullBar()
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                    dynamic_ncols=True, leave=True)
+    return make
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _resolved_parameters(specs: dict) -> tuple[list, dict]:
+    """Distinct resolved specs (as dicts) and, where they differ, tensor -> index."""
+    distinct, index = [], {}
+    keys = {}
+    for name, spec in specs.items():
+        d = spec.to_dict()
+        k = json.dumps(d, sort_keys=True, default=str)
+        if k not in keys:
+            keys[k] = len(distinct)
+            distinct.append(d)
+        index[name] = keys[k]
+    return distinct, (index if len(distinct) > 1 else {})
+
+
+def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=None,
+                      shard_size="5GB", backend: str = "auto", seed: Optional[int] = None,
+                      overwrite: bool = False, quiet: bool = True,
+                      lines_pattern: Optional[str] = None,
+                      max_chunk_elems: Optional[int] = None) -> MergeResult:
+    """Merge whole checkpoints as ``config`` says and write them to ``out_dir``.
+
+    Args:
+        config: a YAML file path, a YAML string, a mapping (mergekit-style, see
+            fastmerge/engine/config.py) or a MergeConfig.
+        out_dir: the output directory; built beside it and renamed into place when complete.
+        device: "cpu" or "cuda" (where the merge computes).
+        memory_budget: bytes or a string like "8GiB": bound on what the merge allocates
+            (beyond the interpreter's own baseline); tensors larger than the budget are
+            merged in row chunks. Default min(8 GiB, half the RAM).
+        shard_size: output shard size ("5GB").
+        backend: "auto", "torch", "cpu", "cuda" or "triton".
+        seed: DARE seed (overrides the config's).
+        overwrite: replace an existing ``out_dir``.
+        quiet: no progress bars.
+        lines_pattern: a regex with the block index as its last group (LiNeS depth and
+            mergekit gradients); overrides the config's ``lines.pattern``.
+        max_chunk_elems: cap on the elements per chunk (below what the budget allows).
+    Returns:
+        A MergeResult (``.summary()`` is the line the CLI prints).
+    """
+    t0 = time.perf_counter()
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    if lines_pattern is not None:
+        if cfg.lines is not None:
+            cfg.lines.pattern = lines_pattern
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
+                              f"(overwrite=True) to replace it")
+    budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
+        else _default_budget()
+    shard_bytes = parse_size(shard_size, "shard size")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    be = get_backend(backend, device)
+
+    info = METHODS[cfg.method]
+    needs_moments = info.needs_second_moments
+    inputs = _open_inputs(cfg, needs_moments)
+    try:
+        return _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet,
+                    lines_pattern, out_dir, t0, max_chunk_elems)
+    finally:
+        for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
+            if c is not None:
+                c.close()
+
+
+def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, lines_pattern,
+         out_dir, t0, max_chunk_elems=None) -> MergeResult:
+    rank, world_size = parallel.world()
+    resolver = ParameterResolver(cfg, inputs.order, seed=seed, pattern=lines_pattern)
+    merged = inputs.merged
+    # resolve every tensor's parameters now: config errors come before any work
+    base_specs = {n: resolver.spec_for(n) for n in merged}
+    n = len(inputs.models)
+    ref = inputs.reference
+    out_dtypes = {name: cfg.output_dtype or ref.info(name).dtype for name in merged}
+    out_dtypes.update({name: ref.info(name).dtype for name in inputs.copied})
+
+    in_item = max([ref.info(x).itemsize for x in merged] or [2])
+    in_per_elem = (n + (1 if inputs.base is not None else 0)) * in_item + \
+        (n * 4 if needs_moments(cfg) else 0)
+    alpha_auto = cfg.lines is not None and cfg.lines.alpha == "auto"
+    chunking = plan_chunking(budget, be.name, n, in_per_elem,
+                             max([out_dtypes[x].itemsize for x in merged] or [4]),
+                             extra_work=12 if alpha_auto else 0, device=str(device),
+                             sparsifier=METHODS[cfg.method].sparsifier)
+    if max_chunk_elems is not None:
+        chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
+    progress = _progress_factory(quiet)
+    eng = _Engine(cfg, inputs, be, device, chunking, resolver, progress)
+    eng.with_moments = needs_moments(cfg)
+    mine = parallel.assign_tensors(inputs.order, {x: ref.info(x).nbytes for x in inputs.order},
+                                   rank, world_size)
+    my_merged = [x for x in mine if x in base_specs]
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        # ---- pass 1: model-wide thresholds
+        thresholds, model_info = None, {}
+        spec0 = base_specs[merged[0]] if merged else None
+        if cfg.scope == "model" and spec0 is not None and \
+                spec0.sparsifier in ("topk", "band", "fisher"):
+            for x in merged:
+                s = base_specs[x]
+                if s.densities != spec0.densities or s.gammas != spec0.gammas:
+                    raise ConfigError(f"scope: model needs one density (and gamma) per model "
+                                      f"over the whole model, but tensor {x!r} resolves to "
+                                      f"density {list(s.densities)} vs {list(spec0.densities)}")
+            thresholds, total = eng.model_thresholds(spec0, my_merged)
+            model_info = {"model_thresholds": [list(t) for t in thresholds],
+                          "model_elements": total}
+        # ---- LiNeS
+        lines_info = {}
+        specs = dict(base_specs)
+        if cfg.lines is not None:
+            lc = cfg.lines
+            alpha = lc.alpha
+            if alpha_auto:
+                alpha, sums = eng.lines_alpha(my_merged, thresholds)
+                lines_info["alpha_auto_l1"] = {"sum_task_vectors": sums[0], "merged": sums[1]}
+            depth = depth_function(inputs.order, lc.outside, lc.pattern)
+            num_blocks = count_blocks(inputs.order, lc.pattern)
+            for x in merged:
+                f = lines_factor(depth(x), num_blocks, alpha, lc.beta)
+                specs[x] = dataclasses.replace(base_specs[x], lines_factor=f)
+            lines_info.update(alpha=alpha, alpha_as_written=lc.alpha, beta=lc.beta,
+                              outside=lc.outside, pattern=lc.pattern, num_blocks=num_blocks)
+        # ---- output layout and metadata (known only now: alpha, model thresholds)
+        distinct, per_tensor = _resolved_parameters(specs)
+        resolved = {
+            "method": cfg.method, "merge_method_as_written": cfg.method_as_written,
+            "defaults": "mergekit" if cfg.uses_mergekit_defaults else "fastmerge",
+            "scope": cfg.scope, "base_model": cfg.base_model,
+            "models": [m.ref for m in cfg.models], "backend": be.name, "device": str(device),
+            "out_dtype": _dtype_name(cfg.output_dtype) if cfg.output_dtype else "per tensor: "
+            "the base's", "parameters": distinct, **model_info,
+            **({"lines": lines_info} if lines_info else {}),
+            "copied_unmerged_tensors": inputs.copied,
+        }
+        import yaml
+        config_text = yaml.safe_dump(cfg.raw, sort_keys=False)
+        st_meta = {"format": "pt", "fastmerge_version": __version__,
+                   "merge_method": cfg.method, "merge_config": config_text,
+                   "fastmerge_resolved": json.dumps(resolved)}
+        layout = ShardLayout([(x, ref.info(x).shape, out_dtypes[x]) for x in inputs.order],
+                             shard_bytes, st_meta)
+        with AtomicDirectory(out_dir, overwrite) as adir:
+            writer = ShardWriter(layout, adir.tmp)
+            try:
+                bar = progress("merging", sum(eng.in_bytes(x) for x in mine))
+                try:
+                    eng.merge(mine, {x: specs[x] for x in my_merged}, out_dtypes, writer,
+                              thresholds, bar)
+                finally:
+                    bar.close()
+                writer.close(check=True)
+            finally:
+                writer.close()
+            if parallel.is_index_writer(rank):
+                write_index(layout, adir.tmp, {"fastmerge_version": __version__,
+                                               "merge_config": cfg.raw, "resolved": resolved,
+                                               "tensor_parameters": per_tensor})
+                src_dir = inputs.reference.dir
+                copied_files = copy_model_files(src_dir, adir.tmp, cfg.output_dtype)
+                (adir.tmp / "README.md").write_text(model_card(cfg, resolved, config_text,
+                                                               copied_files))
+                with open(adir.tmp / "fastmerge_config.yml", "w") as f:
+                    f.write(config_text)
+            final = adir.commit()
+    finally:
+        eng.close()
+    bytes_in = sum(eng.in_bytes(x) for x in mine)
+    return MergeResult(
+        output_dir=final, method=cfg.method, backend=be.name, device=str(device),
+        tensors=len(mine), shards=layout.count, bytes_in=bytes_in,
+        bytes_out=layout.total_size, seconds=time.perf_counter() - t0,
+        peak_rss=peak_rss_bytes(),
+        peak_gpu=torch.cuda.max_memory_allocated() if str(device).startswith("cuda") else None,
+        chunk_elems=chunking.chunk_elems, passes=eng.passes, resolved=resolved)
+
+
+def needs_moments(cfg: MergeConfig) -> bool:
+    return METHODS[cfg.method].needs_second_moments

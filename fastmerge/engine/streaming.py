@@ -1,0 +1,149 @@
+"""Streaming pieces: the memory budget -> chunk size, element ranges, the chunk loader
+(pinned staging + non_blocking copies on GPU) and a one-ahead prefetching iterator."""
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from ..ops import NUM_BINS
+from ..selection import Chunk
+
+MIN_CHUNK_ELEMS = 4096
+FIXED_OVERHEAD = 16 * 2 ** 20   # thread stacks, python objects, allocator slack
+
+
+def work_bytes_per_element(backend_name: str, n_models: int, extra: int = 0,
+                           sparsifier: str = "dare") -> int:
+    """Scratch memory a backend needs per element of a chunk, beyond its inputs and output.
+
+    The torch backend materialises float32 task vectors, masks and temporaries (measured for
+    N = 3: 66 B/elem task arithmetic, 100-200 top-k/band/consensus, 300 DARE, whose Philox
+    runs in int64 torch ops); the compiled kernels stream."""
+    if backend_name == "torch":
+        per_model = {"none": 24, "dare": 80}.get(sparsifier, 48)
+        return per_model * (n_models + 1) + 32 + extra
+    return 8 * (n_models + 2) + extra
+
+
+@dataclass
+class Chunking:
+    chunk_elems: int        # elements per chunk (before row alignment)
+    bytes_per_elem: int     # what one element of a chunk costs in memory, all buffers
+    fixed: int
+
+    def describe(self) -> str:
+        return (f"{self.chunk_elems:,} elements per chunk "
+                f"({self.bytes_per_elem} B/element in flight)")
+
+
+def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_elem: int,
+                  out_itemsize: int, extra_work: int = 0, device: str = "cpu",
+                  sparsifier: str = "dare") -> Chunking:
+    """Largest chunk such that 3 loaded chunks (current, prefetched, one the caller still
+    holds), 3 output chunks (computing, queued, being written) and the backend's scratch fit
+    in ``budget`` bytes, after the histograms and a fixed allowance."""
+    hist = 2 * (n_models + 1) * NUM_BINS * 16
+    fixed = FIXED_OVERHEAD + hist
+    if device == "cpu":
+        per = 3 * in_bytes_per_elem + 3 * out_itemsize + \
+            work_bytes_per_element(backend_name, n_models, extra_work, sparsifier)
+    else:  # host: one pinned staging set + outputs copied back; device memory is separate
+        per = 2 * in_bytes_per_elem + 3 * out_itemsize
+    avail = budget - fixed
+    elems = avail // per if avail > 0 else 0
+    if elems < MIN_CHUNK_ELEMS:
+        need = fixed + MIN_CHUNK_ELEMS * per
+        raise ValueError(f"memory budget {budget / 2 ** 20:.0f} MiB is too small for this merge "
+                         f"(needs at least {need / 2 ** 20:.0f} MiB)")
+    return Chunking(int(elems), per, fixed)
+
+
+def element_ranges(shape: Sequence[int], max_elems: int) -> list[tuple[int, int]]:
+    """[start, stop) element ranges covering a tensor, whole rows per range when a row fits."""
+    n = math.prod(shape)
+    if n <= max_elems:
+        return [(0, n)]
+    row = n // shape[0] if len(shape) > 1 and shape[0] > 0 else 1
+    step = (max_elems // row) * row if row <= max_elems else max_elems
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+class ChunkLoader:
+    """Reads element ranges of one tensor from the base, the models and (optionally) the
+    second-moment files into a Chunk on ``device``."""
+
+    def __init__(self, base, models, preconditioners, device: str = "cpu"):
+        self.base, self.models, self.pre = base, list(models), preconditioners
+        self.device = torch.device(device)
+        self._staging: Optional[torch.Tensor] = None
+        self._copy_stream = None
+        if self.device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._compute_stream = torch.cuda.current_stream(self.device)
+
+    def _to_device(self, tensors: list) -> list:
+        if self.device.type == "cpu":
+            return tensors
+        out = []
+        with torch.cuda.stream(self._copy_stream):
+            for t in tensors:
+                g = t.to(self.device, non_blocking=True)
+                g.record_stream(self._compute_stream)
+                out.append(g)
+        self._copy_stream.synchronize()   # staging can be reused; compute stream may use g
+        return out
+
+    def _read_all(self, reads: list) -> list:
+        """reads: [(reader, name, start, stop)]; on GPU through one pinned staging buffer."""
+        if self.device.type == "cpu":
+            return [r.read(n, s, e) for r, n, s, e in reads]
+        sizes = [(e - s) * r.info(n).itemsize for r, n, s, e in reads]
+        total = sum(sizes)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        host, pos = [], 0
+        for (r, n, s, e), nb in zip(reads, sizes):
+            host.append(r.read(n, s, e, out=self._staging[pos:pos + nb]))
+            pos += nb
+        return self._to_device(host)
+
+    def load(self, name: str, start: int, stop: int, *, only_reference: bool = False,
+             with_moments: bool = False, moment_names: Optional[list] = None) -> Chunk:
+        reads = []
+        if self.base is not None:
+            reads.append((self.base, name, start, stop))
+        if not (only_reference and self.base is not None):
+            reads += [(m, name, start, stop) for m in
+                      (self.models[:1] if only_reference else self.models)]
+        if with_moments and not only_reference:
+            reads += [(p, mn, start, stop) for p, mn in zip(self.pre, moment_names)]
+        got = self._read_all(reads)
+        base = got.pop(0) if self.base is not None else None
+        if only_reference:
+            return Chunk(base, got[:1] if base is None else [base], [], start, name)
+        n = len(self.models)
+        return Chunk(base, got[:n], got[n:], start, name)
+
+
+def prefetched(items: Sequence, load: Callable, pool: ThreadPoolExecutor) -> Iterator:
+    """Yield load(item) for each item, loading the next one in ``pool`` meanwhile."""
+    if not items:
+        return
+    fut: Optional[Future] = pool.submit(load, items[0])
+    try:
+        for k in range(len(items)):
+            cur = fut.result()
+            fut = pool.submit(load, items[k + 1]) if k + 1 < len(items) else None
+            yield cur
+            del cur
+    finally:
+        if fut is not None:
+            fut.cancel()
+            try:
+                fut.result()
+            except BaseException:
+                pass

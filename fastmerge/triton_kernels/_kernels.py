@@ -1,0 +1,423 @@
+"""The Triton kernels of the three fastmerge primitives (imported only when triton is).
+
+Layout shared by the three kernels:
+- Up to ``MAX_MODELS`` models (and as many second moments) travel as separate pointer
+  arguments ``m0 .. m31`` / ``v0 .. v31``; Triton specialises each pointer on its own dtype,
+  so any mix of bf16/fp16/fp32 compiles to direct typed loads (no pointer tables, nothing
+  hidden from torch.compile's mutation analysis). Unused slots get a dummy (models[0]).
+  Inside the kernel the slots form a tuple indexed by the ``tl.static_range`` loop variable
+  (a compile-time constant), so the loop over the N models unrolls and each iteration reads
+  its own pointer.
+- Everything is loaded, converted to float32 and computed in float32 (the interpreter
+  mishandles bf16 arithmetic, and SPEC.md asks for float32 arithmetic anyway).
+- Element indices are int64 (``program_id`` widened before the multiply): > 2^31 elements.
+- Per-model packed parameters are read in the kernel (fparams [N, 6] f32, iparams [N, 3]
+  i64), so the host never synchronises on them.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+MAX_MODELS = 32
+
+# Philox4x32-10 constants (Salmon et al. 2011), as in fastmerge/rng.py.
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32 with 10 rounds on uint32 words (tensors or scalars); returns 4 uint32 words.
+
+    One round: (hi0, lo0) = M0 * c0, (hi1, lo1) = M1 * c2;
+    c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0); the key is bumped by (W0, W1) between rounds.
+    """
+    for rnd in tl.static_range(10):
+        if rnd > 0:
+            k0 = k0 + PHILOX_W0
+            k1 = k1 + PHILOX_W1
+        hi0 = tl.umulhi(c0, PHILOX_M0)
+        lo0 = c0 * PHILOX_M0
+        hi1 = tl.umulhi(c2, PHILOX_M1)
+        lo1 = c2 * PHILOX_M1
+        n0 = hi1 ^ c1 ^ k0
+        n2 = hi0 ^ c3 ^ k1
+        c0 = n0
+        c1 = lo1
+        c2 = n2
+        c3 = lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_word0(j, key):
+    """First Philox word for int64 element indices ``j`` under the 64-bit key ``key`` (int64
+    bits): counter (lo32(j), hi32(j), 0, 0), key (lo32(key), hi32(key)), as SPEC.md says."""
+    c0 = j.to(tl.uint32)
+    c1 = (j >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    k0 = key.to(tl.uint32)
+    k1 = (key >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
+    return r0
+
+
+@triton.jit
+def _philox_kat_kernel(ctr_ptr, key_ptr, out_ptr, BLOCK: tl.constexpr):
+    """Test kernel: out[b, :] = Philox4x32-10(ctr[b, :], key[b, :]) (uint32 words in int64)."""
+    rows = tl.arange(0, BLOCK)
+    c0 = tl.load(ctr_ptr + rows * 4 + 0).to(tl.uint32)
+    c1 = tl.load(ctr_ptr + rows * 4 + 1).to(tl.uint32)
+    c2 = tl.load(ctr_ptr + rows * 4 + 2).to(tl.uint32)
+    c3 = tl.load(ctr_ptr + rows * 4 + 3).to(tl.uint32)
+    k0 = tl.load(key_ptr + rows * 2 + 0).to(tl.uint32)
+    k1 = tl.load(key_ptr + rows * 2 + 1).to(tl.uint32)
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    tl.store(out_ptr + rows * 4 + 0, r0.to(tl.int64))
+    tl.store(out_ptr + rows * 4 + 1, r1.to(tl.int64))
+    tl.store(out_ptr + rows * 4 + 2, r2.to(tl.int64))
+    tl.store(out_ptr + rows * 4 + 3, r3.to(tl.int64))
+
+
+@triton.jit
+def _philox_stream_kernel(out_ptr, key, start, n, BLOCK: tl.constexpr):
+    """Test kernel: out[j] = philox_word0(start + j, key) as int64 in [0, 2^32)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < n
+    r = philox_word0(offs + start, key)
+    tl.store(out_ptr + offs, r.to(tl.int64), mask=msk)
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _finite(x):
+    """x is neither Inf nor NaN (exponent bits not all ones)."""
+    return (x.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+
+
+@triton.jit
+def _score(t, v, SCORE: tl.constexpr):
+    """The float32 selection score with the sign bit cleared: |t| or t*t*v."""
+    if SCORE == 1:
+        s = (t * t) * v
+    else:
+        s = t
+    return s.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _load_t(base, mptr, offs, msk, HAS_BASE: tl.constexpr):
+    x = tl.load(mptr + offs, mask=msk, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        x = x - tl.load(base + offs, mask=msk, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_v(vptr, offs, msk, HAS_V: tl.constexpr):
+    if HAS_V:
+        v = tl.load(vptr + offs, mask=msk, other=0.0).to(tl.float32)
+    else:
+        v = tl.zeros(offs.shape, tl.float32)
+    return v
+
+
+@triton.jit
+def _vpow(v, power, INTERP: tl.constexpr):
+    """max(v, 0) ^ power in float32. On a GPU: libdevice powf (<= 2 ulp). The interpreter has
+    no libdevice, so there: exp2(p * log2(v)) in float64, rounded once to float32."""
+    x = tl.maximum(v, 0.0)
+    if INTERP:
+        x64 = x.to(tl.float64)
+        pos = x64 > 0.0
+        y = tl.exp2(power * tl.log2(tl.where(pos, x64, 1.0)))
+        at_zero = 1.0 if power == 0.0 else (0.0 if power > 0.0 else float("inf"))
+        y = tl.where(pos, y, at_zero).to(tl.float32)
+    else:
+        y = libdevice.pow(x, power)
+    return y
+
+
+@triton.jit
+def _keep(t, v, j, i, fp, ip, SCORE: tl.constexpr):
+    """Keep mask of model i (mode of iparams[i]): 0 all, 1 band lo <= score < hi, 2 none,
+    3 DARE Philox(key, j).word0 < threshold."""
+    mode = tl.load(ip + i * 3)
+    if mode == 1:
+        bits = _score(t, v, SCORE)
+        s = bits.to(tl.float32, bitcast=True)
+        lo = tl.load(fp + i * 6 + 2)
+        hi = tl.load(fp + i * 6 + 3)
+        hi_inf = hi.to(tl.int32, bitcast=True) == 0x7F800000
+        keep = (s >= lo) & ((s < hi) | hi_inf)
+    elif mode == 3:
+        key = tl.load(ip + i * 3 + 1)
+        thr = tl.load(ip + i * 3 + 2)
+        r = philox_word0(j, key)
+        keep = r.to(tl.int64) < thr
+    else:
+        keep = (j >= 0) & (mode == 0)
+    return keep
+
+
+@triton.jit
+def _count_nonfinite(x, msk, nonfinite, i):
+    bad = tl.sum((msk & ~_finite(x)).to(tl.int32), axis=0)
+    if bad > 0:
+        tl.atomic_add(nonfinite + i, bad.to(tl.int64))
+
+
+@triton.jit
+def _sign(x):
+    return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+
+
+# ----------------------------------------------------------------------------- histogram
+@triton.jit
+def _segment_sum(b1, c1, s1, b2, c2, s2):
+    """Segmented-scan combine over runs of equal bins (keys are sorted, runs contiguous)."""
+    same = b1 == b2
+    return b2, c2 + tl.where(same, c1, 0), s2 + tl.where(same, s1, 0.0)
+
+
+@triton.jit
+def _histogram_add(counts, sums, row, bins, mag, sel, BLOCK: tl.constexpr,
+                   AGGREGATE: tl.constexpr):
+    """counts[row, bins] += 1 and sums[row, bins] += mag (float64) for the selected lanes.
+
+    AGGREGATE=False: one pair of global atomics per element. AGGREGATE=True: sort the block
+    by (bin, |t| bits), reduce each run of equal bins with segmented scans, and issue one pair
+    of atomics per distinct bin in the block (far less same-address contention on a GPU,
+    where magnitudes crowd into a few hundred bins). Both give the same counts; the float64
+    sums differ only in addition order."""
+    if AGGREGATE:
+        magbits = mag.to(tl.int32, bitcast=True).to(tl.int64)
+        key = (tl.where(sel, bins, 65536).to(tl.int64) << 32) | magbits
+        ks = tl.sort(key)
+        b = (ks >> 32).to(tl.int32)
+        m = (ks & 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
+        one = tl.full([BLOCK], 1, tl.int64)
+        _, cnt, tot = tl.associative_scan((b, one, m), 0, _segment_sum)
+        _, rest, _ = tl.associative_scan((b, one, m), 0, _segment_sum, reverse=True)
+        last = (rest == 1) & (b < 65536)
+        dst = row * 65536 + b.to(tl.int64)
+        tl.atomic_add(counts + dst, cnt, mask=last)
+        tl.atomic_add(sums + dst, tot, mask=last)
+    else:
+        dst = row * 65536 + bins.to(tl.int64)
+        tl.atomic_add(counts + dst, tl.full([BLOCK], 1, tl.int64), mask=sel)
+        tl.atomic_add(sums + dst, mag.to(tl.float64), mask=sel)
+
+
+@triton.jit
+def _score_histogram_kernel(
+        base,
+        m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
+        m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31,
+        v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
+        v16, v17, v18, v19, v20, v21, v22, v23, v24, v25, v26, v27, v28, v29, v30, v31,
+        targets, counts, sums, n,
+        N: tl.constexpr, HAS_BASE: tl.constexpr, HAS_V: tl.constexpr, SCORE: tl.constexpr,
+        LEVEL: tl.constexpr, AGGREGATE: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (blocks, T). Row r histograms model targets[r, 0]: level 0 bins the top 16 bits of
+    the score; level 1 bins the low 16 bits of the elements whose top 16 bits equal
+    targets[r, 1]. counts[r, bin] += 1 and sums[r, bin] += |t| (float64), by atomics."""
+    ms = (m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
+          m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31)
+    vs = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
+          v16, v17, v18, v19, v20, v21, v22, v23, v24, v25, v26, v27, v28, v29, v30, v31)
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < n
+    model = tl.load(targets + row * 2)
+    prefix = tl.load(targets + row * 2 + 1)
+    bits = tl.zeros([BLOCK], tl.int32)
+    mag = tl.zeros([BLOCK], tl.float32)
+    for i in tl.static_range(N):
+        if model == i:
+            t = _load_t(base, ms[i], offs, msk, HAS_BASE)
+            v = _load_v(vs[i], offs, msk, HAS_V)
+            bits = _score(t, v, SCORE)
+            mag = tl.abs(t)
+    if LEVEL == 0:
+        bins = bits >> 16
+        sel = msk
+    else:
+        bins = bits & 0xFFFF
+        sel = msk & ((bits >> 16).to(tl.int64) == prefix)
+    _histogram_add(counts, sums, row, bins, mag, sel, BLOCK, AGGREGATE)
+
+
+# ----------------------------------------------------------------------------- model stats
+@triton.jit
+def _model_stats_kernel(
+        base,
+        m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
+        m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31,
+        v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
+        v16, v17, v18, v19, v20, v21, v22, v23, v24, v25, v26, v27, v28, v29, v30, v31,
+        fp, ip, out, n, offset, power,
+        N: tl.constexpr, HAS_BASE: tl.constexpr, HAS_V: tl.constexpr, SCORE: tl.constexpr,
+        INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] += (sum |t_i|, sum |t_i| over kept, sum max(v_i, 0)^power), float64 block sums
+    added atomically."""
+    ms = (m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
+          m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31)
+    vs = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
+          v16, v17, v18, v19, v20, v21, v22, v23, v24, v25, v26, v27, v28, v29, v30, v31)
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < n
+    j = offs + offset
+    for i in tl.static_range(N):
+        t = _load_t(base, ms[i], offs, msk, HAS_BASE)
+        v = _load_v(vs[i], offs, msk, HAS_V)
+        keep = _keep(t, v, j, i, fp, ip, SCORE) & msk
+        mag = tl.abs(t).to(tl.float64)
+        tl.atomic_add(out + i * 3 + 0, tl.sum(tl.where(msk, mag, 0.0), axis=0))
+        tl.atomic_add(out + i * 3 + 1, tl.sum(tl.where(keep, mag, 0.0), axis=0))
+        if HAS_V:
+            p = _vpow(v, power, INTERP).to(tl.float64)
+            tl.atomic_add(out + i * 3 + 2, tl.sum(tl.where(msk, p, 0.0), axis=0))
+
+
+# ----------------------------------------------------------------------------- fused merge
+@triton.jit
+def _sparsified(base, ms, vs, offs, msk, j, i, fp, ip, HAS_BASE: tl.constexpr,
+                HAS_V: tl.constexpr, SCORE: tl.constexpr):
+    """(t_i, v_i, s_i = t_i * keep_i * rescale_i, w_i) of model i."""
+    t = _load_t(base, ms[i], offs, msk, HAS_BASE)
+    v = _load_v(vs[i], offs, msk, HAS_V)
+    keep = _keep(t, v, j, i, fp, ip, SCORE)
+    w = tl.load(fp + i * 6 + 0)
+    r = tl.load(fp + i * 6 + 1)
+    s = (t * keep.to(tl.float32)) * r
+    return t, v, s, w
+
+
+@triton.jit
+def _fused_merge_kernel(
+        base,
+        m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
+        m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31,
+        v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
+        v16, v17, v18, v19, v20, v21, v22, v23, v24, v25, v26, v27, v28, v29, v30, v31,
+        fp, ip, out, nonfinite, n, offset, consensus_k, scale, power, eps,
+        N: tl.constexpr, HAS_BASE: tl.constexpr, HAS_V: tl.constexpr, COMBINE: tl.constexpr,
+        SCORE: tl.constexpr, ELECT: tl.constexpr, ELECT_ON: tl.constexpr,
+        NORMALIZE: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over a chunk: every combine of ops.fused_merge_torch, chosen by COMBINE
+    (0 linear, 1 sum, 2 ties, 3 consensus_sum, 4 consensus_ties, 5 ota).
+
+    The TIES/consensus variants loop over the models 2-3 times inside one program; the
+    re-reads of the same BLOCK elements hit L1/L2, so DRAM sees each input once."""
+    ms = (m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
+          m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31)
+    vs = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
+          v16, v17, v18, v19, v20, v21, v22, v23, v24, v25, v26, v27, v28, v29, v30, v31)
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < n
+    j = offs + offset
+    zero = tl.zeros([BLOCK], tl.float32)
+
+    if COMBINE == 0:
+        # linear: sum w_i m_i / (sum w_i if normalize else 1); the base is not read.
+        acc = zero
+        wsum = tl.load(fp) * 0.0
+        for i in tl.static_range(N):
+            x = tl.load(ms[i] + offs, mask=msk, other=0.0).to(tl.float32)
+            _count_nonfinite(x, msk, nonfinite, i)
+            w = tl.load(fp + i * 6 + 0)
+            acc += w * x
+            wsum += w
+        if NORMALIZE != 0:
+            wsum = tl.where(wsum == 0.0, 1.0, wsum)
+            res = acc / wsum
+        else:
+            res = acc
+    else:
+        if HAS_BASE:
+            b = tl.load(base + offs, mask=msk, other=0.0).to(tl.float32)
+        else:
+            b = zero
+        acc = zero          # sum u_i (sum/ties) or sum W_i s_i (ota)
+        den = zero          # sum W_i (ota)
+        vote = zero         # sign election
+        wsum = tl.load(fp) * 0.0
+        for i in tl.static_range(N):
+            t, v, s, w = _sparsified(base, ms, vs, offs, msk, j, i, fp, ip, HAS_BASE, HAS_V,
+                                     SCORE)
+            _count_nonfinite(t, msk, nonfinite, i)
+            u = w * s
+            if COMBINE == 5:
+                pscale = tl.load(fp + i * 6 + 5)
+                big_w = w * (_vpow(v, power, INTERP) * pscale + eps)
+                acc += big_w * s
+                den += big_w
+            else:
+                acc += u
+                wsum += w
+                if ELECT_ON == 0:
+                    e = u
+                else:
+                    e = s
+                if ELECT == 0:
+                    vote += e
+                else:
+                    vote += _sign(e)
+
+        if COMBINE == 5:
+            merged = acc / den
+        elif COMBINE == 1 or COMBINE == 3:
+            if NORMALIZE == 1:
+                div = wsum
+            elif NORMALIZE == 2:
+                div = wsum * 0.0 + N
+            else:
+                div = wsum * 0.0 + 1.0
+            div = tl.where(div == 0.0, 1.0, div)
+            merged = acc / div
+        else:
+            # ties: elect S = sign(vote) (+1 where vote >= 0); keep the agreeing terms
+            pos = vote >= 0.0
+            merged = zero
+            agree_w = zero
+            agree_n = zero
+            for i in tl.static_range(N):
+                t, v, s, w = _sparsified(base, ms, vs, offs, msk, j, i, fp, ip, HAS_BASE,
+                                         HAS_V, SCORE)
+                u = w * s
+                if ELECT_ON == 0:
+                    e = u
+                else:
+                    e = s
+                agree = tl.where(pos, e > 0.0, e < 0.0)
+                merged += tl.where(agree, u, 0.0)
+                agree_w += tl.where(agree, w, 0.0)
+                agree_n += agree.to(tl.float32)
+            if NORMALIZE == 1:
+                div = agree_w
+            elif NORMALIZE == 2:
+                div = tl.maximum(agree_n, 1.0)
+            else:
+                div = zero + 1.0
+            div = tl.where(div == 0.0, 1.0, div)
+            merged = merged / div
+
+        if COMBINE == 3 or COMBINE == 4:
+            # TALL masks on the raw task vectors: M_i = |t_i| > l_i |t_mtl - t_i|
+            votes = tl.zeros([BLOCK], tl.int32)
+            for i in tl.static_range(N):
+                t = _load_t(base, ms[i], offs, msk, HAS_BASE)
+                lam = tl.load(fp + i * 6 + 4)
+                votes += (tl.abs(t) > lam * tl.abs(merged - t)).to(tl.int32)
+            merged = tl.where(votes >= consensus_k, merged, 0.0)
+        res = b + scale * merged
+
+    tl.store(out + offs, res.to(out.dtype.element_ty), mask=msk)

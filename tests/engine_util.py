@@ -1,0 +1,67 @@
+"""Shared by the engine tests: synthetic checkpoints, loading outputs, expected merges."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fastmerge.api import merge_tensors
+
+
+def load_dir(d) -> dict:
+    d = Path(d)
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def write_yaml(path, cfg: dict) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def check_against_reference(got: dict, paths, method, params_for, **common) -> None:
+    """Every output tensor equals the float64 per-tensor reference merge within SPEC.md's
+    tolerance (fastmerge.testing); params_for(name) -> the merge's kwargs for that tensor."""
+    from fastmerge.testing import assert_matches_reference
+    base = load_dir(paths["base"])
+    models = [load_dir(m) for m in paths["models"]]
+    assert set(got) == set(base)
+    for name, b in base.items():
+        kw = dict(common)
+        kw.update(params_for(name))
+        assert_matches_reference(got[name], b if method != "linear" else None,
+                                 [m[name] for m in models], method, tensor_name=name, **kw)
+
+
+def expected_merge(paths, method, params_for, **common) -> dict:
+    """Per-tensor merges with merge_tensors(backend="torch"); params_for(name) -> kwargs."""
+    base = load_dir(paths["base"])
+    models = [load_dir(m) for m in paths["models"]]
+    out = {}
+    for name, b in base.items():
+        kw = dict(common)
+        kw.update(params_for(name))
+        out[name] = merge_tensors(b if method != "linear" else None, [m[name] for m in models],
+                                  method, tensor_name=name, backend="torch", **kw)
+    return out
+
+
+def assert_same(got: dict, want: dict, exact: bool = True):
+    assert set(got) == set(want), set(got) ^ set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, (k, got[k].dtype, want[k].dtype)
+        assert got[k].shape == want[k].shape, k
+        if exact:
+            assert torch.equal(got[k], want[k]), (k, (got[k].float() - want[k].float()).abs().max())
+        else:
+            torch.testing.assert_close(got[k].float(), want[k].float(), rtol=2e-2, atol=1e-4)
+
+
+def index_of(d) -> dict:
+    return json.loads((Path(d) / "model.safetensors.index.json").read_text())
