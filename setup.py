@@ -43,7 +43,10 @@ def cpu_extensions(cpp_extension):
     sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources:
         return []
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-Wall"]
+    # -ffp-contract=off: no FMA where float32 roundings decide masks; -fno-trapping-math lets
+    # the element loops (selects on float compares) vectorise; -g0 halves the compile time.
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math",
+             "-g0", "-Wall"]
     return [cpp_extension.CppExtension(
         "fastmerge._C", sources, include_dirs=[COMMON],
         extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])]

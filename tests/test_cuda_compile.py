@@ -260,3 +260,158 @@ def test_host_harness_queues(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
+
+
+# The merge kernel's per-thread group code (fmcuda::merge_group: vector loads, register
+# queues, tails, unaligned inputs, output packing, non-finite counting), executed on the host
+# over whole tensors and compared bit for bit with the shared per-element function
+# fm_merge_element applied element by element.
+MERGE_HARNESS = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include "fm_merge.cuh"
+using namespace fmcuda;
+
+static unsigned rng_state = 12345u;
+static unsigned rnd() { rng_state = rng_state * 1664525u + 1013904223u; return rng_state >> 8; }
+static float rndf() { return (float)((int)(rnd() % 20001) - 10000) * 1e-4f; }
+
+struct Buf {  // 64-byte aligned storage; `shift` elements in (to test unaligned views)
+  std::vector<unsigned char> raw;
+  void* p;
+  Buf(int64_t bytes, int shift_bytes) : raw((size_t)bytes + 128) {
+    uintptr_t a = ((uintptr_t)raw.data() + 63) & ~(uintptr_t)63;
+    p = (void*)(a + shift_bytes);
+  }
+};
+
+static int failures = 0;
+
+template <int NT, int EPT, int WORDS>
+void run_case(int n, int64_t numel, const int* dts, int base_dt, bool has_base, bool moments,
+              int combine, int out_dt, int shift, int64_t offset) {
+  std::vector<Buf> bufs;
+  bufs.reserve(2 * n + 3);
+  FmCudaInputs in;
+  std::memset(&in, 0, sizeof in);
+  in.n_models = n; in.numel = numel; in.has_moments = moments ? 1 : 0;
+  bufs.emplace_back(numel * 4, shift * elem_size(base_dt));
+  in.base = has_base ? bufs.back().p : nullptr; in.base_dtype = base_dt;
+  for (int64_t j = 0; j < numel; ++j) fm_store(bufs.back().p, base_dt, j, rndf());
+  for (int i = 0; i < n; ++i) {
+    bufs.emplace_back(numel * 4, shift * elem_size(dts[i]));
+    in.models[i] = bufs.back().p; in.model_dtype[i] = dts[i];
+    for (int64_t j = 0; j < numel; ++j) {
+      float x = fm_load(in.base ? in.base : bufs[0].p, base_dt, j) * (has_base ? 1.f : 0.f);
+      x += 0.05f * rndf();
+      if (rnd() % 997 == 0) x = fm_inf();  // a few non-finite elements
+      fm_store(bufs.back().p, dts[i], j, x);
+    }
+    in.moment_dtype[i] = DTYPE_FLOAT32;
+    if (moments) {
+      bufs.emplace_back(numel * 4, shift * 4);
+      in.moments[i] = bufs.back().p;
+      for (int64_t j = 0; j < numel; ++j) fm_store(bufs.back().p, 0, j, fm_abs(rndf()) * 1e-3f);
+    }
+  }
+  float fparams[FM_MAX_MODELS * 6];
+  int64_t iparams[FM_MAX_MODELS * 3];
+  FmModel models[FM_MAX_MODELS];
+  for (int i = 0; i < n; ++i) {
+    float* f = fparams + 6 * i;
+    int64_t* p = iparams + 3 * i;
+    f[0] = 0.5f + 0.25f * (float)(i % 3); f[1] = 1.0f + 0.5f * (float)(i % 2);
+    f[2] = 0.01f * (float)(i % 4); f[3] = (i % 3 == 1) ? 0.04f : fm_inf();
+    f[4] = 0.6f; f[5] = 1.0f + (float)i;
+    p[0] = i % 4;  // keep all, band, keep none, DARE
+    p[1] = (int64_t)(0x9E3779B97F4A7C15ull * (uint64_t)(i + 1));
+    p[2] = 1717986918;  // ~0.4 * 2^32
+    models[i] = fm_unpack_model(f, p);
+  }
+  FmCudaMergeArgs a;
+  std::memset(&a, 0, sizeof a);
+  a.combine = combine; a.score = moments ? SCORE_FISHER : SCORE_MAGNITUDE;
+  a.elect = 0; a.elect_on = 0; a.normalize = combine == COMBINE_TIES ? NORMALIZE_WEIGHTS : 0;
+  a.consensus_k = 2; a.scale = 0.9f; a.power = 0.5f; a.eps = 1e-8f; a.offset = offset;
+  a.out_dtype = out_dt;
+  const FmMergeConfig cfg = merge_config(n, models, a);
+
+  Buf got(numel * 4 + 64, 0), want(numel * 4 + 64, 0);
+  unsigned int nf_got[FM_MAX_MODELS] = {0}, nf_want[FM_MAX_MODELS] = {0};
+  for (int64_t j = 0; j < numel; ++j) {  // the oracle: one element at a time
+    const float b = in.base ? fm_load(in.base, base_dt, j) : 0.0f;
+    float t[FM_MAX_MODELS], v[FM_MAX_MODELS];
+    for (int i = 0; i < n; ++i) {
+      const float m = fm_load(in.models[i], dts[i], j);
+      t[i] = (combine == COMBINE_LINEAR || !in.base) ? m : fm_sub(m, b);
+      if (!fm_isfinite(t[i])) ++nf_want[i];
+      v[i] = moments ? fm_load(in.moments[i], 0, j) : 0.0f;
+    }
+    fm_store(want.p, out_dt, j, fm_merge_element(cfg, models, t, moments ? v : nullptr, b,
+                                                 (uint64_t)(offset + j)));
+  }
+  const bool vec_ok = inputs_aligned(in, EPT, got.p, out_dt);
+  const int64_t groups = (numel + EPT - 1) / EPT;
+  for (int64_t g = 0; g < groups; ++g)
+    merge_group<NT, EPT, WORDS>(in, ParamTable{in}, cfg, models, a, g, vec_ok, got.p, nf_got);
+  const size_t bytes = (size_t)numel * elem_size(out_dt);
+  if (std::memcmp(got.p, want.p, bytes) != 0 || std::memcmp(nf_got, nf_want, sizeof nf_got)) {
+    std::printf("MISMATCH NT=%d EPT=%d n=%d numel=%lld combine=%d out=%d shift=%d vec=%d\n",
+                NT, EPT, n, (long long)numel, combine, out_dt, shift, (int)vec_ok);
+    ++failures;
+  }
+}
+
+template <int NT, int EPT, int WORDS>
+void sweep(int n, bool wide) {
+  const int64_t sizes[] = {1, 7, 8, 9, 31, 64, 1003};
+  for (int64_t numel : sizes)
+    for (int combine = 0; combine < NUM_COMBINES; ++combine)
+      for (int out_dt = 0; out_dt < 3; ++out_dt)
+        for (int shift = 0; shift < 2; ++shift) {
+          int dts[FM_MAX_MODELS];
+          for (int i = 0; i < n; ++i) dts[i] = wide ? (int)(rnd() % 3) : 1 + (int)(rnd() % 2);
+          const int base_dt = wide ? 0 : 2;
+          const bool moments = combine == COMBINE_OTA && wide;
+          if (combine == COMBINE_OTA && !wide) continue;  // OTA reads float32 moments
+          run_case<NT, EPT, WORDS>(n, numel, dts, base_dt, combine != 0 || shift, moments,
+                                   combine, out_dt, shift, shift ? (1ll << 32) - 5 : 0);
+        }
+}
+
+int main() {
+  sweep<1, 8, 4>(1, false); sweep<2, 8, 4>(2, false); sweep<3, 8, 4>(3, false);
+  sweep<8, 8, 4>(8, false);
+  sweep<1, 4, 4>(1, true); sweep<3, 4, 4>(3, true); sweep<8, 4, 4>(8, true);
+  sweep<0, 2, 1>(11, false); sweep<0, 1, 1>(9, true);
+  std::printf("%s\n", failures ? "FAIL" : "OK");
+  return failures ? 1 : 0;
+}
+"""
+
+
+def test_host_harness_merge_groups(tmp_path):
+    """merge_group (the merge kernel's per-thread body) on the host == fm_merge_element."""
+    src = tmp_path / "merge_harness.cu"
+    src.write_text(MERGE_HARNESS)
+    exe = tmp_path / "merge_harness"
+    cmd = [NVCC, "-std=c++17", "-O1", "-Werror", "all-warnings", "-I", COMMON_DIR, "-I",
+           CUDA_DIR, str(src), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout[-4000:]
+
+
+def test_launcher_header_matches_ops():
+    """fm_cuda.h's constants are those of fastmerge/ops.py (the .cu files static_assert them
+    against csrc/common as well)."""
+    from fastmerge import ops
+    text = open(os.path.join(CUDA_DIR, "fm_cuda.h")).read()
+    consts = dict(re.findall(r"#define (FM_CUDA_\w+) (\d+)", text))
+    assert int(consts["FM_CUDA_NUM_FPARAMS"]) == ops.NUM_FPARAMS
+    assert int(consts["FM_CUDA_NUM_IPARAMS"]) == ops.NUM_IPARAMS
+    assert int(consts["FM_CUDA_NUM_BINS"]) == ops.NUM_BINS
+    assert "FM_CUDA_F32 = 0, FM_CUDA_F16 = 1, FM_CUDA_BF16 = 2" in text

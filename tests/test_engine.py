@@ -65,12 +65,23 @@ CASES = {
 }
 
 
+def _available(name):
+    from fastmerge.backends import availability
+    ok, why = availability(name)
+    if not ok:
+        pytest.skip(f"backend {name!r} unavailable: {why}")
+    return name
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_every_method_matches_per_tensor_merges(ckpts, tmp_path, method):
+def test_every_method_matches_per_tensor_merges(ckpts, tmp_path, method, backend_name):
     mp, gp, kw = CASES[method]
     cfg = write_yaml(tmp_path / "c.yml", _cfg(ckpts, method, mp, gp))
-    res = fastmerge.merge_checkpoints(str(cfg), tmp_path / "out", backend="torch",
+    res = fastmerge.merge_checkpoints(str(cfg), tmp_path / "out",
+                                      backend=_available(backend_name),
                                       shard_size="60KB", seed=7)
+    assert res.backend == backend_name
     got = load_dir(res.output_dir)
     check_against_reference(got, ckpts, method, lambda n: {}, seed=7, **kw)
     idx = index_of(res.output_dir)
@@ -120,17 +131,20 @@ def test_gradient_and_filter_values_follow_mergekit(ckpts, tmp_path):
     check_against_reference(got, ckpts, "ties", params, normalize=True)
 
 
-def test_chunked_merge_equals_whole_tensor_merge(ckpts, tmp_path):
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+def test_chunked_merge_equals_whole_tensor_merge(ckpts, tmp_path, backend_name):
     """A budget far below the tensor sizes splits tensors into row chunks; thresholds are
     aggregated over chunks (exact), DARE counters use global offsets."""
+    _available(backend_name)
     for method, kw in (("ties", dict(density=0.3)), ("dare_ties", dict(density=0.5)),
                        ):
         cfg = write_yaml(tmp_path / f"{method}.yml",
                          _cfg(ckpts, method, None, {**kw, "normalize": True, "rescale": False}))
         whole = fastmerge.merge_checkpoints(str(cfg), tmp_path / f"{method}_whole",
-                                            backend="torch", seed=3)
+                                            backend=backend_name, seed=3)
         chunked = fastmerge.merge_checkpoints(str(cfg), tmp_path / f"{method}_chunk",
-                                              backend="torch", seed=3, max_chunk_elems=3000)
+                                              backend=backend_name, seed=3,
+                                              max_chunk_elems=3000)
         assert chunked.chunk_elems == 3000
         assert_same(load_dir(chunked.output_dir), load_dir(whole.output_dir))
 

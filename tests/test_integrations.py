@@ -85,7 +85,7 @@ def _run_mergekit(cfg, out, patched, seed=42):
                         write_model_card=False)
     fm_mk.reset_stats()
     if patched:
-        with fm_mk.patched(backend="torch"):
+        with fm_mk.patched(backend="auto"):  # the C++ backend where built, else torch
             run_merge(conf, str(out), options=opts)
     else:
         assert not fm_mk.is_installed()
@@ -221,7 +221,6 @@ def test_mergekit_cli_main(ckpts, tmp_path, monkeypatch):
     cfg_path = tmp_path / "ties.yml"
     cfg_path.write_text(yaml.safe_dump(_config(ckpts, "ties", "fp32", params)))
     args = ["--no-copy-tokenizer", "--quiet", "--random-seed", "1"]
-    monkeypatch.setenv("FASTMERGE_BACKEND", "torch")
     assert fm_mk.main([str(cfg_path), str(tmp_path / "on")] + args) == 0
     rec = json.loads((tmp_path / "on" / "fastmerge_integration.json").read_text())
     assert rec["patched"] and rec["tensors"].get("fastmerge:ties", 0) > 0, rec

@@ -134,37 +134,47 @@ FM_HD FM_FORCE_INLINE float fm_sparsify(float t, bool keep, float rescale) {
   return fm_mul(keep ? t : fm_mul(t, 0.0f), rescale);
 }
 
-// OTA weight W_i = w_i * (max(v, 0)^p * ota_scale_i + eps)
-FM_HD FM_FORCE_INLINE float fm_ota_weight(const FmModel& m, float v, float power, float eps) {
-  const float p = fm_mul(fm_pow(v > 0.0f ? v : 0.0f, power), m.ota_scale);
-  return fm_mul(m.weight, fm_add(p, eps));
+// OTA: P = max(v, 0)^p, then W_i = w_i * (P * ota_scale_i + eps)
+FM_HD FM_FORCE_INLINE float fm_ota_power(float v, float power) {
+  return fm_pow(v > 0.0f ? v : 0.0f, power);
+}
+
+FM_HD FM_FORCE_INLINE float fm_ota_weight(const FmModel& m, float p, float eps) {
+  return fm_mul(m.weight, fm_add(fm_mul(p, m.ota_scale), eps));
 }
 
 // ------------------------------------------------------------------ the combine
 // TIES election + disjoint merge of u (weighted) / s (unweighted); returns the merged vector.
+// Written with selects only (no data-dependent branches) so a CPU loop over elements
+// vectorises: agree_i <=> S * e_i > 0 (S = +-1) is "same sign as S, and not zero".
+// (sign(e) of the count election is (e > 0) - (e < 0); it differs from torch.sign only for NaN,
+// which the kernels report as an error anyway.)
 FM_HD FM_FORCE_INLINE float fm_ties(const FmMergeConfig& c, const FmModel* models,
                                     const float* s) {
   const int n = c.n;
+  const bool unweighted = c.elect_on == ELECT_UNWEIGHTED;
+  const bool count_vote = c.elect == ELECT_COUNT;
   float vote = 0.0f;
   for (int i = 0; i < n; ++i) {
     const float u = fm_mul(models[i].weight, s[i]);
-    const float e = c.elect_on == ELECT_UNWEIGHTED ? s[i] : u;
-    vote = fm_add(vote, c.elect == ELECT_COUNT ? fm_sign(e) : e);
+    const float e = unweighted ? s[i] : u;
+    const float sg = (e > 0.0f ? 1.0f : 0.0f) - (e < 0.0f ? 1.0f : 0.0f);
+    vote = fm_add(vote, count_vote ? sg : e);
   }
-  const bool positive = vote >= 0.0f;  // S = +1 where the vote is >= 0
+  const float elected = vote >= 0.0f ? 1.0f : -1.0f;  // S = +1 where the vote is >= 0
   float merged = 0.0f, wsum = 0.0f, count = 0.0f;
   for (int i = 0; i < n; ++i) {
     const float u = fm_mul(models[i].weight, s[i]);
-    const float e = c.elect_on == ELECT_UNWEIGHTED ? s[i] : u;
-    const bool agree = positive ? e > 0.0f : e < 0.0f;  // zeros never agree
+    const float e = unweighted ? s[i] : u;
+    const bool agree = fm_mul(elected, e) > 0.0f;  // zeros never agree
     merged = fm_add(merged, agree ? u : 0.0f);
     wsum = fm_add(wsum, agree ? models[i].weight : 0.0f);
     count = fm_add(count, agree ? 1.0f : 0.0f);
   }
-  float divisor = 1.0f;
-  if (c.normalize == NORMALIZE_WEIGHTS) divisor = wsum;
-  if (c.normalize == NORMALIZE_COUNT) divisor = count > 1.0f ? count : 1.0f;
-  if (divisor == 0.0f) divisor = 1.0f;
+  const float count1 = count > 1.0f ? count : 1.0f;
+  float divisor = c.normalize == NORMALIZE_WEIGHTS ? wsum
+                  : (c.normalize == NORMALIZE_COUNT ? count1 : 1.0f);
+  divisor = divisor == 0.0f ? 1.0f : divisor;
   return fm_div(merged, divisor);
 }
 
@@ -172,18 +182,18 @@ FM_HD FM_FORCE_INLINE float fm_sum(const FmMergeConfig& c, const FmModel* models
                                    const float* s) {
   float merged = 0.0f;
   for (int i = 0; i < c.n; ++i) merged = fm_add(merged, fm_mul(models[i].weight, s[i]));
-  float divisor = 1.0f;
-  if (c.normalize == NORMALIZE_WEIGHTS) divisor = c.sum_weights;
-  if (c.normalize == NORMALIZE_COUNT) divisor = static_cast<float>(c.n);
-  if (divisor == 0.0f) divisor = 1.0f;
+  float divisor = c.normalize == NORMALIZE_WEIGHTS ? c.sum_weights
+                  : (c.normalize == NORMALIZE_COUNT ? static_cast<float>(c.n) : 1.0f);
+  divisor = divisor == 0.0f ? 1.0f : divisor;
   return fm_div(merged, divisor);
 }
 
 // The one per-element combine of every method, parametrised by c.combine / elect / elect_on /
 // normalize. t: the N raw task vector values (the model values for COMBINE_LINEAR); s: the N
 // sparsified values fm_sparsify(t_i, keep_i, rescale_i); v: the N second moments (read only by
-// COMBINE_OTA; may be null otherwise); base: b (0 without a base). Returns the output value
-// b + scale * merged in float32 (linear: sum w_i m_i / sum w_i), before the dtype rounding.
+// COMBINE_OTA, may be null otherwise; already fm_ota_power(v_i, power) when c.v_is_power);
+// base: b (0 without a base). Returns the output value b + scale * merged in float32
+// (linear: sum w_i m_i / sum w_i), before the dtype rounding.
 FM_HD FM_FORCE_INLINE float fm_combine(const FmMergeConfig& c, const FmModel* models,
                                        const float* t, const float* s, const float* v,
                                        float base) {
@@ -218,7 +228,8 @@ FM_HD FM_FORCE_INLINE float fm_combine(const FmMergeConfig& c, const FmModel* mo
     default: {  // COMBINE_OTA: sum W_i s_i / sum W_i
       float num = 0.0f, den = 0.0f;
       for (int i = 0; i < n; ++i) {
-        const float w = fm_ota_weight(models[i], v[i], c.power, c.eps);
+        const float p = c.v_is_power ? v[i] : fm_ota_power(v[i], c.power);
+        const float w = fm_ota_weight(models[i], p, c.eps);
         num = fm_add(num, fm_mul(w, s[i]));
         den = fm_add(den, w);
       }

@@ -105,6 +105,7 @@ struct FmMergeConfig {
   float power;
   float eps;
   float sum_weights;
+  int v_is_power;  // 1: the v[] given to fm_combine already hold fm_ota_power(v, power)
 };
 
 FM_HD inline FmMergeConfig fm_make_config(int n, const FmModel* models, int combine, int score,
@@ -124,6 +125,7 @@ FM_HD inline FmMergeConfig fm_make_config(int n, const FmModel* models, int comb
   float sw = 0.0f;
   for (int i = 0; i < n; ++i) sw = fm_add(sw, models[i].weight);
   c.sum_weights = sw;
+  c.v_is_power = 0;
   return c;
 }
 

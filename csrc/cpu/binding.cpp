@@ -138,9 +138,10 @@ void score_histogram_cpu(const std::optional<at::Tensor>& base, at::TensorList m
   const bool direct = counts.is_contiguous() && sums.is_contiguous();
   at::Tensor c = direct ? counts : counts.contiguous();
   at::Tensor s = direct ? sums : sums.contiguous();
-  fm::cpu::score_histogram(in, static_cast<int>(score), tp, static_cast<int>(T),
-                           static_cast<int>(level), c.data_ptr<int64_t>(), s.data_ptr<double>(),
-                           threads());
+  const bool ok = fm::cpu::score_histogram(in, static_cast<int>(score), tp, static_cast<int>(T),
+                                           static_cast<int>(level), c.data_ptr<int64_t>(),
+                                           s.data_ptr<double>(), threads());
+  TORCH_CHECK(ok, "fastmerge (cpu): could not allocate the histogram work buffers");
   if (!direct) {
     counts.copy_(c);
     sums.copy_(s);

@@ -25,8 +25,9 @@ struct Inputs {
 };
 
 // Radix digit histograms of the score bits for T targets (model, prefix), accumulated into
-// counts[T][NUM_BINS] (int64) and sums[T][NUM_BINS] (float64 sums of |t|).
-void score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets,
+// counts[T][NUM_BINS] (int64) and sums[T][NUM_BINS] (float64 sums of |t|). False if a work
+// buffer could not be allocated (the outputs are then incomplete).
+bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets,
                      int level, int64_t* counts, double* sums, int nthreads);
 
 // out[N][3] += (sum |t_i|, sum |t_i| over kept elements, sum max(v_i, 0)^power).

@@ -44,21 +44,23 @@ double packed_bin_sum(uint32_t bin, uint64_t count, uint64_t low_sum) {
 }
 
 FM_CPU_CLONES
-void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, double* sums) {
+void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, double* sums,
+                uint32_t* bits_all) {
   const Inputs& in = *c.in;
   alignas(64) float bb[kBlock];
   alignas(64) float tt[kBlock];
   alignas(64) float vv[kBlock];
-  alignas(64) uint32_t bits[kBlock];
   const bool fisher = c.score == SCORE_FISHER;
   const bool has_base = in.base != nullptr;
+  const int T = c.n_targets;
   for (int64_t s = begin; s < end; s += kBlock) {
     const int len = static_cast<int>(end - s < kBlock ? end - s : kBlock);
     if (has_base) load_block(in.base, in.base_dtype, s, len, bb);
-    for (int r = 0; r < c.n_targets; ++r) {
+    for (int r = 0; r < T; ++r) {
       const int i = static_cast<int>(c.targets[2 * r]);
       const uint32_t prefix = static_cast<uint32_t>(c.targets[2 * r + 1]);
       uint64_t* __restrict tab = table + static_cast<size_t>(r) * NUM_BINS;
+      uint32_t* __restrict bits = bits_all + static_cast<size_t>(r) * kBlock;
       load_task_block(in.models[i], in.model_dtypes[i], s, len, bb, has_base, tt);
       if (fisher) {
         double* __restrict sm = sums + static_cast<size_t>(r) * NUM_BINS;
@@ -81,12 +83,20 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
         }
       } else {
         for (int k = 0; k < len; ++k) bits[k] = fm_score_bits(tt[k], 0.0f, SCORE_MAGNITUDE);
-        if (c.level == 0) {
-          for (int k = 0; k < len; ++k)
-            tab[bits[k] >> RADIX_BITS] += kCountUnit | (bits[k] & (NUM_BINS - 1));
-        } else {
+        if (c.level != 0) {
           for (int k = 0; k < len; ++k)
             if ((bits[k] >> RADIX_BITS) == prefix) tab[bits[k] & (NUM_BINS - 1)] += 1;
+        }
+      }
+    }
+    if (c.packed) {
+      // interleave the rows' updates element by element: consecutive read-modify-writes go to
+      // different tables, so repeated bins of one model do not stall on each other
+      for (int k = 0; k < len; ++k) {
+        for (int r = 0; r < T; ++r) {
+          const uint32_t x = bits_all[static_cast<size_t>(r) * kBlock + k];
+          table[static_cast<size_t>(r) * NUM_BINS + (x >> RADIX_BITS)] +=
+              kCountUnit | (x & (NUM_BINS - 1));
         }
       }
     }
@@ -126,15 +136,16 @@ void flush(const HistCtx& c, uint64_t* table, double* sums, int64_t* counts_out,
 
 }  // namespace
 
-void score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets,
+bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets,
                      int level, int64_t* counts, double* sums, int nthreads) {
-  if (in.numel == 0 || n_targets == 0) return;
+  if (in.numel == 0 || n_targets == 0) return true;
   HistCtx c{&in, score, targets, n_targets, level, level == 0 && score == SCORE_MAGNITUDE};
   const bool fisher = score == SCORE_FISHER;
   // per-thread tables: 512 KiB per target (1 MiB with Fisher sums); keep them under 1 GiB
   const size_t per_thread = static_cast<size_t>(n_targets) * NUM_BINS;
   const size_t bytes_per_thread = per_thread * (fisher ? 16 : 8);
-  int nt = effective_threads(in.numel, nthreads, int64_t{1} << 17);
+  int nt = effective_threads(in.numel, nthreads < 64 ? nthreads : 64, int64_t{1} << 17);
+  bool failed[64] = {};
   while (nt > 1 && static_cast<size_t>(nt) * bytes_per_thread > (size_t{1} << 30)) --nt;
   uint64_t* tables = static_cast<uint64_t*>(calloc(per_thread * nt, sizeof(uint64_t)));
   double* tsums = fisher ? static_cast<double*>(calloc(per_thread * nt, sizeof(double)))
@@ -146,6 +157,11 @@ void score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
     tables = static_cast<uint64_t*>(calloc(per_thread, sizeof(uint64_t)));
     tsums = fisher ? static_cast<double*>(calloc(per_thread, sizeof(double))) : nullptr;
   }
+  if (tables == nullptr || (fisher && tsums == nullptr)) {
+    free(tables);
+    free(tsums);
+    return false;
+  }
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
@@ -154,9 +170,10 @@ void score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
     thread_range(in.numel, nta, tid, &begin, &end);
     uint64_t* table = tables + per_thread * tid;
     double* tsum = fisher ? tsums + per_thread * tid : nullptr;
-    for (int64_t seg = begin; seg < end; seg += kSegment) {
+    uint32_t* bits = static_cast<uint32_t*>(malloc(sizeof(uint32_t) * kBlock * n_targets));
+    for (int64_t seg = begin; seg < end && bits != nullptr; seg += kSegment) {
       const int64_t seg_end = end - seg > kSegment ? seg + kSegment : end;
-      hist_range(c, seg, seg_end, table, tsum);
+      hist_range(c, seg, seg_end, table, tsum, bits);
       if (c.packed && seg_end < end) {
 #pragma omp critical(fastmerge_hist_flush)
         flush(c, table, tsum, counts, sums);
@@ -164,9 +181,14 @@ void score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
     }
 #pragma omp critical(fastmerge_hist_flush)
     flush(c, table, tsum, counts, sums);
+    if (bits == nullptr) failed[tid] = true;
+    free(bits);
   }
   free(tables);
   free(tsums);
+  bool any_failed = false;
+  for (int t = 0; t < 64; ++t) any_failed = any_failed || failed[t];
+  return !any_failed;
 }
 
 }  // namespace cpu

@@ -71,6 +71,7 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
   const Inputs& in = *ctx.in;
   FmMergeConfig cfg = ctx.cfg;
   cfg.combine = COMBINE;
+  cfg.v_is_power = 1;  // the OTA block loop below applies fm_ota_power
   if (NS > 0) cfg.n = NS;
   const int n = cfg.n;
   FmModel models[CAP];
@@ -103,6 +104,16 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
       for (int i = 0; i < n; ++i)
         sparsify_model(models[i], tt[i], need_v ? vv[i] : nullptr, cfg.score, j0, len,
                        ss[kLinear ? 0 : i]);
+    }
+    if (COMBINE == COMBINE_OTA) {  // P = max(v, 0)^p once per element, in a vector loop
+      for (int i = 0; i < n; ++i) {
+        float* __restrict v = vv[i];
+        if (cfg.power == 0.5f) {
+          for (int k = 0; k < len; ++k) v[k] = fm_ota_power(v[k], 0.5f);
+        } else {
+          for (int k = 0; k < len; ++k) v[k] = fm_ota_power(v[k], cfg.power);
+        }
+      }
     }
     for (int k = 0; k < len; ++k) {
       float t[CAP], s[CAP], v[CAP];

@@ -61,7 +61,8 @@ __host__ __device__ FM_FORCE_INLINE void merge_group(
   constexpr int kMax = NT > 0 ? NT : FM_MAX_MODELS;
   const int n = cfg.n;
   const bool linear = args.combine == COMBINE_LINEAR;
-  const bool has_base = in.base != nullptr;
+  // linear averages the models themselves: the base is not read even when given
+  const bool has_base = in.base != nullptr && !linear;
   const bool has_moments = in.has_moments != 0;
   const int64_t numel = in.numel;
   const int64_t i0 = g * EPT;
@@ -96,7 +97,7 @@ __host__ __device__ FM_FORCE_INLINE void merge_group(
     for (int i = 0; i < kMax; ++i) {
       if (i < n) {
         const float m = take_front<EPT, WORDS>(wm[i], tab.model_dt(i));
-        t[i] = (linear || !has_base) ? m : fm_sub(m, b);
+        t[i] = has_base ? fm_sub(m, b) : m;
         v[i] = has_moments ? take_front<EPT, WORDS>(wv[i], tab.moment_dt(i)) : 0.0f;
         if (!fm_isfinite(t[i]) && i0 + e < numel) count_nonfinite(nonfinite + i);
       }

@@ -26,12 +26,12 @@ _BLOCK_INTERP = 8192
 
 
 def _launch_config(n_models: int) -> tuple[int, int]:
-    if interpreting():
-        return _BLOCK_INTERP, 4
     warps = int(os.environ.get("FASTMERGE_TRITON_WARPS", "8"))
     block = os.environ.get("FASTMERGE_TRITON_BLOCK")
     if block:
         return int(block), warps
+    if interpreting():
+        return _BLOCK_INTERP, 4
     per_thread = 4 if n_models <= 4 else 2 if n_models <= 8 else 1
     return 32 * warps * per_thread, warps
 

@@ -1,0 +1,250 @@
+"""CPU benchmark of fastmerge's TIES against peft and mergekit, on this machine.
+
+    python benchmarks/bench_cpu.py [--shapes 4096x4096,4096x11008,32000x4096] [--n 2,3,8]
+        [--density 0.2] [--reps 3] [--peer-reps 1] [--out benchmarks/results/cpu.md]
+        [--plot docs/throughput_cpu.png] [--skip-peers-above 0]
+
+For bf16 tensors of each shape and N fine-tunes it measures, in one run:
+- this machine's copy bandwidth: a 1 GiB torch tensor copy (read + write bytes / time);
+- fastmerge ``cpu`` (the C++ kernels): full TIES via ``fastmerge.merge_tensors`` = level-0 and
+  level-1 histogram passes + the fused merge pass, and the split (selection / merge);
+- fastmerge ``torch`` (the plain-torch kernels of ops.py, the same passes in torch);
+- peft's ``peft.utils.merge_utils.ties`` on the bf16 task vectors (+ the base add);
+- mergekit 0.1.5's TIES math: ``mergekit.sparsify.sparsify(..., magnitude)`` per model and
+  ``generalized_task_arithmetic.get_mask(..., "sum")`` + the disjoint weighted mean exactly as
+  ``GeneralizedTaskArithmeticMerge.merge_group`` does it (bf16 deltas, as mergekit computes).
+GB/s is reported two ways: "all passes" = every byte the implementation's passes read and write
+for fastmerge (3 reads of base + N models, 1 write), and "useful" = (N + 1 inputs + 1 output)
+* bytes / time, the same for every implementation. It prints a markdown table, writes it to
+--out and draws --plot (throughput vs tensor size, copy bandwidth as the ceiling).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import fastmerge as fm  # noqa: E402
+from fastmerge.backends import availability, get_backend  # noqa: E402
+from fastmerge.methods import resolve_spec  # noqa: E402
+from fastmerge.plan import plan_tensor  # noqa: E402
+from fastmerge.selection import Chunk  # noqa: E402
+
+GB = 1e9
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def best_time(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = best_time(lambda: dst.copy_(src), reps)
+    return 2 * nbytes / t / GB
+
+
+def make_inputs(shape, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float32)
+    models = []
+    for _ in range(n):
+        d = torch.randn(shape, generator=g, dtype=torch.float32).mul_(0.01).add_(base)
+        models.append(d.to(torch.bfloat16))
+        del d
+    return base.to(torch.bfloat16), models
+
+
+# ----------------------------------------------------------------------------- implementations
+def run_fastmerge(backend, base, models, density):
+    return fm.merge_tensors(base, models, "ties", density=density, backend=backend,
+                            tensor_name="model.layers.0.mlp.up_proj.weight")
+
+
+def fastmerge_split(base, models, density, reps):
+    """(selection seconds, merge seconds) of the cpu backend."""
+    be = get_backend("cpu", "cpu")
+    spec = resolve_spec("ties", len(models), density=density)
+    chunk = Chunk(base, models, [], 0, "x")
+    plan = plan_tensor(spec, lambda: [chunk], be, base.numel(), "x")
+    sel = best_time(lambda: plan_tensor(spec, lambda: [chunk], be, base.numel(), "x"), reps)
+    mrg = best_time(lambda: be.merge(chunk, plan, torch.bfloat16), reps)
+    return sel, mrg
+
+
+def run_peft(base, models, density):
+    from peft.utils.merge_utils import ties
+    deltas = [m - base for m in models]
+    w = torch.ones(len(models), dtype=base.dtype)
+    return base + ties(deltas, w, density)
+
+
+def run_mergekit(base, models, density):
+    """mergekit 0.1.5 GeneralizedTaskArithmeticMerge.merge_group for ties, its own functions."""
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.sparsify import SparsificationMethod, sparsify
+    deltas = base.new_empty((len(models), *base.shape))
+    for i, m in enumerate(models):
+        deltas[i] = sparsify(m - base, density=density, method=SparsificationMethod.magnitude)
+    weights = torch.ones(len(models), dtype=deltas.dtype)
+    while deltas.dim() > weights.dim():
+        weights.unsqueeze_(-1)
+    deltas.mul_(weights)
+    mask = get_mask(deltas, method="sum", mask_dtype=base.dtype)
+    mixed = (deltas * mask).sum(dim=0)
+    divisor = (weights * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    mixed /= divisor
+    return (base + mixed).to(base.dtype)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="4096x4096,4096x11008,32000x4096")
+    ap.add_argument("--n", default="2,3,8")
+    ap.add_argument("--density", type=float, default=0.2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--peer-reps", type=int, default=1)
+    ap.add_argument("--torch-max-numel", type=float, default=5e7,
+                    help="time fastmerge's torch backend only up to this many elements")
+    ap.add_argument("--peers-max-work", type=float, default=4e8,
+                    help="time peft/mergekit only where N * numel <= this (their runtime)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu.md"))
+    ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "throughput_cpu.png"))
+    args = ap.parse_args(argv)
+    ok, why = availability("cpu")
+    if not ok:
+        sys.exit(f"the cpu backend is not built: {why}")
+    import fastmerge._C as C
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    ns = [int(x) for x in args.n.split(",")]
+    t_start = time.perf_counter()
+    bw = copy_bandwidth()
+    machine = (f"{cpu_model()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, kernels: {C.isa()}")
+    print(f"# machine: {machine}\n# copy bandwidth: {bw:.1f} GB/s (read + write)\n", flush=True)
+    rows, points = [], []
+    for shape in shapes:
+        for n in ns:
+            base, models = make_inputs(shape, n)
+            numel = base.numel()
+            useful = (n + 2) * 2 * numel
+            all_pass = 3 * (n + 1) * 2 * numel + 2 * numel
+            res = {}
+            run_fastmerge("cpu", base, models, args.density)  # warm-up
+            res["fastmerge cpu"] = best_time(
+                lambda: run_fastmerge("cpu", base, models, args.density), args.reps)
+            sel, mrg = fastmerge_split(base, models, args.density, args.reps)
+            if numel <= args.torch_max_numel:
+                res["fastmerge torch"] = best_time(
+                    lambda: run_fastmerge("torch", base, models, args.density), 1)
+            if n * numel <= args.peers_max_work:
+                res["peft ties"] = best_time(lambda: run_peft(base, models, args.density),
+                                             args.peer_reps)
+                res["mergekit ties"] = best_time(
+                    lambda: run_mergekit(base, models, args.density), args.peer_reps)
+            ours = res["fastmerge cpu"]
+            for impl, sec in res.items():
+                gbs_all = all_pass / sec / GB if impl == "fastmerge cpu" else None
+                rows.append(dict(shape=f"{shape[0]}x{shape[1]}", n=n, impl=impl, sec=sec,
+                                 gbs_all=gbs_all, gbs_useful=useful / sec / GB,
+                                 pct=(all_pass / sec / GB) / bw * 100 if gbs_all else None,
+                                 speedup=sec / ours,
+                                 split=(sel, mrg) if impl == "fastmerge cpu" else None))
+                points.append((impl, n, numel, useful / sec / GB))
+                print(f"{shape} N={n} {impl}: {sec:.3f} s", flush=True)
+            del base, models
+    elapsed = time.perf_counter() - t_start
+    table = render(rows, bw, machine, args, elapsed)
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(table)
+    if args.plot:
+        plot(points, bw, args.plot, machine)
+
+
+def render(rows, bw, machine, args, elapsed) -> str:
+    lines = [
+        "# fastmerge CPU benchmark (TIES, bf16)", "",
+        f"Machine: {machine}.  ",
+        f"Measured copy bandwidth: **{bw:.1f} GB/s** (1 GiB torch copy, read + write bytes).  ",
+        f"TIES with density {args.density}, weights 1, normalize (mergekit's defaults); "
+        f"fastmerge = 2 selection passes (level-0 + level-1 radix histograms) + 1 fused merge "
+        f"pass. Times are the best of {args.reps} (fastmerge cpu) or {args.peer_reps} (peers, "
+        f"torch backend: 1) runs; the whole script took {elapsed:.0f} s.", "",
+        "GB/s (all passes) = bytes every fastmerge pass reads and writes = (3 (N+1) + 1) * 2 "
+        "bytes * numel / time; useful GB/s = (N + 2) * 2 bytes * numel / time (inputs once, "
+        "output once), comparable across implementations. % copy = all-pass GB/s / measured "
+        "copy bandwidth. speedup = implementation's time / fastmerge cpu's time.", "",
+        "| shape | N | implementation | seconds | GB/s all passes | useful GB/s | % of copy BW "
+        "| fastmerge cpu speedup vs this | cpu split: selection / merge (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        split = f"{r['split'][0]:.3f} / {r['split'][1]:.3f}" if r["split"] else ""
+        gbs_all = "" if r["gbs_all"] is None else f"{r['gbs_all']:.1f}"
+        pct = "" if r["pct"] is None else f"{r['pct']:.0f}%"
+        speed = "" if r["impl"] == "fastmerge cpu" else f"{r['speedup']:.1f}x"
+        lines.append(f"| {r['shape']} | {r['n']} | {r['impl']} | {r['sec']:.3f} | {gbs_all} | "
+                     f"{r['gbs_useful']:.2f} | {pct} | {speed} | {split} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(points, bw, path, machine):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    impls = sorted({p[0] for p in points})
+    markers = {2: "o", 3: "s", 8: "^"}
+    for impl in impls:
+        for n in sorted({p[1] for p in points}):
+            pts = sorted((p[2], p[3]) for p in points if p[0] == impl and p[1] == n)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers.get(n, "x"),
+                        label=f"{impl}, N={n}")
+    ax.axhline(bw, color="k", linestyle="--", label=f"measured copy bandwidth {bw:.1f} GB/s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("elements per tensor")
+    ax.set_ylabel("useful GB/s ((N+2) x 2 bytes x numel / time)")
+    ax.set_title(f"TIES throughput, bf16 — {machine[:70]}", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

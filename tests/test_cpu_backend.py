@@ -1,0 +1,272 @@
+"""CPU-backend specific tests of the C++ kernels (fastmerge._C): the shared header's enums,
+Philox and dtype rounding against Python/torch, thread-count and chunking invariance, DARE masks
+at odd sizes, mixed dtypes, the raw ops against their plain-torch definitions, and opcheck.
+The generic conformance suite (tests/test_conformance.py) also runs against ``cpu``."""
+import pytest
+import torch
+
+import fastmerge as fm
+from fastmerge import ops, rng
+from fastmerge.backends import availability, get_backend
+from fastmerge.methods import resolve_spec
+from fastmerge.plan import plan_tensor
+from fastmerge.selection import Chunk, level0, select
+from fastmerge.testing import assert_matches_reference
+from helpers import make_finetunes
+
+ok, why = availability("cpu")
+pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
+if ok:
+    import fastmerge._C as C
+
+NAME = "model.layers.3.mlp.up_proj.weight"
+
+
+@pytest.fixture
+def threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def test_header_enums_match_ops():
+    e = C.enums()
+    for name in ("MODE_KEEP_ALL", "MODE_BAND", "MODE_KEEP_NONE", "MODE_DARE", "SCORE_MAGNITUDE",
+                 "SCORE_FISHER", "ELECT_SUM", "ELECT_COUNT", "ELECT_WEIGHTED", "ELECT_UNWEIGHTED",
+                 "NORMALIZE_NONE", "NORMALIZE_WEIGHTS", "NORMALIZE_COUNT", "F_WEIGHT", "F_RESCALE",
+                 "F_LO", "F_HI", "F_CONSENSUS_LAMBDA", "F_OTA_SCALE", "I_MODE", "I_DARE_KEY",
+                 "I_DARE_THRESHOLD", "NUM_FPARAMS", "NUM_IPARAMS", "RADIX_BITS", "NUM_BINS",
+                 "NONFINITE_BIN"):
+        assert e[name] == getattr(ops, name), name
+    for combine, idx in ops.COMBINE_IDS.items():
+        assert e[f"COMBINE_{combine.upper()}"] == idx, combine
+    assert e["NUM_COMBINES"] == len(ops.COMBINE_IDS)
+
+
+def test_philox_known_answers():
+    # Random123 kat_vectors for philox4x32_10
+    assert C.philox4x32_10([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    m = 0xFFFFFFFF
+    assert C.philox4x32_10([m] * 4, [m, m]) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert C.philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+                           [0xA4093822, 0x299F31D0]) == [0xD16CFE09, 0x94FDCCEB, 0x5001E420,
+                                                         0x24126EA1]
+
+
+@pytest.mark.parametrize("start", [0, 12345, (1 << 32) - 7, (1 << 40) + 3])
+def test_philox_stream_and_keys_match_python(start):
+    key = rng.dare_key(2**63 + 5, NAME, 2)
+    assert C.dare_key(2**63 + 5, NAME, 2) == key
+    assert C.dare_key(0, "", 0) == rng.dare_key(0, "", 0)
+    assert C.dare_key(7, "é.ü", 31) == rng.dare_key(7, "é.ü", 31)
+    got = C.philox_word0(key, start, 4099)
+    assert torch.equal(got, rng.philox_uniform_u32(key, start, 4099))
+
+
+def _special_floats():
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (200000,), generator=g, dtype=torch.int64)
+    rand = bits.to(torch.int32).view(torch.float32)
+    edges = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 65536.0, 1e-8, 2.0**-24,
+                          2.0**-25, 2.0**-25 * 1.0000001, 3 * 2.0**-26, 2.0**-14, 2.0**-14 * 0.999,
+                          6.1e-5, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 3.4e38, -3.4e38,
+                          float("inf"), -float("inf"), float("nan"), 1.00390625, 1.01171875])
+    # bf16/fp16 halfway cases and their neighbours
+    near = torch.arange(-3000, 3000, dtype=torch.int32) * 4096 + 0x3F800000
+    mids = torch.cat([near, near + 1, near - 1, near + 0x8000, near + 0x7FFF]).view(torch.float32)
+    sub = (torch.arange(0, 1 << 14, dtype=torch.int32) * 4096 + 0x33000000 - (1 << 20))
+    return torch.cat([rand, edges, mids, sub.view(torch.float32)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_and_loads_match_torch(dtype):
+    x = _special_floats()
+    got, want = C.round_to(x, dtype), x.to(dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    got, want = C.load_float(every), every.float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def _merge(method, base, models, vs=None, backend="cpu", **params):
+    return fm.merge_tensors(base, models, method, second_moments=vs, tensor_name=NAME,
+                            backend=backend, **params)
+
+
+CASES = [
+    ("ties", dict(density=[0.2, 0.5, 0.9], weights=[1.0, 0.5, 0.75])),
+    ("dare_ties", dict(density=[0.3, 0.6, 0.8], seed=3)),
+    ("breadcrumbs_ties", dict(density=0.4, gamma=[0.0, 0.05, 0.2])),
+    ("consensus_ties", dict(density=0.5, consensus_k=2)),
+    ("ota_ffg", dict(density=0.3, ota_normalize="global")),
+    ("dare_linear", dict(density=0.4, seed=7, rescale="l1")),
+    ("linear", dict(weights=[0.5, 1.0, 2.0])),
+]
+
+
+def test_one_and_two_threads_identical(threads):
+    base, models, vs = make_finetunes((100003,), 3, ("bf16", "fp16", "fp32"), seed=1,
+                                      second_moments=True)
+    for method, params in CASES:
+        torch.set_num_threads(1)
+        one = _merge(method, base, models, vs, **params)
+        torch.set_num_threads(2)
+        two = _merge(method, base, models, vs, **params)
+        assert torch.equal(one.view(torch.int16), two.view(torch.int16)), method
+    targets = torch.tensor([[0, 0], [1, 0], [2, 0]])
+    res = []
+    for nt in (1, 2):
+        torch.set_num_threads(nt)
+        for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER):
+            counts = torch.zeros(3, ops.NUM_BINS, dtype=torch.int64)
+            sums = torch.zeros(3, ops.NUM_BINS, dtype=torch.float64)
+            torch.ops.fastmerge.score_histogram(base, models, vs, score, targets, 0, counts, sums)
+            res.append((counts, sums))
+    for (c1, s1), (c2, s2) in zip(res[:2], res[2:]):
+        assert torch.equal(c1, c2)
+        torch.testing.assert_close(s1, s2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**64 - 1])
+def test_dare_masks_large_odd_size(seed):
+    n = 100003
+    t = torch.randn(n).to(torch.bfloat16)
+    t[t == 0] = 1
+    for density in (0.1, 0.5, 0.93):
+        out = _merge("dare_linear", torch.zeros_like(t), [t], density=density, seed=seed,
+                     rescale=None, out_dtype=torch.float32)
+        want = rng.dare_mask((n,), density, seed, NAME, 0)
+        assert torch.equal(out != 0, want), (seed, density)
+
+
+def _chunks(base, models, vs, bounds):
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out.append(Chunk(base[a:b], [m[a:b] for m in models], [v[a:b] for v in vs] if vs else [],
+                         a, NAME))
+    return out
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", dict(density=0.3)),
+    ("dare_ties", dict(density=0.4, seed=5)),
+    ("breadcrumbs_ties", dict(density=0.3, gamma=0.05)),
+    ("magnitude_prune", dict(density=0.2, rescale="l1")),
+    ("ota_ffg", dict(density=0.25, ota_normalize="global")),
+])
+def test_chunked_equals_whole(method, params):
+    n = 100003
+    base, models, vs = make_finetunes((n,), 3, ("bf16", "fp16"), seed=2, second_moments=True)
+    spec = resolve_spec(method, 3, **params)
+    if not spec.needs_second_moments:
+        vs = None
+    be = get_backend("cpu", "cpu")
+    whole = [Chunk(base, models, vs or [], 0, NAME)]
+    chunks = _chunks(base, models, vs, [0, 1, 4097, 50000, 50001, n])
+    plan_w = plan_tensor(spec, lambda: whole, be, n, NAME)
+    plan_c = plan_tensor(spec, lambda: chunks, be, n, NAME)
+    assert torch.equal(plan_w.fparams, plan_c.fparams) or torch.allclose(
+        plan_w.fparams, plan_c.fparams, rtol=1e-6)
+    assert torch.equal(plan_w.fparams[:, [ops.F_LO, ops.F_HI]],
+                       plan_c.fparams[:, [ops.F_LO, ops.F_HI]])
+    assert torch.equal(plan_w.iparams, plan_c.iparams)
+    out_w, _ = be.merge(whole[0], plan_w, torch.bfloat16)
+    out_c = torch.cat([be.merge(c, plan_w, torch.bfloat16)[0] for c in chunks])
+    assert torch.equal(out_w.view(torch.int16), out_c.view(torch.int16))
+    # level-0 histograms of the chunks add up to the whole tensor's
+    for score in ((ops.SCORE_MAGNITUDE, ops.SCORE_FISHER) if vs else (ops.SCORE_MAGNITUDE,)):
+        hw = level0(be, 3, score, lambda: whole)
+        hc = level0(be, 3, score, lambda: chunks)
+        assert torch.equal(hw.counts, hc.counts)
+        torch.testing.assert_close(hw.sums, hc.sums, rtol=1e-12, atol=0)
+
+
+def test_histograms_and_stats_match_torch_kernels():
+    base, models, vs = make_finetunes((3001, 7), 3, ("bf16", "fp32", "fp16"), seed=4,
+                                      second_moments=True)
+    vs[1] = vs[1].to(torch.bfloat16)
+    targets0 = torch.tensor([[0, 0], [1, 0], [2, 0], [1, 0]])
+    for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER):
+        got = [torch.zeros(4, ops.NUM_BINS, dtype=torch.int64),
+               torch.zeros(4, ops.NUM_BINS, dtype=torch.float64)]
+        want = [x.clone() for x in got]
+        torch.ops.fastmerge.score_histogram(base, models, vs, score, targets0, 0, *got)
+        ops.score_histogram_torch(base, models, vs, score, targets0, 0, *want)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+        # level 1 on the fullest bin of each model (and a second prefix for model 1)
+        top = want[0].argmax(1)
+        targets1 = torch.tensor([[0, top[0]], [1, top[1]], [2, top[2]], [1, top[1] - 1]])
+        got1 = [torch.zeros_like(g) for g in got]
+        want1 = [torch.zeros_like(g) for g in got]
+        torch.ops.fastmerge.score_histogram(base, models, vs, score, targets1, 1, *got1)
+        ops.score_histogram_torch(base, models, vs, score, targets1, 1, *want1)
+        assert torch.equal(got1[0], want1[0])
+        assert got1[0].sum() > 0
+        torch.testing.assert_close(got1[1], want1[1], rtol=1e-12, atol=0)
+    spec = resolve_spec("breadcrumbs", 3, density=0.3, gamma=0.1)
+    plan = plan_tensor(spec, lambda: [Chunk(base, models, vs, 0, NAME)], get_backend("torch",
+                       "cpu"), base.numel(), NAME)
+    f, i = plan.fparams, plan.iparams.clone()
+    i[2, ops.I_MODE] = ops.MODE_DARE
+    i[2, ops.I_DARE_KEY], i[2, ops.I_DARE_THRESHOLD] = -5, 2**31
+    for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER):
+        got = torch.zeros(3, 3, dtype=torch.float64)
+        want = got.clone()
+        torch.ops.fastmerge.model_stats(base, models, vs, score, f, i, 0.5, 17, got)
+        ops.model_stats_torch(base, models, vs, score, f, i, 0.5, 17, want)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+def test_mixed_dtypes_all_methods():
+    base = torch.randn(4099, dtype=torch.float32)
+    models = [(base + 0.01 * torch.randn(4099)).to(dt)
+              for dt in (torch.bfloat16, torch.float16, torch.float32, torch.bfloat16)]
+    vs = [torch.rand(4099).to(dt) * 1e-3 for dt in (torch.float32, torch.bfloat16,
+                                                     torch.float16, torch.float32)]
+    for method, params in CASES:
+        params = {k: (v + [0.7] if isinstance(v, list) else v) for k, v in params.items()}
+        for out_dtype in (torch.float16, torch.bfloat16, torch.float32):
+            out = _merge(method, base, models, vs, out_dtype=out_dtype, **params)
+            assert_matches_reference(out, base, models, method, second_moments=vs,
+                                     tensor_name=NAME, out_dtype=out_dtype, **params)
+
+
+def test_no_base_and_election_variants():
+    _, models, _ = make_finetunes((5003,), 3, ("bf16",), seed=8)
+    for params in (dict(election="count"), dict(elect_on="unweighted", normalize="count"),
+                   dict(normalize=False, weights=[1.0, -0.5, 2.0])):
+        out = _merge("ties", None, models, density=0.4, **params)
+        assert_matches_reference(out, None, models, "ties", tensor_name=NAME, density=0.4,
+                                 **params)
+
+
+def test_too_many_models_is_a_clear_error():
+    n = C.enums()["FM_MAX_MODELS"] + 1
+    xs = [torch.randn(10) for _ in range(n)]
+    with pytest.raises(RuntimeError, match="FM_MAX_MODELS"):
+        torch.ops.fastmerge.fused_merge(
+            None, xs, [], torch.ones(n, 6), torch.zeros(n, 3, dtype=torch.int64), 1, 0, 0, 0,
+            0, 2, 1.0, 0.5, 1e-8, 0, torch.float32, torch.zeros(n, dtype=torch.int64))
+
+
+def test_opcheck_all_ops():
+    base, models, vs = make_finetunes((257, 3), 2, ("bf16", "fp32"), seed=6, second_moments=True)
+    targets = torch.tensor([[0, 0], [1, 0]])
+    torch.library.opcheck(torch.ops.fastmerge.score_histogram.default, (
+        base, models, vs, ops.SCORE_FISHER, targets, 0,
+        torch.zeros(2, ops.NUM_BINS, dtype=torch.int64),
+        torch.zeros(2, ops.NUM_BINS, dtype=torch.float64)))
+    spec = resolve_spec("dare_ties", 2, density=0.5, seed=1)
+    plan = plan_tensor(spec, lambda: [Chunk(base, models, [], 0, NAME)],
+                       get_backend("cpu", "cpu"), base.numel(), NAME)
+    torch.library.opcheck(torch.ops.fastmerge.model_stats.default, (
+        base, models, vs, 0, plan.fparams, plan.iparams, 0.5, 3,
+        torch.zeros(2, 3, dtype=torch.float64)))
+    torch.library.opcheck(torch.ops.fastmerge.fused_merge.default, (
+        base, models, [], plan.fparams, plan.iparams, *plan.op_args(), 0, torch.bfloat16,
+        torch.zeros(2, dtype=torch.int64)))
