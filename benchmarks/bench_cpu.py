@@ -130,11 +130,11 @@ def main(argv=None):
     ap.add_argument("--shapes", default="4096x4096,4096x11008,32000x4096")
     ap.add_argument("--n", default="2,3,8")
     ap.add_argument("--density", type=float, default=0.2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--peer-reps", type=int, default=1)
     ap.add_argument("--torch-max-numel", type=float, default=5e7,
                     help="time fastmerge's torch backend only up to this many elements")
-    ap.add_argument("--peers-max-work", type=float, default=4e8,
+    ap.add_argument("--peers-max-work", type=float, default=3.7e8,
                     help="time peft/mergekit only where N * numel <= this (their runtime)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu.md"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "throughput_cpu.png"))
@@ -146,6 +146,7 @@ def main(argv=None):
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     ns = [int(x) for x in args.n.split(",")]
     t_start = time.perf_counter()
+    load0 = os.getloadavg()[0]
     bw = copy_bandwidth()
     machine = (f"{cpu_model()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, kernels: {C.isa()}")
@@ -165,7 +166,7 @@ def main(argv=None):
             if numel <= args.torch_max_numel:
                 res["fastmerge torch"] = best_time(
                     lambda: run_fastmerge("torch", base, models, args.density), 1)
-            if n * numel <= args.peers_max_work:
+            if n * numel <= args.peers_max_work:  # else: not run (too slow), left out
                 res["peft ties"] = best_time(lambda: run_peft(base, models, args.density),
                                              args.peer_reps)
                 res["mergekit ties"] = best_time(
@@ -182,6 +183,8 @@ def main(argv=None):
                 print(f"{shape} N={n} {impl}: {sec:.3f} s", flush=True)
             del base, models
     elapsed = time.perf_counter() - t_start
+    machine += (f"; load average (1 min) at start / end of the run: {load0:.1f} / "
+                f"{os.getloadavg()[0]:.1f}")
     table = render(rows, bw, machine, args, elapsed)
     print(table)
     if args.out:

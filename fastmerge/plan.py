@@ -72,13 +72,14 @@ def selection_requests(spec: MergeSpec, numel: int) -> list[list[int]]:
 
 def thresholds_from_selection(spec: MergeSpec, numel: int, backend, source: ChunkSource,
                               score: int, names: Sequence[str] = (),
-                              hist: Optional[Histograms] = None):
-    """Per-model (lo, hi) and the L1 of what they keep, by radix selection over ``source``."""
+                              hist: Optional[Histograms] = None, reduce=None):
+    """Per-model (lo, hi) and the L1 of what they keep, by radix selection over ``source``.
+    ``reduce``: sums histograms over ranks when ``source`` is this rank's part of the data."""
     reqs = selection_requests(spec, numel)
     if hist is None:
-        hist = level0(backend, spec.n_models, score, source, names)
+        hist = level0(backend, spec.n_models, score, source, names, reduce)
     flat = [(i, k) for i, ks in enumerate(reqs) for k in ks]
-    sel = select(backend, hist, flat, score, source)
+    sel = select(backend, hist, flat, score, source, reduce)
     out, kept, pos = [], [], 0
     for ks in reqs:
         vals, l1 = sel.thresholds[pos:pos + len(ks)], sel.kept_l1[pos:pos + len(ks)]
@@ -94,11 +95,13 @@ def thresholds_from_selection(spec: MergeSpec, numel: int, backend, source: Chun
 
 
 def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tensor_name: str = "",
-                thresholds: Optional[Sequence[tuple[float, float]]] = None) -> TensorPlan:
+                thresholds: Optional[Sequence[tuple[float, float]]] = None,
+                reduce=None) -> TensorPlan:
     """Resolve thresholds, DARE keys and rescale factors for one tensor of ``numel`` elements.
 
     ``thresholds`` (per-model (lo, hi)) skips the selection: ``scope="model"`` passes the
-    model-wide ones here."""
+    model-wide ones here. ``reduce`` (in-place sum over ranks) when ``source`` holds only
+    this rank's rows of the tensor (fastmerge/engine/parallel.py)."""
     n = spec.n_models
     score = SCORE_FISHER if spec.score == "fisher" else SCORE_MAGNITUDE
     f = torch.zeros(n, NUM_FPARAMS, dtype=torch.float32)
@@ -114,7 +117,7 @@ def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tenso
     if spec.sparsifier in ("topk", "fisher", "band"):
         if thresholds is None:
             thresholds, kept_l1, total_l1 = thresholds_from_selection(
-                spec, numel, backend, source, score, names)
+                spec, numel, backend, source, score, names, reduce=reduce)
             passes += 2
         for i, (lo, hi) in enumerate(thresholds):
             f[i, F_LO], f[i, F_HI] = lo, hi
@@ -133,6 +136,10 @@ def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tenso
     stats = None
     if need_l1 or need_p:
         stats = backend.stats(source, score, f, iparams, spec.power)
+        if reduce is not None:
+            if stats is None:   # no rows here: this rank adds zeros
+                stats = torch.zeros(n, 3, dtype=torch.float64)
+            reduce(stats)
         passes += 1
         if need_l1:
             total_l1, kept_l1 = stats[:, 0].tolist(), stats[:, 1].tolist()

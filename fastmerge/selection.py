@@ -58,7 +58,9 @@ def _bits_to_float(bits: int) -> float:
 
 
 def level0(backend, n_models: int, score: int, source: ChunkSource,
-           names: Sequence[str] = ()) -> Histograms:
+           names: Sequence[str] = (), reduce: Optional[Callable] = None) -> Histograms:
+    """``reduce(counts, sums)``, if given, sums the histograms over ranks in place (a source
+    split over ranks, fastmerge/engine/parallel.py)."""
     counts = torch.zeros(n_models, NUM_BINS, dtype=torch.int64)
     sums = torch.zeros(n_models, NUM_BINS, dtype=torch.float64)
     targets = torch.tensor([[i, 0] for i in range(n_models)], dtype=torch.int64)
@@ -66,6 +68,8 @@ def level0(backend, n_models: int, score: int, source: ChunkSource,
         c, s = backend.histogram(chunk, score, targets, 0)
         counts += c
         sums += s
+    if reduce is not None:
+        reduce(counts, sums)
     bad = counts[:, NONFINITE_BIN:].sum(1)
     for i in range(n_models):
         if bad[i]:
@@ -83,7 +87,7 @@ class Selection:
 
 
 def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score: int,
-           source: ChunkSource) -> Selection:
+           source: ChunkSource, reduce: Optional[Callable] = None) -> Selection:
     """Exact T(k) for each (model, k) request; k <= 0 gives inf, k >= n gives 0.0."""
     n = hist.numel
     thresholds: list[Optional[float]] = [None] * len(requests)
@@ -109,6 +113,8 @@ def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score
             c, s = backend.histogram(chunk, score, targets, 1)
             counts += c
             sums += s
+        if reduce is not None:
+            reduce(counts, sums)
         for row, (r, i, b, above, k) in enumerate(pending):
             desc = torch.flip(counts[row], [0]).cumsum(0) + above
             pos = int(torch.searchsorted(desc, torch.tensor(k)))

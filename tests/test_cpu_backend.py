@@ -219,7 +219,9 @@ def test_histograms_and_stats_match_torch_kernels():
         want = got.clone()
         torch.ops.fastmerge.model_stats(base, models, vs, score, f, i, 0.5, 17, got)
         ops.model_stats_torch(base, models, vs, score, f, i, 0.5, 17, want)
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+        torch.testing.assert_close(got[:, :2], want[:, :2], rtol=1e-9, atol=0)
+        # sum of v^p: float32 pow may differ from torch's by an ulp per element
+        torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-6, atol=0)
 
 
 def test_mixed_dtypes_all_methods():

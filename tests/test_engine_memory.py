@@ -19,35 +19,61 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGET = 32 * 2 ** 20
 
 CHILD = textwrap.dedent("""
-    import json, sys, resource
+    import json, sys
     import torch, fastmerge
-    from fastmerge.engine.engine import peak_rss_bytes
-    cfg, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    baseline = peak_rss_bytes()
-    res = fastmerge.merge_checkpoints(cfg, out, backend="torch", memory_budget=budget)
-    print(json.dumps({"baseline": baseline, "peak": peak_rss_bytes(), "chunk": res.chunk_elems,
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    cfg, out, budget, warm = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[5]
+    # the baseline: the interpreter after one tiny merge (imports, thread pools, kernels);
+    # then the high-water mark is reset (clear_refs 5) so it measures the big merge alone
+    fastmerge.merge_checkpoints(warm, out + "-warm", backend=sys.argv[4])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = status("VmRSS")
+    res = fastmerge.merge_checkpoints(cfg, out, backend=sys.argv[4], memory_budget=budget)
+    print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "chunk": res.chunk_elems,
                       "bytes_in": res.bytes_in}))
 """)
 
 
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.slow
 def test_peak_rss_stays_under_the_budget(tmp_path):
+    """ties (chunked radix selection, then the merge) on the C++ backend when built; task
+    arithmetic on the slow torch backend otherwise (keeps the test fast)."""
+    from fastmerge.backends import availability
+    backend = "cpu" if availability("cpu")[0] else "torch"
+    method = "ties" if backend == "cpu" else "task_arithmetic"
     p = make_synthetic_checkpoints(tmp_path / "in", n_models=2, layers=2, hidden=1024,
                                    inter=2816, vocab=2000, shards=2,
                                    only=("up_proj", "down_proj"))
     size = sum(f.stat().st_size for d in [p["base"], *p["models"]]
                for f in d.glob("*.safetensors"))
-    assert size > 2.8 * BUDGET
+    assert size > 2.5 * BUDGET
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({
-        "merge_method": "task_arithmetic", "base_model": str(p["base"]),
-        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in p["models"]]}))
+        "merge_method": method, "base_model": str(p["base"]), "parameters": {"normalize": False},
+        "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}}
+                   for m in p["models"]]}))
+    small = make_synthetic_checkpoints(tmp_path / "small", n_models=2, layers=1, hidden=32,
+                                       inter=48, vocab=64, shards=1)
+    warm = tmp_path / "warm.yml"
+    warm.write_text(yaml.safe_dump({
+        "merge_method": method, "base_model": str(small["base"]),
+        "models": [{"model": str(m), "parameters": {"density": 0.5}} for m in small["models"]]}))
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", CHILD, str(cfg), str(tmp_path / "out"),
-                        str(BUDGET)], capture_output=True, text=True, env=env, timeout=300)
+                        str(BUDGET), backend, str(warm)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout.strip().splitlines()[-1])
     grew = m["peak"] - m["baseline"]
+    print(f"peak RSS growth {grew / 2 ** 20:.1f} MiB, budget {BUDGET / 2 ** 20:.0f} MiB, input "
+          f"{size / 2 ** 20:.0f} MiB, chunk {m['chunk']} elements, backend {backend}")
     # the largest tensor (up_proj, 2816 x 1024) is split into row chunks
     assert m["chunk"] < 2816 * 1024
     assert grew <= BUDGET, f"peak RSS grew {grew / 2 ** 20:.1f} MiB over a " \
@@ -58,6 +84,8 @@ def test_peak_rss_stays_under_the_budget(tmp_path):
     with safe_open(str(tmp_path / "out" / idx["weight_map"][name]), "pt") as f:
         got = f.get_tensor(name)
     from engine_util import load_dir
-    b = load_dir(p["base"])[name].float()
-    want = b + sum(0.5 * (load_dir(x)[name].float() - b) for x in p["models"])
-    torch.testing.assert_close(got.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-3)
+    from fastmerge.api import merge_tensors
+    want = merge_tensors(load_dir(p["base"])[name], [load_dir(x)[name] for x in p["models"]],
+                         method, weights=[0.5, 0.5], density=0.5, normalize=False,
+                         tensor_name=name, backend=backend)
+    assert torch.equal(got, want)

@@ -280,11 +280,20 @@ def test_backend_dispatch_and_devices():
         assert hasattr(torch.ops.fastmerge, op)
 
 
-def test_too_many_models_is_a_clear_error():
+def test_more_models_than_slots_fall_back_with_a_warning():
     tk = _tk()
-    x = torch.zeros(4, device=DEV)
-    with pytest.raises(ValueError, match=f"at most {tk.MAX_MODELS} models"):
-        fm.merge_tensors(x, [x] * (tk.MAX_MODELS + 1), "task_arithmetic", backend="triton")
+    n = tk.MAX_MODELS + 1
+    base, models, _ = make_finetunes((20,), n, ("bf16",), seed=8)
+    with pytest.warns(RuntimeWarning, match=f"at most {tk.MAX_MODELS} models"):
+        out = fm.merge_tensors(base.to(DEV), [m.to(DEV) for m in models], "ties", density=0.5,
+                               backend="triton", tensor_name=NAME)
+    from fastmerge.testing import assert_matches_reference
+    assert_matches_reference(out.cpu(), base, models, "ties", density=0.5, tensor_name=NAME)
+    with pytest.raises(ValueError, match=f"at most {tk.MAX_MODELS} models"):  # the op itself
+        torch.ops.fastmerge.triton_fused_merge(
+            None, [m.to(DEV) for m in models], [], torch.zeros(n, 6, device=DEV),
+            torch.zeros(n, 3, dtype=torch.int64, device=DEV), 1, 0, 0, 0, 0, 2, 1.0, 0.5, 1e-8,
+            0, torch.float32, torch.zeros(n, dtype=torch.int64, device=DEV))
 
 
 def test_many_models_and_every_dtype():

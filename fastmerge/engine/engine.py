@@ -37,7 +37,8 @@ from .checkpoint_io import MERGEABLE, Checkpoint, CheckpointError, SafetensorsFi
 from .config import ConfigError, MergeConfig, ParameterResolver, load_config
 from .hub import resolve_model
 from .model_card import model_card
-from .streaming import ChunkLoader, element_ranges, plan_chunking, prefetched
+from .streaming import ChunkLoader, element_ranges, plan_chunking, prefetched, \
+    release_freed_memory_promptly
 from ..methods import METHODS
 from .writer import AtomicDirectory, ShardLayout, ShardWriter, copy_model_files, parse_size, \
     write_index
@@ -430,6 +431,7 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no CUDA device")
     be = get_backend(backend, device)
+    release_freed_memory_promptly()
 
     info = METHODS[cfg.method]
     needs_moments = info.needs_second_moments

@@ -10,8 +10,23 @@ The kernels are registered as ``torch.library.triton_op``s (``fastmerge::triton_
 ``torch.library.wrap_triton``, so torch.compile can trace into them; their arguments and
 semantics are those of the ``fastmerge::`` ops in ``fastmerge/ops.py``.
 
+Kernels (fastmerge/triton_kernels/_kernels.py):
+- ``_fused_merge_kernel``: ONE kernel for every method, specialised by constexpr flags
+  (COMBINE, SCORE, ELECT, ELECT_ON, NORMALIZE, HAS_BASE, HAS_V, N); per-model modes (keep all,
+  band, none, DARE) are runtime scalars from iparams. The N models loop is unrolled
+  (``tl.static_range``); TIES and consensus loop over the models 2-3 times in one program
+  (the re-reads of the block hit L1/L2). DARE draws Philox4x32-10 in-kernel (``tl.umulhi`` on
+  uint32 words, bit-identical to fastmerge/rng.py, tested on the Random123 vectors).
+- ``_score_histogram_kernel``: grid (blocks, targets); level 0/1 digits of the float32 score
+  bits; global int64/float64 atomics, pre-aggregated per block on a GPU at level 0 (sort by
+  bin + segmented scans, one atomic per distinct bin).
+- ``_model_stats_kernel``: per-block float64 sums, one atomic per (model, statistic) per block.
+All indices are int64 (tensors > 2^31 elements); all arithmetic float32 after the loads.
+``python -m fastmerge.triton_kernels.compile_check`` compiles them for sm_90 without a GPU.
+
 Limit: one launch handles at most ``MAX_MODELS`` (32) models (each model is its own kernel
-argument, specialised on its dtype); more raise a ValueError naming the limit.
+argument, specialised on its dtype); the ops raise a ValueError beyond that, and the Backend
+functions fall back (with a RuntimeWarning) to the plain-torch kernels on the same device.
 """
 from __future__ import annotations
 

@@ -7,12 +7,13 @@ so it traces under torch.compile.
 from __future__ import annotations
 
 import os
-
+import warnings
 from typing import List, Optional
 
 import torch
 from torch.library import triton_op, wrap_triton
 
+from .. import ops
 from . import MAX_MODELS, interpreting
 from . import _kernels as K
 
@@ -62,8 +63,8 @@ def _slots(base: Optional[torch.Tensor], models: List[torch.Tensor],
     if n == 0:
         raise ValueError("the Triton kernels need at least one model")
     if n > MAX_MODELS:
-        raise ValueError(f"the Triton backend merges at most {MAX_MODELS} models in one pass "
-                         f"(got {n}); use backend='cuda', 'cpu' or 'torch' for more")
+        raise ValueError(f"the Triton kernels take at most {MAX_MODELS} models in one pass "
+                         f"(got {n})")
     ms = [_flat(m) for m in models]
     numel = ms[0].numel()
     for k, m in enumerate(ms):
@@ -156,13 +157,30 @@ def triton_fused_merge(base: Optional[torch.Tensor], models: List[torch.Tensor],
     return out
 
 
-# The Backend functions: the same signatures as ops.score_histogram_torch & co.
+# The Backend functions: the same signatures as ops.score_histogram_torch & co. More models
+# than the kernels have slots (MAX_MODELS) fall back, with a warning, to the plain-torch
+# kernels of ops.py on the same device, so backend="auto" on a GPU never refuses a merge.
+def _too_many(models) -> bool:
+    if len(models) <= MAX_MODELS:
+        return False
+    warnings.warn(f"the Triton kernels take at most {MAX_MODELS} models per pass; merging "
+                  f"{len(models)} with the plain-torch kernels instead", RuntimeWarning,
+                  stacklevel=3)
+    return True
+
+
 def score_histogram(base, models, second_moments, score, targets, level, counts, sums):
+    if _too_many(models):
+        return ops.score_histogram_torch(base, models, second_moments, score, targets, level,
+                                         counts, sums)
     torch.ops.fastmerge.triton_score_histogram(base, list(models), list(second_moments),
                                                int(score), targets, int(level), counts, sums)
 
 
 def model_stats(base, models, second_moments, score, fparams, iparams, power, offset, out):
+    if _too_many(models):
+        return ops.model_stats_torch(base, models, second_moments, score, fparams, iparams,
+                                     power, offset, out)
     torch.ops.fastmerge.triton_model_stats(base, list(models), list(second_moments), int(score),
                                            fparams, iparams, float(power), int(offset), out)
 
@@ -170,6 +188,10 @@ def model_stats(base, models, second_moments, score, fparams, iparams, power, of
 def fused_merge(base, models, second_moments, fparams, iparams, combine, score, elect,
                 elect_on, normalize, consensus_k, scale, power, eps, offset, out_dtype,
                 nonfinite):
+    if _too_many(models):
+        return ops.fused_merge_torch(base, models, second_moments, fparams, iparams, combine,
+                                     score, elect, elect_on, normalize, consensus_k, scale,
+                                     power, eps, offset, out_dtype, nonfinite)
     return torch.ops.fastmerge.triton_fused_merge(
         base, list(models), list(second_moments), fparams, iparams, int(combine), int(score),
         int(elect), int(elect_on), int(normalize), int(consensus_k), float(scale),
