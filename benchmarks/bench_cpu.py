@@ -124,6 +124,30 @@ def run_mergekit(base, models, density):
     return (base + mixed).to(base.dtype)
 
 
+def per_pass_costs(shape=(4096, 4096), ns=(2, 3, 8), density=0.2, reps=5):
+    """ns per (element x model) of each cpu pass, on 1 thread and on all threads."""
+    from fastmerge.selection import level0
+    out = []
+    be = get_backend("cpu", "cpu")
+    old = torch.get_num_threads()
+    for n in ns:
+        base, models = make_inputs(shape, n, seed=1)
+        numel = base.numel()
+        chunk = Chunk(base, models, [], 0, "x")
+        spec = resolve_spec("ties", n, density=density)
+        plan = plan_tensor(spec, lambda: [chunk], be, numel, "x")
+        for threads in (1, old):
+            torch.set_num_threads(threads)
+            l0 = best_time(lambda: level0(be, n, 0, lambda: [chunk]), reps)
+            sel = best_time(lambda: plan_tensor(spec, lambda: [chunk], be, numel, "x"), reps)
+            mrg = best_time(lambda: be.merge(chunk, plan, torch.bfloat16), reps)
+            scale = 1e9 / (numel * n)
+            out.append((n, threads, l0 * scale, (sel - l0) * scale, mrg * scale,
+                        (sel + mrg) * 1e9 / numel))
+        torch.set_num_threads(old)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -182,10 +206,11 @@ def main(argv=None):
                 points.append((impl, n, numel, useful / sec / GB))
                 print(f"{shape} N={n} {impl}: {sec:.3f} s", flush=True)
             del base, models
+    passes = per_pass_costs(density=args.density)
     elapsed = time.perf_counter() - t_start
     machine += (f"; load average (1 min) at start / end of the run: {load0:.1f} / "
                 f"{os.getloadavg()[0]:.1f}")
-    table = render(rows, bw, machine, args, elapsed)
+    table = render(rows, bw, machine, args, elapsed, passes)
     print(table)
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -195,7 +220,7 @@ def main(argv=None):
         plot(points, bw, args.plot, machine)
 
 
-def render(rows, bw, machine, args, elapsed) -> str:
+def render(rows, bw, machine, args, elapsed, passes=()) -> str:
     lines = [
         "# fastmerge CPU benchmark (TIES, bf16)", "",
         f"Machine: {machine}.  ",
@@ -219,6 +244,13 @@ def render(rows, bw, machine, args, elapsed) -> str:
         speed = "" if r["impl"] == "fastmerge cpu" else f"{r['speedup']:.1f}x"
         lines.append(f"| {r['shape']} | {r['n']} | {r['impl']} | {r['sec']:.3f} | {gbs_all} | "
                      f"{r['gbs_useful']:.2f} | {pct} | {speed} | {split} |")
+    if passes:
+        lines += ["", "Per pass, 4096x4096 bf16, ns per (element x model) (best of 5; selection "
+                  "level 1 = plan - level 0):", "",
+                  "| N | threads | level-0 histogram | level-1 histogram | fused merge | "
+                  "full TIES ns per element |", "|---|---|---|---|---|---|"]
+        for n, th, l0, l1, mrg, tot in passes:
+            lines.append(f"| {n} | {th} | {l0:.2f} | {l1:.2f} | {mrg:.2f} | {tot:.2f} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -57,9 +57,13 @@ def main(argv=None) -> int:
     if args.command == "merge":
         return _merge(args)
     if args.command == "demo":
+        from .backends import available_backends
         from .demo import run_demo, run_engine_demo
-        run_demo(args.backend)
-        run_engine_demo(backend=(args.backend or ["auto"])[0])
+        # default: the fastest backend here only (keeps the demo short); --backend X
+        # (repeatable) to time and compare several
+        here = [b for b in ("cpu", "torch") if available_backends().get(b) == "ok"][:1]
+        run_demo(args.backend or here)
+        run_engine_demo(backend=(args.backend or here)[0])
         return 0
     if args.command == "backends":
         from .backends import available_backends

@@ -198,6 +198,12 @@ def test_curvature_method_needs_and_checks_second_moments(tiny, tmp_path):
                                               r"'model.layers.0.self_attn.q_proj.weight': second "
                                               r"moments have shape \[3, 3\]"):
         run(tiny)
+    moments["model.layers.0.self_attn.q_proj.weight"] = -torch.rand(32, 32)
+    save_file(moments, str(tmp_path / "v.safetensors"))
+    with pytest.raises(CheckpointError, match=r"v.safetensors, tensor "
+                                              r"'model.layers.0.self_attn.q_proj.weight': second "
+                                              r"moments must be finite and non-negative"):
+        run(tiny)
     del moments["model.layers.0.self_attn.q_proj.weight"]
     save_file(moments, str(tmp_path / "v.safetensors"))
     with pytest.raises(CheckpointError, match=r"no second moments for tensor "

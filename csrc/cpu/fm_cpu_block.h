@@ -24,6 +24,8 @@ namespace fastmerge {
 namespace cpu {
 
 constexpr int kBlock = 512;
+// elements per dynamically scheduled work item of the threaded passes
+constexpr int64_t kChunk = int64_t{kBlock} * 128;
 
 FM_FORCE_INLINE void load_block(const void* p, int dtype, int64_t start, int len,
                                 float* __restrict dst) {

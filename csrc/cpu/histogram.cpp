@@ -162,26 +162,34 @@ bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
     free(tsums);
     return false;
   }
+  // dynamic work items of kHistChunk elements (a preempted thread does not stall the others);
+  // the packed tables are flushed before a thread's elements since the last flush could
+  // exceed kSegment
+  constexpr int64_t kHistChunk = kChunk * 16;
+  const int64_t chunks = (in.numel + kHistChunk - 1) / kHistChunk;
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
-    const int nta = omp_get_num_threads();
-    int64_t begin, end;
-    thread_range(in.numel, nta, tid, &begin, &end);
     uint64_t* table = tables + per_thread * tid;
     double* tsum = fisher ? tsums + per_thread * tid : nullptr;
     uint32_t* bits = static_cast<uint32_t*>(malloc(sizeof(uint32_t) * kBlock * n_targets));
-    for (int64_t seg = begin; seg < end && bits != nullptr; seg += kSegment) {
-      const int64_t seg_end = end - seg > kSegment ? seg + kSegment : end;
-      hist_range(c, seg, seg_end, table, tsum, bits);
-      if (c.packed && seg_end < end) {
+    if (bits == nullptr) failed[tid] = true;
+    int64_t since_flush = 0;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = 0; q < chunks; ++q) {
+      if (bits == nullptr) continue;
+      const int64_t begin = q * kHistChunk;
+      const int64_t end = in.numel - begin > kHistChunk ? begin + kHistChunk : in.numel;
+      if (c.packed && since_flush + (end - begin) > kSegment) {
 #pragma omp critical(fastmerge_hist_flush)
         flush(c, table, tsum, counts, sums);
+        since_flush = 0;
       }
+      hist_range(c, begin, end, table, tsum, bits);
+      since_flush += end - begin;
     }
 #pragma omp critical(fastmerge_hist_flush)
     flush(c, table, tsum, counts, sums);
-    if (bits == nullptr) failed[tid] = true;
     free(bits);
   }
   free(tables);

@@ -105,29 +105,30 @@ bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* mode
   }
   MergeCtx ctx{&in, cfg, models, offset, out, out_dtype, need_v};
   const int nt = effective_threads(in.numel, nthreads, int64_t{1} << 15);
-  // per-thread non-finite counts and completion flags (no atomics)
+  // per-thread non-finite counts and failure flags (no atomics). The range is cut into chunks
+  // of kChunk elements handed out dynamically, so a thread that the OS preempts (a shared
+  // machine) does not hold the others up; the result does not depend on the split.
   int64_t nf[64 * FM_MAX_MODELS];
-  bool done[64];
+  bool failed[64];
   const int threads = nt < 64 ? nt : 64;
   for (int q = 0; q < 64 * FM_MAX_MODELS; ++q) nf[q] = 0;
-  for (int q = 0; q < 64; ++q) done[q] = false;
+  for (int q = 0; q < 64; ++q) failed[q] = false;
+  const int64_t chunks = (in.numel + kChunk - 1) / kChunk;
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num();
-    const int nta = omp_get_num_threads();
-    int64_t begin, end;
-    thread_range(in.numel, nta, tid, &begin, &end);
-    if (begin < end) {
-      merge_range(ctx, begin, end, nf + static_cast<size_t>(tid) * FM_MAX_MODELS, &done[tid]);
-    } else {
-      done[tid] = true;
-    }
-    if (tid == 0) {
-      for (int q = nta; q < 64; ++q) done[q] = true;
+    int64_t* mine = nf + static_cast<size_t>(tid) * FM_MAX_MODELS;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t begin = q * kChunk;
+      const int64_t end = in.numel - begin > kChunk ? begin + kChunk : in.numel;
+      bool done = false;
+      merge_range(ctx, begin, end, mine, &done);
+      if (!done) failed[tid] = true;
     }
   }
   bool ok = true;
-  for (int t = 0; t < 64; ++t) ok = ok && done[t];
+  for (int t = 0; t < 64; ++t) ok = ok && !failed[t];
   for (int t = 0; t < threads; ++t)
     for (int i = 0; i < in.n; ++i) nonfinite[i] += nf[static_cast<size_t>(t) * FM_MAX_MODELS + i];
   return ok;

@@ -7,6 +7,21 @@ with a single block t = 1, as mergekit does); a list of ``{filter, value}`` cond
 the first whose filter is a substring of the tensor name (``*`` or no filter matches all).
 For mergekit's method names the mergekit defaults apply (normalize true for ties only,
 linear normalizes, rescale l1 for dare_*), unless ``defaults: fastmerge``.
+
+Choices where mergekit and the issue are silent or where we differ on purpose:
+- ``dtype`` / ``out_dtype``: the output dtype (out_dtype wins). mergekit also casts the inputs
+  to ``dtype`` before computing; fastmerge always computes in float32 from the stored inputs
+  (SPEC.md) and rounds once to the output dtype.
+- ``weight`` defaults to 1 (mergekit requires it for most methods).
+- ``int8_mask`` is accepted and has no effect (it only changes mergekit's memory use).
+- Parameters set per model may only be per-model ones (weight, density, gamma,
+  consensus_lambda); shared ones (lambda, normalize, rescale, seed, ...) go under the
+  top-level ``parameters``. Both levels take gradients and filter conditions; a per-model
+  setting whose conditions match nothing falls back to the global one, then the default.
+- fastmerge's own keys: ``scope: tensor|model``, ``lines: {alpha, beta, outside, pattern}``,
+  ``defaults: mergekit|fastmerge``, per-model ``preconditioner_path`` (ffg/ota), and the
+  fastmerge parameters election, elect_on, seed, consensus_k, consensus_lambda, ffg_metric,
+  power, ota_normalize, eps.
 """
 from __future__ import annotations
 

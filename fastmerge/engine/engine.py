@@ -211,9 +211,18 @@ class _Engine:
 
     def load(self, unit, only_reference=False):
         name, s, e = unit
-        return self.loader.load(name, s, e, only_reference=only_reference,
-                                with_moments=self.with_moments,
-                                moment_names=self.inputs.moment_names.get(name))
+        chunk = self.loader.load(name, s, e, only_reference=only_reference,
+                                 with_moments=self.with_moments,
+                                 moment_names=self.inputs.moment_names.get(name))
+        for i, v in enumerate(chunk.second_moments):
+            if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                pre = self.inputs.preconditioners[i]
+                where = pre.path_of(self.inputs.moment_names[name][i]) \
+                    if isinstance(pre, Checkpoint) else pre.path
+                raise CheckpointError(f"{where}, tensor {self.inputs.moment_names[name][i]!r}: "
+                                      f"second moments must be finite and non-negative "
+                                      f"(exp_avg_sq); found NaN/Inf or negative values")
+        return chunk
 
     def source(self, units):
         return lambda: prefetched(units, self.load, self.reader)
@@ -335,6 +344,8 @@ class _Engine:
                             del ch
                             write(name, off, out)
                             del out
+                    except CheckpointError:
+                        raise
                     except ValueError as exc:
                         raise _name_files(exc, self.inputs, name) from None
                 del src

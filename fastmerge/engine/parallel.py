@@ -13,7 +13,10 @@ are trivial; the engine only ever calls them. See docs/distributed.md.
   ``plan_tensor``; ``scope="model"`` reduces its level-0 and level-1 histograms; LiNeS
   ``alpha: auto`` its L1 sums. Histogram counts are integers, so every threshold is exactly
   the single-process one; DARE masks are keyed by global element offsets, so the merged
-  values are bitwise those of a single-process merge.
+  values are bitwise those of a single-process merge. (The float64 sums that ride along,
+  the L1 norms of ``rescale: l1`` on split tensors and of LiNeS ``alpha: auto``, add in
+  another order; they become float32 factors, so they could differ only if a last-bit
+  float64 difference crossed a float32 rounding boundary: odds ~1e-8 per factor.)
 - ``output_directory`` / ``shard_writer``: one output directory for all ranks. Rank 0 builds
   the hidden temporary directory beside OUT_DIR and lays out every shard file (headers, full
   size); after a barrier every rank ``pwrite``s its tensors (or row ranges) at their offsets.

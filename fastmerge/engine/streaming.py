@@ -16,14 +16,16 @@ MIN_CHUNK_ELEMS = 4096
 
 
 def release_freed_memory_promptly() -> None:
-    """Fix glibc's mmap threshold (it otherwise grows to the largest freed block, after which
-    chunk-sized buffers come from the heap and freed ones stay resident) so every chunk
-    buffer is its own mapping, returned to the OS when freed. No-op off glibc."""
+    """Fix glibc's mmap threshold at 8 MiB (it otherwise grows to the largest freed block,
+    up to 32 MiB, after which chunk-sized buffers come from the heap and freed ones stay
+    resident), so large chunk buffers are their own mappings, returned to the OS when freed.
+    (1 MiB measured ~1.7x slower on small tensors: every histogram became a fresh mapping.)
+    No-op off glibc."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, 8 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 4 << 20)
     except (OSError, AttributeError):  # pragma: no cover
         pass
