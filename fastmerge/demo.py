@@ -193,7 +193,9 @@ def run_engine_demo(print_fn=print, backend: str = "auto") -> object:
     from .engine import merge_checkpoints
     with tempfile.TemporaryDirectory(prefix="fastmerge-demo-") as tmp:
         paths = make_synthetic_checkpoints(Path(tmp) / "in", n_models=3, layers=4,
-                                           hidden=256, inter=688, vocab=2000, shards=2)
+                                           hidden=256, inter=688, vocab=2000, shards=2,
+                                           only=("q_proj", "up_proj", "down_proj",
+                                                 "input_layernorm"))
         yml = DEMO_YAML.format(base=paths["base"], m0=paths["models"][0],
                                m1=paths["models"][1], m2=paths["models"][2])
         cfg = Path(tmp) / "merge.yml"

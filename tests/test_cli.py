@@ -123,3 +123,10 @@ def test_engine_demo_runs(capsys):
     res = run_engine_demo(backend="torch")
     out = capsys.readouterr().out
     assert "fastmerge: ties merged" in out and res.shards > 1
+
+
+def test_mergekit_yaml_subcommand_reaches_mergekit(capsys):
+    pytest.importorskip("mergekit")
+    from fastmerge.cli import main
+    assert main(["mergekit-yaml", "--help"]) == 0
+    assert "CONFIG_FILE" in capsys.readouterr().out
