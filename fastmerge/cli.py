@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "through the engine (no network)")
     d.add_argument("--backend", action="append", help="backend(s) to time (default: all here)")
     sub.add_parser("backends", help="list the backends and whether each can run here")
+    sub.add_parser("extract-second-moments", add_help=False,
+                   help="write an optimizer checkpoint's exp_avg_sq as safetensors named like "
+                        "the weights (for ffg/ota preconditioner_path)")
     sub.add_parser("mergekit-yaml", add_help=False,
                    help="mergekit's own mergekit-yaml, with fastmerge doing the tensor math "
                         "(same arguments; FASTMERGE_MERGEKIT=0 runs stock mergekit)")
@@ -57,6 +60,9 @@ def _merge(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "extract-second-moments":
+        from .second_moments import main as extract
+        return extract(argv[1:])
     if argv and argv[0] == "mergekit-yaml":  # mergekit parses its own options
         from .integrations.mergekit import main as mergekit_yaml
         return mergekit_yaml(argv[1:])

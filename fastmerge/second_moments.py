@@ -1,0 +1,121 @@
+"""Extract Adam second moments (``exp_avg_sq``) from a torch optimizer checkpoint into a
+safetensors file named like the weights, for the curvature methods (ffg, ota, ota_ffg) and the
+engine's per-model ``preconditioner_path``.
+
+A torch optimizer ``state_dict`` (Hugging Face Trainer's ``optimizer.pt`` is one) keys its
+state by parameter *index*: the position of the parameter in the order it was given to the
+optimizer, across ``param_groups``. The names come from the model: ``model.named_parameters()``
+order (trainable parameters only) is what ``Trainer`` and ``torch.optim.AdamW(model.parameters())``
+use. Give the model as an ``nn.Module``, a list of names in optimizer order, or a Hugging Face
+model directory (its config is instantiated on the meta device to list the parameters; needs
+transformers).
+
+The checkpoint is loaded with ``torch.load(..., weights_only=True)``: no pickled code runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+
+def parameter_names(model) -> list[str]:
+    """Trainable parameter names in ``named_parameters()`` order."""
+    if isinstance(model, torch.nn.Module):
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(model, (list, tuple)):
+        return [str(n) for n in model]
+    path = Path(model)
+    if path.is_file():  # a text file: one name per line, in optimizer order
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if (path / "config.json").is_file():
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError as exc:  # pragma: no cover
+            raise ValueError(f"{path}: listing a model's parameters from its config needs "
+                             f"transformers ({exc}); pass a names file instead") from exc
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            module = AutoModelForCausalLM.from_config(config)
+        return parameter_names(module)
+    raise ValueError(f"{model!r}: give an nn.Module, a list of names, a names file or a model "
+                     f"directory with config.json")
+
+
+def load_optimizer_state(path: Union[str, os.PathLike]) -> dict:
+    """``torch.load(path, weights_only=True)``, with an error naming the file if it is not an
+    optimizer state_dict."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a loadable torch checkpoint under weights_only=True "
+                         f"({exc})") from exc
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError(f"{path}: not a torch optimizer state_dict (no 'state'/'param_groups')")
+    return sd
+
+
+def extract_exp_avg_sq(optimizer_state: Union[str, os.PathLike, dict], model,
+                       out_path: Optional[Union[str, os.PathLike]] = None,
+                       shapes: Optional[dict] = None, suffix: str = "") -> dict:
+    """Map each parameter's ``exp_avg_sq`` to its name; write safetensors if ``out_path``.
+
+    Args:
+        optimizer_state: an optimizer state_dict or the path of one (loaded weights_only).
+        model: nn.Module, names in optimizer order, a names file or a HF model directory.
+        shapes: optional {name: shape} to check against (e.g. the weights' safetensors header).
+        suffix: appended to each name (e.g. ".exp_avg_sq"); the engine accepts both.
+    Returns:
+        {name + suffix: float32 tensor}.
+    """
+    sd = optimizer_state if isinstance(optimizer_state, dict) else \
+        load_optimizer_state(optimizer_state)
+    names = parameter_names(model)
+    order = [i for g in sd["param_groups"] for i in g["params"]]
+    if len(order) != len(names):
+        raise ValueError(f"the optimizer has {len(order)} parameters but the model lists "
+                         f"{len(names)} trainable ones; they must be the same, in order")
+    out = {}
+    for name, idx in zip(names, order):
+        state = sd["state"].get(idx, sd["state"].get(str(idx)))
+        if state is None or "exp_avg_sq" not in state:
+            raise ValueError(f"parameter {name!r} (optimizer index {idx}) has no exp_avg_sq: "
+                             f"is this an Adam-family optimizer that has taken a step?")
+        v = state["exp_avg_sq"].detach().to(torch.float32).contiguous()
+        if shapes is not None and name in shapes and tuple(shapes[name]) != tuple(v.shape):
+            raise ValueError(f"parameter {name!r}: exp_avg_sq has shape {tuple(v.shape)} but the "
+                             f"weight has {tuple(shapes[name])}")
+        if not torch.isfinite(v).all() or (v < 0).any():
+            raise ValueError(f"parameter {name!r}: exp_avg_sq has NaN/Inf or negative values")
+        out[name + suffix] = v
+    if out_path is not None:
+        from safetensors.torch import save_file
+        save_file(out, str(out_path), metadata={"format": "pt", "fastmerge": json.dumps(
+            {"kind": "exp_avg_sq", "parameters": len(out)})})
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="fastmerge extract-second-moments",
+        description="Write an optimizer checkpoint's exp_avg_sq as safetensors named like the "
+                    "weights (loaded with torch.load(weights_only=True)).")
+    p.add_argument("optimizer", help="optimizer checkpoint, e.g. checkpoint-500/optimizer.pt")
+    p.add_argument("--model", required=True,
+                   help="model directory (config.json) or a text file of parameter names in "
+                        "optimizer order")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--suffix", default="", help="append to each name, e.g. .exp_avg_sq")
+    args = p.parse_args(argv)
+    print(f"loading {args.optimizer} with torch.load(weights_only=True)")
+    try:
+        out = extract_exp_avg_sq(args.optimizer, args.model, args.out, suffix=args.suffix)
+    except (ValueError, OSError) as exc:
+        print(f"fastmerge: error: {exc}")
+        return 1
+    print(f"wrote {len(out)} exp_avg_sq tensors to {args.out}")
+    return 0
