@@ -107,12 +107,7 @@ def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score
             pending.append((r, i, b, above, k))
     if pending:
         targets = torch.tensor([[i, b] for _, i, b, _, _ in pending], dtype=torch.int64)
-        counts = torch.zeros(len(pending), NUM_BINS, dtype=torch.int64)
-        sums = torch.zeros(len(pending), NUM_BINS, dtype=torch.float64)
-        for chunk in source():
-            c, s = backend.histogram(chunk, score, targets, 1)
-            counts += c
-            sums += s
+        counts, sums = accumulate(backend, source, score, targets, 1)
         if reduce is not None:
             reduce(counts, sums)
         for row, (r, i, b, above, k) in enumerate(pending):
