@@ -57,19 +57,27 @@ def _bits_to_float(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
-def level0(backend, n_models: int, score: int, source: ChunkSource,
-           names: Sequence[str] = (), reduce: Optional[Callable] = None) -> Histograms:
-    """``reduce(counts, sums)``, if given, sums the histograms over ranks in place (a source
-    split over ranks, fastmerge/engine/parallel.py)."""
-    counts = torch.zeros(n_models, NUM_BINS, dtype=torch.int64)
-    sums = torch.zeros(n_models, NUM_BINS, dtype=torch.float64)
-    targets = torch.tensor([[i, 0] for i in range(n_models)], dtype=torch.int64)
+def accumulate(backend, source: ChunkSource, score: int, targets: torch.Tensor, level: int,
+               reduce: Optional[Callable] = None):
+    """One read pass: the level's histograms of every target, summed over the chunks (and,
+    through ``reduce(counts, sums)``, over ranks)."""
+    counts = torch.zeros(targets.shape[0], NUM_BINS, dtype=torch.int64)
+    sums = torch.zeros(targets.shape[0], NUM_BINS, dtype=torch.float64)
     for chunk in source():
-        c, s = backend.histogram(chunk, score, targets, 0)
+        c, s = backend.histogram(chunk, score, targets, level)
         counts += c
         sums += s
     if reduce is not None:
         reduce(counts, sums)
+    return counts, sums
+
+
+def level0(backend, n_models: int, score: int, source: ChunkSource,
+           names: Sequence[str] = (), reduce: Optional[Callable] = None) -> Histograms:
+    """``reduce(counts, sums)``, if given, sums the histograms over ranks in place (a source
+    split over ranks, fastmerge/engine/parallel.py)."""
+    targets = torch.tensor([[i, 0] for i in range(n_models)], dtype=torch.int64)
+    counts, sums = accumulate(backend, source, score, targets, 0, reduce)
     bad = counts[:, NONFINITE_BIN:].sum(1)
     for i in range(n_models):
         if bad[i]:
@@ -107,9 +115,7 @@ def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score
             pending.append((r, i, b, above, k))
     if pending:
         targets = torch.tensor([[i, b] for _, i, b, _, _ in pending], dtype=torch.int64)
-        counts, sums = accumulate(backend, source, score, targets, 1)
-        if reduce is not None:
-            reduce(counts, sums)
+        counts, sums = accumulate(backend, source, score, targets, 1, reduce)
         for row, (r, i, b, above, k) in enumerate(pending):
             desc = torch.flip(counts[row], [0]).cumsum(0) + above
             pos = int(torch.searchsorted(desc, torch.tensor(k)))
