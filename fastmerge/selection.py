@@ -61,12 +61,17 @@ def accumulate(backend, source: ChunkSource, score: int, targets: torch.Tensor, 
                reduce: Optional[Callable] = None):
     """One read pass: the level's histograms of every target, summed over the chunks (and,
     through ``reduce(counts, sums)``, over ranks)."""
-    counts = torch.zeros(targets.shape[0], NUM_BINS, dtype=torch.int64)
-    sums = torch.zeros(targets.shape[0], NUM_BINS, dtype=torch.float64)
+    counts = sums = None
     for chunk in source():
         c, s = backend.histogram(chunk, score, targets, level)
-        counts += c
-        sums += s
+        if counts is None:  # the first chunk's buffers become the accumulators
+            counts, sums = c, s
+        else:
+            counts += c
+            sums += s
+    if counts is None:  # a rank (or source) with no chunks contributes zeros
+        counts = torch.zeros(targets.shape[0], NUM_BINS, dtype=torch.int64)
+        sums = torch.zeros(targets.shape[0], NUM_BINS, dtype=torch.float64)
     if reduce is not None:
         reduce(counts, sums)
     return counts, sums
