@@ -1,7 +1,7 @@
 """fastmerge: fused, memory-frugal model merging (TIES, DARE, breadcrumbs, task arithmetic,
 consensus/TALL masks, LiNeS, OTA/FFG) with one API over torch, C++, CUDA and Triton kernels."""
 from ._version import __version__
-from . import ops  # registers the fastmerge:: torch.library ops
+from . import ops  # noqa: F401  (registers the fastmerge:: torch.library ops)
 from .api import dare_mask, magnitude_threshold, merge_tensors
 from .backends import BACKEND_NAMES, available_backends
 from .lines import block_index, lines_factor

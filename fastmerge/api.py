@@ -7,8 +7,8 @@ import torch
 
 from . import rng
 from .backends import Backend, get_backend
-from .methods import METHODS, MergeSpec, canonical_method, resolve_spec
-from .ops import SCORE_FISHER, SCORE_MAGNITUDE
+from .methods import METHODS, canonical_method, resolve_spec
+from .ops import SCORE_MAGNITUDE
 from .plan import TensorPlan, plan_tensor
 from .selection import Chunk, level0, select
 

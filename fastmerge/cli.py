@@ -52,7 +52,8 @@ def _merge(args) -> int:
         return 130
     except (ConfigError, CheckpointError, OutputError, FileExistsError, ValueError,
             OSError) as exc:
-        print(f"fastmerge: error: {exc}", file=sys.stderr)
+        from .engine.parallel import rank_prefix
+        print(f"fastmerge: error: {rank_prefix()}{exc}", file=sys.stderr)
         return 1
     print(res.summary())
     return 0

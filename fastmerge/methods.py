@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 # Sparsifier kinds (per model). "none" keeps t_i, "topk" keeps |t| >= T(k), "band" is the
 # breadcrumbs band, "dare" the Philox keep-mask, "fisher" the top-k of t*t*v (FFG).

@@ -19,7 +19,7 @@ mode 2; mode 3 iff Philox(key, j + offset).word0 < dare_keep_threshold.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

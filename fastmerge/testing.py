@@ -3,8 +3,6 @@
 Used by the test suite for every backend and by the benchmarks for their sanity checks."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
 
 from . import reference

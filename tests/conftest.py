@@ -9,7 +9,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastmerge
 from fastmerge.backends import availability
 
 # Every concrete backend; each test that takes ``backend`` runs once per backend and is

@@ -10,7 +10,7 @@ from fastmerge import ops, rng
 from fastmerge.backends import availability, get_backend
 from fastmerge.methods import resolve_spec
 from fastmerge.plan import plan_tensor
-from fastmerge.selection import Chunk, level0, select
+from fastmerge.selection import Chunk, level0
 from fastmerge.testing import assert_matches_reference
 from helpers import make_finetunes
 

@@ -1,5 +1,4 @@
 """The reference itself: hand-computed cases for every method, and SPEC.md's properties."""
-import math
 
 import pytest
 import torch

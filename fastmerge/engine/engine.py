@@ -37,11 +37,9 @@ from .checkpoint_io import MERGEABLE, Checkpoint, CheckpointError, SafetensorsFi
 from .config import ConfigError, MergeConfig, ParameterResolver, load_config
 from .hub import resolve_model
 from .model_card import model_card
-from .streaming import ChunkLoader, element_ranges, plan_chunking, prefetched, \
-    release_freed_memory_promptly
+from .streaming import ChunkLoader, plan_chunking, prefetched, release_freed_memory_promptly
 from ..methods import METHODS
-from .writer import AtomicDirectory, ShardLayout, ShardWriter, copy_model_files, parse_size, \
-    write_index
+from .writer import ShardLayout, copy_model_files, parse_size, write_index
 
 DEFAULT_BUDGET = 8 * 2 ** 30
 MOMENT_SUFFIX = ".exp_avg_sq"
@@ -201,13 +199,19 @@ class _Engine:
         self.with_moments = False
         self.plans: dict = {}
         self.passes: list = []
+        self.rows: dict = {}            # tensor split over ranks -> this rank's rows
 
     def close(self):
         self.reader.shutdown(wait=True, cancel_futures=True)
 
     def units(self, name):
         shape = self.inputs.reference.info(name).shape
-        return [(name, s, e) for s, e in element_ranges(shape, self.chunk_elems)]
+        return [(name, s, e) for s, e in
+                parallel.local_ranges(shape, self.chunk_elems, self.rows.get(name))]
+
+    def reduce(self, name):
+        """plan_tensor's reduce for a tensor split over ranks, else None."""
+        return parallel.reducer() if name in self.rows else None
 
     def load(self, unit, only_reference=False):
         name, s, e = unit
@@ -233,7 +237,11 @@ class _Engine:
     def in_bytes(self, name):
         r = self.inputs
         n = sum(m.info(name).nbytes for m in r.models)
-        return n + (r.base.info(name).nbytes if r.base is not None else 0)
+        n += r.base.info(name).nbytes if r.base is not None else 0
+        if name in self.rows:            # this rank's rows of a tensor split over ranks
+            r0, r1 = self.rows[name]
+            n = n * (r1 - r0) // max(1, int(r.reference.info(name).shape[0]))
+        return n
 
     # --- pass 1: model-wide thresholds
     def model_thresholds(self, spec0, names):
@@ -251,11 +259,12 @@ class _Engine:
                 bar.update(self.in_bytes(name))
         finally:
             bar.close()
-        hist = parallel.allreduce_histograms(hist)
-        total = int(parallel.allreduce_sum(torch.tensor([sum(self.numel(n) for n in names)]))[0])
+        hist = parallel.allreduce_histograms(hist, spec0.n_models)
+        total = sum(self.numel(n) for n in self.inputs.merged)
         all_units = [u for n in names for u in self.units(n)]
         thr, kept, l1 = thresholds_from_selection(spec0, total, self.be,
-                                                  self.source(all_units), score, names, hist)
+                                                  self.source(all_units), score, names, hist,
+                                                  reduce=parallel.reducer())
         self.passes += ["scope=model level-0 histograms", "scope=model level-1 selection"]
         return [tuple(t) for t in thr], total
 
@@ -271,7 +280,8 @@ class _Engine:
                 units = self.units(name)
                 src = self.source(units)
                 try:
-                    plan = plan_tensor(spec, src, self.be, self.numel(name), name, thresholds)
+                    plan = plan_tensor(spec, src, self.be, self.numel(name), name, thresholds,
+                                       reduce=self.reduce(name))
                     self.plans[name] = plan
                     for ch in src():
                         out = run_plan(self.be, ch, plan, torch.float32)
@@ -335,7 +345,7 @@ class _Engine:
                         plan = self.plans.pop(name, None)
                         if plan is None:
                             plan = plan_tensor(spec, src, self.be, self.numel(name), name,
-                                               thresholds)
+                                               thresholds, reduce=self.reduce(name))
                         else:
                             plan = dataclasses.replace(plan, spec=spec)
                         for ch in src():
@@ -435,12 +445,13 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
         raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
                               f"(overwrite=True) to replace it")
     budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
-        else _default_budget()
+        else _default_budget() // parallel.local_world_size()
     shard_bytes = parse_size(shard_size, "shard size")
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    device = parallel.init_from_env(device)     # torchrun: process group, this rank's GPU
     be = get_backend(backend, device)
     release_freed_memory_promptly()
 
@@ -448,8 +459,10 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
     needs_moments = info.needs_second_moments
     inputs = _open_inputs(cfg, needs_moments)
     try:
-        return _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet,
-                    lines_pattern, out_dir, t0, max_chunk_elems)
+        res = _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet,
+                   lines_pattern, out_dir, t0, max_chunk_elems)
+        parallel.shutdown()
+        return res
     finally:
         for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
             if c is not None:
@@ -478,11 +491,12 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
                              sparsifier=METHODS[cfg.method].sparsifier)
     if max_chunk_elems is not None:
         chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
-    progress = _progress_factory(quiet)
+    progress = _progress_factory(quiet or rank != 0)
     eng = _Engine(cfg, inputs, be, device, chunking, resolver, progress)
     eng.with_moments = needs_moments(cfg)
-    mine = parallel.assign_tensors(inputs.order, {x: ref.info(x).nbytes for x in inputs.order},
-                                   rank, world_size)
+    part = parallel.partition(inputs.order, {x: ref.info(x).nbytes for x in inputs.order},
+                              {x: ref.info(x).shape for x in inputs.order}, rank, world_size)
+    mine, eng.rows = part.names, part.rows
     my_merged = [x for x in mine if x in base_specs]
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -536,8 +550,8 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
                    "fastmerge_resolved": json.dumps(resolved)}
         layout = ShardLayout([(x, ref.info(x).shape, out_dtypes[x]) for x in inputs.order],
                              shard_bytes, st_meta)
-        with AtomicDirectory(out_dir, overwrite) as adir:
-            writer = ShardWriter(layout, adir.tmp)
+        with parallel.output_directory(out_dir, overwrite) as adir:
+            writer = parallel.shard_writer(layout, adir.tmp)
             try:
                 bar = progress("merging", sum(eng.in_bytes(x) for x in mine))
                 try:
