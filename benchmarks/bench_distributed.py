@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
-import platform
 import re
 import shutil
 import socket
@@ -45,23 +44,12 @@ METHODS = {
 SUMMARY = re.compile(r"merged \d+ tensors .* in ([0-9.]+) s")
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
 def machine() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    gpu = ""
-    if torch.cuda.is_available():
-        gpu = f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return (f"{cpu}, {os.cpu_count()} logical cores, {mem:.0f} GiB RAM{gpu}; "
-            f"{platform.system()} {platform.release()}; python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    from machine_info import describe
+    return describe()
 
 
 def free_port() -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,19 +42,12 @@ WRAPPER = ("import resource, subprocess, sys, time, json; t = time.perf_counter(
            "'peak_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    import torch
-    return (f"{cpu}, {os.cpu_count()} cores visible, {mem:.0f} GiB RAM, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
+    from machine_info import describe
+    return describe()
 
 
 def measure(cmd: list) -> dict:

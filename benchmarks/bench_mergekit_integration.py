@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -129,18 +128,12 @@ def compare(a_dir, b_dir) -> dict:
     return {"frac_elements_differ": diff / n, "max_abs_diff": worst}
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} " \
-           f"{platform.release()}, Python {platform.python_version()}"
+    from machine_info import describe
+    return describe()
 
 
 def main(argv=None) -> int:
