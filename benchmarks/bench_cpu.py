@@ -101,8 +101,8 @@ def fastmerge_split(base, models, density, reps):
 def run_peft(base, models, density):
     from peft.utils.merge_utils import ties
     deltas = [m - base for m in models]
-    w = torch.ones(len(models), dtype=base.dtype)
-    return base + ties(deltas, w, density)
+    w = torch.ones(len(models), dtype=base.dtype, device=base.device)
+    return (base + ties(deltas, w, density, "total")).to(base.dtype)
 
 
 def run_mergekit(base, models, density):
@@ -112,9 +112,9 @@ def run_mergekit(base, models, density):
     deltas = base.new_empty((len(models), *base.shape))
     for i, m in enumerate(models):
         deltas[i] = sparsify(m - base, density=density, method=SparsificationMethod.magnitude)
-    weights = torch.ones(len(models), dtype=deltas.dtype)
+    weights = torch.ones(len(models), dtype=deltas.dtype, device=deltas.device)
     while deltas.dim() > weights.dim():
-        weights.unsqueeze_(-1)
+        weights = weights.unsqueeze(-1)
     deltas.mul_(weights)
     mask = get_mask(deltas, method="sum", mask_dtype=base.dtype)
     mixed = (deltas * mask).sum(dim=0)

@@ -107,31 +107,10 @@ def copy_bandwidth(reps: int) -> float:
 
 
 # ----------------------------------------------------------------------------- peers
-def mergekit_ties(base, models, density):
-    """mergekit 0.1.5's TIES, as GeneralizedTaskArithmeticMerge.merge_group computes it
-    (weights 1, normalize true, lambda 1), with its own sparsify and get_mask."""
-    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
-    from mergekit.sparsify import SparsificationMethod, sparsify
-    deltas = base.new_empty((len(models), *base.shape))
-    for i, m in enumerate(models):
-        deltas[i] = sparsify(m - base, density=density, method=SparsificationMethod.magnitude)
-    weights = torch.ones(len(models), dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > weights.dim():
-        weights = weights.unsqueeze(-1)
-    deltas.mul_(weights)
-    mask = get_mask(deltas, method="sum", mask_dtype=base.dtype)
-    mixed = (deltas * mask).sum(dim=0)
-    divisor = (weights * mask).sum(dim=0)
-    divisor[divisor == 0] = 1
-    mixed /= divisor
-    return (base + mixed).to(base.dtype)
-
-
-def peft_ties(base, models, density):
-    from peft.utils.merge_utils import ties
-    weights = torch.ones(len(models), dtype=base.dtype, device=base.device)
-    merged = ties([m - base for m in models], weights, density, "total")
-    return (base + merged).to(base.dtype)
+# mergekit 0.1.5's TIES exactly as GeneralizedTaskArithmeticMerge.merge_group computes it, and
+# peft's ties: the same baselines the CPU benchmark times (benchmarks/bench_cpu.py).
+from bench_cpu import run_mergekit as mergekit_ties  # noqa: E402
+from bench_cpu import run_peft as peft_ties  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- fastmerge

@@ -12,4 +12,22 @@ version when its ``install()`` runs. See docs/integrations.md.
 """
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 __all__ = ["mergekit", "peft"]
+
+
+def check_supported(package: str, version: Optional[str], supported: tuple, force_env: str,
+                    error: type, install_hint: str, strict: bool = True,
+                    extra: str = "") -> str:
+    """The installed ``version`` of ``package``, or ``error`` with a message saying what to do:
+    not installed, or (when ``strict``) not one of ``supported`` unless ``force_env=1``."""
+    if version is None:
+        raise error(f"{package} is not installed; `{install_hint}` to use "
+                    f"fastmerge.integrations.{package}")
+    if strict and version not in supported and os.environ.get(force_env, "") != "1":
+        raise error(f"fastmerge.integrations.{package} supports {package} "
+                    f"{', '.join(supported)}; {package} {version} is installed. "
+                    f"{extra}Install a supported version, or set {force_env}=1 to try anyway.")
+    return version

@@ -105,16 +105,11 @@ def check_version(strict: bool = True) -> str:
     """Return the installed mergekit version; raise MergekitVersionError (clear message) if
     mergekit is missing or, when ``strict``, not a supported version (``FASTMERGE_MERGEKIT_FORCE=1``
     lifts the version check, never the structural one)."""
-    v = mergekit_version()
-    if v is None:
-        raise MergekitVersionError("mergekit is not installed; `pip install mergekit==0.1.5` to use "
-                                   "fastmerge.integrations.mergekit")
-    if strict and v not in SUPPORTED_VERSIONS and os.environ.get(FORCE_ENV, "") != "1":
-        raise MergekitVersionError(
-            f"fastmerge.integrations.mergekit supports mergekit {', '.join(SUPPORTED_VERSIONS)}; "
-            f"mergekit {v} is installed. Its merge seams may differ: install a supported version, "
-            f"or set {FORCE_ENV}=1 to try anyway (structural checks still apply).")
-    return v
+    from . import check_supported
+    return check_supported("mergekit", mergekit_version(), SUPPORTED_VERSIONS, FORCE_ENV,
+                           MergekitVersionError, "pip install mergekit==0.1.5", strict,
+                           "Its merge seams may differ (structural checks apply even when "
+                           "forced). ")
 
 
 def _seams():

@@ -108,16 +108,8 @@ def _peft_density(density: float, n: int) -> float:
     """peft's magnitude pruning keeps int(density * n) elements (no minimum of one)."""
     if density is None:
         raise ValueError("density is required")
-    density = float(density)
-    if density < 0:
-        raise ValueError(f"Density should be >= 0, got {density}")
-    if density >= 1:
-        warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be "
-                      f"performed.")
-        return 1.0
-    if int(density * n) == 0:
-        return 0.0
-    return density
+    density = _dare_density(density)
+    return 0.0 if density < 1 and int(density * n) == 0 else density
 
 
 def _dare_density(density: float) -> float:
@@ -208,16 +200,9 @@ FUNCTIONS = {"task_arithmetic": task_arithmetic, "magnitude_prune": magnitude_pr
 # ----------------------------------------------------------------------------- install
 
 def check_version(strict: bool = True) -> str:
-    import os
-    v = peft_version()
-    if v is None:
-        raise PeftVersionError("peft is not installed; `pip install peft` to use "
-                               "fastmerge.integrations.peft")
-    if strict and v not in SUPPORTED_VERSIONS and os.environ.get(FORCE_ENV, "") != "1":
-        raise PeftVersionError(
-            f"fastmerge.integrations.peft supports peft {', '.join(SUPPORTED_VERSIONS)}; peft {v} "
-            f"is installed. Install a supported version, or set {FORCE_ENV}=1 to try anyway.")
-    return v
+    from . import check_supported
+    return check_supported("peft", peft_version(), SUPPORTED_VERSIONS, FORCE_ENV,
+                           PeftVersionError, "pip install peft", strict)
 
 
 def install(backend: str = "auto", seed: Optional[int] = None, strict_version: bool = True,
