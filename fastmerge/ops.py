@@ -57,10 +57,14 @@ def _task_vectors(base, models) -> torch.Tensor:
     return t - base.to(torch.float32) if base is not None else t
 
 
+def _score(t: torch.Tensor, v: Optional[torch.Tensor], score: int) -> torch.Tensor:
+    """The float32 selection score, sign cleared (-0.0 scores as 0): |t| or |(t*t)*v|."""
+    return ((t * t) * v.to(torch.float32)).abs() if score == SCORE_FISHER else t.abs()
+
+
 def _score_bits(t: torch.Tensor, v: Optional[torch.Tensor], score: int) -> torch.Tensor:
-    """float32 score -> its bit pattern with the sign cleared, as int64 (orders like the value)."""
-    s = (t * t) * v.to(torch.float32) if score == SCORE_FISHER else t.abs()
-    return s.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    """The score's float32 bit pattern as int64 (non-negative floats order like their bits)."""
+    return _score(t, v, score).contiguous().view(torch.int32).to(torch.int64)
 
 
 def score_histogram_torch(base, models, second_moments, score, targets, level, counts, sums):
@@ -93,8 +97,7 @@ def keep_masks_packed(t, second_moments, score, fparams, iparams, offset) -> tor
             masks.append((r < thr).reshape(t[i].shape))
         else:
             v = second_moments[i] if score == SCORE_FISHER else None
-            s = _score_bits(t[i], v, score).view(torch.int64)
-            s = (s.to(torch.int32)).view(torch.float32).reshape(t[i].shape)
+            s = _score(t[i], v, score)
             lo, hi = fparams[i, F_LO].item(), fparams[i, F_HI].item()
             masks.append((s >= lo) & ((s < hi) | (hi == float("inf"))))
     return torch.stack(masks)
