@@ -224,6 +224,30 @@ def test_histograms_and_stats_match_torch_kernels():
         torch.testing.assert_close(got[:, 2], want[:, 2], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("rows", [[0, 1, 2, 0, 1, 2], [2], [0, 1, 2, 0, 1], [1, 0]])
+def test_histograms_across_calls_and_work_items(threads, rows):
+    """The per-thread tables persist between calls (cleared by the flush): successive calls
+    with other row counts, levels and scores, over several dynamic work items, stay exact."""
+    base, models, vs = make_finetunes((300007,), 3, ("bf16", "bf16", "fp32"), seed=9,
+                                      second_moments=True)
+    for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER, ops.SCORE_MAGNITUDE):
+        t0 = torch.tensor([[i, 0] for i in rows])
+        got = [torch.zeros(len(rows), ops.NUM_BINS, dtype=torch.int64),
+               torch.zeros(len(rows), ops.NUM_BINS, dtype=torch.float64)]
+        want = [x.clone() for x in got]
+        torch.ops.fastmerge.score_histogram(base, models, vs, score, t0, 0, *got)
+        ops.score_histogram_torch(base, models, vs, score, t0, 0, *want)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+        t1 = torch.tensor([[i, int(want[0][r].argmax())] for r, i in enumerate(rows)])
+        got1 = [torch.zeros_like(g) for g in got]
+        want1 = [torch.zeros_like(g) for g in got]
+        torch.ops.fastmerge.score_histogram(base, models, vs, score, t1, 1, *got1)
+        ops.score_histogram_torch(base, models, vs, score, t1, 1, *want1)
+        assert torch.equal(got1[0], want1[0])
+        torch.testing.assert_close(got1[1], want1[1], rtol=1e-12, atol=0)
+
+
 def test_mixed_dtypes_all_methods():
     base = torch.randn(4099, dtype=torch.float32)
     models = [(base + 0.01 * torch.randn(4099)).to(dt)

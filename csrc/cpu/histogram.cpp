@@ -43,9 +43,70 @@ double packed_bin_sum(uint32_t bin, uint64_t count, uint64_t low_sum) {
   return ldexp(static_cast<double>(mant), static_cast<int>(e ? e : 1) - 150);
 }
 
+// Level-0 packed updates of G rows (a compile-time group): element by element, the G
+// read-modify-writes go to G different tables, so a run of equal bins in one model (bf16
+// task vectors take few distinct values) does not serialise on store-to-load forwarding.
+// Measured here (AMD EPYC, 1 thread, 4096x4096 bf16, N = 3): the runtime-bound row loop took
+// 1.3 ns per element and model, this unrolled form ~0.7.
+template <int G>
+FM_FORCE_INLINE void packed_scatter(uint64_t* __restrict table, const uint32_t* __restrict bits,
+                                    int len) {
+  for (int k = 0; k < len; ++k) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const uint32_t x = bits[static_cast<size_t>(g) * kBlock + k];
+      table[static_cast<size_t>(g) * NUM_BINS + (x >> RADIX_BITS)] +=
+          kCountUnit | (x & (NUM_BINS - 1));
+    }
+  }
+}
+
+// Level 1: only elements whose top bits equal the prefix are binned (a few percent). A
+// vectorised compare writes one byte per element, and the bytes are scanned eight at a time,
+// so the branch is taken per 8-element word instead of mispredicted per element. Measured
+// here (1 thread, 4096x4096 bf16, N = 3, 1.5% of elements in the bin): 0.50 ns per element and
+// model with a per-element branch, ~0.2 this way.
+template <bool FISHER>
+FM_FORCE_INLINE void level1_scatter(const uint32_t* __restrict bits, const float* __restrict tt,
+                                    int len, uint32_t prefix, uint64_t* __restrict tab,
+                                    double* __restrict sm, uint32_t* range) {
+  alignas(64) uint8_t hit[kBlock + 8];
+  for (int k = 0; k < len; ++k) hit[k] = (bits[k] >> RADIX_BITS) == prefix ? 1 : 0;
+  for (int k = len; k < ((len + 7) & ~7); ++k) hit[k] = 0;
+  uint32_t lo = range[0], hi = range[1];
+  for (int g = 0; g < len; g += 8) {
+    uint64_t word;
+    memcpy(&word, hit + g, sizeof(word));
+    while (word != 0) {
+      const int k = g + (__builtin_ctzll(word) >> 3);
+      word &= word - 1;
+      const uint32_t b = bits[k] & (NUM_BINS - 1);
+      tab[b] += 1;
+      if (FISHER) sm[b] += static_cast<double>(fm_abs(tt[k]));
+      lo = b < lo ? b : lo;
+      hi = b > hi ? b : hi;
+    }
+  }
+  range[0] = lo;
+  range[1] = hi;
+}
+
+// Widens [range[0], range[1]] to the level-0 bins of a block of score bits (vector min / max).
+FM_FORCE_INLINE void widen_range(const uint32_t* __restrict bits, int len, uint32_t* range) {
+  uint32_t lo = 0xFFFFFFFFu, hi = 0;
+  for (int k = 0; k < len; ++k) {
+    lo = bits[k] < lo ? bits[k] : lo;
+    hi = bits[k] > hi ? bits[k] : hi;
+  }
+  lo >>= RADIX_BITS;
+  hi >>= RADIX_BITS;
+  range[0] = lo < range[0] ? lo : range[0];
+  range[1] = hi > range[1] ? hi : range[1];
+}
+
 FM_CPU_CLONES
 void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, double* sums,
-                uint32_t* bits_all) {
+                uint32_t* bits_all, uint32_t* ranges) {
   const Inputs& in = *c.in;
   alignas(64) float bb[kBlock];
   alignas(64) float tt[kBlock];
@@ -61,42 +122,40 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
       const uint32_t prefix = static_cast<uint32_t>(c.targets[2 * r + 1]);
       uint64_t* __restrict tab = table + static_cast<size_t>(r) * NUM_BINS;
       uint32_t* __restrict bits = bits_all + static_cast<size_t>(r) * kBlock;
+      double* __restrict sm = fisher ? sums + static_cast<size_t>(r) * NUM_BINS : nullptr;
+      uint32_t* range = ranges + 2 * r;
       load_task_block(in.models[i], in.model_dtypes[i], s, len, bb, has_base, tt);
       if (fisher) {
-        double* __restrict sm = sums + static_cast<size_t>(r) * NUM_BINS;
         load_block(in.moments[i], in.moment_dtypes[i], s, len, vv);
         for (int k = 0; k < len; ++k) bits[k] = fm_score_bits(tt[k], vv[k], SCORE_FISHER);
         if (c.level == 0) {
+          widen_range(bits, len, range);
           for (int k = 0; k < len; ++k) {
             const uint32_t b = bits[k] >> RADIX_BITS;
             tab[b] += 1;
             sm[b] += static_cast<double>(fm_abs(tt[k]));
           }
         } else {
-          for (int k = 0; k < len; ++k) {
-            if ((bits[k] >> RADIX_BITS) == prefix) {
-              const uint32_t b = bits[k] & (NUM_BINS - 1);
-              tab[b] += 1;
-              sm[b] += static_cast<double>(fm_abs(tt[k]));
-            }
-          }
+          level1_scatter<true>(bits, tt, len, prefix, tab, sm, range);
         }
       } else {
         for (int k = 0; k < len; ++k) bits[k] = fm_score_bits(tt[k], 0.0f, SCORE_MAGNITUDE);
         if (c.level != 0) {
-          for (int k = 0; k < len; ++k)
-            if ((bits[k] >> RADIX_BITS) == prefix) tab[bits[k] & (NUM_BINS - 1)] += 1;
+          level1_scatter<false>(bits, tt, len, prefix, tab, nullptr, range);
+        } else {
+          widen_range(bits, len, range);
         }
       }
     }
     if (c.packed) {
-      // interleave the rows' updates element by element: consecutive read-modify-writes go to
-      // different tables, so repeated bins of one model do not stall on each other
-      for (int k = 0; k < len; ++k) {
-        for (int r = 0; r < T; ++r) {
-          const uint32_t x = bits_all[static_cast<size_t>(r) * kBlock + k];
-          table[static_cast<size_t>(r) * NUM_BINS + (x >> RADIX_BITS)] +=
-              kCountUnit | (x & (NUM_BINS - 1));
+      for (int r0 = 0; r0 < T; r0 += 4) {
+        uint64_t* tab = table + static_cast<size_t>(r0) * NUM_BINS;
+        const uint32_t* bits = bits_all + static_cast<size_t>(r0) * kBlock;
+        switch (T - r0 < 4 ? T - r0 : 4) {
+          case 1: packed_scatter<1>(tab, bits, len); break;
+          case 2: packed_scatter<2>(tab, bits, len); break;
+          case 3: packed_scatter<3>(tab, bits, len); break;
+          default: packed_scatter<4>(tab, bits, len); break;
         }
       }
     }
@@ -104,14 +163,20 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
 }
 
 // Adds one thread's tables into the outputs and clears them (called under a critical section).
+// Only each row's touched bins [ranges[2r], ranges[2r+1]] are visited (a few thousand of the
+// 65536 for real task vectors), and the ranges are reset.
 void flush(const HistCtx& c, uint64_t* table, double* sums, int64_t* counts_out,
-           double* sums_out) {
+           double* sums_out, uint32_t* ranges) {
   for (int r = 0; r < c.n_targets; ++r) {
     uint64_t* tab = table + static_cast<size_t>(r) * NUM_BINS;
     int64_t* co = counts_out + static_cast<size_t>(r) * NUM_BINS;
     double* so = sums_out + static_cast<size_t>(r) * NUM_BINS;
     const uint32_t prefix = static_cast<uint32_t>(c.targets[2 * r + 1]);
-    for (uint32_t b = 0; b < static_cast<uint32_t>(NUM_BINS); ++b) {
+    const uint32_t lo = ranges[2 * r], hi = ranges[2 * r + 1];
+    ranges[2 * r] = NUM_BINS;
+    ranges[2 * r + 1] = 0;
+    if (lo > hi) continue;  // nothing binned since the last flush
+    for (uint32_t b = lo; b <= hi; ++b) {
       const uint64_t x = tab[b];
       if (x == 0) continue;
       if (c.packed) {
@@ -128,11 +193,62 @@ void flush(const HistCtx& c, uint64_t* table, double* sums, int64_t* counts_out,
         }
       }
     }
-    memset(tab, 0, sizeof(uint64_t) * NUM_BINS);
-    if (sums != nullptr) memset(sums + static_cast<size_t>(r) * NUM_BINS, 0,
-                                sizeof(double) * NUM_BINS);
+    memset(tab + lo, 0, sizeof(uint64_t) * (hi - lo + 1));
+    if (sums != nullptr) memset(sums + static_cast<size_t>(r) * NUM_BINS + lo, 0,
+                                sizeof(double) * (hi - lo + 1));
   }
 }
+
+// One worker thread's histogram tables, kept between calls and all zero between them (flush
+// clears what it visits): allocating and zeroing 512 KiB per target on every call cost more
+// than binning a 1M-element tensor (page faults; measured ~0.3 ns per element and model).
+struct ThreadTables {
+  uint64_t* table = nullptr;
+  double* sums = nullptr;
+  size_t cap = 0;  // bins held by each of table / sums
+  uint32_t* bits = nullptr;
+  uint32_t* ranges = nullptr;
+  int cap_targets = 0;
+  ~ThreadTables() { release(); }
+  void release() {
+    free(table);
+    free(sums);
+    free(bits);
+    free(ranges);
+    table = nullptr;
+    sums = nullptr;
+    bits = nullptr;
+    ranges = nullptr;
+    cap = 0;
+    cap_targets = 0;
+  }
+  // zeroed tables for n_targets rows (sums too when with_sums); false if out of memory
+  bool reserve(int n_targets, bool with_sums) {
+    const size_t bins = static_cast<size_t>(n_targets) * NUM_BINS;
+    if (bins > cap || (with_sums && sums == nullptr)) {
+      const bool had_sums = sums != nullptr || with_sums;
+      release();
+      table = static_cast<uint64_t*>(calloc(bins, sizeof(uint64_t)));
+      sums = had_sums ? static_cast<double*>(calloc(bins, sizeof(double))) : nullptr;
+      bits = static_cast<uint32_t*>(malloc(sizeof(uint32_t) * kBlock * n_targets));
+      ranges = static_cast<uint32_t*>(malloc(sizeof(uint32_t) * 2 * n_targets));
+      if (table == nullptr || (had_sums && sums == nullptr) || bits == nullptr ||
+          ranges == nullptr) {
+        release();
+        return false;
+      }
+      cap = bins;
+      cap_targets = n_targets;
+      for (int r = 0; r < n_targets; ++r) {
+        ranges[2 * r] = NUM_BINS;
+        ranges[2 * r + 1] = 0;
+      }
+    }
+    return true;
+  }
+};
+
+thread_local ThreadTables tls_tables;
 
 }  // namespace
 
@@ -141,59 +257,38 @@ bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
   if (in.numel == 0 || n_targets == 0) return true;
   HistCtx c{&in, score, targets, n_targets, level, level == 0 && score == SCORE_MAGNITUDE};
   const bool fisher = score == SCORE_FISHER;
-  // per-thread tables: 512 KiB per target (1 MiB with Fisher sums); keep them under 1 GiB
-  const size_t per_thread = static_cast<size_t>(n_targets) * NUM_BINS;
-  const size_t bytes_per_thread = per_thread * (fisher ? 16 : 8);
   int nt = effective_threads(in.numel, nthreads < 64 ? nthreads : 64, int64_t{1} << 17);
   bool failed[64] = {};
-  while (nt > 1 && static_cast<size_t>(nt) * bytes_per_thread > (size_t{1} << 30)) --nt;
-  uint64_t* tables = static_cast<uint64_t*>(calloc(per_thread * nt, sizeof(uint64_t)));
-  double* tsums = fisher ? static_cast<double*>(calloc(per_thread * nt, sizeof(double)))
-                         : nullptr;
-  if (tables == nullptr || (fisher && tsums == nullptr)) {
-    free(tables);
-    free(tsums);
-    nt = 1;
-    tables = static_cast<uint64_t*>(calloc(per_thread, sizeof(uint64_t)));
-    tsums = fisher ? static_cast<double*>(calloc(per_thread, sizeof(double))) : nullptr;
-  }
-  if (tables == nullptr || (fisher && tsums == nullptr)) {
-    free(tables);
-    free(tsums);
-    return false;
-  }
   // dynamic work items of kHistChunk elements (a preempted thread does not stall the others);
   // the packed tables are flushed before a thread's elements since the last flush could
   // exceed kSegment
-  constexpr int64_t kHistChunk = kChunk * 16;
+  constexpr int64_t kHistChunk = kChunk * 2;
   const int64_t chunks = (in.numel + kHistChunk - 1) / kHistChunk;
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
-    uint64_t* table = tables + per_thread * tid;
-    double* tsum = fisher ? tsums + per_thread * tid : nullptr;
-    uint32_t* bits = static_cast<uint32_t*>(malloc(sizeof(uint32_t) * kBlock * n_targets));
-    if (bits == nullptr) failed[tid] = true;
+    ThreadTables& tt = tls_tables;
+    const bool ok = tt.reserve(n_targets, fisher);
+    if (!ok) failed[tid] = true;
     int64_t since_flush = 0;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t q = 0; q < chunks; ++q) {
-      if (bits == nullptr) continue;
+      if (!ok) continue;
       const int64_t begin = q * kHistChunk;
       const int64_t end = in.numel - begin > kHistChunk ? begin + kHistChunk : in.numel;
       if (c.packed && since_flush + (end - begin) > kSegment) {
 #pragma omp critical(fastmerge_hist_flush)
-        flush(c, table, tsum, counts, sums);
+        flush(c, tt.table, fisher ? tt.sums : nullptr, counts, sums, tt.ranges);
         since_flush = 0;
       }
-      hist_range(c, begin, end, table, tsum, bits);
+      hist_range(c, begin, end, tt.table, tt.sums, tt.bits, tt.ranges);
       since_flush += end - begin;
     }
+    if (ok) {
 #pragma omp critical(fastmerge_hist_flush)
-    flush(c, table, tsum, counts, sums);
-    free(bits);
+      flush(c, tt.table, fisher ? tt.sums : nullptr, counts, sums, tt.ranges);
+    }
   }
-  free(tables);
-  free(tsums);
   bool any_failed = false;
   for (int t = 0; t < 64; ++t) any_failed = any_failed || failed[t];
   return !any_failed;
