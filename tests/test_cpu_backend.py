@@ -63,6 +63,20 @@ def test_philox_stream_and_keys_match_python(start):
     assert torch.equal(got, rng.philox_uniform_u32(key, start, 4099))
 
 
+@pytest.mark.parametrize("start", [0, 12345, (1 << 32) - 7, (1 << 32) - 100, (1 << 40) + 3,
+                                   (1 << 48) - 9])
+@pytest.mark.parametrize("isa", [0, 1, 2])
+def test_philox_simd_block_matches_python(start, isa):
+    """The AVX2 / AVX-512 Philox lanes of the DARE masks equal the scalar header and rng.py,
+    also where a run of counters crosses a 2^32 boundary (hi32 changes mid-vector)."""
+    key = rng.dare_key(7, NAME, 1)
+    got, used = C.philox_word0_block(key, start, 1037, isa)
+    assert used <= isa
+    want = rng.philox_uniform_u32(key, start, 1037)
+    assert torch.equal(got, want)
+    assert torch.equal(got, C.philox_word0(key, start, 1037))
+
+
 def _special_floats():
     g = torch.Generator().manual_seed(0)
     bits = torch.randint(-2**31, 2**31 - 1, (200000,), generator=g, dtype=torch.int64)

@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "fm_cpu.h"
@@ -247,6 +248,20 @@ at::Tensor philox_word0(uint64_t key, uint64_t start, int64_t count) {
   return out;
 }
 
+// the same through the SIMD block path (isa: 0 scalar, 1 AVX2, 2 AVX-512 or the best below it
+// this CPU has); returns (words, path used)
+std::tuple<at::Tensor, int> philox_word0_block(uint64_t key, uint64_t start, int64_t count,
+                                               int isa) {
+  std::vector<uint32_t> w(static_cast<size_t>(count));
+  const int used = fm::cpu::philox_word0_isa(static_cast<uint32_t>(key),
+                                             static_cast<uint32_t>(key >> 32), start, count,
+                                             w.data(), isa);
+  at::Tensor out = at::empty({count}, at::kLong);
+  int64_t* p = out.data_ptr<int64_t>();
+  for (int64_t k = 0; k < count; ++k) p[k] = w[static_cast<size_t>(k)];
+  return {out, used};
+}
+
 uint64_t dare_key(uint64_t seed, const std::string& name, uint64_t index) {
   return fm::fm_dare_key(seed, name.data(), name.size(), index);
 }
@@ -284,6 +299,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("enums", &enums, "the enumerations of csrc/common/fastmerge_params.h");
   mod.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of the shared header");
   mod.def("philox_word0", &philox_word0, "first Philox word for a run of counters");
+  mod.def("philox_word0_block", &philox_word0_block,
+          "first Philox words through the SIMD block path (for tests)");
   mod.def("dare_key", &dare_key, "splitmix64(seed ^ fnv1a64(name) ^ i * golden)");
   mod.def("round_to", &round_to, "float32 -> bf16/fp16 by the header's rounding");
   mod.def("load_float", &load_float, "bf16/fp16/fp32 -> float32 by the header's loads");

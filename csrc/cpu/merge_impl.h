@@ -34,6 +34,13 @@ FM_FORCE_INLINE void sparsify_block(const FmModel& m, const float* __restrict t,
                                     const float* __restrict v, int score, uint64_t j0, int len,
                                     float* __restrict s) {
   const float r = m.rescale;
+  if (MODE == MODE_DARE) {  // the block's Philox draws on the SIMD unit (philox_block.cpp)
+    alignas(64) uint32_t w[kBlock];
+    philox_word0_block(m.key_lo, m.key_hi, j0, len, w);
+    for (int k = 0; k < len; ++k)
+      s[k] = fm_sparsify(t[k], static_cast<uint64_t>(w[k]) < m.dare_threshold, r);
+    return;
+  }
   if (v != nullptr) {
     for (int k = 0; k < len; ++k)
       s[k] = fm_sparsify(t[k], fm_keep_mode<MODE>(m, t[k], v[k], score, j0 + k), r);
