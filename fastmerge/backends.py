@@ -37,14 +37,12 @@ class Backend:
     model_stats: Callable
     fused_merge: Callable
 
-    # The shared planning code calls these three wrappers.
-    def histogram(self, chunk: Chunk, score: int, targets: torch.Tensor, level: int):
-        dev = chunk.models[0].device
-        counts = torch.zeros(targets.shape[0], ops.NUM_BINS, dtype=torch.int64, device=dev)
-        sums = torch.zeros(targets.shape[0], ops.NUM_BINS, dtype=torch.float64, device=dev)
+    # The shared planning code calls these wrappers.
+    def histogram_into(self, chunk: Chunk, score: int, targets: torch.Tensor, level: int,
+                       counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """Add one chunk's histograms into ``counts``/``sums`` (on the chunk's device)."""
         self.score_histogram(chunk.base, list(chunk.models), list(chunk.second_moments), score,
-                             targets.to(dev), level, counts, sums)
-        return counts.cpu(), sums.cpu()
+                             targets, level, counts, sums)
 
     def stats(self, source: ChunkSource, score: int, fparams, iparams, power: float):
         out = None

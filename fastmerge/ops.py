@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from . import reference, rng
+from . import rng
 from .methods import COMBINES, MergeSpec
 
 # Enumerations shared with csrc/common/fastmerge_params.h (keep in sync; tests check).
@@ -129,6 +129,7 @@ def packed_spec(n, fparams, combine, elect, elect_on, normalize, consensus_k, sc
 def fused_merge_torch(base, models, second_moments, fparams, iparams, combine, score, elect,
                       elect_on, normalize, consensus_k, scale, power, eps, offset, out_dtype,
                       nonfinite):
+    from . import reference  # only this fallback needs it (~9 ms off every CLI start)
     n = len(models)
     spec = packed_spec(n, fparams, combine, elect, elect_on, normalize, consensus_k, scale,
                        power, eps)

@@ -72,26 +72,28 @@ def selection_requests(spec: MergeSpec, numel: int) -> list[list[int]]:
 
 def thresholds_from_selection(spec: MergeSpec, numel: int, backend, source: ChunkSource,
                               score: int, names: Sequence[str] = (),
-                              hist: Optional[Histograms] = None, reduce=None):
+                              hist: Optional[Histograms] = None, reduce=None, l1: bool = True):
     """Per-model (lo, hi) and the L1 of what they keep, by radix selection over ``source``.
-    ``reduce``: sums histograms over ranks when ``source`` is this rank's part of the data."""
+    ``reduce``: sums histograms over ranks when ``source`` is this rank's part of the data.
+    ``l1=False``: the two L1 lists come back None (only ``rescale="l1"`` needs them)."""
     reqs = selection_requests(spec, numel)
-    if hist is None:
-        hist = level0(backend, spec.n_models, score, source, names, reduce)
+    if hist is None:  # ours alone: a reused buffer
+        hist = level0(backend, spec.n_models, score, source, names, reduce, scratch=True)
     flat = [(i, k) for i, ks in enumerate(reqs) for k in ks]
-    sel = select(backend, hist, flat, score, source, reduce)
+    sel = select(backend, hist, flat, score, source, reduce, l1=l1)
     out, kept, pos = [], [], 0
     for ks in reqs:
-        vals, l1 = sel.thresholds[pos:pos + len(ks)], sel.kept_l1[pos:pos + len(ks)]
+        vals = sel.thresholds[pos:pos + len(ks)]
+        kl1 = sel.kept_l1[pos:pos + len(ks)] if l1 else [0.0, 0.0]
         pos += len(ks)
         if len(ks) == 1:
             out.append((vals[0], INF))
-            kept.append(l1[0])
+            kept.append(kl1[0])
         else:  # band: keep lo <= s < hi; hi from k = n_top (inf when n_top = 0)
             lo, hi = vals
             out.append((lo, hi))
-            kept.append(l1[0] - (l1[1] if hi != INF else 0.0))
-    return out, kept, hist.total_l1()
+            kept.append(kl1[0] - (kl1[1] if hi != INF else 0.0))
+    return (out, kept, hist.total_l1()) if l1 else (out, None, None)
 
 
 def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tensor_name: str = "",
@@ -117,7 +119,8 @@ def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tenso
     if spec.sparsifier in ("topk", "fisher", "band"):
         if thresholds is None:
             thresholds, kept_l1, total_l1 = thresholds_from_selection(
-                spec, numel, backend, source, score, names, reduce=reduce)
+                spec, numel, backend, source, score, names, reduce=reduce,
+                l1=spec.rescale == "l1")
             passes += 2
         for i, (lo, hi) in enumerate(thresholds):
             f[i, F_LO], f[i, F_HI] = lo, hi

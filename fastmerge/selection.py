@@ -12,9 +12,11 @@ comes from the same passes.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .ops import NONFINITE_BIN, NUM_BINS, RADIX_BITS
@@ -36,7 +38,7 @@ ChunkSource = Callable[[], Iterable[Chunk]]  # called once per pass
 
 @dataclass
 class Histograms:
-    """Level-0 histograms (per model) of one selection, mergeable by ``add``."""
+    """Level-0 histograms (per model) of one selection, mergeable by ``add``. On the CPU."""
     counts: torch.Tensor  # int64 [N, 65536]
     sums: torch.Tensor    # float64 [N, 65536]
 
@@ -47,47 +49,89 @@ class Histograms:
 
     @property
     def numel(self) -> int:
-        return int(self.counts[0].sum())
+        return int(self.counts[0].numpy().sum())
 
     def total_l1(self) -> list[float]:
         return self.sums.sum(1).tolist()
 
 
-def _bits_to_float(bits: int) -> float:
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+# The selection bookkeeping below runs once per tensor on [rows, 65536] tables. It used torch
+# ops (zeros, flip, sum per request); those big enough to go parallel (>= 32768 elements)
+# each waited on an OpenMP worker, which on this loaded 2-core VM, with the read thread
+# busy, cost ~1-2 ms per op: 2.7 of a 5.0 s cProfiled ties merge (0.2B preset, 111 tensors).
+# Now: buffers reused (numpy memset), integer work in numpy (single-threaded, exact), and
+# the float64 L1 sums (the same torch ops as before, bit-identical) only when a caller asks.
+class _Scratch(threading.local):
+    def __init__(self):
+        self.bufs: dict = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def _zeroed(rows: int, device: torch.device, slot: Optional[str]):
+    """Zeroed int64 counts and float64 sums [rows, NUM_BINS] on ``device``. ``slot=None``:
+    fresh tensors the caller may keep; else this thread's buffers for ``slot``, valid until
+    the next call with the same slot (saves the page faults of 1 MiB per row per tensor)."""
+    if slot is None or device.type != "cpu":
+        return (torch.zeros(rows, NUM_BINS, dtype=torch.int64, device=device),
+                torch.zeros(rows, NUM_BINS, dtype=torch.float64, device=device))
+    c, s = _SCRATCH.bufs.get(slot, (None, None))
+    if c is None or c.shape[0] < rows:
+        c = torch.from_numpy(np.zeros((rows, NUM_BINS), dtype=np.int64))
+        s = torch.from_numpy(np.zeros((rows, NUM_BINS), dtype=np.float64))
+        _SCRATCH.bufs[slot] = (c, s)
+        return c, s
+    c, s = c[:rows], s[:rows]
+    c.numpy().fill(0)
+    s.numpy().fill(0)
+    return c, s
+
+
+def release_scratch() -> None:
+    """Drop this thread's reused selection buffers (1 MiB per histogram row)."""
+    _SCRATCH.bufs.clear()
+
+
+def _bits_to_floats(bits) -> list[float]:
+    return np.asarray(bits, dtype=np.uint32).view(np.float32).tolist()
 
 
 def accumulate(backend, source: ChunkSource, score: int, targets: torch.Tensor, level: int,
-               reduce: Optional[Callable] = None):
-    """One read pass: the level's histograms of every target, summed over the chunks (and,
-    through ``reduce(counts, sums)``, over ranks)."""
-    counts = sums = None
+               reduce: Optional[Callable] = None, slot: Optional[str] = None):
+    """One read pass: the level's histograms of every target, summed over the chunks (the
+    kernels accumulate in place) and, through ``reduce(counts, sums)``, over ranks; on the
+    CPU. ``slot``: reuse this thread's buffers of that name (see ``_zeroed``)."""
+    counts = sums = dev_targets = None
     for chunk in source():
-        c, s = backend.histogram(chunk, score, targets, level)
-        if counts is None:  # the first chunk's buffers become the accumulators
-            counts, sums = c, s
-        else:
-            counts += c
-            sums += s
+        if counts is None:
+            dev = chunk.models[0].device
+            counts, sums = _zeroed(targets.shape[0], dev, slot)
+            dev_targets = targets.to(dev)
+        backend.histogram_into(chunk, score, dev_targets, level, counts, sums)
     if counts is None:  # a rank (or source) with no chunks contributes zeros
-        counts = torch.zeros(targets.shape[0], NUM_BINS, dtype=torch.int64)
-        sums = torch.zeros(targets.shape[0], NUM_BINS, dtype=torch.float64)
+        counts, sums = _zeroed(targets.shape[0], torch.device("cpu"), slot)
+    counts, sums = counts.cpu(), sums.cpu()
     if reduce is not None:
         reduce(counts, sums)
     return counts, sums
 
 
 def level0(backend, n_models: int, score: int, source: ChunkSource,
-           names: Sequence[str] = (), reduce: Optional[Callable] = None) -> Histograms:
+           names: Sequence[str] = (), reduce: Optional[Callable] = None,
+           scratch: bool = False) -> Histograms:
     """``reduce(counts, sums)``, if given, sums the histograms over ranks in place (a source
-    split over ranks, fastmerge/engine/parallel.py)."""
+    split over ranks, fastmerge/engine/parallel.py). ``scratch``: the result lives in a
+    reused buffer, valid until this thread's next ``level0(scratch=True)`` (per-tensor
+    selection); otherwise the caller owns it (e.g. adds histograms over tensors)."""
     targets = torch.tensor([[i, 0] for i in range(n_models)], dtype=torch.int64)
-    counts, sums = accumulate(backend, source, score, targets, 0, reduce)
-    bad = counts[:, NONFINITE_BIN:].sum(1)
+    counts, sums = accumulate(backend, source, score, targets, 0, reduce,
+                              "level0" if scratch else None)
+    bad = counts.numpy()[:, NONFINITE_BIN:].sum(1).tolist()
     for i in range(n_models):
         if bad[i]:
             what = f"tensor {names[0]!r}" if len(names) == 1 else "the tensors merged"
-            raise ValueError(f"task vector of model {i} for {what} contains {int(bad[i])} "
+            raise ValueError(f"task vector of model {i} for {what} contains {bad[i]} "
                              f"NaN/Inf value(s); fastmerge refuses to merge them")
     return Histograms(counts, sums)
 
@@ -96,35 +140,43 @@ def level0(backend, n_models: int, score: int, source: ChunkSource,
 class Selection:
     """k-th largest score for each request (model, k), and what the threshold keeps."""
     thresholds: list[float]
-    kept_l1: list[float]
+    kept_l1: Optional[list[float]]
+
+
+def _kth_bins(counts: np.ndarray, ks: np.ndarray, above: np.ndarray):
+    """For each row, the bin holding its k-th largest element (bins ordered high to low) and
+    the count strictly above that bin. counts: int64 [R, NUM_BINS]; ks, above: int64 [R]."""
+    desc = np.cumsum(counts[:, ::-1], axis=1)   # desc[r, j]: count in bins >= NUM_BINS-1-j
+    desc += above[:, None]
+    pos = (desc < ks[:, None]).sum(1)           # first j with desc >= k (desc is sorted)
+    prev = np.where(pos > 0, desc[np.arange(len(pos)), np.maximum(pos - 1, 0)], above)
+    return NUM_BINS - 1 - pos, prev
 
 
 def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score: int,
-           source: ChunkSource, reduce: Optional[Callable] = None) -> Selection:
-    """Exact T(k) for each (model, k) request; k <= 0 gives inf, k >= n gives 0.0."""
+           source: ChunkSource, reduce: Optional[Callable] = None,
+           l1: bool = True) -> Selection:
+    """Exact T(k) for each (model, k) request; k <= 0 gives inf, k >= n gives 0.0.
+    ``l1=False`` skips the L1 of what each threshold keeps (``kept_l1`` is then None)."""
     n = hist.numel
-    thresholds: list[Optional[float]] = [None] * len(requests)
-    kept = [0.0] * len(requests)
-    pending = []  # (request index, model, prefix bin, count above the bin, k)
-    for r, (i, k) in enumerate(requests):
-        if k <= 0:
-            thresholds[r], kept[r] = float("inf"), 0.0
-        elif k >= n:
-            thresholds[r], kept[r] = 0.0, float(hist.sums[i].sum())
-        else:
-            desc = torch.flip(hist.counts[i], [0]).cumsum(0)       # count of bins >= b
-            pos = int(torch.searchsorted(desc, torch.tensor(k)))    # first position with >= k
-            b = NUM_BINS - 1 - pos
-            above = int(desc[pos - 1]) if pos > 0 else 0
-            kept[r] = float(hist.sums[i, b + 1:].sum())
-            pending.append((r, i, b, above, k))
+    thresholds = [float("inf") if k <= 0 else 0.0 for _, k in requests]
+    kept = [0.0] * len(requests) if l1 else None
+    pending = [r for r, (_, k) in enumerate(requests) if 0 < k < n]
+    if l1:
+        for r, (i, k) in enumerate(requests):
+            if 0 < k and k >= n:
+                kept[r] = float(hist.sums[i].sum())
     if pending:
-        targets = torch.tensor([[i, b] for _, i, b, _, _ in pending], dtype=torch.int64)
-        counts, sums = accumulate(backend, source, score, targets, 1, reduce)
-        for row, (r, i, b, above, k) in enumerate(pending):
-            desc = torch.flip(counts[row], [0]).cumsum(0) + above
-            pos = int(torch.searchsorted(desc, torch.tensor(k)))
-            low = NUM_BINS - 1 - pos
-            thresholds[r] = _bits_to_float((b << RADIX_BITS) | low)
-            kept[r] += float(sums[row, low:].sum())
-    return Selection([float(t) for t in thresholds], kept)
+        rows = np.array([requests[r][0] for r in pending], dtype=np.int64)
+        ks = np.array([requests[r][1] for r in pending], dtype=np.int64)
+        b, above = _kth_bins(hist.counts.numpy()[rows], ks, np.zeros_like(ks))
+        targets = torch.from_numpy(np.stack([rows, b], axis=1))
+        counts, sums = accumulate(backend, source, score, targets, 1, reduce, "level1")
+        low, _ = _kth_bins(counts.numpy(), ks, above)
+        values = _bits_to_floats((b << RADIX_BITS) | low)
+        for row, r in enumerate(pending):
+            thresholds[r] = values[row]
+            if l1:
+                kept[r] = float(hist.sums[int(rows[row]), int(b[row]) + 1:].sum())
+                kept[r] += float(sums[row, int(low[row]):].sum())
+    return Selection(thresholds, kept)

@@ -31,13 +31,14 @@ from ..backends import get_backend
 from ..lines import count_blocks, depth_function, lines_factor
 from ..ops import SCORE_FISHER, SCORE_MAGNITUDE
 from ..plan import plan_tensor, thresholds_from_selection
-from ..selection import level0
+from ..selection import level0, release_scratch
 from . import parallel
 from .checkpoint_io import MERGEABLE, Checkpoint, CheckpointError, SafetensorsFile
 from .config import ConfigError, MergeConfig, ParameterResolver, load_config
 from .hub import resolve_model
 from .model_card import model_card
-from .streaming import ChunkLoader, plan_chunking, prefetched, release_freed_memory_promptly
+from .streaming import (ChunkLoader, plan_chunking, prefetched, release_freed_memory_promptly,
+                        trim_freed_memory)
 from ..methods import METHODS
 from .writer import ShardLayout, copy_model_files, parse_size, write_index
 
@@ -262,9 +263,9 @@ class _Engine:
         hist = parallel.allreduce_histograms(hist, spec0.n_models)
         total = sum(self.numel(n) for n in self.inputs.merged)
         all_units = [u for n in names for u in self.units(n)]
-        thr, kept, l1 = thresholds_from_selection(spec0, total, self.be,
-                                                  self.source(all_units), score, names, hist,
-                                                  reduce=parallel.reducer())
+        thr, _, _ = thresholds_from_selection(spec0, total, self.be, self.source(all_units),
+                                              score, names, hist, reduce=parallel.reducer(),
+                                              l1=False)
         self.passes += ["scope=model level-0 histograms", "scope=model level-1 selection"]
         return [tuple(t) for t in thr], total
 
@@ -467,6 +468,8 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
         for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
             if c is not None:
                 c.close()
+        release_scratch()
+        trim_freed_memory()
 
 
 def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, lines_pattern,
