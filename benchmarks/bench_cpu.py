@@ -142,8 +142,14 @@ def per_pass_costs(shape=(4096, 4096), ns=(2, 3, 8), density=0.2, reps=5):
             sel = best_time(lambda: plan_tensor(spec, lambda: [chunk], be, numel, "x"), reps)
             mrg = best_time(lambda: be.merge(chunk, plan, torch.bfloat16), reps)
             scale = 1e9 / (numel * n)
+            # dare_ties with mergekit's rescale: true (L1): a statistics pass (Philox draws,
+            # sums of |t| kept) + the merge pass (the same draws again)
+            dspec = resolve_spec("dare_ties", n, density=0.5, rescale="l1")
+            dplan = plan_tensor(dspec, lambda: [chunk], be, numel, "x")
+            dsel = best_time(lambda: plan_tensor(dspec, lambda: [chunk], be, numel, "x"), reps)
+            dmrg = best_time(lambda: be.merge(chunk, dplan, torch.bfloat16), reps)
             out.append((n, threads, l0 * scale, (sel - l0) * scale, mrg * scale,
-                        (sel + mrg) * 1e9 / numel))
+                        (sel + mrg) * 1e9 / numel, dsel * scale, dmrg * scale))
         torch.set_num_threads(old)
     return out
 
@@ -248,9 +254,11 @@ def render(rows, bw, machine, args, elapsed, passes=()) -> str:
         lines += ["", "Per pass, 4096x4096 bf16, ns per (element x model) (best of 5; selection "
                   "level 1 = plan - level 0):", "",
                   "| N | threads | level-0 histogram | level-1 histogram | fused merge | "
-                  "full TIES ns per element |", "|---|---|---|---|---|---|"]
-        for n, th, l0, l1, mrg, tot in passes:
-            lines.append(f"| {n} | {th} | {l0:.2f} | {l1:.2f} | {mrg:.2f} | {tot:.2f} |")
+                  "full TIES ns per element | dare_ties (rescale l1): statistics pass | "
+                  "dare_ties merge |", "|---|---|---|---|---|---|---|---|"]
+        for n, th, l0, l1, mrg, tot, dst, dmg in passes:
+            lines.append(f"| {n} | {th} | {l0:.2f} | {l1:.2f} | {mrg:.2f} | {tot:.2f} | "
+                         f"{dst:.2f} | {dmg:.2f} |")
     lines.append("")
     return "\n".join(lines)
 
