@@ -1,17 +1,26 @@
 """Reading safetensors checkpoints lazily, with the header checked before anything is trusted.
 
 ``SafetensorsFile`` parses and validates the header itself (JSON, dtypes, shapes, offsets
-against the file size, overlaps) and reads element ranges of one tensor with ``os.preadv``
-into buffers it owns: no mmap, so what a read costs in memory is exactly the buffer (mapped
-file pages would count toward the process RSS). ``Checkpoint`` is a model directory: its
-shards, the name -> file map, config and tokenizer files.
+against the file size, overlaps) and gives element ranges of one tensor two ways:
+
+- ``read``: ``os.preadv`` into a buffer it owns (or the caller's pinned staging buffer);
+- ``map``: a private mapping of just that range, its pages populated up front
+  (``MADV_POPULATE_READ``), unmapped when the tensor is freed. No copy out of the page cache:
+  on the 0.2B benchmark preset that copy was ~0.3 s of CPU per merge on this 2-core VM.
+
+Either way, what a chunk costs in memory is its own bytes, only while it is alive: there is no
+mapping of whole files (whose touched pages would stay in the process RSS). ``Checkpoint`` is a
+model directory: its shards, the name -> file map, config and tokenizer files.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,6 +41,7 @@ TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 MERGEABLE = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEADER = 100 * 1024 * 1024   # the safetensors crate's own limit
 _MAX_IO = 1 << 30                # bytes per preadv call
+_MADV_POPULATE_READ = 22         # Linux >= 5.14: fault the pages in now (reads them if needed)
 
 
 class CheckpointError(ValueError):
@@ -164,6 +174,37 @@ class SafetensorsFile:
             done += got
         return buf.view(info.dtype) if nbytes else torch.empty(0, dtype=info.dtype)
 
+    def map(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Elements [start, stop) of tensor ``name`` like ``read``, backed by a private
+        (copy-on-write) mapping of that byte range instead of a copy. The pages are populated
+        here, so I/O errors surface now as a CheckpointError and the kernels that read the
+        tensor do not stall on page faults; the mapping goes when the tensor is freed."""
+        info = self.tensors[name]
+        stop = info.numel if stop is None else stop
+        nbytes = (stop - start) * info.itemsize
+        if nbytes == 0:
+            return torch.empty(0, dtype=info.dtype)
+        pos = info.begin + start * info.itemsize
+        lo = pos - pos % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(self._fileno(), pos + nbytes - lo, offset=lo,
+                           access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}, tensor {name!r}: cannot map bytes "
+                                  f"{pos}..{pos + nbytes} ({exc})") from None
+        try:
+            mm.madvise(_MADV_POPULATE_READ)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: kernel < 5.14
+                mm.close()
+                raise CheckpointError(f"{self.path}, tensor {name!r}: reading failed "
+                                      f"({exc.strerror})") from None
+            mm.madvise(mmap.MADV_WILLNEED)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=pos - lo)
+        return t.view(info.dtype)
+
     def __del__(self):  # pragma: no cover
         try:
             self.close()
@@ -226,6 +267,9 @@ class Checkpoint:
 
     def read(self, name: str, start: int = 0, stop: Optional[int] = None, out=None):
         return self.where[name].read(name, start, stop, out)
+
+    def map(self, name: str, start: int = 0, stop: Optional[int] = None):
+        return self.where[name].map(name, start, stop)
 
     def path_of(self, name: str) -> Path:
         return self.where[name].path

@@ -139,8 +139,8 @@ class ChunkLoader:
 
     def _read_all(self, reads: list) -> list:
         """reads: [(reader, name, start, stop)]; on GPU through one pinned staging buffer."""
-        if self.device.type == "cpu":
-            return [r.read(n, s, e) for r, n, s, e in reads]
+        if self.device.type == "cpu":  # mapped, no copy (checkpoint_io.SafetensorsFile.map)
+            return [r.map(n, s, e) for r, n, s, e in reads]
         sizes = [(e - s) * r.info(n).itemsize for r, n, s, e in reads]
         total = sum(sizes)
         if self._staging is None or self._staging.numel() < total:
