@@ -218,3 +218,32 @@ def test_hub_reference_resolves_through_the_local_cache(ckpts, tmp_path, monkeyp
     with pytest.raises(ValueError, match="acme/not-cached.*offline"):
         fastmerge.merge_checkpoints(cfg, tmp_path / "out2", backend="torch")
     assert not (tmp_path / "out2").exists()
+
+
+def test_mapped_ranges_equal_preadv_reads(tmp_path):
+    """SafetensorsFile.map (the CPU engine's zero-copy chunks) returns exactly what preadv
+    reads, for ranges at unaligned offsets, empty ranges and whole tensors, and its tensors
+    stay valid (copy-on-write, no file writes) after the file object is closed."""
+    from safetensors.torch import save_file
+    from fastmerge.engine.checkpoint_io import SafetensorsFile
+    g = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randn(1001, generator=g).to(torch.bfloat16),
+               "b": torch.randn(37, 129, generator=g),
+               "c": torch.randn(5000, generator=g).to(torch.float16)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    before = (tmp_path / "x.safetensors").read_bytes()
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    kept = []
+    for name, t in tensors.items():
+        n = t.numel()
+        for start, stop in ((0, n), (1, n), (3, 7), (n - 1, n), (5, 5), (n // 3, 2 * n // 3)):
+            got = f.map(name, start, stop)
+            assert got.dtype == t.dtype
+            assert torch.equal(got, f.read(name, start, stop))
+            assert torch.equal(got, t.reshape(-1)[start:stop])
+            kept.append((got, t.reshape(-1)[start:stop]))
+    kept[0][0].add_(1)  # private mapping: the file is not written
+    f.close()
+    for got, want in kept[1:]:
+        assert torch.equal(got, want)
+    assert (tmp_path / "x.safetensors").read_bytes() == before
