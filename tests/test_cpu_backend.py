@@ -2,6 +2,8 @@
 Philox and dtype rounding against Python/torch, thread-count and chunking invariance, DARE masks
 at odd sizes, mixed dtypes, the raw ops against their plain-torch definitions, and opcheck.
 The generic conformance suite (tests/test_conformance.py) also runs against ``cpu``."""
+import os
+
 import pytest
 import torch
 
@@ -310,3 +312,36 @@ def test_opcheck_all_ops():
     torch.library.opcheck(torch.ops.fastmerge.fused_merge.default, (
         base, models, [], plan.fparams, plan.iparams, *plan.op_args(), 0, torch.bfloat16,
         torch.zeros(2, dtype=torch.int64)))
+
+
+@pytest.mark.skipif(os.environ.get("FASTMERGE_LARGE_TESTS") != "1",
+                    reason="opt-in (FASTMERGE_LARGE_TESTS=1): needs ~14 GiB of RAM and ~1 min")
+def test_more_than_2_pow_31_elements():
+    """A bf16 tensor of 2^31 + 4099 elements: 64-bit indexing in the histogram, the merge and
+    the DARE counters of the CPU kernels."""
+    n = (1 << 31) + 4099
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    model = torch.ones(n, dtype=torch.bfloat16)
+    model[-7:] = 3.0
+    model[-1] = -2.0
+    targets = torch.tensor([[0, 0]])
+    counts = torch.zeros(1, ops.NUM_BINS, dtype=torch.int64)
+    sums = torch.zeros(1, ops.NUM_BINS, dtype=torch.float64)
+    torch.ops.fastmerge.score_histogram(base, [model], [], 0, targets, 0, counts, sums)
+    assert int(counts.sum()) == n
+    assert int(counts[0, 0x3F80]) == n - 7 and int(counts[0, 0x4040]) == 6
+    assert int(counts[0, 0x4000]) == 1
+    assert sums[0].sum().item() == float(n - 7 + 18 + 2)
+    # the exact 7th largest |t| (radix selection over both levels), then the merge beyond 2^31
+    assert fm.magnitude_threshold(model, 7, base=base, backend="cpu") == 2.0
+    out = fm.merge_tensors(base, [model], "magnitude_prune", thresholds=[(3.0, float("inf"))],
+                           backend="cpu", tensor_name=NAME)
+    assert out[-8:].float().tolist() == [0.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.0]
+    assert int(torch.count_nonzero(out)) == 6
+    del out
+    out = fm.merge_tensors(base, [model], "dare_linear", density=0.5, seed=5, rescale=None,
+                           tensor_name=NAME, backend="cpu")
+    key = rng.dare_key(5, NAME, 0)
+    assert torch.equal(out[-5000:].float() != 0,
+                       rng.philox_uniform_u32(key, n - 5000, 5000) < (1 << 31))
+    assert torch.equal(out[:5000].float() != 0, rng.philox_uniform_u32(key, 0, 5000) < (1 << 31))
