@@ -117,6 +117,7 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
   for (int64_t s = begin; s < end; s += kBlock) {
     const int len = static_cast<int>(end - s < kBlock ? end - s : kBlock);
     if (has_base) load_block(in.base, in.base_dtype, s, len, bb);
+    int loaded = -1;  // the model whose block tt / the previous row's bits hold
     for (int r = 0; r < T; ++r) {
       const int i = static_cast<int>(c.targets[2 * r]);
       const uint32_t prefix = static_cast<uint32_t>(c.targets[2 * r + 1]);
@@ -124,10 +125,19 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
       uint32_t* __restrict bits = bits_all + static_cast<size_t>(r) * kBlock;
       double* __restrict sm = fisher ? sums + static_cast<size_t>(r) * NUM_BINS : nullptr;
       uint32_t* range = ranges + 2 * r;
-      load_task_block(in.models[i], in.model_dtypes[i], s, len, bb, has_base, tt);
+      if (i == loaded) {  // another prefix of the same model (breadcrumbs' two thresholds)
+        memcpy(bits, bits - kBlock, sizeof(uint32_t) * static_cast<size_t>(len));
+      } else {
+        load_task_block(in.models[i], in.model_dtypes[i], s, len, bb, has_base, tt);
+        if (fisher) {
+          load_block(in.moments[i], in.moment_dtypes[i], s, len, vv);
+          for (int k = 0; k < len; ++k) bits[k] = fm_score_bits(tt[k], vv[k], SCORE_FISHER);
+        } else {
+          for (int k = 0; k < len; ++k) bits[k] = fm_score_bits(tt[k], 0.0f, SCORE_MAGNITUDE);
+        }
+        loaded = i;
+      }
       if (fisher) {
-        load_block(in.moments[i], in.moment_dtypes[i], s, len, vv);
-        for (int k = 0; k < len; ++k) bits[k] = fm_score_bits(tt[k], vv[k], SCORE_FISHER);
         if (c.level == 0) {
           widen_range(bits, len, range);
           for (int k = 0; k < len; ++k) {
@@ -139,7 +149,6 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
           level1_scatter<true>(bits, tt, len, prefix, tab, sm, range);
         }
       } else {
-        for (int k = 0; k < len; ++k) bits[k] = fm_score_bits(tt[k], 0.0f, SCORE_MAGNITUDE);
         if (c.level != 0) {
           level1_scatter<false>(bits, tt, len, prefix, tab, nullptr, range);
         } else {
