@@ -44,6 +44,41 @@ _MAX_IO = 1 << 30                # bytes per preadv call
 _MADV_POPULATE_READ = 22         # Linux >= 5.14: fault the pages in now (reads them if needed)
 
 
+def _madvise():
+    try:
+        import ctypes
+        f = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return f
+
+
+_MADVISE = _madvise()
+
+
+def _populate(mm: mmap.mmap) -> int:
+    """Fault a mapping's pages in now (reading them from disk if needed); 0 or an errno.
+    Through ctypes, which lets go of the GIL while the kernel reads (mmap.madvise holds it, which
+    would stall the writer and the main thread behind a cold read). Kernels without
+    MADV_POPULATE_READ (< 5.14) get a readahead hint instead."""
+    if _MADVISE is None:  # pragma: no cover
+        mm.madvise(mmap.MADV_WILLNEED)
+        return 0
+    import ctypes
+    view = (ctypes.c_char * len(mm)).from_buffer(mm)
+    try:
+        if _MADVISE(ctypes.addressof(view), len(mm), _MADV_POPULATE_READ) == 0:
+            return 0
+        err = ctypes.get_errno()
+    finally:
+        del view
+    if err in (errno.EINVAL, errno.ENOSYS):
+        mm.madvise(mmap.MADV_WILLNEED)
+        return 0
+    return err
+
+
 class CheckpointError(ValueError):
     """Bad input: a message naming the file (and the tensor) at fault."""
 
@@ -192,14 +227,11 @@ class SafetensorsFile:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{self.path}, tensor {name!r}: cannot map bytes "
                                   f"{pos}..{pos + nbytes} ({exc})") from None
-        try:
-            mm.madvise(_MADV_POPULATE_READ)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: kernel < 5.14
-                mm.close()
-                raise CheckpointError(f"{self.path}, tensor {name!r}: reading failed "
-                                      f"({exc.strerror})") from None
-            mm.madvise(mmap.MADV_WILLNEED)
+        err = _populate(mm)
+        if err:
+            mm.close()
+            raise CheckpointError(f"{self.path}, tensor {name!r}: reading failed "
+                                  f"({os.strerror(err)})")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=pos - lo)
