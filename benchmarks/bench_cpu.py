@@ -168,7 +168,11 @@ def main(argv=None):
                     help="time peft/mergekit only where N * numel <= this (their runtime)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu.md"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "throughput_cpu.png"))
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw --plot from the table in --out, without measuring")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        return replot(args.out, args.plot)
     ok, why = availability("cpu")
     if not ok:
         sys.exit(f"the cpu backend is not built: {why}")
@@ -263,6 +267,21 @@ def render(rows, bw, machine, args, elapsed, passes=()) -> str:
     return "\n".join(lines)
 
 
+def replot(table_path, plot_path):
+    """The plot again from a results table written by ``render``."""
+    text = open(table_path).read()
+    bw = float(text.split("Measured copy bandwidth: **")[1].split(" GB/s")[0])
+    machine = text.split("Machine: ")[1].split(";")[0]
+    points = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and "x" in cells[0] and cells[1].isdigit():
+            r, c = (int(v) for v in cells[0].split("x"))
+            n, numel = int(cells[1]), r * c
+            points.append((cells[2], n, numel, (n + 2) * 2 * numel / float(cells[3]) / GB))
+    plot(points, bw, plot_path, machine)
+
+
 def plot(points, bw, path, machine):
     import matplotlib
     matplotlib.use("Agg")
@@ -270,11 +289,14 @@ def plot(points, bw, path, machine):
     fig, ax = plt.subplots(figsize=(8, 5))
     impls = sorted({p[0] for p in points})
     markers = {2: "o", 3: "s", 8: "^"}
-    for impl in impls:
+    styles = {2: "-", 3: "--", 8: ":"}
+    colors = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for impl in impls:  # one colour per implementation, one marker / line style per N
         for n in sorted({p[1] for p in points}):
             pts = sorted((p[2], p[3]) for p in points if p[0] == impl and p[1] == n)
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers.get(n, "x"),
+                        linestyle=styles.get(n, "-"), color=colors[impl],
                         label=f"{impl}, N={n}")
     ax.axhline(bw, color="k", linestyle="--", label=f"measured copy bandwidth {bw:.1f} GB/s")
     ax.set_xscale("log")
