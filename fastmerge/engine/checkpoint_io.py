@@ -7,6 +7,9 @@ against the file size, overlaps) and gives element ranges of one tensor two ways
 - ``map``: a private mapping of just that range, its pages populated up front
   (``MADV_POPULATE_READ``), unmapped when the tensor is freed. No copy out of the page cache:
   on the 0.2B benchmark preset that copy was ~0.3 s of CPU per merge on this 2-core VM.
+  (The one thing it gives up: an input truncated by another process between the populate and
+  the kernel's read ends the process with SIGBUS instead of raising; file systems that cannot
+  map files fall back to ``read``.)
 
 Either way, what a chunk costs in memory is its own bytes, only while it is alive: there is no
 mapping of whole files (whose touched pages would stay in the process RSS). ``Checkpoint`` is a
