@@ -145,6 +145,17 @@ def test_one_and_two_threads_identical(threads):
     for (c1, s1), (c2, s2) in zip(res[:2], res[2:]):
         assert torch.equal(c1, c2)
         torch.testing.assert_close(s1, s2, rtol=1e-12, atol=0)
+    # the statistics pass sums per work item, in item order: bitwise the same on any threads
+    f = torch.tensor([[1.0, 1.0, 0.0, float("inf"), 1.0, 1.0]] * 3)
+    i = torch.tensor([[ops.MODE_DARE, 12345, 1 << 31], [ops.MODE_BAND, 0, 0],
+                      [ops.MODE_KEEP_ALL, 0, 0]])
+    stats = []
+    for nt in (1, 2):
+        torch.set_num_threads(nt)
+        out = torch.zeros(3, 3, dtype=torch.float64)
+        torch.ops.fastmerge.model_stats(base, models, vs, ops.SCORE_MAGNITUDE, f, i, 0.5, 7, out)
+        stats.append(out)
+    assert torch.equal(stats[0], stats[1])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**64 - 1])

@@ -77,15 +77,5 @@ inline int effective_threads(int64_t numel, int nthreads, int64_t min_per_thread
   return static_cast<int>(t < 1 ? 1 : t);
 }
 
-// [begin, end) of thread tid among nt, split on block boundaries.
-inline void thread_range(int64_t numel, int nt, int tid, int64_t* begin, int64_t* end) {
-  const int64_t blocks = (numel + kBlock - 1) / kBlock;
-  const int64_t per = blocks / nt, extra = blocks % nt;
-  const int64_t b0 = tid * per + (tid < extra ? tid : extra);
-  const int64_t b1 = b0 + per + (tid < extra ? 1 : 0);
-  *begin = b0 * kBlock < numel ? b0 * kBlock : numel;
-  *end = b1 * kBlock < numel ? b1 * kBlock : numel;
-}
-
 }  // namespace cpu
 }  // namespace fastmerge

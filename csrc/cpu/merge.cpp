@@ -159,22 +159,26 @@ void model_stats(const Inputs& in, int score, const FmModel* models, float power
   if (in.numel == 0) return;
   StatsCtx c{&in, score, models, power, offset};
   const int nt = effective_threads(in.numel, nthreads, int64_t{1} << 15);
-  double* acc = static_cast<double*>(calloc(static_cast<size_t>(nt) * 3 * FM_MAX_MODELS,
-                                            sizeof(double)));
-  double acc_one[3 * FM_MAX_MODELS] = {};
-  const int threads = acc != nullptr ? nt : 1;
-#pragma omp parallel num_threads(threads)
-  {
-    const int tid = omp_get_thread_num();
-    const int nta = omp_get_num_threads();
-    int64_t begin, end;
-    thread_range(in.numel, nta, tid, &begin, &end);
-    double* mine = acc != nullptr ? acc + static_cast<size_t>(tid) * 3 * FM_MAX_MODELS : acc_one;
-    if (begin < end) stats_range(c, begin, end, mine);
+  // Dynamic work items of kChunk elements, as in fused_merge (a thread the OS preempts holds
+  // up one item, not half the tensor), each summed into its own slot; the slots are added in
+  // item order, so the sums do not depend on the thread count or the schedule.
+  const int64_t items = (in.numel + kChunk - 1) / kChunk;
+  const size_t per = 3 * static_cast<size_t>(in.n);
+  double* acc = static_cast<double*>(calloc(static_cast<size_t>(items) * per, sizeof(double)));
+  if (acc == nullptr) {  // no memory for the slots: one thread, one slot
+    double one[3 * FM_MAX_MODELS] = {};
+    stats_range(c, 0, in.numel, one);
+    for (size_t q = 0; q < per; ++q) out[q] += one[q];
+    return;
   }
-  for (int t = 0; t < threads; ++t)
-    for (int q = 0; q < 3 * in.n; ++q)
-      out[q] += acc != nullptr ? acc[static_cast<size_t>(t) * 3 * FM_MAX_MODELS + q] : acc_one[q];
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t q = 0; q < items; ++q) {
+    const int64_t begin = q * kChunk;
+    const int64_t end = in.numel - begin > kChunk ? begin + kChunk : in.numel;
+    stats_range(c, begin, end, acc + static_cast<size_t>(q) * per);
+  }
+  for (int64_t q = 0; q < items; ++q)
+    for (size_t j = 0; j < per; ++j) out[j] += acc[static_cast<size_t>(q) * per + j];
   free(acc);
 }
 
