@@ -17,6 +17,7 @@ model directory: its shards, the name -> file map, config and tokenizer files.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import math
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import libc
 
 # safetensors dtype codes -> torch dtypes (the ones a checkpoint may hold)
 ST_DTYPES = {
@@ -47,17 +50,7 @@ _MAX_IO = 1 << 30                # bytes per preadv call
 _MADV_POPULATE_READ = 22         # Linux >= 5.14: fault the pages in now (reads them if needed)
 
 
-def _madvise():
-    try:
-        import ctypes
-        f = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # pragma: no cover
-        return None
-    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return f
-
-
-_MADVISE = _madvise()
+_MADVISE = libc.function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 
 
 def _populate(mm: mmap.mmap) -> int:
@@ -68,7 +61,6 @@ def _populate(mm: mmap.mmap) -> int:
     if _MADVISE is None:  # pragma: no cover
         mm.madvise(mmap.MADV_WILLNEED)
         return 0
-    import ctypes
     view = (ctypes.c_char * len(mm)).from_buffer(mm)
     try:
         if _MADVISE(ctypes.addressof(view), len(mm), _MADV_POPULATE_READ) == 0:
