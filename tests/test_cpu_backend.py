@@ -212,29 +212,31 @@ def test_chunked_equals_whole(method, params):
         torch.testing.assert_close(hw.sums, hc.sums, rtol=1e-12, atol=0)
 
 
+def _histograms_match_torch(base, models, vs, score, targets, level):
+    """The C++ histograms of (targets, level) equal ops.score_histogram_torch's: counts
+    exactly, sums to 1e-12. Returns the counts."""
+    got = [torch.zeros(len(targets), ops.NUM_BINS, dtype=torch.int64),
+           torch.zeros(len(targets), ops.NUM_BINS, dtype=torch.float64)]
+    want = [x.clone() for x in got]
+    torch.ops.fastmerge.score_histogram(base, models, vs, score, targets, level, *got)
+    ops.score_histogram_torch(base, models, vs, score, targets, level, *want)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+    return want[0]
+
+
 def test_histograms_and_stats_match_torch_kernels():
     base, models, vs = make_finetunes((3001, 7), 3, ("bf16", "fp32", "fp16"), seed=4,
                                       second_moments=True)
     vs[1] = vs[1].to(torch.bfloat16)
     targets0 = torch.tensor([[0, 0], [1, 0], [2, 0], [1, 0]])
     for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER):
-        got = [torch.zeros(4, ops.NUM_BINS, dtype=torch.int64),
-               torch.zeros(4, ops.NUM_BINS, dtype=torch.float64)]
-        want = [x.clone() for x in got]
-        torch.ops.fastmerge.score_histogram(base, models, vs, score, targets0, 0, *got)
-        ops.score_histogram_torch(base, models, vs, score, targets0, 0, *want)
-        assert torch.equal(got[0], want[0])
-        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+        counts0 = _histograms_match_torch(base, models, vs, score, targets0, 0)
         # level 1 on the fullest bin of each model (and a second prefix for model 1)
-        top = want[0].argmax(1)
+        top = counts0.argmax(1)
         targets1 = torch.tensor([[0, top[0]], [1, top[1]], [2, top[2]], [1, top[1] - 1]])
-        got1 = [torch.zeros_like(g) for g in got]
-        want1 = [torch.zeros_like(g) for g in got]
-        torch.ops.fastmerge.score_histogram(base, models, vs, score, targets1, 1, *got1)
-        ops.score_histogram_torch(base, models, vs, score, targets1, 1, *want1)
-        assert torch.equal(got1[0], want1[0])
-        assert got1[0].sum() > 0
-        torch.testing.assert_close(got1[1], want1[1], rtol=1e-12, atol=0)
+        counts1 = _histograms_match_torch(base, models, vs, score, targets1, 1)
+        assert counts1.sum() > 0
     spec = resolve_spec("breadcrumbs", 3, density=0.3, gamma=0.1)
     plan = plan_tensor(spec, lambda: [Chunk(base, models, vs, 0, NAME)], get_backend("torch",
                        "cpu"), base.numel(), NAME)
@@ -260,22 +262,11 @@ def test_histograms_across_calls_and_work_items(threads, rows):
                                       second_moments=True)
     for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER, ops.SCORE_MAGNITUDE):
         t0 = torch.tensor([[i, 0] for i in rows])
-        got = [torch.zeros(len(rows), ops.NUM_BINS, dtype=torch.int64),
-               torch.zeros(len(rows), ops.NUM_BINS, dtype=torch.float64)]
-        want = [x.clone() for x in got]
-        torch.ops.fastmerge.score_histogram(base, models, vs, score, t0, 0, *got)
-        ops.score_histogram_torch(base, models, vs, score, t0, 0, *want)
-        assert torch.equal(got[0], want[0])
-        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+        counts0 = _histograms_match_torch(base, models, vs, score, t0, 0)
         # consecutive rows of one model (a band's two thresholds) share its converted block
-        t1 = torch.tensor([[i, max(0, int(want[0][r].argmax()) - r % 2)]
+        t1 = torch.tensor([[i, max(0, int(counts0[r].argmax()) - r % 2)]
                            for r, i in enumerate(rows)])
-        got1 = [torch.zeros_like(g) for g in got]
-        want1 = [torch.zeros_like(g) for g in got]
-        torch.ops.fastmerge.score_histogram(base, models, vs, score, t1, 1, *got1)
-        ops.score_histogram_torch(base, models, vs, score, t1, 1, *want1)
-        assert torch.equal(got1[0], want1[0])
-        torch.testing.assert_close(got1[1], want1[1], rtol=1e-12, atol=0)
+        _histograms_match_torch(base, models, vs, score, t1, 1)
 
 
 def test_mixed_dtypes_all_methods():
