@@ -6,15 +6,16 @@
 
 For bf16 tensors of each shape and N fine-tunes it measures, in one run:
 - this machine's copy bandwidth: a 1 GiB torch tensor copy (read + write bytes / time);
-- fastmerge ``cpu`` (the C++ kernels): full TIES via ``fastmerge.merge_tensors`` = level-0 and
-  level-1 histogram passes + the fused merge pass, and the split (selection / merge);
+- fastmerge ``cpu`` (the C++ kernels): full TIES via ``fastmerge.merge_tensors`` = the one-pass
+  exact top-k (``topk_window``; the radix selection's two histogram passes where a window
+  misses) + the fused merge pass, and the split (selection / merge);
 - fastmerge ``torch`` (the plain-torch kernels of ops.py, the same passes in torch);
 - peft's ``peft.utils.merge_utils.ties`` on the bf16 task vectors (+ the base add);
 - mergekit 0.1.5's TIES math: ``mergekit.sparsify.sparsify(..., magnitude)`` per model and
   ``generalized_task_arithmetic.get_mask(..., "sum")`` + the disjoint weighted mean exactly as
   ``GeneralizedTaskArithmeticMerge.merge_group`` does it (bf16 deltas, as mergekit computes).
 GB/s is reported two ways: "all passes" = every byte the implementation's passes read and write
-for fastmerge (3 reads of base + N models, 1 write), and "useful" = (N + 1 inputs + 1 output)
+for fastmerge (one read of base + N models per pass, 1 write), and "useful" = (N + 1 inputs + 1 output)
 * bytes / time, the same for every implementation. It prints a markdown table, writes it to
 --out and draws --plot (throughput vs tensor size, copy bandwidth as the ceiling).
 """
@@ -88,14 +89,14 @@ def run_fastmerge(backend, base, models, density):
 
 
 def fastmerge_split(base, models, density, reps):
-    """(selection seconds, merge seconds) of the cpu backend."""
+    """(selection seconds, merge seconds, read passes of the selection) of the cpu backend."""
     be = get_backend("cpu", "cpu")
     spec = resolve_spec("ties", len(models), density=density)
     chunk = Chunk(base, models, [], 0, "x")
     plan = plan_tensor(spec, lambda: [chunk], be, base.numel(), "x")
     sel = best_time(lambda: plan_tensor(spec, lambda: [chunk], be, base.numel(), "x"), reps)
     mrg = best_time(lambda: be.merge(chunk, plan, torch.bfloat16), reps)
-    return sel, mrg
+    return sel, mrg, plan.passes
 
 
 def run_peft(base, models, density):
@@ -126,9 +127,12 @@ def run_mergekit(base, models, density):
 
 def per_pass_costs(shape=(4096, 4096), ns=(2, 3, 8), density=0.2, reps=5):
     """ns per (element x model) of each cpu pass, on 1 thread and on all threads."""
+    import dataclasses
+
     from fastmerge.selection import level0
     out = []
     be = get_backend("cpu", "cpu")
+    radix_be = dataclasses.replace(be, topk_window=None)  # the two-pass radix selection
     old = torch.get_num_threads()
     for n in ns:
         base, models = make_inputs(shape, n, seed=1)
@@ -139,6 +143,8 @@ def per_pass_costs(shape=(4096, 4096), ns=(2, 3, 8), density=0.2, reps=5):
         for threads in (1, old):
             torch.set_num_threads(threads)
             l0 = best_time(lambda: level0(be, n, 0, lambda: [chunk]), reps)
+            radix = best_time(lambda: plan_tensor(spec, lambda: [chunk], radix_be, numel, "x"),
+                              reps)
             sel = best_time(lambda: plan_tensor(spec, lambda: [chunk], be, numel, "x"), reps)
             mrg = best_time(lambda: be.merge(chunk, plan, torch.bfloat16), reps)
             scale = 1e9 / (numel * n)
@@ -148,7 +154,7 @@ def per_pass_costs(shape=(4096, 4096), ns=(2, 3, 8), density=0.2, reps=5):
             dplan = plan_tensor(dspec, lambda: [chunk], be, numel, "x")
             dsel = best_time(lambda: plan_tensor(dspec, lambda: [chunk], be, numel, "x"), reps)
             dmrg = best_time(lambda: be.merge(chunk, dplan, torch.bfloat16), reps)
-            out.append((n, threads, l0 * scale, (sel - l0) * scale, mrg * scale,
+            out.append((n, threads, sel * scale, l0 * scale, (radix - l0) * scale, mrg * scale,
                         (sel + mrg) * 1e9 / numel, dsel * scale, dmrg * scale))
         torch.set_num_threads(old)
     return out
@@ -191,12 +197,12 @@ def main(argv=None):
             base, models = make_inputs(shape, n)
             numel = base.numel()
             useful = (n + 2) * 2 * numel
-            all_pass = 3 * (n + 1) * 2 * numel + 2 * numel
             res = {}
             run_fastmerge("cpu", base, models, args.density)  # warm-up
             res["fastmerge cpu"] = best_time(
                 lambda: run_fastmerge("cpu", base, models, args.density), args.reps)
-            sel, mrg = fastmerge_split(base, models, args.density, args.reps)
+            sel, mrg, sel_passes = fastmerge_split(base, models, args.density, args.reps)
+            all_pass = (sel_passes + 1) * (n + 1) * 2 * numel + 2 * numel
             if numel <= args.torch_max_numel:
                 res["fastmerge torch"] = best_time(
                     lambda: run_fastmerge("torch", base, models, args.density), 1)
@@ -212,7 +218,8 @@ def main(argv=None):
                                  gbs_all=gbs_all, gbs_useful=useful / sec / GB,
                                  pct=(all_pass / sec / GB) / bw * 100 if gbs_all else None,
                                  speedup=sec / ours,
-                                 split=(sel, mrg) if impl == "fastmerge cpu" else None))
+                                 split=(sel, mrg) if impl == "fastmerge cpu" else None,
+                                 passes=sel_passes + 1))
                 points.append((impl, n, numel, useful / sec / GB))
                 print(f"{shape} N={n} {impl}: {sec:.3f} s", flush=True)
             del base, models
@@ -236,33 +243,36 @@ def render(rows, bw, machine, args, elapsed, passes=()) -> str:
         f"Machine: {machine}.  ",
         f"Measured copy bandwidth: **{bw:.1f} GB/s** (1 GiB torch copy, read + write bytes).  ",
         f"TIES with density {args.density}, weights 1, normalize (mergekit's defaults); "
-        f"fastmerge = 2 selection passes (level-0 + level-1 radix histograms) + 1 fused merge "
-        f"pass. Times are the best of {args.reps} (fastmerge cpu) or {args.peer_reps} (peers, "
+        f"fastmerge = the one-pass exact top-k (sampled window, csrc/cpu/select.cpp; the radix "
+        f"selection's 2 histogram passes where a window misses) + 1 fused merge pass, "
+        f"column 'passes'. Times are the best of {args.reps} (fastmerge cpu) or {args.peer_reps} (peers, "
         f"torch backend: 1) runs; the whole script took {elapsed:.0f} s.", "",
-        "GB/s (all passes) = bytes every fastmerge pass reads and writes = (3 (N+1) + 1) * 2 "
-        "bytes * numel / time; useful GB/s = (N + 2) * 2 bytes * numel / time (inputs once, "
+        "GB/s (all passes) = bytes every fastmerge pass reads and writes = (passes (N+1) + 1) * "
+        "2 bytes * numel / time; useful GB/s = (N + 2) * 2 bytes * numel / time (inputs once, "
         "output once), comparable across implementations. % copy = all-pass GB/s / measured "
         "copy bandwidth. speedup = implementation's time / fastmerge cpu's time.", "",
-        "| shape | N | implementation | seconds | GB/s all passes | useful GB/s | % of copy BW "
-        "| fastmerge cpu speedup vs this | cpu split: selection / merge (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | N | implementation | seconds | passes | GB/s all passes | useful GB/s | "
+        "% of copy BW | fastmerge cpu speedup vs this | cpu split: selection / merge (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         split = f"{r['split'][0]:.3f} / {r['split'][1]:.3f}" if r["split"] else ""
         gbs_all = "" if r["gbs_all"] is None else f"{r['gbs_all']:.1f}"
         pct = "" if r["pct"] is None else f"{r['pct']:.0f}%"
         speed = "" if r["impl"] == "fastmerge cpu" else f"{r['speedup']:.1f}x"
-        lines.append(f"| {r['shape']} | {r['n']} | {r['impl']} | {r['sec']:.3f} | {gbs_all} | "
-                     f"{r['gbs_useful']:.2f} | {pct} | {speed} | {split} |")
+        npass = r["passes"] if r["impl"] == "fastmerge cpu" else ""
+        lines.append(f"| {r['shape']} | {r['n']} | {r['impl']} | {r['sec']:.3f} | {npass} | "
+                     f"{gbs_all} | {r['gbs_useful']:.2f} | {pct} | {speed} | {split} |")
     if passes:
-        lines += ["", "Per pass, 4096x4096 bf16, ns per (element x model) (best of 5; selection "
-                  "level 1 = plan - level 0):", "",
-                  "| N | threads | level-0 histogram | level-1 histogram | fused merge | "
+        lines += ["", "Per pass, 4096x4096 bf16, ns per (element x model) (best of 5). "
+                  "Selection: the one-pass top-k that runs, and for comparison the radix "
+                  "selection it replaces (level 1 = radix plan - level 0):", "",
+                  "| N | threads | one-pass top-k | radix level 0 | radix level 1 | fused merge | "
                   "full TIES ns per element | dare_ties (rescale l1): statistics pass | "
-                  "dare_ties merge |", "|---|---|---|---|---|---|---|---|"]
-        for n, th, l0, l1, mrg, tot, dst, dmg in passes:
-            lines.append(f"| {n} | {th} | {l0:.2f} | {l1:.2f} | {mrg:.2f} | {tot:.2f} | "
-                         f"{dst:.2f} | {dmg:.2f} |")
+                  "dare_ties merge |", "|---|---|---|---|---|---|---|---|---|"]
+        for n, th, sel, l0, l1, mrg, tot, dst, dmg in passes:
+            lines.append(f"| {n} | {th} | {sel:.2f} | {l0:.2f} | {l1:.2f} | {mrg:.2f} | "
+                         f"{tot:.2f} | {dst:.2f} | {dmg:.2f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -275,7 +285,7 @@ def replot(table_path, plot_path):
     points = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 9 and "x" in cells[0] and cells[1].isdigit():
+        if len(cells) in (9, 10) and "x" in cells[0] and cells[1].isdigit():
             r, c = (int(v) for v in cells[0].split("x"))
             n, numel = int(cells[1]), r * c
             points.append((cells[2], n, numel, (n + 2) * 2 * numel / float(cells[3]) / GB))

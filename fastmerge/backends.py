@@ -1,7 +1,7 @@
 """The one dispatch point: ``backend="auto"|"torch"|"cpu"|"cuda"|"triton"``.
 
 A backend is three primitives with the signatures of the ``fastmerge::`` ops (ops.py):
-``score_histogram``, ``model_stats`` and ``fused_merge``. The selection and planning code
+``score_histogram``, ``model_stats`` and ``fused_merge``, and optionally ``topk_window``. The selection and planning code
 (selection.py, plan.py) is shared; only these kernels differ per backend.
 
 - ``torch``: the plain-torch kernels of ops.py (reference semantics, any device).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -36,6 +36,9 @@ class Backend:
     score_histogram: Callable
     model_stats: Callable
     fused_merge: Callable
+    # one-pass exact top-k of one chunk (fastmerge::topk_window); only the CPU kernels have a
+    # fast one, elsewhere the radix selection (two histogram passes) runs
+    topk_window: Optional[Callable] = None
 
     # The shared planning code calls these wrappers.
     def histogram_into(self, chunk: Chunk, score: int, targets: torch.Tensor, level: int,
@@ -71,7 +74,8 @@ def _torch_backend() -> Backend:
 
 def _dispatcher_backend(name: str) -> Backend:
     o = torch.ops.fastmerge
-    return Backend(name, o.score_histogram, o.model_stats, o.fused_merge)
+    return Backend(name, o.score_histogram, o.model_stats, o.fused_merge,
+                   o.topk_window if name == "cpu" else None)
 
 
 def availability(name: str) -> tuple[bool, str]:
@@ -144,3 +148,13 @@ def _supports(name: str, dev: str) -> bool:
         from . import triton_kernels
         return triton_kernels.supports_device(dev)
     return False
+
+
+def output_cache_limit(backend: Backend, nbytes: int) -> int:
+    """CPU backend: bytes of freed ``fused_merge`` outputs kept for reuse (a fresh 32 MiB
+    output costs ~10 ms of page faults here; see csrc/cpu/output_cache.h). Returns the previous
+    limit; a no-op returning 0 for the other backends."""
+    if backend.name != "cpu":
+        return 0
+    from . import _C
+    return int(_C.set_output_cache_limit(int(nbytes)))

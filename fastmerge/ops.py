@@ -1,4 +1,4 @@
-"""The three primitive ops every fast backend implements, defined once with torch.library.
+"""The primitive ops of the fast backends, defined once with torch.library.
 
 Schemas and fake (meta) kernels live here; the plain-torch kernels below are the registered
 fallback (CompositeExplicitAutograd) and the definition the C++/CUDA/Triton kernels mirror:
@@ -10,6 +10,9 @@ fallback (CompositeExplicitAutograd) and the definition the C++/CUDA/Triton kern
   elements (mode 0/1/2/3 of ``iparams``), sum v_i^p; accumulated in place (float64).
 - ``fastmerge::fused_merge``: the one-pass merge of a chunk: reads base + N models (+ N second
   moments) once and writes the output dtype once.
+- ``fastmerge::topk_window`` (optional; the CPU kernels have a fast one): the exact k-th
+  largest |t_i| of one whole tensor in one read pass, where the histogram route needs two;
+  a kernel may report a miss (-1) and the planner then runs the histograms.
 
 Per-model parameters travel packed (see ``fastmerge.plan``):
 ``fparams`` float32 [N, 6] = (weight, rescale, lo, hi, consensus_lambda, ota_scale);
@@ -49,6 +52,8 @@ LIB.define("fused_merge(Tensor? base, Tensor[] models, Tensor[] second_moments, 
            "Tensor iparams, int combine, int score, int elect, int elect_on, int normalize, "
            "int consensus_k, float scale, float power, float eps, int offset, "
            "ScalarType out_dtype, Tensor(a!) nonfinite) -> Tensor")
+LIB.define("topk_window(Tensor? base, Tensor[] models, Tensor requests, bool l1) "
+           "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 # ----------------------------------------------------------------------------- plain torch
@@ -147,9 +152,40 @@ def fused_merge_torch(base, models, second_moments, fparams, iparams, combine, s
     return out.to(out_dtype)
 
 
+def topk_window_torch(base, models, requests, l1):
+    """Exact k-th largest |t_i| for each request row (model i, k) with 1 <= k <= numel.
+
+    Returns (thresholds int64 [R]: the float32 bit pattern of T(k), or -1 where a kernel's
+    sampled window missed, which this one never does; kept_l1 float64 [R]: sum of |t_i| >=
+    T(k); total_l1 float64 [N]: sum |t_i|; nonfinite int64 [N]: NaN/Inf task-vector values).
+    The L1 sums are zeros unless ``l1``. The C++ kernel (csrc/cpu/select.cpp) reads the inputs
+    once where the radix selection reads them twice."""
+    n = len(models)
+    rows = requests.tolist()
+    thr = torch.empty(len(rows), dtype=torch.int64)
+    kept = torch.zeros(len(rows), dtype=torch.float64)
+    total = torch.zeros(n, dtype=torch.float64)
+    bad = torch.zeros(n, dtype=torch.int64)
+    mags = {}
+    for i in sorted({int(r[0]) for r in rows}):
+        s = _score(_task_vectors(base, [models[i]])[0].reshape(-1), None, SCORE_MAGNITUDE)
+        bad[i] = int((~torch.isfinite(s)).sum())
+        mags[i] = s
+        if l1:
+            total[i] = s.to(torch.float64).sum().cpu()
+    for r, (i, k) in enumerate(rows):
+        s = mags[int(i)]
+        t = torch.topk(s, int(k), sorted=False).values.min()
+        thr[r] = int(t.reshape(1).view(torch.int32).item())
+        if l1:
+            kept[r] = s[s >= t].to(torch.float64).sum().cpu()
+    return thr, kept, total, bad
+
+
 torch.library.impl(LIB, "score_histogram", "CompositeExplicitAutograd")(score_histogram_torch)
 torch.library.impl(LIB, "model_stats", "CompositeExplicitAutograd")(model_stats_torch)
 torch.library.impl(LIB, "fused_merge", "CompositeExplicitAutograd")(fused_merge_torch)
+torch.library.impl(LIB, "topk_window", "CompositeExplicitAutograd")(topk_window_torch)
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -168,3 +204,12 @@ def _fused_merge_fake(base, models, second_moments, fparams, iparams, combine, s
                       elect_on, normalize, consensus_k, scale, power, eps, offset, out_dtype,
                       nonfinite):
     return models[0].new_empty(models[0].shape, dtype=out_dtype)
+
+
+@torch.library.register_fake("fastmerge::topk_window")
+def _topk_window_fake(base, models, requests, l1):
+    r, n = requests.shape[0], len(models)
+    return (requests.new_empty((r,), dtype=torch.int64),
+            requests.new_empty((r,), dtype=torch.float64),
+            requests.new_empty((n,), dtype=torch.float64),
+            requests.new_empty((n,), dtype=torch.int64))

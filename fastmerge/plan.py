@@ -19,7 +19,8 @@ from .ops import (COMBINE_IDS, ELECT_COUNT, ELECT_SUM, ELECT_UNWEIGHTED, ELECT_W
                   I_DARE_THRESHOLD, I_MODE, MODE_BAND, MODE_DARE, MODE_KEEP_ALL, MODE_KEEP_NONE,
                   NORMALIZE_COUNT, NORMALIZE_NONE, NORMALIZE_WEIGHTS, NUM_FPARAMS, NUM_IPARAMS,
                   SCORE_FISHER, SCORE_MAGNITUDE)
-from .selection import ChunkSource, Histograms, level0, select
+from .selection import (ChunkSource, Histograms, level0, select, select_one_pass,
+                        single_chunk)
 
 INF = float("inf")
 
@@ -72,15 +73,31 @@ def selection_requests(spec: MergeSpec, numel: int) -> list[list[int]]:
 
 def thresholds_from_selection(spec: MergeSpec, numel: int, backend, source: ChunkSource,
                               score: int, names: Sequence[str] = (),
-                              hist: Optional[Histograms] = None, reduce=None, l1: bool = True):
+                              hist: Optional[Histograms] = None, reduce=None, l1: bool = True,
+                              info: Optional[dict] = None):
     """Per-model (lo, hi) and the L1 of what they keep, by radix selection over ``source``.
     ``reduce``: sums histograms over ranks when ``source`` is this rank's part of the data.
-    ``l1=False``: the two L1 lists come back None (only ``rescale="l1"`` needs them)."""
+    ``l1=False``: the two L1 lists come back None (only ``rescale="l1"`` needs them).
+    A whole tensor in one chunk on a backend with the one-pass kernel is selected in one read
+    pass (``select_one_pass``); ``info["passes"]`` gets the number of read passes made."""
     reqs = selection_requests(spec, numel)
-    if hist is None:  # ours alone: a reused buffer
-        hist = level0(backend, spec.n_models, score, source, names, reduce, scratch=True)
     flat = [(i, k) for i, ks in enumerate(reqs) for k in ks]
-    sel = select(backend, hist, flat, score, source, reduce, l1=l1)
+    got = None
+    if hist is None and reduce is None:
+        chunk = single_chunk(source)
+        if chunk is not None:
+            got = select_one_pass(backend, chunk, spec.n_models, flat, score, names, l1)
+    if got is not None:
+        sel, total_l1 = got
+        passes = 1
+    else:
+        if hist is None:  # ours alone: a reused buffer
+            hist = level0(backend, spec.n_models, score, source, names, reduce, scratch=True)
+        sel = select(backend, hist, flat, score, source, reduce, l1=l1)
+        total_l1 = hist.total_l1() if l1 else None
+        passes = 2
+    if info is not None:
+        info["passes"] = passes
     out, kept, pos = [], [], 0
     for ks in reqs:
         vals = sel.thresholds[pos:pos + len(ks)]
@@ -93,7 +110,7 @@ def thresholds_from_selection(spec: MergeSpec, numel: int, backend, source: Chun
             lo, hi = vals
             out.append((lo, hi))
             kept.append(kl1[0] - (kl1[1] if hi != INF else 0.0))
-    return (out, kept, hist.total_l1()) if l1 else (out, None, None)
+    return (out, kept, total_l1) if l1 else (out, None, None)
 
 
 def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tensor_name: str = "",
@@ -118,10 +135,11 @@ def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tenso
 
     if spec.sparsifier in ("topk", "fisher", "band"):
         if thresholds is None:
+            how: dict = {}
             thresholds, kept_l1, total_l1 = thresholds_from_selection(
                 spec, numel, backend, source, score, names, reduce=reduce,
-                l1=spec.rescale == "l1")
-            passes += 2
+                l1=spec.rescale == "l1", info=how)
+            passes += how["passes"]
         for i, (lo, hi) in enumerate(thresholds):
             f[i, F_LO], f[i, F_HI] = lo, hi
             iparams[i, I_MODE] = (MODE_KEEP_NONE if lo == INF else

@@ -9,6 +9,11 @@ one a full sort would give. Cost: one read pass per level (level 1 only when 0 <
 
 Per-bin sums of |t| ride along, so the L1 norm of what a threshold keeps (``rescale="l1"``)
 comes from the same passes.
+
+``select_one_pass`` is the fast path for a magnitude top-k of one tensor held in one chunk,
+where the backend has the ``topk_window`` kernel (the CPU backend): one read pass over a
+window of score values chosen from a sample, exact where it decides; when a window misses,
+the caller falls back to the radix selection.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from .ops import NONFINITE_BIN, NUM_BINS, RADIX_BITS
+from .ops import NONFINITE_BIN, NUM_BINS, RADIX_BITS, SCORE_MAGNITUDE
 
 
 @dataclass
@@ -117,6 +122,12 @@ def accumulate(backend, source: ChunkSource, score: int, targets: torch.Tensor, 
     return counts, sums
 
 
+def _nonfinite_error(i: int, count: int, names: Sequence[str]) -> ValueError:
+    what = f"tensor {names[0]!r}" if len(names) == 1 else "the tensors merged"
+    return ValueError(f"task vector of model {i} for {what} contains {count} "
+                      f"NaN/Inf value(s); fastmerge refuses to merge them")
+
+
 def level0(backend, n_models: int, score: int, source: ChunkSource,
            names: Sequence[str] = (), reduce: Optional[Callable] = None,
            scratch: bool = False) -> Histograms:
@@ -130,9 +141,7 @@ def level0(backend, n_models: int, score: int, source: ChunkSource,
     bad = counts.numpy()[:, NONFINITE_BIN:].sum(1).tolist()
     for i in range(n_models):
         if bad[i]:
-            what = f"tensor {names[0]!r}" if len(names) == 1 else "the tensors merged"
-            raise ValueError(f"task vector of model {i} for {what} contains {bad[i]} "
-                             f"NaN/Inf value(s); fastmerge refuses to merge them")
+            raise _nonfinite_error(i, bad[i], names)
     return Histograms(counts, sums)
 
 
@@ -180,3 +189,50 @@ def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score
                 kept[r] = float(hist.sums[int(rows[row]), int(b[row]) + 1:].sum())
                 kept[r] += float(sums[row, int(low[row]):].sum())
     return Selection(thresholds, kept)
+
+
+def single_chunk(source: ChunkSource) -> Optional[Chunk]:
+    """The chunk of a source that holds a whole tensor in one chunk given as a list (what the
+    engine and the API pass for tensors within the budget), else None. A generator source is
+    dropped unstarted, so nothing is read."""
+    chunks = source()
+    if isinstance(chunks, (list, tuple)) and len(chunks) == 1 and chunks[0].offset == 0:
+        return chunks[0]
+    return None
+
+
+def select_one_pass(backend, chunk: Chunk, n_models: int, requests: Sequence[tuple[int, int]],
+                    score: int, names: Sequence[str] = (), l1: bool = True):
+    """``select``'s result for (model, k) requests over one chunk in one read pass, with the
+    per-model total L1 (None unless ``l1``), through the backend's ``topk_window`` kernel.
+    None where that cannot run (no kernel, a Fisher score) or a window missed: the caller
+    then runs the radix selection. Raises like ``level0`` on NaN/Inf task vectors."""
+    if getattr(backend, "topk_window", None) is None or score != SCORE_MAGNITUDE:
+        return None
+    n = chunk.models[0].numel()
+    thresholds = [float("inf") if k <= 0 else 0.0 for _, k in requests]
+    pending = [r for r, (_, k) in enumerate(requests) if 0 < k < n]
+    rows = [list(requests[r]) for r in pending]
+    # every model once (its non-finite count), also when none of its k's needs selecting
+    probe = [[i, 1] for i in range(n_models) if all(r[0] != i for r in rows)]
+    req = torch.tensor(rows + probe, dtype=torch.int64).reshape(-1, 2)
+    thr, kept, total, bad = backend.topk_window(chunk.base, list(chunk.models), req, l1)
+    for i, b in enumerate(bad.tolist()):
+        if b:
+            raise _nonfinite_error(i, b, names)
+    bits = thr.tolist()[:len(rows)]
+    if any(b < 0 for b in bits):
+        return None
+    for r, value in zip(pending, _bits_to_floats(bits)):
+        thresholds[r] = value
+    kept_l1 = None
+    if l1:
+        total_l1 = total.tolist()
+        kept_l1 = [0.0] * len(requests)
+        for r, (i, k) in enumerate(requests):
+            if 0 < k and k >= n:
+                kept_l1[r] = total_l1[i]
+        for r, value in zip(pending, kept.tolist()):
+            kept_l1[r] = value
+        return Selection(thresholds, kept_l1), total_l1
+    return Selection(thresholds, None), None

@@ -350,3 +350,25 @@ def test_more_than_2_pow_31_elements():
     assert torch.equal(out[-5000:].float() != 0,
                        rng.philox_uniform_u32(key, n - 5000, 5000) < (1 << 31))
     assert torch.equal(out[:5000].float() != 0, rng.philox_uniform_u32(key, 0, 5000) < (1 << 31))
+
+
+def test_freed_outputs_are_reused_within_the_limit():
+    """fused_merge outputs of >= 1 MiB come from the freed-output cache and return to it."""
+    base, models, _ = make_finetunes((1024, 1031), 2, ("bf16", "bf16"), seed=12)
+    prev = C.set_output_cache_limit(0)
+    try:
+        C.set_output_cache_limit(64 << 20)
+        first = _merge("ties", base, models, None, density=0.3)
+        ptr = first.data_ptr()
+        want = first.clone()
+        del first
+        assert C.output_cache_bytes() == base.numel() * 2
+        again = _merge("ties", base, models, None, density=0.3)
+        assert again.data_ptr() == ptr and torch.equal(again, want)
+        del again
+        C.set_output_cache_limit(0)
+        assert C.output_cache_bytes() == 0
+        small = _merge("ties", base[:10], [m[:10] for m in models], None, density=0.3)
+        assert C.output_cache_bytes() == 0 and small.shape == (10, 1031)
+    finally:
+        C.set_output_cache_limit(prev)

@@ -1,4 +1,4 @@
-// fastmerge CPU backend: the thin torch binding. Registers the three fastmerge:: ops (schemas
+// fastmerge CPU backend: the thin torch binding. Registers the fastmerge:: ops (schemas
 // defined in Python by fastmerge/ops.py) for the CPU dispatch key and exposes a few helpers of
 // the shared header to the tests. All the work is in the raw-pointer kernels (fm_cpu.h).
 #include <ATen/Parallel.h>
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "fm_cpu.h"
+#include "output_cache.h"
 
 namespace fm = fastmerge;
 
@@ -104,7 +105,19 @@ std::vector<fm::FmModel> unpack_models(const at::Tensor& fparams, const at::Tens
 
 int threads() { return at::get_num_threads(); }
 
-// --------------------------------------------------------------------- the three ops
+// An uninitialised CPU tensor; multi-MiB ones come from the freed-output cache
+// (output_cache.h) and return to it when the tensor is freed.
+at::Tensor new_output(at::IntArrayRef sizes, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * at::elementSize(dtype);
+  void* p = fm::cpu::output_acquire(bytes);
+  if (p == nullptr) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  return at::from_blob(p, sizes, [bytes](void* q) { fm::cpu::output_release(q, bytes); },
+                       at::TensorOptions().dtype(dtype));
+}
+
+// --------------------------------------------------------------------- the ops
 void score_histogram_cpu(const std::optional<at::Tensor>& base, at::TensorList models,
                          at::TensorList second_moments, int64_t score, const at::Tensor& targets,
                          int64_t level, at::Tensor& counts, at::Tensor& sums) {
@@ -204,7 +217,7 @@ at::Tensor fused_merge_cpu(const std::optional<at::Tensor>& base, at::TensorList
       static_cast<int>(elect), static_cast<int>(elect_on), static_cast<int>(normalize),
       static_cast<int>(consensus_k < INT32_MAX ? consensus_k : INT32_MAX),
       static_cast<float>(scale), static_cast<float>(power), static_cast<float>(eps));
-  at::Tensor out = at::empty(models[0].sizes(), models[0].options().dtype(out_dtype));
+  at::Tensor out = new_output(models[0].sizes(), out_dtype);
   int64_t nf[FM_MAX_MODELS] = {};
   const bool ok = fm::cpu::fused_merge(in, cfg, ms.data(), offset, out.data_ptr(), oc, nf,
                                        threads());
@@ -213,7 +226,49 @@ at::Tensor fused_merge_cpu(const std::optional<at::Tensor>& base, at::TensorList
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_window_impl(
+    const std::optional<at::Tensor>& base, at::TensorList models, const at::Tensor& requests,
+    bool l1, double margin_sd, int64_t isa) {
+  TORCH_CHECK(!models.empty(), "fastmerge (cpu): topk_window needs at least one model");
+  TORCH_CHECK(requests.dim() == 2 && requests.size(1) == 2,
+              "fastmerge (cpu): requests must be [R, 2] (model, k), got ", requests.sizes());
+  std::vector<at::Tensor> hold;
+  fm::cpu::Inputs in = make_inputs(base, models, {}, hold);
+  const at::Tensor rq = requests.to(at::kCPU, at::kLong).contiguous();
+  const int64_t R = rq.size(0);
+  std::vector<int64_t> model(static_cast<size_t>(R)), k(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    model[r] = rq.data_ptr<int64_t>()[2 * r];
+    k[r] = rq.data_ptr<int64_t>()[2 * r + 1];
+    TORCH_CHECK(model[r] >= 0 && model[r] < in.n, "fastmerge (cpu): request ", r,
+                " names model ", model[r], " of ", in.n);
+    TORCH_CHECK(k[r] >= 1 && k[r] <= in.numel, "fastmerge (cpu): request ", r, " has k = ",
+                k[r], "; need 1 <= k <= ", in.numel);
+  }
+  at::Tensor thr = at::empty({R}, at::kLong);
+  at::Tensor kept = at::zeros({R}, at::kDouble);
+  at::Tensor total = at::zeros({in.n}, at::kDouble);
+  at::Tensor bad = at::zeros({in.n}, at::kLong);
+  fm::cpu::topk_window(in, model.data(), k.data(), static_cast<int>(R), l1,
+                       thr.data_ptr<int64_t>(), kept.data_ptr<double>(),
+                       total.data_ptr<double>(), bad.data_ptr<int64_t>(), threads(), margin_sd,
+                       static_cast<int>(isa));
+  return {thr, kept, total, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_window_cpu(
+    const std::optional<at::Tensor>& base, at::TensorList models, const at::Tensor& requests,
+    bool l1) {
+  return topk_window_impl(base, models, requests, l1, 5.0, 2);
+}
+
 // --------------------------------------------------------------------- test helpers
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_window_test(
+    const std::optional<at::Tensor>& base, const std::vector<at::Tensor>& models,
+    const at::Tensor& requests, bool l1, double margin_sd, int64_t isa) {
+  return topk_window_impl(base, models, requests, l1, margin_sd, isa);
+}
+
 pybind11::dict enums() {
   pybind11::dict d;
 #define FM_ENUM(name) d[#name] = fm::name
@@ -292,6 +347,7 @@ TORCH_LIBRARY_IMPL(fastmerge, CPU, m) {
   m.impl("score_histogram", TORCH_FN(score_histogram_cpu));
   m.impl("model_stats", TORCH_FN(model_stats_cpu));
   m.impl("fused_merge", TORCH_FN(fused_merge_cpu));
+  m.impl("topk_window", TORCH_FN(topk_window_cpu));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -304,6 +360,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dare_key", &dare_key, "splitmix64(seed ^ fnv1a64(name) ^ i * golden)");
   mod.def("round_to", &round_to, "float32 -> bf16/fp16 by the header's rounding");
   mod.def("load_float", &load_float, "bf16/fp16/fp32 -> float32 by the header's loads");
+  mod.def("topk_window", &topk_window_test,
+          "topk_window with the window margin and the scan path chosen (for tests)");
+  mod.def("set_output_cache_limit", [](size_t bytes) { return fm::cpu::output_cache_limit(bytes); },
+          "bytes of freed fused_merge outputs kept for reuse (returns the previous limit)");
+  mod.def("output_cache_bytes", &fm::cpu::output_cache_bytes, "bytes the output cache holds");
   mod.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   mod.def("max_threads", &threads, "threads the kernels use (at::get_num_threads)");
 }

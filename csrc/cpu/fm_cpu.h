@@ -30,6 +30,17 @@ struct Inputs {
 bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets,
                      int level, int64_t* counts, double* sums, int nthreads);
 
+// Exact k-th largest |t_i| for R requests (model req_model[r], k = req_k[r], 1 <= k <= numel)
+// in one read pass over a window chosen from a sample (select.cpp). thr_bits[r] = the float32
+// bit pattern of T(k), or -1 where the window missed (the caller then runs the radix
+// selection); with l1, kept_l1[r] = sum of |t| >= T(k) and total_l1[i] += sum |t_i|;
+// nonfinite[i] += the count of NaN/Inf task-vector values. margin_sd: the window's half-width
+// in standard deviations of the sample rank (5 by default; 0 for tests of the miss path);
+// isa: 0 scalar scan, 2 the best this CPU has (for tests).
+void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_k, int R,
+                 bool l1, int64_t* thr_bits, double* kept_l1, double* total_l1,
+                 int64_t* nonfinite, int nthreads, double margin_sd = 5.0, int isa = 2);
+
 // out[N][3] += (sum |t_i|, sum |t_i| over kept elements, sum max(v_i, 0)^power).
 void model_stats(const Inputs& in, int score, const FmModel* models, float power,
                  int64_t offset, double* out, int nthreads);

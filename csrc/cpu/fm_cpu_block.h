@@ -69,6 +69,16 @@ FM_FORCE_INLINE void store_block(void* p, int dtype, int64_t start, int len,
   }
 }
 
+// elements ahead of the current block whose cache lines the fused merge prefetches
+constexpr int64_t kPrefetchAhead = int64_t{kBlock} * 2;
+
+// prefetch the cache lines of elements [start, start + len) of p
+FM_FORCE_INLINE void prefetch_block(const void* p, int dtype, int64_t start, int len) {
+  const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
+  const char* c = static_cast<const char*>(p) + start * size;
+  for (int64_t b = 0; b < len * size; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
 // Threads worth using for numel elements (small tensors stay on one thread).
 inline int effective_threads(int64_t numel, int nthreads, int64_t min_per_thread) {
   int64_t t = numel / (min_per_thread > 0 ? min_per_thread : 1);

@@ -1,11 +1,16 @@
 // fastmerge CPU backend: the fused merge pass over a thread's element range (templates).
 //
-// Per block of kBlock elements: inputs -> float32 task vectors (counting non-finite values),
-// then per model the sparsified values s_i = (t_i * keep_i) * rescale_i with the keep mode
-// hoisted out of the element loop (fm_keep_mode<MODE>), then the shared per-element combine
+// Per block of kBlock elements: per model one vectorised loop (task_sparsify_block) reads the
+// model block (bf16 directly, other dtypes via a float32 block), forms t_i = m_i - b, counts
+// non-finite values and writes s_i = (t_i * keep_i) * rescale_i with the keep mode (and for a
+// band whether hi = +Inf) hoisted out of the loop; then the shared per-element combine
 // fm_combine() (csrc/common/fastmerge_element.h, the same code the CUDA backend runs) with the
-// combine id and N fixed at compile time so the element loop unrolls over the models and
-// vectorises across elements, and finally one rounding loop to the output dtype.
+// combine id and N fixed at compile time (and the default TIES election, sum over weighted
+// values) so the element loop unrolls over the models and vectorises across elements, and
+// finally one rounding loop to the output dtype. Two short loops rather than one long one: a
+// single fused element loop is a ~70-cycle dependency chain per vector (compares, mask logic,
+// the division) that the out-of-order window cannot overlap (measured slower here). Keep
+// decisions that read v (the fisher score) keep the older per-pass code.
 // Each (combine, N) instance is its own multiversioned function (FM_CPU_CLONES); the
 // instances are spread over merge_*.cpp so they compile in parallel.
 #pragma once
@@ -68,6 +73,119 @@ FM_FORCE_INLINE void sparsify_model(const FmModel& m, const float* t, const floa
   }
 }
 
+// One model over one block in one vectorised loop: t = m - b (m itself without a base), the
+// count of non-finite t, and s = sparsify(t, keep) for a keep mode fixed at compile time that
+// reads no v (the magnitude score; DARE from the words w of philox_word0_block). The same fm_*
+// operations per element as load_task_block + count_nonfinite + sparsify_block; m comes as
+// bf16 bits (SRC_BF16) or float32. t is stored only where the combine reads it (STORE_T).
+template <int MODE, bool HI_INF, bool HAS_BASE, bool SRC_BF16, bool STORE_T>
+FM_FORCE_INLINE int32_t task_sparsify_loop(const FmModel& m, const void* src,
+                                           const float* __restrict bb,
+                                           const uint32_t* __restrict w, int len,
+                                           float* __restrict t_out, float* __restrict s) {
+  const uint16_t* __restrict h = static_cast<const uint16_t*>(src);
+  const float* __restrict f = static_cast<const float*>(src);
+  const float r = m.rescale;
+  const float lo = m.lo;
+  const float hi = m.hi;
+  uint32_t amax = 0;  // the largest |t| bit pattern: >= 0x7F800000 iff some t is not finite
+  for (int k = 0; k < len; ++k) {
+    const float mv = SRC_BF16 ? fm_bf16_to_float(h[k]) : f[k];
+    const float t = HAS_BASE ? fm_sub(mv, bb[k]) : mv;
+    const uint32_t a = fm_f2u(t) & 0x7FFFFFFFu;  // = fm_score_bits(t, 0, SCORE_MAGNITUDE)
+    amax = a > amax ? a : amax;
+    if (STORE_T) t_out[k] = t;
+    bool keep;
+    if (MODE == MODE_DARE) {
+      keep = static_cast<uint64_t>(w[k]) < m.dare_threshold;
+    } else if (MODE == MODE_BAND) {  // fm_band_keep(score, lo, hi), hi == +Inf decided outside
+      const float score = fm_u2f(a);
+      keep = HI_INF ? score >= lo : (score >= lo && score < hi);
+    } else {
+      keep = fm_keep_mode<MODE>(m, t, 0.0f, SCORE_MAGNITUDE, 0);
+    }
+    s[k] = fm_sparsify(t, keep, r);
+  }
+  if (amax < 0x7F800000u) return 0;
+  int32_t c = 0;  // some t is Inf / NaN (rare): count them
+  for (int k = 0; k < len; ++k) {
+    const float mv = SRC_BF16 ? fm_bf16_to_float(h[k]) : f[k];
+    c += fm_isfinite(HAS_BASE ? fm_sub(mv, bb[k]) : mv) ? 0 : 1;
+  }
+  return c;
+}
+
+template <int MODE, bool HAS_BASE, bool SRC_BF16>
+FM_FORCE_INLINE int32_t task_sparsify_t(const FmModel& m, const void* src, const float* bb,
+                                        const uint32_t* w, int len, float* t_out, float* s) {
+  if (MODE == MODE_BAND && m.hi == fm_inf()) {
+    return t_out != nullptr
+               ? task_sparsify_loop<MODE, true, HAS_BASE, SRC_BF16, true>(m, src, bb, w, len,
+                                                                          t_out, s)
+               : task_sparsify_loop<MODE, true, HAS_BASE, SRC_BF16, false>(m, src, bb, w, len,
+                                                                           t_out, s);
+  }
+  return t_out != nullptr
+             ? task_sparsify_loop<MODE, false, HAS_BASE, SRC_BF16, true>(m, src, bb, w, len,
+                                                                         t_out, s)
+             : task_sparsify_loop<MODE, false, HAS_BASE, SRC_BF16, false>(m, src, bb, w, len,
+                                                                          t_out, s);
+}
+
+template <int MODE>
+FM_FORCE_INLINE int32_t task_sparsify_m(const FmModel& m, const void* src, bool src_bf16,
+                                        const float* bb, const uint32_t* w, int len,
+                                        float* t_out, float* s) {
+  if (bb != nullptr) {
+    return src_bf16 ? task_sparsify_t<MODE, true, true>(m, src, bb, w, len, t_out, s)
+                    : task_sparsify_t<MODE, true, false>(m, src, bb, w, len, t_out, s);
+  }
+  return src_bf16 ? task_sparsify_t<MODE, false, true>(m, src, bb, w, len, t_out, s)
+                  : task_sparsify_t<MODE, false, false>(m, src, bb, w, len, t_out, s);
+}
+
+// The per-model part of a block for a model whose keep decision reads no v (see
+// task_sparsify_loop): m_block is the model's block (bf16 bits when src_bf16, else float32),
+// bb the base block or null, j0 the global index of the block's first element (DARE counter).
+// Returns the count of non-finite t. One function for every combine and N.
+__attribute__((noinline, unused)) FM_CPU_CLONES static int32_t task_sparsify_block(
+    const FmModel& m, const void* m_block, bool src_bf16, const float* bb, uint64_t j0, int len,
+    float* t_out, float* s) {
+  switch (m.mode) {
+    case MODE_KEEP_ALL:
+      return task_sparsify_m<MODE_KEEP_ALL>(m, m_block, src_bf16, bb, nullptr, len, t_out, s);
+    case MODE_BAND:
+      return task_sparsify_m<MODE_BAND>(m, m_block, src_bf16, bb, nullptr, len, t_out, s);
+    case MODE_DARE: {
+      alignas(64) uint32_t w[kBlock];
+      philox_word0_block(m.key_lo, m.key_hi, j0, len, w);
+      return task_sparsify_m<MODE_DARE>(m, m_block, src_bf16, bb, w, len, t_out, s);
+    }
+    default:
+      return task_sparsify_m<MODE_KEEP_NONE>(m, m_block, src_bf16, bb, nullptr, len, t_out, s);
+  }
+}
+
+// ob = fm_combine(...) over one block (the element loop that vectorises across elements)
+template <int COMBINE, int NS>
+FM_FORCE_INLINE void combine_loop(const FmMergeConfig& cfg, const FmModel* models,
+                                  const float (*tt)[kBlock], const float (*ss)[kBlock],
+                                  const float (*vv)[kBlock], const float* __restrict bb, int len,
+                                  float* __restrict ob) {
+  constexpr int CAP = NS > 0 ? NS : FM_MAX_MODELS;
+  constexpr bool kLinear = COMBINE == COMBINE_LINEAR;
+  const int n = cfg.n;
+  for (int k = 0; k < len; ++k) {
+    float t[CAP], s[CAP], v[CAP];
+    for (int i = 0; i < n; ++i) {
+      t[i] = tt[i][k];
+      s[i] = kLinear ? 0.0f : ss[kLinear ? 0 : i][k];
+      v[i] = COMBINE == COMBINE_OTA ? vv[i][k] : 0.0f;
+    }
+    ob[k] = fm_combine(cfg, models, t, s, v, bb[k]);
+  }
+}
+
 // The merge of [begin, end) for a combine id and model count known at compile time
 // (NS = 0: any n up to FM_MAX_MODELS).
 template <int COMBINE, int NS>
@@ -75,6 +193,10 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
     const MergeCtx& ctx, int64_t begin, int64_t end, int64_t* nonfinite, bool* done) {
   constexpr int CAP = NS > 0 ? NS : FM_MAX_MODELS;
   constexpr bool kLinear = COMBINE == COMBINE_LINEAR;
+  // the combines that read the task vectors t themselves (the others read s and v only)
+  constexpr bool kTiesVote = COMBINE == COMBINE_TIES || COMBINE == COMBINE_CONSENSUS_TIES;
+  constexpr bool kNeedT = kLinear || COMBINE == COMBINE_CONSENSUS_SUM ||
+                          COMBINE == COMBINE_CONSENSUS_TIES;
   const Inputs& in = *ctx.in;
   FmMergeConfig cfg = ctx.cfg;
   cfg.combine = COMBINE;
@@ -94,21 +216,40 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
   float(*vv)[kBlock] = reinterpret_cast<float(*)[kBlock]>(work + 2 * CAP * kBlock);
   alignas(64) float bb[kBlock];
   alignas(64) float ob[kBlock];
+  alignas(64) float mf[kBlock];  // a float16 / float32 model block as float32
   if (!has_base) {
     for (int k = 0; k < kBlock; ++k) bb[k] = 0.0f;
   }
 
   for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
     const int len = static_cast<int>(end - s0 < kBlock ? end - s0 : kBlock);
+    if (s0 + kPrefetchAhead < end) {  // many input streams: help the hardware prefetcher
+      const int64_t p0 = s0 + kPrefetchAhead;
+      const int plen = static_cast<int>(end - p0 < kBlock ? end - p0 : kBlock);
+      if (has_base) prefetch_block(in.base, in.base_dtype, p0, plen);
+      for (int i = 0; i < n; ++i) prefetch_block(in.models[i], in.model_dtypes[i], p0, plen);
+    }
     if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
+    const uint64_t j0 = static_cast<uint64_t>(ctx.offset + s0);
     for (int i = 0; i < n; ++i) {
+      if (need_v) load_block(in.moments[i], in.moment_dtypes[i], s0, len, vv[i]);
+      // keep decisions that read no v: task vector, count and sparsify in one loop
+      if (!kLinear && (cfg.score == SCORE_MAGNITUDE || models[i].mode != MODE_BAND)) {
+        const bool bf16 = in.model_dtypes[i] == DTYPE_BFLOAT16;
+        const void* mb;
+        if (bf16) {
+          mb = static_cast<const uint16_t*>(in.models[i]) + s0;
+        } else {  // float16 / float32 models: float32 block first (not in tt[i]: t goes there)
+          load_block(in.models[i], in.model_dtypes[i], s0, len, mf);
+          mb = mf;
+        }
+        nonfinite[i] += task_sparsify_block(models[i], mb, bf16, has_base ? bb : nullptr, j0,
+                                            len, kNeedT ? tt[i] : nullptr, ss[kLinear ? 0 : i]);
+        continue;
+      }
       load_task_block(in.models[i], in.model_dtypes[i], s0, len, bb, has_base, tt[i]);
       nonfinite[i] += count_nonfinite(tt[i], len);
-      if (need_v) load_block(in.moments[i], in.moment_dtypes[i], s0, len, vv[i]);
-    }
-    if (!kLinear) {
-      const uint64_t j0 = static_cast<uint64_t>(ctx.offset + s0);
-      for (int i = 0; i < n; ++i)
+      if (!kLinear)
         sparsify_model(models[i], tt[i], need_v ? vv[i] : nullptr, cfg.score, j0, len,
                        ss[kLinear ? 0 : i]);
     }
@@ -122,14 +263,13 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
         }
       }
     }
-    for (int k = 0; k < len; ++k) {
-      float t[CAP], s[CAP], v[CAP];
-      for (int i = 0; i < n; ++i) {
-        t[i] = tt[i][k];
-        s[i] = kLinear ? 0.0f : ss[kLinear ? 0 : i][k];
-        v[i] = COMBINE == COMBINE_OTA ? vv[i][k] : 0.0f;
-      }
-      ob[k] = fm_combine(cfg, models, t, s, v, bb[k]);
+    if (kTiesVote && cfg.elect == ELECT_SUM && cfg.elect_on == ELECT_WEIGHTED) {
+      FmMergeConfig c = cfg;  // the default TIES election, fixed at compile time
+      c.elect = ELECT_SUM;
+      c.elect_on = ELECT_WEIGHTED;
+      combine_loop<COMBINE, NS>(c, models, tt, ss, vv, bb, len, ob);
+    } else {
+      combine_loop<COMBINE, NS>(cfg, models, tt, ss, vv, bb, len, ob);
     }
     store_block(ctx.out, ctx.out_dtype, s0, len, ob);
   }

@@ -27,7 +27,7 @@ import torch
 
 from .._version import __version__
 from ..api import run_plan
-from ..backends import get_backend
+from ..backends import get_backend, output_cache_limit
 from ..lines import count_blocks, depth_function, lines_factor
 from ..ops import SCORE_FISHER, SCORE_MAGNITUDE
 from ..plan import plan_tensor, thresholds_from_selection
@@ -455,6 +455,7 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
     device = parallel.init_from_env(device)     # torchrun: process group, this rank's GPU
     be = get_backend(backend, device)
     release_freed_memory_promptly()
+    cache0 = output_cache_limit(be, 0)   # _run sizes it to one output chunk
 
     info = METHODS[cfg.method]
     needs_moments = info.needs_second_moments
@@ -469,6 +470,8 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
             if c is not None:
                 c.close()
         release_scratch()
+        output_cache_limit(be, 0)        # give the kept outputs back, then the usual limit
+        output_cache_limit(be, cache0)
         trim_freed_memory()
 
 
@@ -494,6 +497,8 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
                              sparsifier=METHODS[cfg.method].sparsifier)
     if max_chunk_elems is not None:
         chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
+    output_cache_limit(be, chunking.chunk_elems *
+                       max([out_dtypes[x].itemsize for x in merged] or [4]))
     progress = _progress_factory(quiet or rank != 0)
     eng = _Engine(cfg, inputs, be, device, chunking, resolver, progress)
     eng.with_moments = needs_moments(cfg)

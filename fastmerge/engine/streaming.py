@@ -75,12 +75,14 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
                   out_itemsize: int, extra_work: int = 0, device: str = "cpu",
                   sparsifier: str = "dare") -> Chunking:
     """Largest chunk such that 3 loaded chunks (current, prefetched, one the caller still
-    holds), 3 output chunks (computing, queued, being written) and the backend's scratch fit
-    in ``budget`` bytes, after the histograms and a fixed allowance."""
+    holds), 3 output chunks (computing, queued, being written), and for the C++ CPU kernels a
+    4th (a freed output kept for reuse, ``backends.output_cache_limit``), and the backend's
+    scratch fit in ``budget`` bytes, after the histograms and a fixed allowance."""
     hist = 2 * (n_models + 1) * NUM_BINS * 16
     fixed = FIXED_OVERHEAD + hist
     if device == "cpu":
-        per = 3 * in_bytes_per_elem + 3 * out_itemsize + \
+        outs = 4 if backend_name == "cpu" else 3
+        per = 3 * in_bytes_per_elem + outs * out_itemsize + \
             work_bytes_per_element(backend_name, n_models, extra_work, sparsifier)
     else:  # host: one pinned staging set + outputs copied back; device memory is separate
         per = 2 * in_bytes_per_elem + 3 * out_itemsize

@@ -1,0 +1,599 @@
+// fastmerge CPU backend: exact k-th largest |t_i| in one read pass (topk_window).
+//
+// The two-level radix selection (histogram.cpp) reads the inputs twice and scatters every
+// element into a 65536-bin table: ~0.5 + 0.2-0.3 ns per element and model on 2 threads here
+// (AMD EPYC, 4096x4096 bf16). This pass reads them once and scatters nothing:
+//   1. A sample of each model's scores (runs of 64 elements at jittered strides, up to 65536
+//      values; all of them for small tensors) brackets the k-th largest between two sampled
+//      values lo <= hi, 5 standard deviations of the sample rank (+32) on either side.
+//   2. One pass counts the scores above hi and copies the scores inside [lo, hi] into
+//      per-work-item lists (AVX-512 compress where the CPU has it), except the window's
+//      frequent values, which it only counts: bf16 task vectors are discrete (measured on
+//      4096x4096 bf16 fine-tunes: the 0.1 and 0.5 quantiles of |t| are single values held by
+//      11% and 22% of the elements). Up to kHeavy values holding >= 1/256 of the sampled window
+//      are counted by equality; what is copied is then well under 1% of the scores.
+//   3. If count above < k <= count above + count inside, the exact k-th largest is found
+//      among the counted values and the copied scores. Otherwise (a sample far off, or more
+//      than a quarter of the tensor copied) the request reports a miss and the caller
+//      runs the radix selection. The result is exact either way: the sample decides only how
+//      fast. Sums of |t| for rescale="l1" are gathered per work item and added in item order,
+//      so they do not depend on the thread count.
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <vector>
+
+#include "fm_cpu_block.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12 flags _mm512_undefined_pd() inside its own intrinsics as maybe-uninitialized
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#define FM_SELECT_AVX512 1
+#endif
+
+namespace fastmerge {
+namespace cpu {
+namespace {
+
+constexpr uint32_t kNonFinite = 0x7F800000u;  // score bits >= this: Inf or NaN
+constexpr int kRun = 64;                       // sampled run length (two 64-byte bf16 lines)
+constexpr int kPrefetchRuns = 8;               // runs whose lines are requested ahead
+constexpr int64_t kMaxSample = 65536;
+// Frequent values: counted by equality, not copied. A value is frequent when it holds at
+// least 1/256 of the sample (~0.4% of the tensor): copying it would cost more than the
+// compare that counts it.
+constexpr int kHeavy = 4;
+constexpr int64_t kHeavyShare = 256;
+constexpr uint32_t kSelectBins = 4096;  // bins of the window when picking among the copies
+
+// Per work item and request: what the pass found (the candidate list is this item's part).
+struct Found {
+  int64_t above = 0;   // scores > hi
+  int64_t inside = 0;  // scores in [lo, hi] that are not frequent values (copied)
+  int64_t heavy[kHeavy] = {};  // count of each frequent value
+  double above_l1 = 0.0;
+  uint32_t* cand = nullptr;  // scores in [lo, hi], in element order (when stored)
+  int64_t cap = 0;
+};
+
+struct Window {
+  int model;
+  int64_t k;
+  uint32_t lo, hi;
+  int nheavy;               // frequent values inside [lo, hi], counted by equality
+  uint32_t heavy[kHeavy];
+};
+
+struct ScanAcc {
+  int64_t above, inside;
+  int64_t heavy[kHeavy];
+  double above_l1;
+};
+
+using ScanFn = void (*)(const uint32_t*, int, const Window&, bool, uint32_t*, ScanAcc*);
+
+// The reference scan: counts, branch-free copies of the scores inside [lo, hi] that are not
+// frequent values (dst has room for len values; nullptr: count only).
+void scan_scalar(const uint32_t* __restrict bits, int len, const Window& w, bool l1,
+                 uint32_t* __restrict dst, ScanAcc* acc) {
+  const uint32_t lo = w.lo, hi = w.hi, width = hi - lo;
+  int64_t above = 0, inside = 0;
+  double s = 0.0;
+  for (int k = 0; k < len; ++k) {
+    const uint32_t b = bits[k];
+    const bool gt = b > hi;
+    bool in = b - lo <= width;
+    for (int j = 0; j < w.nheavy; ++j) {
+      const bool eq = b == w.heavy[j];
+      acc->heavy[j] += eq;
+      in = in && !eq;
+    }
+    above += gt;
+    if (dst != nullptr) dst[inside] = b;
+    inside += in;
+    if (l1 && gt) s += static_cast<double>(fm_u2f(b));
+  }
+  acc->above += above;
+  acc->inside += inside;
+  acc->above_l1 += s;
+}
+
+#ifdef FM_SELECT_AVX512
+// 16 scores per step: two mask compares, a register compress (the memory form is slow on
+// AMD Zen 4) stored unaligned with the pointer advanced by the popcount; the NH frequent
+// values counted in per-lane vector counters (NH fixed at compile time, so they stay in
+// registers); sums in 16 float64 lanes. dst needs 16 values of slack.
+template <int NH>
+__attribute__((target("avx512f,avx,popcnt"))) void scan_avx512_n(
+    const uint32_t* __restrict bits, int len, const Window& w, bool l1,
+    uint32_t* __restrict dst, ScanAcc* acc) {
+  const uint32_t lo = w.lo, hi = w.hi;
+  __m512i hv[NH > 0 ? NH : 1], hc[NH > 0 ? NH : 1];
+  for (int j = 0; j < NH; ++j) {
+    hv[j] = _mm512_set1_epi32(static_cast<int>(w.heavy[j]));
+    hc[j] = _mm512_setzero_si512();
+  }
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
+  const __m512i vhi = _mm512_set1_epi32(static_cast<int>(hi));
+  const __m512i vw = _mm512_set1_epi32(static_cast<int>(hi - lo));
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  int64_t above = 0, inside = 0;
+  int k = 0;
+  for (; k + 16 <= len; k += 16) {
+    const __m512i b = _mm512_loadu_si512(bits + k);
+    const __mmask16 gt = _mm512_cmpgt_epu32_mask(b, vhi);
+    __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(b, vlo), vw);
+#pragma GCC unroll 8
+    for (int j = 0; j < NH; ++j) {
+      const __mmask16 eq = _mm512_cmpeq_epi32_mask(b, hv[j]);
+      hc[j] = _mm512_mask_add_epi32(hc[j], eq, hc[j], one);
+      in = static_cast<__mmask16>(in & ~eq);
+    }
+    above += _mm_popcnt_u32(gt);
+    if (dst != nullptr)
+      _mm512_storeu_si512(dst + inside, _mm512_maskz_compress_epi32(in, b));
+    inside += _mm_popcnt_u32(in);
+    if (l1) {  // the scores as floats, reloaded in halves (cheaper than lane extracts)
+      const __m256 f0 = _mm256_loadu_ps(reinterpret_cast<const float*>(bits + k));
+      const __m256 f1 = _mm256_loadu_ps(reinterpret_cast<const float*>(bits + k + 8));
+      s0 = _mm512_mask_add_pd(s0, static_cast<__mmask8>(gt), s0, _mm512_cvtps_pd(f0));
+      s1 = _mm512_mask_add_pd(s1, static_cast<__mmask8>(gt >> 8), s1, _mm512_cvtps_pd(f1));
+    }
+  }
+  ScanAcc rest{};
+  scan_scalar(bits + k, len - k, w, l1, dst != nullptr ? dst + inside : nullptr, &rest);
+  for (int j = 0; j < NH; ++j) acc->heavy[j] += _mm512_reduce_add_epi32(hc[j]) + rest.heavy[j];
+  acc->above += above + rest.above;
+  acc->inside += inside + rest.inside;
+  if (l1) acc->above_l1 += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1)) + rest.above_l1;
+}
+
+void scan_avx512(const uint32_t* __restrict bits, int len, const Window& w, bool l1,
+                 uint32_t* __restrict dst, ScanAcc* acc) {
+  static_assert(kHeavy == 4, "one instance per count of frequent values");
+  switch (w.nheavy) {
+    case 0: scan_avx512_n<0>(bits, len, w, l1, dst, acc); break;
+    case 1: scan_avx512_n<1>(bits, len, w, l1, dst, acc); break;
+    case 2: scan_avx512_n<2>(bits, len, w, l1, dst, acc); break;
+    case 3: scan_avx512_n<3>(bits, len, w, l1, dst, acc); break;
+    default: scan_avx512_n<4>(bits, len, w, l1, dst, acc); break;
+  }
+}
+#endif
+
+// Score bits of one model block: bits[k] = |m - b| as float32 bits, the largest of them
+// (returned: >= 0x7F800000 means a NaN/Inf is present) and, with l1, tot[0..7] += |t|.
+using ScoreFn = uint32_t (*)(const void*, int, int64_t, const float*, int, bool, uint32_t*,
+                             double*);
+
+FM_CPU_CLONES
+uint32_t score_block_generic(const void* m, int dtype, int64_t s0, const float* bb, int len,
+                             bool l1, uint32_t* __restrict bits, double* __restrict tot) {
+  alignas(64) float tt[kBlock];
+  load_task_block(m, dtype, s0, len, bb, bb != nullptr, tt);
+  uint32_t mx = 0;
+  for (int k = 0; k < len; ++k) {
+    bits[k] = fm_score_bits(tt[k], 0.0f, SCORE_MAGNITUDE);
+    mx = bits[k] > mx ? bits[k] : mx;
+  }
+  if (l1) {
+    int k = 0;
+    for (; k + 8 <= len; k += 8)
+      for (int l = 0; l < 8; ++l) tot[l] += static_cast<double>(fm_u2f(bits[k + l]));
+    for (; k < len; ++k) tot[0] += static_cast<double>(fm_u2f(bits[k]));
+  }
+  return mx;
+}
+
+#ifdef FM_SELECT_AVX512
+// The same in one loop for bf16 models: widen, subtract the base block, clear the sign. The
+// float32 subtraction is the one fm_sub does (no contraction); same bits as the generic code.
+__attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t score_block_avx512(
+    const void* m, int dtype, int64_t s0, const float* bb, int len, bool l1,
+    uint32_t* __restrict bits, double* __restrict tot) {
+  if (dtype != DTYPE_BFLOAT16 || len != kBlock)
+    return score_block_generic(m, dtype, s0, bb, len, l1, bits, tot);
+  const uint16_t* h = static_cast<const uint16_t*>(m) + s0;
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i mx = _mm512_setzero_si512();
+  __m512d t0 = _mm512_setzero_pd(), t1 = _mm512_setzero_pd();
+  for (int k = 0; k < kBlock; k += 16) {
+    const __m512i w = _mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + k))), 16);
+    __m512 t = _mm512_castsi512_ps(w);
+    if (bb != nullptr) t = _mm512_sub_ps(t, _mm512_loadu_ps(bb + k));
+    const __m512i b = _mm512_and_si512(_mm512_castps_si512(t), abs_mask);
+    _mm512_storeu_si512(bits + k, b);
+    mx = _mm512_max_epu32(mx, b);
+    if (l1) {
+      const __m512 f = _mm512_castsi512_ps(b);
+      t0 = _mm512_add_pd(t0, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+      t1 = _mm512_add_pd(t1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
+    }
+  }
+  if (l1) {
+    alignas(64) double a[8], c[8];
+    _mm512_store_pd(a, t0);
+    _mm512_store_pd(c, t1);
+    for (int l = 0; l < 8; ++l) tot[l] += a[l] + c[l];
+  }
+  return _mm512_reduce_max_epu32(mx);
+}
+#endif
+
+ScoreFn pick_score(int isa) {
+#ifdef FM_SELECT_AVX512
+  __builtin_cpu_init();
+  if (isa >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"))
+    return score_block_avx512;
+#endif
+  (void)isa;
+  return score_block_generic;
+}
+
+ScanFn pick_scan(int isa) {
+#ifdef FM_SELECT_AVX512
+  __builtin_cpu_init();
+  if (isa >= 2 && __builtin_cpu_supports("avx512f")) return scan_avx512;
+#endif
+  (void)isa;
+  return scan_scalar;
+}
+
+struct PassCtx {
+  const Inputs* in;
+  const Window* win;
+  int R;
+  bool l1;
+  ScanFn scan;
+  ScoreFn score;
+  std::atomic<int64_t>* stored;  // per request: values copied so far (all items)
+  const int64_t* store_cap;      // per request: beyond this, stop copying (a miss)
+  std::atomic<bool>* overflow;
+};
+
+// The pass over [begin, end): one work item. found[R], totals[N] (sum |t|), nonfinite[N].
+// Each block of the base is converted once; each model's score bits once for all its windows.
+FM_CPU_CLONES
+void window_range(const PassCtx& c, int64_t begin, int64_t end, Found* found, double* totals,
+                  int64_t* nonfinite) {
+  const Inputs& in = *c.in;
+  const bool has_base = in.base != nullptr;
+  alignas(64) float bb[kBlock];
+  alignas(64) uint32_t bits[kBlock];
+  alignas(64) double tot[FM_MAX_MODELS][8] = {};
+  bool used[FM_MAX_MODELS] = {};
+  for (int r = 0; r < c.R; ++r) used[c.win[r].model] = true;
+  // Models outer, blocks inner: two input streams at a time (the base's block comes from L2
+  // again for each model; an item's base is 128 KiB of bf16). With all N + 1 streams at once
+  // the hardware prefetchers lose track: measured here (4096x4096 bf16, 2 threads) N = 8
+  // took 0.18 ns per element and model that way, N = 3 0.09.
+  for (int i = 0; i < in.n; ++i) {
+    if (!used[i]) continue;
+    for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
+      const int len = static_cast<int>(end - s0 < kBlock ? end - s0 : kBlock);
+      if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
+      const uint32_t mx = c.score(in.models[i], in.model_dtypes[i], s0, has_base ? bb : nullptr,
+                                  len, c.l1, bits, tot[i]);
+      if (mx >= kNonFinite) {  // rare: count the NaN/Inf scores
+        int32_t nb = 0;
+        for (int k = 0; k < len; ++k) nb += bits[k] >= kNonFinite ? 1 : 0;
+        nonfinite[i] += nb;
+      }
+      for (int r = 0; r < c.R; ++r) {
+        const Window& w = c.win[r];
+        if (w.model != i) continue;
+        Found& f = found[r];
+        uint32_t* dst = nullptr;
+        if (w.lo < w.hi && !c.overflow[r].load(std::memory_order_relaxed)) {
+          if (f.cap - f.inside < len + 16) {  // room for a whole block + the SIMD slack
+            const int64_t cap = std::max<int64_t>(2 * f.cap, f.inside + len + 16 + 1024);
+            void* p = realloc(f.cand, sizeof(uint32_t) * static_cast<size_t>(cap));
+            if (p == nullptr) {
+              c.overflow[r].store(true, std::memory_order_relaxed);
+            } else {
+              f.cand = static_cast<uint32_t*>(p);
+              f.cap = cap;
+            }
+          }
+          if (!c.overflow[r].load(std::memory_order_relaxed)) dst = f.cand + f.inside;
+        }
+        ScanAcc acc{};
+        c.scan(bits, len, w, c.l1, dst, &acc);
+        for (int j = 0; j < w.nheavy; ++j) f.heavy[j] += acc.heavy[j];
+        f.above += acc.above;
+        f.inside += acc.inside;
+        f.above_l1 += acc.above_l1;
+      }
+    }
+  }
+  // copies of this item against the request's cap: one atomic add per item (per block, the
+  // two threads' adds to one cache line cost ~6 ms of a 4096x4096 x 3 pass here)
+  for (int r = 0; r < c.R; ++r) {
+    if (found[r].cand == nullptr) continue;
+    if (c.stored[r].fetch_add(found[r].inside, std::memory_order_relaxed) + found[r].inside >
+        c.store_cap[r])
+      c.overflow[r].store(true, std::memory_order_relaxed);
+  }
+  if (c.l1) {
+    for (int i = 0; i < in.n; ++i) {
+      double t = 0.0;
+      for (int l = 0; l < 8; ++l) t += tot[i][l];
+      totals[i] += t;
+    }
+  }
+}
+
+uint64_t mix64(uint64_t x) {  // splitmix64 finaliser: the jitter of the sampled runs
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The score bits of model i at the sampled positions (every element when numel <= 65536).
+FM_CPU_CLONES
+std::vector<uint32_t> sample_scores(const Inputs& in, int i) {
+  const int64_t n = in.numel;
+  const bool has_base = in.base != nullptr;
+  alignas(64) float bb[kBlock];
+  alignas(64) float tt[kBlock];
+  std::vector<uint32_t> out;
+  auto take = [&](int64_t j0, int len, uint32_t* dst) {  // len <= kBlock scores from j0
+    if (has_base) load_block(in.base, in.base_dtype, j0, len, bb);
+    load_task_block(in.models[i], in.model_dtypes[i], j0, len, bb, has_base, tt);
+    for (int q = 0; q < len; ++q) dst[q] = fm_score_bits(tt[q], 0.0f, SCORE_MAGNITUDE);
+  };
+  if (n <= kMaxSample) {
+    out.resize(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; j += kBlock)
+      take(j, static_cast<int>(n - j < kBlock ? n - j : kBlock), out.data() + j);
+    return out;
+  }
+  int64_t runs = n / (kRun * 64);
+  runs = runs < 128 ? 128 : (runs > kMaxSample / kRun ? kMaxSample / kRun : runs);
+  const int64_t stride = n / runs;  // >= 512
+  out.resize(static_cast<size_t>(runs * kRun));
+  auto start = [&](int64_t r) {
+    return r * stride + static_cast<int64_t>(mix64(static_cast<uint64_t>(r)) %
+                                             static_cast<uint64_t>(stride - kRun + 1));
+  };
+  // The runs are scattered, so each costs DRAM misses: ask for the lines of run r + 8 while
+  // converting run r (latency-bound otherwise: ~0.4 ms per model for 2048 runs here).
+  for (int64_t r = 0; r < runs; ++r) {
+    if (r + kPrefetchRuns < runs) {
+      const int64_t j = start(r + kPrefetchRuns);
+      if (has_base) prefetch_block(in.base, in.base_dtype, j, kRun);
+      prefetch_block(in.models[i], in.model_dtypes[i], j, kRun);
+    }
+    take(start(r), kRun, out.data() + r * kRun);
+  }
+  return out;
+}
+
+// The window of request (k of n) from the model's sample; margin 0 with an exhaustive sample.
+// Reorders `sample` (nth_element), which leaves it valid for the model's next request.
+Window window_for(int model, int64_t k, int64_t n, std::vector<uint32_t>& sample,
+                  double margin_sd) {
+  const int64_t S = static_cast<int64_t>(sample.size());
+  int64_t a, b;
+  if (S == n) {
+    a = b = k - 1;
+  } else {
+    const double q = static_cast<double>(k) / static_cast<double>(n);
+    const double r = q * static_cast<double>(S);
+    const double m = margin_sd * sqrt(static_cast<double>(S) * q * (1.0 - q)) +
+                     (margin_sd > 0.0 ? 32.0 : 0.0);
+    a = static_cast<int64_t>(floor(r - m)) - 1;  // ranks 0-based, descending
+    b = static_cast<int64_t>(ceil(r + m)) - 1;
+  }
+  std::vector<uint32_t>& v = sample;
+  auto desc = std::greater<uint32_t>();
+  uint32_t hi = 0xFFFFFFFFu, lo = 0u;
+  if (a >= 0 && a < S) {
+    std::nth_element(v.begin(), v.begin() + a, v.end(), desc);
+    hi = v[static_cast<size_t>(a)];
+  }
+  if (b == a) {
+    lo = hi;
+  } else if (b >= 0 && b < S) {
+    const auto from = a >= 0 && a < b ? v.begin() + a + 1 : v.begin();
+    std::nth_element(from, v.begin() + b, v.end(), desc);
+    lo = v[static_cast<size_t>(b)];
+  }
+  if (lo > hi) lo = hi;  // a < 0 with b >= S cannot happen; keep the window well formed
+  Window w{model, k, lo, hi, 0, {}};
+  if (lo == hi) {  // one value: counted, nothing copied
+    w.nheavy = 1;
+    w.heavy[0] = lo;
+    return w;
+  }
+  // the most frequent values of the sample inside [lo, hi] (>= 1/kHeavyShare of it)
+  const int64_t heavy_min = std::max<int64_t>(16, S / kHeavyShare);
+  std::vector<uint32_t> in;
+  for (uint32_t x : sample)
+    if (x >= lo && x <= hi) in.push_back(x);
+  std::sort(in.begin(), in.end());
+  std::vector<std::pair<int64_t, uint32_t>> runs;  // (count, value)
+  for (size_t i = 0; i < in.size();) {
+    size_t j = i;
+    while (j < in.size() && in[j] == in[i]) ++j;
+    if (static_cast<int64_t>(j - i) >= heavy_min)
+      runs.emplace_back(static_cast<int64_t>(j - i), in[i]);
+    i = j;
+  }
+  std::sort(runs.begin(), runs.end(), std::greater<std::pair<int64_t, uint32_t>>());
+  for (size_t j = 0; j < runs.size() && j < static_cast<size_t>(kHeavy); ++j)
+    w.heavy[w.nheavy++] = runs[j].second;
+  std::sort(w.heavy, w.heavy + w.nheavy, std::greater<uint32_t>());
+  return w;
+}
+
+}  // namespace
+
+void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_k, int R,
+                 bool l1, int64_t* thr_bits, double* kept_l1, double* total_l1,
+                 int64_t* nonfinite, int nthreads, double margin_sd, int isa) {
+  const int64_t n = in.numel;
+  for (int r = 0; r < R; ++r) {
+    thr_bits[r] = -1;
+    kept_l1[r] = 0.0;
+  }
+  if (n == 0 || R == 0) return;
+
+  // 1. windows from the samples (one sample per model)
+  std::vector<Window> win(static_cast<size_t>(R));
+  std::vector<std::vector<uint32_t>> samples(static_cast<size_t>(in.n));
+  std::vector<int64_t> store_cap(static_cast<size_t>(R), n / 4 + 4096);
+  std::vector<int> sampled;
+  for (int r = 0; r < R; ++r) {
+    const int i = static_cast<int>(req_model[r]);
+    if (std::find(sampled.begin(), sampled.end(), i) == sampled.end()) sampled.push_back(i);
+  }
+  const int nt = effective_threads(n, nthreads, int64_t{1} << 15);
+  const int nsampled = static_cast<int>(sampled.size());
+#pragma omp parallel for num_threads(nt < nsampled ? nt : nsampled) schedule(dynamic, 1)
+  for (int q = 0; q < nsampled; ++q) {  // per model: its sample, then its requests' windows
+    const int i = sampled[static_cast<size_t>(q)];
+    samples[static_cast<size_t>(i)] = sample_scores(in, i);
+    for (int r = 0; r < R; ++r)
+      if (req_model[r] == i)
+        win[static_cast<size_t>(r)] =
+            window_for(i, req_k[r], n, samples[static_cast<size_t>(i)], margin_sd);
+  }
+
+  // 2. the pass, in dynamic work items of kChunk elements
+  const int64_t items = (n + kChunk - 1) / kChunk;
+  std::vector<Found> found(static_cast<size_t>(items * R));
+  std::vector<double> totals(static_cast<size_t>(items * in.n), 0.0);
+  std::vector<int64_t> bad(static_cast<size_t>(items * in.n), 0);
+  std::vector<std::atomic<int64_t>> stored(static_cast<size_t>(R));
+  std::vector<std::atomic<bool>> overflow(static_cast<size_t>(R));
+  for (int r = 0; r < R; ++r) {
+    stored[static_cast<size_t>(r)] = 0;
+    overflow[static_cast<size_t>(r)] = false;
+  }
+  static const ScanFn best = pick_scan(2);
+  static const ScoreFn best_score = pick_score(2);
+  PassCtx c{&in, win.data(), R, l1, isa >= 2 ? best : pick_scan(isa),
+            isa >= 2 ? best_score : pick_score(isa), stored.data(), store_cap.data(),
+            overflow.data()};
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t q = 0; q < items; ++q) {
+    const int64_t begin = q * kChunk;
+    const int64_t end = n - begin > kChunk ? begin + kChunk : n;
+    window_range(c, begin, end, found.data() + q * R, totals.data() + q * in.n,
+                 bad.data() + q * in.n);
+  }
+  for (int i = 0; i < in.n; ++i) {
+    double t = 0.0;
+    int64_t b = 0;
+    for (int64_t q = 0; q < items; ++q) {
+      t += totals[static_cast<size_t>(q * in.n + i)];
+      b += bad[static_cast<size_t>(q * in.n + i)];
+    }
+    total_l1[i] += t;
+    nonfinite[i] += b;
+  }
+
+  // 3. per request: the exact k-th largest among the copied scores, and the kept L1
+  // (threads only when there is much to look at: waking a pool costs more than a few scores)
+  int64_t copied = 0;
+  for (int r = 0; r < R; ++r) copied += stored[static_cast<size_t>(r)].load();
+#pragma omp parallel for num_threads(nt < R ? nt : R) schedule(dynamic, 1) if (copied > 1 << 17)
+  for (int r = 0; r < R; ++r) {
+    const Window& w = win[static_cast<size_t>(r)];
+    int64_t above = 0, inside = 0;
+    for (int64_t q = 0; q < items; ++q) {
+      above += found[static_cast<size_t>(q * R + r)].above;
+      inside += found[static_cast<size_t>(q * R + r)].inside;
+    }
+    int64_t heavy[kHeavy] = {};
+    for (int64_t q = 0; q < items; ++q)
+      for (int j = 0; j < w.nheavy; ++j) heavy[j] += found[static_cast<size_t>(q * R + r)].heavy[j];
+    int64_t in_all = inside;
+    for (int j = 0; j < w.nheavy; ++j) in_all += heavy[j];
+    if (!(above < w.k && w.k <= above + in_all)) continue;  // the window missed
+    if (inside > 0 && overflow[static_cast<size_t>(r)].load()) continue;
+    // The window's values in up to kSelectBins bins of (score - lo) >> shift: one counting
+    // pass over the copies (plus the frequent values' counts), then only the bin holding the
+    // rank-th largest is gathered and sorted.
+    const uint32_t width = w.hi - w.lo;
+    int shift = 0;
+    while ((width >> shift) >= kSelectBins) ++shift;
+    std::vector<int64_t> cnt((width >> shift) + 1, 0);
+    for (int64_t q = 0; q < items && inside > 0; ++q) {
+      const Found& f = found[static_cast<size_t>(q * R + r)];
+      for (int64_t j = 0; j < f.inside; ++j) ++cnt[(f.cand[j] - w.lo) >> shift];
+    }
+    for (int j = 0; j < w.nheavy; ++j) cnt[(w.heavy[j] - w.lo) >> shift] += heavy[j];
+    int64_t rank = w.k - above;  // 1-based rank among the scores in the window
+    int64_t g = static_cast<int64_t>(cnt.size()) - 1;
+    while (g > 0 && rank > cnt[static_cast<size_t>(g)]) rank -= cnt[static_cast<size_t>(g--)];
+    std::vector<std::pair<uint32_t, int64_t>> part;  // (value, count) in bin g
+    for (int64_t q = 0; q < items && inside > 0; ++q) {
+      const Found& f = found[static_cast<size_t>(q * R + r)];
+      for (int64_t j = 0; j < f.inside; ++j)
+        if (((f.cand[j] - w.lo) >> shift) == static_cast<uint32_t>(g))
+          part.emplace_back(f.cand[j], 1);
+    }
+    for (int j = 0; j < w.nheavy; ++j)
+      if (((w.heavy[j] - w.lo) >> shift) == static_cast<uint32_t>(g))
+        part.emplace_back(w.heavy[j], heavy[j]);
+    // Narrow bin g down 12 bits at a time while it holds many copies (bf16 scores crowd
+    // into few bins: sorting them all took ~2 ms per request at density 0.2 here).
+    uint32_t from = w.lo + (static_cast<uint32_t>(g) << shift);
+    int sh = shift;
+    while (part.size() > 256 && sh > 0) {
+      const int nsh = sh > 12 ? sh - 12 : 0;
+      std::vector<int64_t> sub((((uint64_t{1} << sh) - 1) >> nsh) + 1, 0);
+      for (const auto& pc : part) sub[(pc.first - from) >> nsh] += pc.second;
+      int64_t h = static_cast<int64_t>(sub.size()) - 1;
+      while (h > 0 && rank > sub[static_cast<size_t>(h)]) rank -= sub[static_cast<size_t>(h--)];
+      std::vector<std::pair<uint32_t, int64_t>> keep;
+      for (const auto& pc : part)
+        if (((pc.first - from) >> nsh) == static_cast<uint32_t>(h)) keep.push_back(pc);
+      part.swap(keep);
+      from += static_cast<uint32_t>(h) << nsh;
+      sh = nsh;
+    }
+    if (sh > 0) std::sort(part.begin(), part.end(), std::greater<std::pair<uint32_t, int64_t>>());
+    uint32_t t = 0;
+    bool picked = false;
+    for (const auto& pc : part) {
+      if (rank <= pc.second) {
+        t = pc.first;
+        picked = true;
+        break;
+      }
+      rank -= pc.second;
+    }
+    if (!picked) continue;  // cannot happen when the counts add up
+    thr_bits[r] = t;
+    if (l1) {
+      double s = 0.0;
+      for (int64_t q = 0; q < items; ++q) {
+        const Found& f = found[static_cast<size_t>(q * R + r)];
+        s += f.above_l1;
+        for (int j = 0; j < w.nheavy; ++j)
+          if (w.heavy[j] >= t) s += static_cast<double>(f.heavy[j]) * fm_u2f(w.heavy[j]);
+        double cs = 0.0;
+        for (int64_t j = 0; j < f.inside; ++j)
+          cs += f.cand[j] >= t ? static_cast<double>(fm_u2f(f.cand[j])) : 0.0;
+        s += cs;
+      }
+      kept_l1[r] = s;
+    }
+  }
+  for (Found& f : found) free(f.cand);
+}
+
+}  // namespace cpu
+}  // namespace fastmerge
