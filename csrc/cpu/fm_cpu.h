@@ -36,7 +36,7 @@ bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
 // selection); with l1, kept_l1[r] = sum of |t| >= T(k) and total_l1[i] += sum |t_i|;
 // nonfinite[i] += the count of NaN/Inf task-vector values. margin_sd: the window's half-width
 // in standard deviations of the sample rank (5 by default; 0 for tests of the miss path);
-// isa: 0 scalar scan, 2 the best this CPU has (for tests).
+// isa: 0 the portable scan, 2 the best this CPU has (for tests).
 void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_k, int R,
                  bool l1, int64_t* thr_bits, double* kept_l1, double* total_l1,
                  int64_t* nonfinite, int nthreads, double margin_sd = 5.0, int isa = 2);
