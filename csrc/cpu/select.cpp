@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "fm_cpu_block.h"
@@ -159,15 +160,25 @@ FM_CPU_CLONES void scan_portable_n(const uint32_t* __restrict bits, int len, con
   acc->inside += inside;
 }
 
+// Calls f(std::integral_constant<int, NH>()) with NH = the window's count of frequent values,
+// so each scan is compiled per count.
+template <class F>
+FM_FORCE_INLINE void with_heavy_count(int nheavy, F&& f) {
+  static_assert(kHeavy == 4, "one case per count of frequent values");
+  switch (nheavy) {
+    case 0: f(std::integral_constant<int, 0>()); break;
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    default: f(std::integral_constant<int, 4>()); break;
+  }
+}
+
 void scan_portable(const uint32_t* __restrict bits, int len, const Window& w, bool l1,
                    uint32_t* __restrict dst, ScanAcc* acc) {
-  switch (w.nheavy) {
-    case 0: scan_portable_n<0>(bits, len, w, l1, dst, acc); break;
-    case 1: scan_portable_n<1>(bits, len, w, l1, dst, acc); break;
-    case 2: scan_portable_n<2>(bits, len, w, l1, dst, acc); break;
-    case 3: scan_portable_n<3>(bits, len, w, l1, dst, acc); break;
-    default: scan_portable_n<4>(bits, len, w, l1, dst, acc); break;
-  }
+  with_heavy_count(w.nheavy, [&](auto nh) {
+    scan_portable_n<decltype(nh)::value>(bits, len, w, l1, dst, acc);
+  });
 }
 
 #ifdef FM_SELECT_AVX512
@@ -223,14 +234,9 @@ __attribute__((target("avx512f,avx,popcnt"))) void scan_avx512_n(
 
 void scan_avx512(const uint32_t* __restrict bits, int len, const Window& w, bool l1,
                  uint32_t* __restrict dst, ScanAcc* acc) {
-  static_assert(kHeavy == 4, "one instance per count of frequent values");
-  switch (w.nheavy) {
-    case 0: scan_avx512_n<0>(bits, len, w, l1, dst, acc); break;
-    case 1: scan_avx512_n<1>(bits, len, w, l1, dst, acc); break;
-    case 2: scan_avx512_n<2>(bits, len, w, l1, dst, acc); break;
-    case 3: scan_avx512_n<3>(bits, len, w, l1, dst, acc); break;
-    default: scan_avx512_n<4>(bits, len, w, l1, dst, acc); break;
-  }
+  with_heavy_count(w.nheavy, [&](auto nh) {
+    scan_avx512_n<decltype(nh)::value>(bits, len, w, l1, dst, acc);
+  });
 }
 #endif
 
