@@ -372,3 +372,29 @@ def test_freed_outputs_are_reused_within_the_limit():
         assert C.output_cache_bytes() == 0 and small.shape == (10, 1031)
     finally:
         C.set_output_cache_limit(prev)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_dare_keep_bits_from_the_statistics_pass(n):
+    """model_stats leaves its DARE keep bits for fused_merge (csrc/cpu/dare_bits.h): the merge
+    that uses them equals the one that draws Philox again, bit for bit, and consumes them."""
+    base, models, _ = make_finetunes((513, 1031), n, ("bf16", "fp16", "fp32"), seed=13)
+    spec = resolve_spec("dare_ties", n, density=[0.3, 0.6, 0.9][:n], seed=5, rescale="l1")
+    be = get_backend("cpu", "cpu")
+    chunks = [Chunk(base.reshape(-1)[s:e], [m.reshape(-1)[s:e] for m in models], [], s, NAME)
+              for s, e in ((0, 262144), (262144, base.numel()))]    # two chunks, two offsets
+    prev = C.set_dare_bits_limit(0)
+    try:
+        plan = plan_tensor(spec, lambda: chunks, be, base.numel(), NAME)
+        drawn = [be.merge(ch, plan, torch.bfloat16)[0] for ch in chunks]
+        C.set_dare_bits_limit(64 << 20)
+        again = plan_tensor(spec, lambda: chunks, be, base.numel(), NAME)
+        assert torch.equal(again.fparams, plan.fparams)
+        assert C.dare_bits_bytes() == n * sum((c.models[0].numel() + 63) // 64 * 8
+                                              for c in chunks)
+        memo = [be.merge(ch, again, torch.bfloat16)[0] for ch in chunks]
+        assert C.dare_bits_bytes() == 0
+        for a, b in zip(drawn, memo):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    finally:
+        C.set_dare_bits_limit(prev)

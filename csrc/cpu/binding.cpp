@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "fm_cpu.h"
+#include "dare_bits.h"
 #include "output_cache.h"
 
 namespace fm = fastmerge;
@@ -365,6 +366,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("set_output_cache_limit", [](size_t bytes) { return fm::cpu::output_cache_limit(bytes); },
           "bytes of freed fused_merge outputs kept for reuse (returns the previous limit)");
   mod.def("output_cache_bytes", &fm::cpu::output_cache_bytes, "bytes the output cache holds");
+  mod.def("set_dare_bits_limit", [](size_t bytes) { return fm::cpu::dare_bits_limit(bytes); },
+          "bytes of DARE keep bits model_stats may leave for fused_merge (previous limit)");
+  mod.def("dare_bits_bytes", &fm::cpu::dare_bits_bytes, "bytes of DARE keep bits held");
   mod.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   mod.def("max_threads", &threads, "threads the kernels use (at::get_num_threads)");
 }

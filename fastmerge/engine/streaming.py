@@ -45,6 +45,7 @@ def trim_freed_memory() -> None:
 
 
 FIXED_OVERHEAD = 16 * 2 ** 20   # thread stacks, python objects, allocator slack
+DARE_BITS_LIMIT = 64 * 2 ** 20  # the CPU kernels' DARE keep-bit memo (csrc/cpu/dare_bits.h)
 
 
 def work_bytes_per_element(backend_name: str, n_models: int, extra: int = 0,
@@ -80,6 +81,8 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
     scratch fit in ``budget`` bytes, after the histograms and a fixed allowance."""
     hist = 2 * (n_models + 1) * NUM_BINS * 16
     fixed = FIXED_OVERHEAD + hist
+    if backend_name == "cpu" and sparsifier == "dare":
+        fixed += DARE_BITS_LIMIT   # keep bits from the statistics pass to the merge
     if device == "cpu":
         outs = 4 if backend_name == "cpu" else 3
         per = 3 * in_bytes_per_elem + outs * out_itemsize + \
