@@ -16,6 +16,7 @@ import torch
 
 from . import rng
 from .methods import MergeSpec, band_counts, top_k_count
+from .second_moments import finite_non_negative
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
@@ -46,6 +47,8 @@ def check_second_moments(second_moments, n_models: int, shape, tensor_name: str)
         if tuple(v.shape) != tuple(shape):
             raise ValueError(f"tensor {tensor_name!r}: second moments of model {i} have shape "
                              f"{tuple(v.shape)}, the weights {tuple(shape)}")
+        if finite_non_negative(v):
+            continue
         check_finite(v, f"second moments of model {i} for tensor {tensor_name!r}")
         if (v < 0).any():
             raise ValueError(f"second moments of model {i} for tensor {tensor_name!r} are "

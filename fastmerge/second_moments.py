@@ -22,6 +22,16 @@ from typing import Optional, Sequence, Union
 import torch
 
 
+def finite_non_negative(v: torch.Tensor) -> bool:
+    """Whether a second-moment tensor is all finite and >= 0, in one reduction (aminmax; NaN
+    propagates into it): the separate isfinite / < 0 checks allocated two bool tensors and took
+    ~0.1 s per 45M-element tensor here."""
+    if v.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(v.to(torch.float32) if v.dtype != torch.float32 else v)
+    return bool(lo >= 0) and bool(hi < float("inf"))
+
+
 def parameter_names(model) -> list[str]:
     """Trainable parameter names in ``named_parameters()`` order."""
     if isinstance(model, torch.nn.Module):
@@ -88,7 +98,7 @@ def extract_exp_avg_sq(optimizer_state: Union[str, os.PathLike, dict], model,
         if shapes is not None and name in shapes and tuple(shapes[name]) != tuple(v.shape):
             raise ValueError(f"parameter {name!r}: exp_avg_sq has shape {tuple(v.shape)} but the "
                              f"weight has {tuple(shapes[name])}")
-        if not torch.isfinite(v).all() or (v < 0).any():
+        if not finite_non_negative(v):
             raise ValueError(f"parameter {name!r}: exp_avg_sq has NaN/Inf or negative values")
         out[name + suffix] = v
     if out_path is not None:

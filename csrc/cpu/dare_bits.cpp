@@ -39,17 +39,21 @@ void erase_at(Memo& m, size_t i) {  // caller holds mu
   m.entries.erase(m.entries.begin() + static_cast<std::ptrdiff_t>(i));
 }
 
+void erase_key(Memo& m, const DareBitsKey& key) {  // caller holds mu
+  for (size_t i = 0; i < m.entries.size(); ++i) {
+    if (same(m.entries[i]->key, key)) {
+      erase_at(m, i);
+      return;
+    }
+  }
+}
+
 }  // namespace
 
 std::shared_ptr<std::vector<uint64_t>> dare_bits_begin(const DareBitsKey& key) {
   Memo& m = memo();
   std::lock_guard<std::mutex> lock(m.mu);
-  for (size_t i = 0; i < m.entries.size(); ++i) {
-    if (same(m.entries[i]->key, key)) {
-      erase_at(m, i);
-      break;
-    }
-  }
+  erase_key(m, key);
   const size_t need = words_of(key) * sizeof(uint64_t);
   if (key.numel <= 0 || m.bytes + need > m.limit) return nullptr;
   Entry* e = new Entry();
@@ -78,12 +82,7 @@ std::shared_ptr<const std::vector<uint64_t>> dare_bits_find(const DareBitsKey& k
 void dare_bits_drop(const DareBitsKey& key) {
   Memo& m = memo();
   std::lock_guard<std::mutex> lock(m.mu);
-  for (size_t i = 0; i < m.entries.size(); ++i) {
-    if (same(m.entries[i]->key, key)) {
-      erase_at(m, i);
-      return;
-    }
-  }
+  erase_key(m, key);
 }
 
 size_t dare_bits_limit(size_t bytes) {

@@ -31,6 +31,7 @@ from ..backends import get_backend, output_cache_limit
 from ..lines import count_blocks, depth_function, lines_factor
 from ..ops import SCORE_FISHER, SCORE_MAGNITUDE
 from ..plan import plan_tensor, thresholds_from_selection
+from ..second_moments import finite_non_negative
 from ..selection import level0, release_scratch
 from . import parallel
 from .checkpoint_io import MERGEABLE, Checkpoint, CheckpointError, SafetensorsFile
@@ -220,7 +221,7 @@ class _Engine:
                                  with_moments=self.with_moments,
                                  moment_names=self.inputs.moment_names.get(name))
         for i, v in enumerate(chunk.second_moments):
-            if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            if not finite_non_negative(v):
                 pre = self.inputs.preconditioners[i]
                 where = pre.path_of(self.inputs.moment_names[name][i]) \
                     if isinstance(pre, Checkpoint) else pre.path
