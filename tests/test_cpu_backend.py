@@ -322,8 +322,8 @@ def test_opcheck_all_ops():
 @pytest.mark.skipif(os.environ.get("FASTMERGE_LARGE_TESTS") != "1",
                     reason="opt-in (FASTMERGE_LARGE_TESTS=1): needs ~14 GiB of RAM and ~1 min")
 def test_more_than_2_pow_31_elements():
-    """A bf16 tensor of 2^31 + 4099 elements: 64-bit indexing in the histogram, the merge and
-    the DARE counters of the CPU kernels."""
+    """A bf16 tensor of 2^31 + 4099 elements: 64-bit indexing in the histogram, the one-pass
+    top-k, the merge and the DARE counters of the CPU kernels."""
     n = (1 << 31) + 4099
     base = torch.zeros(n, dtype=torch.bfloat16)
     model = torch.ones(n, dtype=torch.bfloat16)
@@ -339,6 +339,12 @@ def test_more_than_2_pow_31_elements():
     assert sums[0].sum().item() == float(n - 7 + 18 + 2)
     # the exact 7th largest |t| (radix selection over both levels), then the merge beyond 2^31
     assert fm.magnitude_threshold(model, 7, base=base, backend="cpu") == 2.0
+    # the one-pass top-k (sampled window) over the same 2^31 + 4099 elements
+    req = torch.tensor([[0, 6], [0, 7], [0, 1000], [0, n]])
+    thr, kept, total, bad = torch.ops.fastmerge.topk_window(base, [model], req, True)
+    assert torch.equal(thr, torch.tensor([3.0, 2.0, 1.0, 1.0]).view(torch.int32).long())
+    assert kept.tolist() == [18.0, 20.0, float(n - 7 + 20), float(n - 7 + 20)]
+    assert total.tolist() == [float(n - 7 + 20)] and bad.tolist() == [0]
     out = fm.merge_tensors(base, [model], "magnitude_prune", thresholds=[(3.0, float("inf"))],
                            backend="cpu", tensor_name=NAME)
     assert out[-8:].float().tolist() == [0.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.0]
