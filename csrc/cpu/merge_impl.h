@@ -251,10 +251,13 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
     for (int k = 0; k < kBlock; ++k) bb[k] = 0.0f;
   }
 
+  // Prefetch distance: 2 blocks, 8 from 6 models up (N = 8, 4096x4096 bf16, 2 threads: the
+  // merge 24 -> 22 ms; 8 blocks for N = 3 made it slower, 5.4 -> 6.7 ms).
+  const int64_t ahead = kPrefetchAhead * (n >= 6 ? 4 : 1);
   for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
     const int len = static_cast<int>(end - s0 < kBlock ? end - s0 : kBlock);
-    if (s0 + kPrefetchAhead < end) {  // many input streams: help the hardware prefetcher
-      const int64_t p0 = s0 + kPrefetchAhead;
+    if (s0 + ahead < end) {  // many input streams: help the hardware prefetcher
+      const int64_t p0 = s0 + ahead;
       const int plen = static_cast<int>(end - p0 < kBlock ? end - p0 : kBlock);
       if (has_base) prefetch_block(in.base, in.base_dtype, p0, plen);
       for (int i = 0; i < n; ++i) prefetch_block(in.models[i], in.model_dtypes[i], p0, plen);
