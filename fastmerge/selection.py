@@ -213,8 +213,11 @@ def select_one_pass(backend, chunk: Chunk, n_models: int, requests: Sequence[tup
     thresholds = [float("inf") if k <= 0 else 0.0 for _, k in requests]
     pending = [r for r, (_, k) in enumerate(requests) if 0 < k < n]
     rows = [list(requests[r]) for r in pending]
-    # every model once (its non-finite count), also when none of its k's needs selecting
-    probe = [[i, 1] for i in range(n_models) if all(r[0] != i for r in rows)]
+    # with l1, every model's total L1 (kept_l1 = total where k >= n), also when none of its
+    # k's needs selecting; NaN/Inf in a model without a request is left to the merge pass
+    probe = [[i, 1] for i in range(n_models) if l1 and all(r[0] != i for r in rows)]
+    if not rows and not probe:
+        return Selection(thresholds, None), None
     req = torch.tensor(rows + probe, dtype=torch.int64).reshape(-1, 2)
     thr, kept, total, bad = backend.topk_window(chunk.base, list(chunk.models), req, l1)
     for i, b in enumerate(bad.tolist()):
