@@ -162,19 +162,26 @@ def _kth_bins(counts: np.ndarray, ks: np.ndarray, above: np.ndarray):
     return NUM_BINS - 1 - pos, prev
 
 
+def _unselected(requests: Sequence[tuple[int, int]], n: int,
+                total_of: Optional[Callable[[int], float]] = None):
+    """What needs no selection, for both selections: the thresholds (k <= 0: inf, k >= n: 0.0,
+    the others 0.0 until selected), the indices still to select (0 < k < n), and, given
+    ``total_of(i)`` (model i's L1), the kept L1 (the total where k >= n, else 0.0 until
+    selected; None without ``total_of``)."""
+    thresholds = [float("inf") if k <= 0 else 0.0 for _, k in requests]
+    pending = [r for r, (_, k) in enumerate(requests) if 0 < k < n]
+    kept = None if total_of is None else \
+        [total_of(i) if 0 < k and k >= n else 0.0 for i, k in requests]
+    return thresholds, pending, kept
+
+
 def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score: int,
            source: ChunkSource, reduce: Optional[Callable] = None,
            l1: bool = True) -> Selection:
     """Exact T(k) for each (model, k) request; k <= 0 gives inf, k >= n gives 0.0.
     ``l1=False`` skips the L1 of what each threshold keeps (``kept_l1`` is then None)."""
-    n = hist.numel
-    thresholds = [float("inf") if k <= 0 else 0.0 for _, k in requests]
-    kept = [0.0] * len(requests) if l1 else None
-    pending = [r for r, (_, k) in enumerate(requests) if 0 < k < n]
-    if l1:
-        for r, (i, k) in enumerate(requests):
-            if 0 < k and k >= n:
-                kept[r] = float(hist.sums[i].sum())
+    thresholds, pending, kept = _unselected(
+        requests, hist.numel, (lambda i: float(hist.sums[i].sum())) if l1 else None)
     if pending:
         rows = np.array([requests[r][0] for r in pending], dtype=np.int64)
         ks = np.array([requests[r][1] for r in pending], dtype=np.int64)
@@ -210,8 +217,7 @@ def select_one_pass(backend, chunk: Chunk, n_models: int, requests: Sequence[tup
     if getattr(backend, "topk_window", None) is None or score != SCORE_MAGNITUDE:
         return None
     n = chunk.models[0].numel()
-    thresholds = [float("inf") if k <= 0 else 0.0 for _, k in requests]
-    pending = [r for r, (_, k) in enumerate(requests) if 0 < k < n]
+    thresholds, pending, _ = _unselected(requests, n)
     rows = [list(requests[r]) for r in pending]
     # with l1, every model's total L1 (kept_l1 = total where k >= n), also when none of its
     # k's needs selecting; NaN/Inf in a model without a request is left to the merge pass
@@ -231,10 +237,7 @@ def select_one_pass(backend, chunk: Chunk, n_models: int, requests: Sequence[tup
     kept_l1 = None
     if l1:
         total_l1 = total.tolist()
-        kept_l1 = [0.0] * len(requests)
-        for r, (i, k) in enumerate(requests):
-            if 0 < k and k >= n:
-                kept_l1[r] = total_l1[i]
+        _, _, kept_l1 = _unselected(requests, n, lambda i: total_l1[i])
         for r, value in zip(pending, kept.tolist()):
             kept_l1[r] = value
         return Selection(thresholds, kept_l1), total_l1

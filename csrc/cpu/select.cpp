@@ -416,12 +416,11 @@ std::vector<uint32_t> sample_scores(const Inputs& in, int i) {
   const int64_t n = in.numel;
   const bool has_base = in.base != nullptr;
   alignas(64) float bb[kBlock];
-  alignas(64) float tt[kBlock];
   std::vector<uint32_t> out;
   auto take = [&](int64_t j0, int len, uint32_t* dst) {  // len <= kBlock scores from j0
     if (has_base) load_block(in.base, in.base_dtype, j0, len, bb);
-    load_task_block(in.models[i], in.model_dtypes[i], j0, len, bb, has_base, tt);
-    for (int q = 0; q < len; ++q) dst[q] = fm_score_bits(tt[q], 0.0f, SCORE_MAGNITUDE);
+    score_block_generic(in.models[i], in.model_dtypes[i], j0, has_base ? bb : nullptr, len,
+                        false, dst, nullptr);
   };
   if (n <= kMaxSample) {
     out.resize(static_cast<size_t>(n));
