@@ -62,6 +62,33 @@ def test_ties_all_equal_and_zero(isa):
     assert bool(hit.all())
 
 
+@pytest.mark.parametrize("frac", [0.01, 0.2, 0.5])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("shape", [(70001,), (1031, 2049), (300007,)])
+def test_one_request_per_model(shape, with_base, frac):
+    """One k per bf16 model (TIES): the fused AVX-512 score + scan (select.cpp, fused_bf16_n)
+    over the whole blocks, the two-step scan over the tail; ties from few distinct steps."""
+    base, models, _ = make_finetunes(shape, 2, ("bf16", "bf16"), seed=11)
+    n = base.numel()
+    steps = torch.randint(-3, 4, (n,)).to(torch.float32) * 2.0 ** -7
+    models.append((base.float().reshape(-1) + steps).reshape(shape).to(torch.bfloat16))
+    k = max(1, int(frac * n))
+    req = torch.tensor([[i, k] for i in range(3)], dtype=torch.int64)
+    for isa in (0, 2):
+        assert bool(_check(base if with_base else None, models, req, isa).all())
+
+
+def test_nonfinite_counts_in_whole_and_tail_blocks():
+    base, models, _ = make_finetunes((70001,), 2, ("bf16", "bf16"), seed=12)
+    models[0][1234] = float("nan")
+    models[0][70000] = float("inf")   # in the tail (70001 = 136 * 512 + 369)
+    models[1][5] = float("-inf")
+    req = torch.tensor([[0, 7000], [1, 7000]], dtype=torch.int64)
+    for isa in (0, 2):
+        got = C.topk_window(base, models, req, False, 5.0, isa)
+        assert got[3].tolist() == [2, 1]
+
+
 def test_no_base_and_mixed_dtypes():
     base, models, _ = make_finetunes((90001,), 3, ("bf16", "fp16", "fp32"), seed=4)
     req = _requests(3, base.numel())

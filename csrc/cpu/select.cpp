@@ -29,6 +29,9 @@
 #include <vector>
 
 #include "fm_cpu_block.h"
+#ifndef FM_SELECT_AHEAD
+#define FM_SELECT_AHEAD 4
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // GCC 12 flags _mm512_undefined_pd() inside its own intrinsics as maybe-uninitialized
@@ -51,7 +54,8 @@ constexpr int64_t kMaxSample = 65536;
 // compare that counts it.
 constexpr int kHeavy = 4;
 constexpr int64_t kHeavyShare = 256;
-constexpr uint32_t kSelectBins = 4096;  // bins of the window when picking among the copies
+constexpr uint32_t kSelectBins = 4096;
+constexpr int64_t kSelectAhead = int64_t{kBlock} * FM_SELECT_AHEAD;  // bins of the window when picking among the copies
 
 // Per work item and request: what the pass found (the candidate list is this item's part).
 struct Found {
@@ -300,6 +304,90 @@ __attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t score_block_avx5
 }
 #endif
 
+#ifdef FM_SELECT_AVX512
+// bf16 model, bf16 base (or none), one window: the score and the scan of scan_avx512_n in one
+// loop, in registers (the two-step form stores the block's scores and the base as float32 and
+// reads them back: ~0.21 ns per element and model on 1 thread here, this ~TODO). Returns the
+// largest score bits (>= kNonFinite: a NaN/Inf is present; the caller counts them). With l1,
+// tot[0..7] += |t| and acc->above_l1 as in scan_avx512_n. len is a multiple of 16.
+template <int NH, bool HAS_BASE, bool L1>
+__attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t fused_bf16_n(
+    const uint16_t* __restrict m, const uint16_t* __restrict b, int len, const Window& w,
+    uint32_t* __restrict dst, ScanAcc* acc, double* __restrict tot) {
+  __m512i hv[NH > 0 ? NH : 1], hc[NH > 0 ? NH : 1];
+  for (int j = 0; j < NH; ++j) {
+    hv[j] = _mm512_set1_epi32(static_cast<int>(w.heavy[j]));
+    hc[j] = _mm512_setzero_si512();
+  }
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(w.lo));
+  const __m512i vhi = _mm512_set1_epi32(static_cast<int>(w.hi));
+  const __m512i vw = _mm512_set1_epi32(static_cast<int>(w.hi - w.lo));
+  __m512i mx = _mm512_setzero_si512(), above = _mm512_setzero_si512();
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  __m512d t0 = _mm512_setzero_pd(), t1 = _mm512_setzero_pd();
+  int64_t inside = 0;
+  for (int k = 0; k < len; k += 16) {
+    __m512 t = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + k))), 16));
+    if (HAS_BASE)
+      t = _mm512_sub_ps(t, _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                   reinterpret_cast<const __m256i*>(b + k))),
+                               16)));
+    const __m512i s = _mm512_and_si512(_mm512_castps_si512(t), abs_mask);
+    mx = _mm512_max_epu32(mx, s);
+    const __mmask16 gt = _mm512_cmpgt_epu32_mask(s, vhi);
+    above = _mm512_mask_add_epi32(above, gt, above, one);
+    __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(s, vlo), vw);
+#pragma GCC unroll 8
+    for (int j = 0; j < NH; ++j) {
+      const __mmask16 eq = _mm512_cmpeq_epi32_mask(s, hv[j]);
+      hc[j] = _mm512_mask_add_epi32(hc[j], eq, hc[j], one);
+      in = static_cast<__mmask16>(in & ~eq);
+    }
+    if (dst != nullptr) _mm512_storeu_si512(dst + inside, _mm512_maskz_compress_epi32(in, s));
+    inside += _mm_popcnt_u32(in);
+    if (L1) {
+      const __m512 f = _mm512_castsi512_ps(s);
+      const __m512d lo8 = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+      const __m512d hi8 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
+      t0 = _mm512_add_pd(t0, lo8);
+      t1 = _mm512_add_pd(t1, hi8);
+      s0 = _mm512_mask_add_pd(s0, static_cast<__mmask8>(gt), s0, lo8);
+      s1 = _mm512_mask_add_pd(s1, static_cast<__mmask8>(gt >> 8), s1, hi8);
+    }
+  }
+  for (int j = 0; j < NH; ++j) acc->heavy[j] += _mm512_reduce_add_epi32(hc[j]);
+  acc->above += _mm512_reduce_add_epi32(above);
+  acc->inside += inside;
+  if (L1) {
+    acc->above_l1 += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+    alignas(64) double a[8], c[8];
+    _mm512_store_pd(a, t0);
+    _mm512_store_pd(c, t1);
+    for (int l = 0; l < 8; ++l) tot[l] += a[l] + c[l];
+  }
+  return _mm512_reduce_max_epu32(mx);
+}
+
+using FusedFn = uint32_t (*)(const uint16_t*, const uint16_t*, int, const Window&, uint32_t*,
+                             ScanAcc*, double*);
+
+FusedFn pick_fused(int nheavy, bool has_base, bool l1) {
+  FusedFn f = nullptr;
+  with_heavy_count(nheavy, [&](auto nh) {
+    constexpr int NH = decltype(nh)::value;
+    if (has_base)
+      f = l1 ? fused_bf16_n<NH, true, true> : fused_bf16_n<NH, true, false>;
+    else
+      f = l1 ? fused_bf16_n<NH, false, true> : fused_bf16_n<NH, false, false>;
+  });
+  return f;
+}
+#endif
+
 ScoreFn pick_score(int isa) {
 #ifdef FM_SELECT_AVX512
   __builtin_cpu_init();
@@ -329,6 +417,7 @@ struct PassCtx {
   std::atomic<int64_t>* stored;  // per request: values copied so far (all items)
   const int64_t* store_cap;      // per request: beyond this, stop copying (a miss)
   std::atomic<bool>* overflow;
+  bool fused;  // the fused AVX-512 bf16 score + scan may run
 };
 
 // The pass over [begin, end): one work item. found[R], totals[N] (sum |t|), nonfinite[N].
@@ -342,15 +431,74 @@ void window_range(const PassCtx& c, int64_t begin, int64_t end, Found* found, do
   alignas(64) uint32_t bits[kBlock];
   alignas(64) double tot[FM_MAX_MODELS][8] = {};
   bool used[FM_MAX_MODELS] = {};
+  int64_t begin_rest[FM_MAX_MODELS] = {};  // where the two-step path starts (per model)
   for (int r = 0; r < c.R; ++r) used[c.win[r].model] = true;
   // Models outer, blocks inner: two input streams at a time (the base's block comes from L2
   // again for each model; an item's base is 128 KiB of bf16). With all N + 1 streams at once
   // the hardware prefetchers lose track: measured here (4096x4096 bf16, 2 threads, nothing
   // copied) N = 8 took 0.18 ns per element and model that way, 0.12 this way.
+  // the request's copy list with room for one more block (nullptr: count only)
+  auto room = [&](int r, int len) -> uint32_t* {
+    const Window& w = c.win[r];
+    Found& f = found[r];
+    if (!(w.lo < w.hi) || c.overflow[r].load(std::memory_order_relaxed)) return nullptr;
+    if (f.cap - f.inside < len + 16) {  // room for a whole block + the SIMD slack
+      const int64_t cap = std::max<int64_t>(2 * f.cap, f.inside + len + 16 + 1024);
+      void* p = realloc(f.cand, sizeof(uint32_t) * static_cast<size_t>(cap));
+      if (p == nullptr) {
+        c.overflow[r].store(true, std::memory_order_relaxed);
+        return nullptr;
+      }
+      f.cand = static_cast<uint32_t*>(p);
+      f.cap = cap;
+    }
+    return f.cand + f.inside;
+  };
+  auto add = [&](int r, const ScanAcc& acc) {
+    Found& f = found[r];
+    for (int j = 0; j < c.win[r].nheavy; ++j) f.heavy[j] += acc.heavy[j];
+    f.above += acc.above;
+    f.inside += acc.inside;
+    f.above_l1 += acc.above_l1;
+  };
+  auto count_nonfinite_block = [&](int i, int64_t s0, int len) {
+    if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
+    score_block_generic(in.models[i], in.model_dtypes[i], s0, has_base ? bb : nullptr, len,
+                        false, bits, nullptr);
+    int32_t nb = 0;
+    for (int k = 0; k < len; ++k) nb += bits[k] >= kNonFinite ? 1 : 0;
+    nonfinite[i] += nb;
+  };
   for (int i = 0; i < in.n; ++i) {
     if (!used[i]) continue;
-    for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
+#ifdef FM_SELECT_AVX512
+    // one window on a bf16 model (TIES, magnitude_prune): score and scan fused in registers
+    int only = -1, nreq = 0;
+    for (int r = 0; r < c.R; ++r)
+      if (c.win[r].model == i) only = r, ++nreq;
+    if (c.fused && nreq == 1 && in.model_dtypes[i] == DTYPE_BFLOAT16 &&
+        (!has_base || in.base_dtype == DTYPE_BFLOAT16)) {
+      const FusedFn fn = pick_fused(c.win[only].nheavy, has_base, c.l1);
+      const uint16_t* mp = static_cast<const uint16_t*>(in.models[i]);
+      const uint16_t* bp = static_cast<const uint16_t*>(in.base);
+      int64_t s0 = begin;
+      for (; s0 + kBlock <= end; s0 += kBlock) {
+        if (s0 + kSelectAhead + kBlock <= end)
+          prefetch_block(mp, DTYPE_BFLOAT16, s0 + kSelectAhead, kBlock);
+        ScanAcc acc{};
+        const uint32_t mx = fn(mp + s0, has_base ? bp + s0 : nullptr, kBlock, c.win[only],
+                               room(only, kBlock), &acc, tot[i]);
+        add(only, acc);
+        if (mx >= kNonFinite) count_nonfinite_block(i, s0, kBlock);  // rare
+      }
+      if (s0 == end) continue;
+      begin_rest[i] = s0;  // the tail (< kBlock) takes the two-step path below
+    }
+#endif
+    for (int64_t s0 = begin_rest[i] > begin ? begin_rest[i] : begin; s0 < end; s0 += kBlock) {
       const int len = static_cast<int>(end - s0 < kBlock ? end - s0 : kBlock);
+      if (s0 + kSelectAhead + kBlock <= end)
+        prefetch_block(in.models[i], in.model_dtypes[i], s0 + kSelectAhead, kBlock);
       if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
       const uint32_t mx = c.score(in.models[i], in.model_dtypes[i], s0, has_base ? bb : nullptr,
                                   len, c.l1, bits, tot[i]);
@@ -360,29 +508,10 @@ void window_range(const PassCtx& c, int64_t begin, int64_t end, Found* found, do
         nonfinite[i] += nb;
       }
       for (int r = 0; r < c.R; ++r) {
-        const Window& w = c.win[r];
-        if (w.model != i) continue;
-        Found& f = found[r];
-        uint32_t* dst = nullptr;
-        if (w.lo < w.hi && !c.overflow[r].load(std::memory_order_relaxed)) {
-          if (f.cap - f.inside < len + 16) {  // room for a whole block + the SIMD slack
-            const int64_t cap = std::max<int64_t>(2 * f.cap, f.inside + len + 16 + 1024);
-            void* p = realloc(f.cand, sizeof(uint32_t) * static_cast<size_t>(cap));
-            if (p == nullptr) {
-              c.overflow[r].store(true, std::memory_order_relaxed);
-            } else {
-              f.cand = static_cast<uint32_t*>(p);
-              f.cap = cap;
-            }
-          }
-          if (!c.overflow[r].load(std::memory_order_relaxed)) dst = f.cand + f.inside;
-        }
+        if (c.win[r].model != i) continue;
         ScanAcc acc{};
-        c.scan(bits, len, w, c.l1, dst, &acc);
-        for (int j = 0; j < w.nheavy; ++j) f.heavy[j] += acc.heavy[j];
-        f.above += acc.above;
-        f.inside += acc.inside;
-        f.above_l1 += acc.above_l1;
+        c.scan(bits, len, c.win[r], c.l1, room(r, len), &acc);
+        add(r, acc);
       }
     }
   }
@@ -449,9 +578,42 @@ std::vector<uint32_t> sample_scores(const Inputs& in, int i) {
   return out;
 }
 
+// The values of ranks a <= b (0-based, in descending order; 0 <= a, b < size) of the sample
+// v, and in `near` the sample values of the bins that hold them: a 2048-bin count of the top
+// bits (score bits >> 20: exponent and 3 mantissa bits), then nth_element among the values of
+// the bins from rank b's to rank a's only. Two nth_element calls over a 65536-value sample
+// took ~0.55 ms per model here (4096x4096 bf16), ~1/6 of the whole pass on 2 threads.
+std::pair<uint32_t, uint32_t> sample_ranks(const std::vector<uint32_t>& v, int64_t a, int64_t b,
+                                           std::vector<uint32_t>& near) {
+  constexpr int kShift = 20;
+  std::vector<int64_t> cnt((0xFFFFFFFFu >> kShift) + 1, 0);
+  for (uint32_t x : v) ++cnt[x >> kShift];
+  int64_t above = 0, above_a = 0;
+  int64_t bin_a = -1, bin_b = 0;
+  for (int64_t g = static_cast<int64_t>(cnt.size()) - 1; g >= 0; --g) {
+    const int64_t c = cnt[static_cast<size_t>(g)];
+    if (bin_a < 0 && above + c > a) bin_a = g, above_a = above;
+    if (above + c > b) {
+      bin_b = g;
+      break;
+    }
+    above += c;
+  }
+  near.clear();
+  for (uint32_t x : v) {
+    const int64_t g = x >> kShift;
+    if (g >= bin_b && g <= bin_a) near.push_back(x);
+  }
+  auto desc = std::greater<uint32_t>();
+  const auto ia = near.begin() + (a - above_a), ib = near.begin() + (b - above_a);
+  std::nth_element(near.begin(), ia, near.end(), desc);
+  const uint32_t hi = *ia;
+  if (ib != ia) std::nth_element(ia + 1, ib, near.end(), desc);
+  return {hi, *ib};
+}
+
 // The window of request (k of n) from the model's sample; margin 0 with an exhaustive sample.
-// Reorders `sample` (nth_element), which leaves it valid for the model's next request.
-Window window_for(int model, int64_t k, int64_t n, std::vector<uint32_t>& sample,
+Window window_for(int model, int64_t k, int64_t n, const std::vector<uint32_t>& sample,
                   double margin_sd) {
   const int64_t S = static_cast<int64_t>(sample.size());
   int64_t a, b;
@@ -465,20 +627,16 @@ Window window_for(int model, int64_t k, int64_t n, std::vector<uint32_t>& sample
     a = static_cast<int64_t>(floor(r - m)) - 1;  // ranks 0-based, descending
     b = static_cast<int64_t>(ceil(r + m)) - 1;
   }
-  std::vector<uint32_t>& v = sample;
-  auto desc = std::greater<uint32_t>();
-  uint32_t hi = 0xFFFFFFFFu, lo = 0u;
-  if (a >= 0 && a < S) {
-    std::nth_element(v.begin(), v.begin() + a, v.end(), desc);
-    hi = v[static_cast<size_t>(a)];
-  }
-  if (b == a) {
-    lo = hi;
-  } else if (b >= 0 && b < S) {
-    const auto from = a >= 0 && a < b ? v.begin() + a + 1 : v.begin();
-    std::nth_element(from, v.begin() + b, v.end(), desc);
-    lo = v[static_cast<size_t>(b)];
-  }
+  // ranks outside the sample: the window is open on that side
+  const bool open_hi = a < 0 || a >= S, open_lo = b < 0 || b >= S;
+  const int64_t ra = open_hi ? (open_lo ? 0 : std::min<int64_t>(std::max<int64_t>(a, 0), b))
+                             : a;
+  const int64_t rb = open_lo ? (open_hi ? 0 : std::max<int64_t>(std::min<int64_t>(b, S - 1), ra))
+                             : b;
+  std::vector<uint32_t> near;
+  const auto got = sample_ranks(sample, ra, rb, near);
+  uint32_t hi = open_hi ? 0xFFFFFFFFu : got.first;
+  uint32_t lo = open_lo ? 0u : (b == a ? hi : got.second);
   if (lo > hi) lo = hi;  // a < 0 with b >= S cannot happen; keep the window well formed
   Window w{model, k, lo, hi, 0, {}};
   if (lo == hi) {  // one value: counted, nothing copied
@@ -486,10 +644,11 @@ Window window_for(int model, int64_t k, int64_t n, std::vector<uint32_t>& sample
     w.heavy[0] = lo;
     return w;
   }
-  // the most frequent values of the sample inside [lo, hi] (>= 1/kHeavyShare of it)
+  // the most frequent values of the sample inside [lo, hi] (>= 1/kHeavyShare of it); with a
+  // bound open the values beyond the bins of `near` come from the whole sample
   const int64_t heavy_min = std::max<int64_t>(16, S / kHeavyShare);
   std::vector<uint32_t> in;
-  for (uint32_t x : sample)
+  for (uint32_t x : (open_hi || open_lo) ? sample : near)
     if (x >= lo && x <= hi) in.push_back(x);
   std::sort(in.begin(), in.end());
   std::vector<std::pair<int64_t, uint32_t>> runs;  // (count, value)
@@ -555,7 +714,7 @@ void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_
   static const ScoreFn best_score = pick_score(2);
   PassCtx c{&in, win.data(), R, l1, isa >= 2 ? best : pick_scan(isa),
             isa >= 2 ? best_score : pick_score(isa), stored.data(), store_cap.data(),
-            overflow.data()};
+            overflow.data(), isa >= 2 && best_score != score_block_generic};
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t q = 0; q < items; ++q) {
     const int64_t begin = q * kChunk;
