@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMON = os.path.join(HERE, "csrc", "common")
@@ -47,9 +47,20 @@ def cpu_extensions(cpp_extension):
     # the element loops (selects on float compares) vectorise; -g0 halves the compile time.
     flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math",
              "-g0", "-Wall"]
-    return [cpp_extension.CppExtension(
+    exts = [cpp_extension.CppExtension(
         "fastmerge._C", sources, include_dirs=[COMMON],
         extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])]
+    # the same kernels bound without torch (fastmerge/engine/native.py: `fastmerge merge`
+    # starts without importing torch for the methods that need no selection pass)
+    # pybind11's headers: torch ships them (torch/include/pybind11), so the build needs no
+    # pybind11 package (pip --no-build-isolation builds before installing the dependencies)
+    torch_include = cpp_extension.include_paths()[0]
+    kernels = [s for s in sources if os.path.basename(s) != "binding.cpp"]
+    exts.append(Extension(
+        "fastmerge._core", kernels + [os.path.join("csrc", "core", "core_binding.cpp")],
+        include_dirs=[COMMON, os.path.join(HERE, "csrc", "cpu"), torch_include],
+        extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"], language="c++"))
+    return exts
 
 
 def cuda_extensions(cpp_extension):

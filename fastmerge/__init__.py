@@ -1,13 +1,37 @@
 """fastmerge: fused, memory-frugal model merging (TIES, DARE, breadcrumbs, task arithmetic,
-consensus/TALL masks, LiNeS, OTA/FFG) with one API over torch, C++, CUDA and Triton kernels."""
+consensus/TALL masks, LiNeS, OTA/FFG) with one API over torch, C++, CUDA and Triton kernels.
+
+The names below load on first use, so ``fastmerge merge`` can start without importing torch
+(fastmerge/engine/native.py). Using any of them, or importing ``fastmerge.ops``, registers the
+``torch.ops.fastmerge`` ops; importing fastmerge after torch registers them right away."""
+import sys
+
 from ._version import __version__
-from . import ops  # noqa: F401  (registers the fastmerge:: torch.library ops)
-from .api import dare_mask, magnitude_threshold, merge_tensors
-from .backends import BACKEND_NAMES, available_backends
-from .lines import block_index, lines_factor
-from .methods import METHODS, MergeSpec, resolve_spec
-from .engine import merge_checkpoints
+
+_LAZY = {"merge_tensors": "api", "magnitude_threshold": "api", "dare_mask": "api",
+         "available_backends": "backends", "BACKEND_NAMES": "backends",
+         "block_index": "lines", "lines_factor": "lines",
+         "METHODS": "methods", "MergeSpec": "methods", "resolve_spec": "methods",
+         "merge_checkpoints": "engine"}
 
 __all__ = ["merge_tensors", "magnitude_threshold", "dare_mask", "lines_factor", "block_index",
-           "available_backends", "resolve_spec", "merge_checkpoints", "MergeSpec", "METHODS", "BACKEND_NAMES",
-           "__version__"]
+           "available_backends", "resolve_spec", "merge_checkpoints", "MergeSpec", "METHODS",
+           "BACKEND_NAMES", "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        from . import ops  # noqa: F401  (registers the fastmerge:: torch.library ops)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if "torch" in sys.modules:  # torch is loaded already: register the ops as before
+    from . import ops  # noqa: F401,E402

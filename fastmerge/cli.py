@@ -42,19 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _merge(args) -> int:
-    from .engine import CheckpointError, ConfigError, OutputError, merge_checkpoints
+    # without torch where the method allows (engine/native.py), else the engine
+    from .engine import CheckpointError, ConfigError, OutputError
+    from .engine.native import merge
     try:
-        res = merge_checkpoints(args.config, args.out_dir, device=args.device,
-                                memory_budget=args.memory_budget, shard_size=args.shard_size,
-                                backend=args.backend, seed=args.seed, overwrite=args.overwrite,
-                                quiet=args.quiet, lines_pattern=args.lines_pattern)
+        res = merge(args.config, args.out_dir, device=args.device,
+                    memory_budget=args.memory_budget, shard_size=args.shard_size,
+                    backend=args.backend, seed=args.seed, overwrite=args.overwrite,
+                    quiet=args.quiet, lines_pattern=args.lines_pattern)
     except KeyboardInterrupt:
         print("fastmerge: interrupted; no output was written", file=sys.stderr)
         return 130
     except (ConfigError, CheckpointError, OutputError, FileExistsError, ValueError,
             OSError) as exc:
-        from .engine.parallel import rank_prefix
-        print(f"fastmerge: error: {rank_prefix()}{exc}", file=sys.stderr)
+        prefix = ""
+        if "torch" in sys.modules:   # a torchrun merge names its rank
+            from .engine.parallel import rank_prefix
+            prefix = rank_prefix()
+        print(f"fastmerge: error: {prefix}{exc}", file=sys.stderr)
         return 1
     print(res.summary())
     return 0

@@ -7,6 +7,7 @@ description of the merge and never re-interpret user input.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -97,12 +98,9 @@ def _per_model(name: str, value, n: int, default: float, lo=None, hi=None) -> tu
         if len(value) != n:
             raise ValueError(f"{name} has {len(value)} entries but there are {n} models")
         return tuple(_check_number(f"{name}[{i}]", v, lo, hi) for i, v in enumerate(value))
-    try:
-        import torch
-        if isinstance(value, torch.Tensor):
-            return _per_model(name, value.tolist(), n, default, lo, hi)
-    except ImportError:  # pragma: no cover
-        pass
+    torch = sys.modules.get("torch")  # a tensor means torch is loaded; never import it here
+    if torch is not None and isinstance(value, torch.Tensor):
+        return _per_model(name, value.tolist(), n, default, lo, hi)
     return (_check_number(name, value, lo, hi),) * n
 
 

@@ -29,19 +29,13 @@ import torch
 from . import rng
 from .methods import COMBINES, MergeSpec
 
-# Enumerations shared with csrc/common/fastmerge_params.h (keep in sync; tests check).
-MODE_KEEP_ALL, MODE_BAND, MODE_KEEP_NONE, MODE_DARE = 0, 1, 2, 3
-SCORE_MAGNITUDE, SCORE_FISHER = 0, 1
-COMBINE_IDS = {name: i for i, name in enumerate(COMBINES)}  # linear=0 sum=1 ties=2 ...
-ELECT_SUM, ELECT_COUNT = 0, 1
-ELECT_WEIGHTED, ELECT_UNWEIGHTED = 0, 1
-NORMALIZE_NONE, NORMALIZE_WEIGHTS, NORMALIZE_COUNT = 0, 1, 2
-F_WEIGHT, F_RESCALE, F_LO, F_HI, F_CONSENSUS_LAMBDA, F_OTA_SCALE = range(6)
-I_MODE, I_DARE_KEY, I_DARE_THRESHOLD = range(3)
-NUM_FPARAMS, NUM_IPARAMS = 6, 3
-RADIX_BITS = 16
-NUM_BINS = 1 << RADIX_BITS
-NONFINITE_BIN = 0x7F80  # level-0 bins >= this hold Inf/NaN scores
+# Enumerations shared with csrc/common/fastmerge_params.h (defined in params.py, torch-free)
+from .params import (COMBINE_IDS, ELECT_COUNT, ELECT_SUM, ELECT_UNWEIGHTED,  # noqa: E402,F401
+                     ELECT_WEIGHTED, F_CONSENSUS_LAMBDA, F_HI, F_LO, F_OTA_SCALE, F_RESCALE,
+                     F_WEIGHT, I_DARE_KEY, I_DARE_THRESHOLD, I_MODE, MODE_BAND, MODE_DARE,
+                     MODE_KEEP_ALL, MODE_KEEP_NONE, NONFINITE_BIN, NORMALIZE_COUNT,
+                     NORMALIZE_NONE, NORMALIZE_WEIGHTS, NUM_BINS, NUM_FPARAMS, NUM_IPARAMS,
+                     RADIX_BITS, SCORE_FISHER, SCORE_MAGNITUDE)
 
 LIB = torch.library.Library("fastmerge", "DEF")
 LIB.define("score_histogram(Tensor? base, Tensor[] models, Tensor[] second_moments, int score, "

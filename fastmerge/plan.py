@@ -12,13 +12,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import rng
 from .methods import MergeSpec, band_counts, top_k_count
-from .ops import (COMBINE_IDS, ELECT_COUNT, ELECT_SUM, ELECT_UNWEIGHTED, ELECT_WEIGHTED,
-                  F_CONSENSUS_LAMBDA, F_HI, F_LO, F_OTA_SCALE, F_RESCALE, F_WEIGHT, I_DARE_KEY,
-                  I_DARE_THRESHOLD, I_MODE, MODE_BAND, MODE_DARE, MODE_KEEP_ALL, MODE_KEEP_NONE,
-                  NORMALIZE_COUNT, NORMALIZE_NONE, NORMALIZE_WEIGHTS, NUM_FPARAMS, NUM_IPARAMS,
-                  SCORE_FISHER, SCORE_MAGNITUDE)
+from .params import (F_HI, F_LO, F_OTA_SCALE, F_RESCALE, keep_rows, needs_l1, pass_ids,
+                     rescale_factors)
 from .selection import (ChunkSource, Histograms, level0, select, select_one_pass,
                         single_chunk)
 
@@ -51,10 +47,6 @@ class TensorPlan:
             return self
         return TensorPlan(**{**self.__dict__, "fparams": self.fparams.to(device),
                              "iparams": self.iparams.to(device)})
-
-
-def _as_int64_bits(u64: int) -> int:
-    return u64 - (1 << 64) if u64 >= 1 << 63 else u64
 
 
 def selection_requests(spec: MergeSpec, numel: int) -> list[list[int]]:
@@ -122,37 +114,22 @@ def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tenso
     model-wide ones here. ``reduce`` (in-place sum over ranks) when ``source`` holds only
     this rank's rows of the tensor (fastmerge/engine/parallel.py)."""
     n = spec.n_models
-    score = SCORE_FISHER if spec.score == "fisher" else SCORE_MAGNITUDE
-    f = torch.zeros(n, NUM_FPARAMS, dtype=torch.float32)
-    iparams = torch.zeros(n, NUM_IPARAMS, dtype=torch.int64)
-    f[:, F_WEIGHT] = torch.tensor(spec.weights)
-    f[:, F_RESCALE] = 1.0
-    f[:, F_HI] = INF
-    f[:, F_CONSENSUS_LAMBDA] = torch.tensor(spec.consensus_lambdas)
-    f[:, F_OTA_SCALE] = 1.0
+    ids = pass_ids(spec)
+    score = ids["score"]
     passes, kept_l1, total_l1 = 0, None, None
     names = (tensor_name,)
 
-    if spec.sparsifier in ("topk", "fisher", "band"):
-        if thresholds is None:
-            how: dict = {}
-            thresholds, kept_l1, total_l1 = thresholds_from_selection(
-                spec, numel, backend, source, score, names, reduce=reduce,
-                l1=spec.rescale == "l1", info=how)
-            passes += how["passes"]
-        for i, (lo, hi) in enumerate(thresholds):
-            f[i, F_LO], f[i, F_HI] = lo, hi
-            iparams[i, I_MODE] = (MODE_KEEP_NONE if lo == INF else
-                                  MODE_KEEP_ALL if lo <= 0.0 and hi == INF else MODE_BAND)
-    elif spec.sparsifier == "dare":
-        for i, d in enumerate(spec.densities):
-            thr = rng.dare_keep_threshold(d)
-            iparams[i, I_MODE] = (MODE_KEEP_ALL if thr >= 1 << 32 else
-                                  MODE_KEEP_NONE if thr == 0 else MODE_DARE)
-            iparams[i, I_DARE_KEY] = _as_int64_bits(rng.dare_key(spec.seed, tensor_name, i))
-            iparams[i, I_DARE_THRESHOLD] = thr
+    if spec.sparsifier in ("topk", "fisher", "band") and thresholds is None:
+        how: dict = {}
+        thresholds, kept_l1, total_l1 = thresholds_from_selection(
+            spec, numel, backend, source, score, names, reduce=reduce,
+            l1=spec.rescale == "l1", info=how)
+        passes += how["passes"]
+    frows, irows = keep_rows(spec, tensor_name, thresholds)
+    f = torch.tensor(frows, dtype=torch.float32)
+    iparams = torch.tensor(irows, dtype=torch.int64)
 
-    need_l1 = spec.rescale == "l1" and spec.sparsifier != "none" and kept_l1 is None
+    need_l1 = needs_l1(spec) and kept_l1 is None
     need_p = spec.combine == "ota" and spec.ota_normalize == "global"
     stats = None
     if need_l1 or need_p:
@@ -168,20 +145,9 @@ def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tenso
             for i in range(n):
                 f[i, F_OTA_SCALE] = 1.0 / (stats[i, 2].item() / max(numel, 1) + spec.eps)
 
-    rescale = [1.0] * n
-    for i, d in enumerate(spec.densities):
-        if spec.rescale == "inverse_density":
-            rescale[i] = 1.0 / d if d > 0 else 0.0
-        elif spec.rescale == "l1" and spec.sparsifier != "none":
-            rescale[i] = total_l1[i] / kept_l1[i] if kept_l1[i] > 0 else 1.0
+    rescale = rescale_factors(spec, total_l1, kept_l1)
     f[:, F_RESCALE] = torch.tensor(rescale, dtype=torch.float64).to(torch.float32)
-
-    normalize = {False: NORMALIZE_NONE, True: NORMALIZE_WEIGHTS, "count": NORMALIZE_COUNT}
     return TensorPlan(
-        spec=spec, tensor_name=tensor_name, fparams=f, iparams=iparams,
-        combine=COMBINE_IDS[spec.combine], score=score,
-        elect=ELECT_SUM if spec.election == "sum" else ELECT_COUNT,
-        elect_on=ELECT_WEIGHTED if spec.elect_on == "weighted" else ELECT_UNWEIGHTED,
-        normalize=normalize[spec.normalize], passes=passes,
+        spec=spec, tensor_name=tensor_name, fparams=f, iparams=iparams, passes=passes,
         info={"thresholds": [tuple(map(float, r)) for r in f[:, [F_LO, F_HI]].tolist()],
-              "rescale": rescale})
+              "rescale": rescale}, **ids)

@@ -11,7 +11,10 @@ Choices where SPEC.md is silent (also in docs/semantics.md):
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the key and threshold helpers run without torch (engine/native.py)
+    import torch
 
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -74,6 +77,7 @@ def philox4x32_10(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, .
 
     counter: four int64 tensors (or ints) holding uint32 words; key: two uint32 ints.
     Returns the four output words as int64 tensors in [0, 2^32)."""
+    import torch
     c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
     k0, k1 = key[0] & MASK32, key[1] & MASK32
     for rnd in range(10):
@@ -88,6 +92,7 @@ def philox4x32_10(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, .
 
 def philox_uniform_u32(key: int, start: int, count: int, device=None) -> torch.Tensor:
     """First Philox word for element indices start .. start+count-1 under a 64-bit key."""
+    import torch
     j = torch.arange(start, start + count, dtype=torch.int64, device=device)
     out = philox4x32_10((j & MASK32, j >> 32, 0, 0), (key & MASK32, key >> 32))
     return out[0]
@@ -99,6 +104,7 @@ def dare_mask(shape, density: float, seed: int, tensor_name: str, model_index: i
 
     Keep iff Philox(key(seed, name, i), counter=(lo32(j), hi32(j), 0, 0)).word0 < floor(d*2^32).
     The same mask on every backend and in any chunking: pass the chunk's global ``offset``."""
+    import torch
     shape = torch.Size(shape)
     numel = shape.numel()
     threshold = dare_keep_threshold(density)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import math
 import mmap
@@ -29,22 +30,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from . import libc
 
-# safetensors dtype codes -> torch dtypes (the ones a checkpoint may hold)
-ST_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        ST_DTYPES[_name] = getattr(torch, _attr)
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-MERGEABLE = (torch.bfloat16, torch.float16, torch.float32)
+# safetensors dtype codes -> bytes per element (the dtypes a checkpoint may hold). This module
+# reads headers and maps bytes without torch (engine/native.py merges without importing it);
+# the torch dtypes come from torch_dtypes() once something asks for a tensor.
+ST_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4,
+            "I64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+MERGEABLE_ST = ("BF16", "F16", "F32")
+# the config's dtype names (engine/config.py) -> safetensors codes
+NAME_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64",
+                "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+
+
+def dtype_label(st: str) -> str:
+    """How errors name a safetensors dtype code: torch's name ("torch.bfloat16")."""
+    return f"torch.{_TORCH_NAMES.get(st, st)}"
+
+
+@functools.lru_cache(maxsize=None)
+def torch_dtypes() -> dict:
+    """safetensors code -> torch dtype (imports torch)."""
+    import torch
+    return {k: getattr(torch, v) for k, v in _TORCH_NAMES.items() if hasattr(torch, v)}
+
+
+def __getattr__(name):  # ST_DTYPES, TORCH_TO_ST, MERGEABLE: torch dtypes, built on first use
+    if name == "ST_DTYPES":
+        return torch_dtypes()
+    if name == "TORCH_TO_ST":
+        return {v: k for k, v in torch_dtypes().items()}
+    if name == "MERGEABLE":
+        return tuple(torch_dtypes()[k] for k in MERGEABLE_ST)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 MAX_HEADER = 100 * 1024 * 1024   # the safetensors crate's own limit
 _MAX_IO = 1 << 30                # bytes per preadv call
 _MADV_POPULATE_READ = 22         # Linux >= 5.14: fault the pages in now (reads them if needed)
@@ -81,10 +103,15 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    st: str      # safetensors dtype code ("BF16", ...)
     shape: tuple
     begin: int   # absolute file offset of the first byte
     end: int
+
+    @property
+    def dtype(self):
+        """The torch dtype (imports torch)."""
+        return torch_dtypes()[self.st]
 
     @property
     def numel(self) -> int:
@@ -92,15 +119,11 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return ST_SIZES[self.st]
 
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
-
-
-def _dtype_size(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt).element_size()
 
 
 class SafetensorsFile:
@@ -144,7 +167,7 @@ class SafetensorsFile:
         for name, e in header.items():
             if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
                 self._fail("entry must have exactly dtype, shape and data_offsets", name)
-            if e["dtype"] not in ST_DTYPES:
+            if e["dtype"] not in ST_SIZES:
                 self._fail(f"unknown dtype {e['dtype']!r}", name)
             shape, offs = e["shape"], e["data_offsets"]
             if not isinstance(shape, list) or not all(
@@ -154,8 +177,8 @@ class SafetensorsFile:
                     or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
                     or not 0 <= offs[0] <= offs[1]):
                 self._fail(f"bad data_offsets {offs!r}", name)
-            dt = ST_DTYPES[e["dtype"]]
-            want = math.prod(shape) * _dtype_size(dt)
+            dt = e["dtype"]
+            want = math.prod(shape) * ST_SIZES[dt]
             if offs[1] - offs[0] != want:
                 self._fail(f"data_offsets {offs} span {offs[1] - offs[0]} bytes but shape "
                            f"{shape} of {e['dtype']} needs {want}", name)
@@ -185,10 +208,11 @@ class SafetensorsFile:
             self._fd = None
 
     def read(self, name: str, start: int = 0, stop: Optional[int] = None,
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+             out=None):
         """Elements [start, stop) of tensor ``name`` (flattened) as a 1-D tensor of its dtype.
 
         ``out``: a uint8 buffer (e.g. pinned) of at least the needed bytes to read into."""
+        import torch
         info = self.tensors[name]
         stop = info.numel if stop is None else stop
         isz = info.itemsize
@@ -204,31 +228,64 @@ class SafetensorsFile:
             done += got
         return buf.view(info.dtype) if nbytes else torch.empty(0, dtype=info.dtype)
 
-    def map(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """Elements [start, stop) of tensor ``name`` like ``read``, backed by a private
-        (copy-on-write) mapping of that byte range instead of a copy. The pages are populated
-        here, so I/O errors surface now as a CheckpointError and the kernels that read the
-        tensor do not stall on page faults; the mapping goes when the tensor is freed."""
+    def _mapping(self, name: str, start: int, stop: int):
+        """(mmap, offset of element ``start`` in it, bytes) of a private (copy-on-write),
+        populated mapping of elements [start, stop); None where the file system cannot map."""
         info = self.tensors[name]
-        stop = info.numel if stop is None else stop
         nbytes = (stop - start) * info.itemsize
-        if nbytes == 0:
-            return torch.empty(0, dtype=info.dtype)
         pos = info.begin + start * info.itemsize
         lo = pos - pos % mmap.ALLOCATIONGRANULARITY
         try:
             mm = mmap.mmap(self._fileno(), pos + nbytes - lo, offset=lo,
                            access=mmap.ACCESS_COPY)
         except (OSError, ValueError):  # a file system without mmap (some FUSE / network FS)
-            return self.read(name, start, stop)
+            return None
         err = _populate(mm)
         if err:
             mm.close()
             raise CheckpointError(f"{self.path}, tensor {name!r}: reading failed "
                                   f"({os.strerror(err)})")
+        return mm, pos - lo, nbytes
+
+    def view(self, name: str, start: int = 0, stop: Optional[int] = None) -> memoryview:
+        """The bytes of elements [start, stop) of tensor ``name`` as a read-only memoryview of
+        a populated mapping (``map`` without torch), or of a copy where the file system cannot
+        map."""
+        info = self.tensors[name]
+        stop = info.numel if stop is None else stop
+        got = self._mapping(name, start, stop) if stop > start else None
+        if got is None:
+            nbytes = (stop - start) * info.itemsize
+            buf = bytearray(nbytes)
+            mv, pos, fd, done = memoryview(buf), info.begin + start * info.itemsize, \
+                self._fileno(), 0
+            while done < nbytes:
+                n = os.preadv(fd, [mv[done:done + _MAX_IO]], pos + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}, tensor {name!r}: file ended early "
+                                          f"while reading (truncated?)")
+                done += n
+            return mv.toreadonly()
+        mm, off, nbytes = got
+        return memoryview(mm)[off:off + nbytes].toreadonly()
+
+    def map(self, name: str, start: int = 0, stop: Optional[int] = None):
+        """Elements [start, stop) of tensor ``name`` like ``read``, backed by a private
+        (copy-on-write) mapping of that byte range instead of a copy. The pages are populated
+        here, so I/O errors surface now as a CheckpointError and the kernels that read the
+        tensor do not stall on page faults; the mapping goes when the tensor is freed."""
+        import torch
+        info = self.tensors[name]
+        stop = info.numel if stop is None else stop
+        if stop <= start:
+            return torch.empty(0, dtype=info.dtype)
+        got = self._mapping(name, start, stop)
+        if got is None:
+            return self.read(name, start, stop)
+        mm, off, nbytes = got
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=pos - lo)
+            t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off)
         return t.view(info.dtype)
 
     def __del__(self):  # pragma: no cover
@@ -296,6 +353,9 @@ class Checkpoint:
 
     def map(self, name: str, start: int = 0, stop: Optional[int] = None):
         return self.where[name].map(name, start, stop)
+
+    def view(self, name: str, start: int = 0, stop: Optional[int] = None) -> memoryview:
+        return self.where[name].view(name, start, stop)
 
     def path_of(self, name: str) -> Path:
         return self.where[name].path

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
-
 from ..lines import DEFAULT_BLOCK_PATTERN, block_index, count_blocks
 from ..methods import ALIASES, METHODS, MergeSpec, canonical_method, resolve_spec
 
@@ -68,9 +66,10 @@ SHARED_PARAMS = {"lambda": "lambda_", "normalize": "normalize", "rescale": "resc
                  "ffg_metric": "ffg_metric", "power": "power", "ota_normalize": "ota_normalize",
                  "eps": "eps"}
 MODEL_KEYS = ("model", "parameters", "preconditioner_path")
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
-          "fp32": torch.float32, "float": torch.float32}
+# dtype spellings -> the canonical name the config keeps (torch's, without "torch.")
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16", "half": "float16", "float32": "float32",
+          "fp32": "float32", "float": "float32"}
 LINES_KEYS = ("alpha", "beta", "outside", "pattern")
 
 
@@ -100,8 +99,8 @@ class MergeConfig:
     base_model: Optional[str]
     models: list
     parameters: dict
-    dtype: Optional[torch.dtype] = None
-    out_dtype: Optional[torch.dtype] = None
+    dtype: Optional[str] = None      # "bfloat16", "float16" or "float32"
+    out_dtype: Optional[str] = None
     scope: str = "tensor"
     lines: Optional[LinesConfig] = None
     defaults: str = "mergekit"
@@ -110,7 +109,7 @@ class MergeConfig:
     base_dir: Optional[Path] = None
 
     @property
-    def output_dtype(self) -> Optional[torch.dtype]:
+    def output_dtype(self) -> Optional[str]:
         return self.out_dtype or self.dtype
 
     @property
@@ -173,7 +172,7 @@ def evaluate_setting(tensor_name: str, setting, t: float):
 
 
 # ----------------------------------------------------------------------------- parsing
-def _dtype(where: str, value) -> Optional[torch.dtype]:
+def _dtype(where: str, value) -> Optional[str]:
     if value is None:
         return None
     if value not in DTYPES:

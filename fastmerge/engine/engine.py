@@ -13,180 +13,30 @@ Passes over the checkpoint (each streams tensor by tensor, chunk by chunk):
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import re
-import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .._version import __version__
 from ..api import run_plan
 from ..backends import get_backend, output_cache_limit
-from ..lines import count_blocks, depth_function, lines_factor
+from ..methods import METHODS
 from ..ops import SCORE_FISHER, SCORE_MAGNITUDE
 from ..plan import plan_tensor, thresholds_from_selection
 from ..second_moments import finite_non_negative
 from ..selection import level0, release_scratch
 from . import parallel
-from .checkpoint_io import MERGEABLE, Checkpoint, CheckpointError, SafetensorsFile
+from .checkpoint_io import Checkpoint, CheckpointError
 from .config import ConfigError, MergeConfig, ParameterResolver, load_config
-from .hub import resolve_model
-from .model_card import model_card
+from .inputs import name_files, open_inputs
+from .report import (MergeResult, apply_lines, default_budget, describe,
+                     peak_rss_bytes, progress_factory, write_extras)
 from .streaming import (ChunkLoader, plan_chunking, prefetched, release_freed_memory_promptly,
                         trim_freed_memory)
-from ..methods import METHODS
-from .writer import ShardLayout, copy_model_files, parse_size, write_index
+from .writer import ShardLayout, parse_size
 
-DEFAULT_BUDGET = 8 * 2 ** 30
-MOMENT_SUFFIX = ".exp_avg_sq"
-
-
-@dataclass
-class MergeResult:
-    output_dir: Path
-    method: str
-    backend: str
-    device: str
-    tensors: int
-    shards: int
-    bytes_in: int
-    bytes_out: int
-    seconds: float
-    peak_rss: int
-    peak_gpu: Optional[int]
-    chunk_elems: int
-    passes: list = field(default_factory=list)
-    resolved: dict = field(default_factory=dict)
-
-    def summary(self) -> str:
-        gpu = f", peak GPU memory {self.peak_gpu / 2 ** 30:.2f} GiB" if self.peak_gpu else ""
-        return (f"fastmerge: {self.method} merged {self.tensors} tensors "
-                f"({self.bytes_in / 1e9:.2f} GB read, {self.bytes_out / 1e9:.2f} GB written, "
-                f"{self.shards} shard{'s' if self.shards != 1 else ''}) in {self.seconds:.1f} s "
-                f"({self.bytes_in / max(self.seconds, 1e-9) / 1e9:.2f} GB/s) on backend "
-                f"{self.backend} ({self.device}); peak RSS {self.peak_rss / 2 ** 30:.2f} GiB"
-                f"{gpu} -> {self.output_dir}")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _default_budget() -> int:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return min(DEFAULT_BUDGET, total // 2)
-    except (ValueError, OSError):  # pragma: no cover
-        return DEFAULT_BUDGET
-
-
-# ----------------------------------------------------------------------------- inputs
-@dataclass
-class Inputs:
-    base: Optional[Checkpoint]
-    models: list
-    preconditioners: list          # SafetensorsFile per model (curvature methods) or []
-    reference: Checkpoint          # where names, shapes and copied files come from
-    merged: list                   # names of the tensors merged
-    copied: list                   # non-float tensors copied from the reference
-    order: list                    # all names, output order
-    moment_names: dict             # tensor name -> [name in each preconditioner file]
-
-
-def _open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
-    def open_ckpt(ref, what):
-        try:
-            return Checkpoint(resolve_model(ref, cfg.base_dir), label=ref)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{what}: {exc}") from None
-    base = open_ckpt(cfg.base_model, "base_model") if cfg.needs_base else None
-    models = [open_ckpt(m.ref, f"models[{i}]") for i, m in enumerate(cfg.models)]
-    ref = base if base is not None else models[0]
-    names = ref.names
-    others = [("model", i, m) for i, m in enumerate(models)]
-    merged, copied = [], []
-    ref_set = set(names)
-    for _, i, m in others:
-        if m is ref:
-            continue
-        missing = [n for n in names if n not in m.where]
-        if missing:
-            raise CheckpointError(f"model {m.label!r} ({m.dir}) lacks tensor {missing[0]!r} "
-                                  f"(held by {ref.path_of(missing[0])})"
-                                  + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        extra = [n for n in m.names if n not in ref_set]
-        if extra:
-            raise CheckpointError(f"{m.path_of(extra[0])}: tensor {extra[0]!r} is not in the "
-                                  f"{'base' if base is not None else 'first'} model "
-                                  f"{ref.label!r}"
-                                  + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""))
-    for n in names:
-        ri = ref.info(n)
-        float_ref = ri.dtype in MERGEABLE
-        for _, i, m in others:
-            if m is ref:
-                continue
-            mi = m.info(n)
-            if mi.shape != ri.shape:
-                raise CheckpointError(f"tensor {n!r}: shape {list(mi.shape)} in "
-                                      f"{m.path_of(n)} but {list(ri.shape)} in {ref.path_of(n)}")
-            if float_ref and mi.dtype not in MERGEABLE or not float_ref and mi.dtype != ri.dtype:
-                raise CheckpointError(f"tensor {n!r}: dtype {mi.dtype} in {m.path_of(n)} does "
-                                      f"not match {ri.dtype} in {ref.path_of(n)}")
-        (merged if float_ref else copied).append(n)
-    pre, moment_names = [], {}
-    if needs_moments:
-        for i, m in enumerate(cfg.models):
-            if not m.preconditioner_path:
-                raise ConfigError(f"merge_method {cfg.method!r} needs each model's second "
-                                  f"moments: set models[{i}].preconditioner_path")
-            p = Path(os.path.expanduser(m.preconditioner_path))
-            if not p.is_absolute() and cfg.base_dir is not None and not p.exists():
-                p = cfg.base_dir / p
-            if not p.exists():
-                raise CheckpointError(f"models[{i}].preconditioner_path: {p} does not exist")
-            pre.append(Checkpoint(p, label=str(p)) if p.is_dir() else SafetensorsFile(p))
-        for n in merged:
-            row = []
-            for i, pf in enumerate(pre):
-                store = pf.where if isinstance(pf, Checkpoint) else pf.tensors
-                label = pf.dir if isinstance(pf, Checkpoint) else pf.path
-                mn = n if n in store else n + MOMENT_SUFFIX
-                if mn not in store:
-                    raise CheckpointError(f"{label}: no second moments for tensor {n!r} "
-                                          f"(looked for {n!r} and {n + MOMENT_SUFFIX!r})")
-                vi = pf.info(mn)
-                if vi.shape != ref.info(n).shape:
-                    raise CheckpointError(f"{label}, tensor {mn!r}: second moments have shape "
-                                          f"{list(vi.shape)}, the weights "
-                                          f"{list(ref.info(n).shape)}")
-                if vi.dtype not in MERGEABLE:
-                    raise CheckpointError(f"{label}, tensor {mn!r}: second moments must be "
-                                          f"bf16/fp16/fp32, got {vi.dtype}")
-                row.append(mn)
-            moment_names[n] = row
-    return Inputs(base, models, pre, ref, merged, copied, names, moment_names)
-
-
-_MODEL_IDX = re.compile(r"model (\d+)")
-
-
-def _name_files(exc: ValueError, inputs: Inputs, name: str) -> CheckpointError:
-    """Add the file of the offending model to a NaN/Inf error from the kernels."""
-    msg = str(exc)
-    m = _MODEL_IDX.search(msg)
-    files = []
-    if m and int(m.group(1)) < len(inputs.models):
-        files.append(str(inputs.models[int(m.group(1))].path_of(name)))
-    if inputs.base is not None:
-        files.append(f"base {inputs.base.path_of(name)}")
-    return CheckpointError(f"{msg} [files: {', '.join(files)}]")
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -256,7 +106,7 @@ class _Engine:
                     h = level0(self.be, spec0.n_models, score, self.source(self.units(name)),
                                (name,))
                 except ValueError as exc:
-                    raise _name_files(exc, self.inputs, name) from None
+                    raise name_files(exc, self.inputs, name) from None
                 hist = h if hist is None else hist.add(h)
                 bar.update(self.in_bytes(name))
         finally:
@@ -296,7 +146,7 @@ class _Engine:
                         sums[0] += tsum.abs().sum(dtype=torch.float64).cpu()
                         del out, b, tsum, ch
                 except ValueError as exc:
-                    raise _name_files(exc, self.inputs, name) from None
+                    raise name_files(exc, self.inputs, name) from None
                 bar.update(self.in_bytes(name))
         finally:
             bar.close()
@@ -359,7 +209,7 @@ class _Engine:
                     except CheckpointError:
                         raise
                     except ValueError as exc:
-                        raise _name_files(exc, self.inputs, name) from None
+                        raise name_files(exc, self.inputs, name) from None
                 del src
                 bar.update(self.in_bytes(name))
                 bar.set_postfix_str(f"{k + 1}/{len(jobs)} tensors", refresh=False)
@@ -370,45 +220,6 @@ class _Engine:
                 fut.cancel()
             writes.shutdown(wait=True, cancel_futures=True)
         self.passes.append("merge")
-
-
-class _NullBar:
-    def update(self, n):
-        pass
-
-    def set_postfix_str(self, s, refresh=True):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_factory(quiet: bool):
-    def make(desc: str, total: int):
-        if quiet:
-            return _NullBar()
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-                    dynamic_ncols=True, leave=True)
-    return make
-
-
-def _dtype_name(dt) -> str:
-    return str(dt).replace("torch.", "")
-
-
-def _resolved_parameters(specs: dict) -> tuple[list, dict]:
-    """Distinct resolved specs (as dicts) and, where they differ, tensor -> index."""
-    distinct, index = [], {}
-    keys = {}
-    for name, spec in specs.items():
-        d = spec.to_dict()
-        k = json.dumps(d, sort_keys=True, default=str)
-        if k not in keys:
-            keys[k] = len(distinct)
-            distinct.append(d)
-        index[name] = keys[k]
-    return distinct, (index if len(distinct) > 1 else {})
 
 
 def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=None,
@@ -447,7 +258,7 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
         raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
                               f"(overwrite=True) to replace it")
     budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
-        else _default_budget() // parallel.local_world_size()
+        else default_budget() // parallel.local_world_size()
     shard_bytes = parse_size(shard_size, "shard size")
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -460,7 +271,7 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
 
     info = METHODS[cfg.method]
     needs_moments = info.needs_second_moments
-    inputs = _open_inputs(cfg, needs_moments)
+    inputs = open_inputs(cfg, needs_moments)
     try:
         res = _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet,
                    lines_pattern, out_dir, t0, max_chunk_elems)
@@ -485,7 +296,8 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
     base_specs = {n: resolver.spec_for(n) for n in merged}
     n = len(inputs.models)
     ref = inputs.reference
-    out_dtypes = {name: cfg.output_dtype or ref.info(name).dtype for name in merged}
+    out_dtype = getattr(torch, cfg.output_dtype) if cfg.output_dtype else None
+    out_dtypes = {name: out_dtype or ref.info(name).dtype for name in merged}
     out_dtypes.update({name: ref.info(name).dtype for name in inputs.copied})
 
     in_item = max([ref.info(x).itemsize for x in merged] or [2])
@@ -500,7 +312,7 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
         chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
     output_cache_limit(be, chunking.chunk_elems *
                        max([out_dtypes[x].itemsize for x in merged] or [4]))
-    progress = _progress_factory(quiet or rank != 0)
+    progress = progress_factory(quiet or rank != 0)
     eng = _Engine(cfg, inputs, be, device, chunking, resolver, progress)
     eng.with_moments = needs_moments(cfg)
     part = parallel.partition(inputs.order, {x: ref.info(x).nbytes for x in inputs.order},
@@ -525,38 +337,16 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
             model_info = {"model_thresholds": [list(t) for t in thresholds],
                           "model_elements": total}
         # ---- LiNeS
-        lines_info = {}
-        specs = dict(base_specs)
-        if cfg.lines is not None:
-            lc = cfg.lines
-            alpha = lc.alpha
-            if alpha_auto:
-                alpha, sums = eng.lines_alpha(my_merged, thresholds)
-                lines_info["alpha_auto_l1"] = {"sum_task_vectors": sums[0], "merged": sums[1]}
-            depth = depth_function(inputs.order, lc.outside, lc.pattern)
-            num_blocks = count_blocks(inputs.order, lc.pattern)
-            for x in merged:
-                f = lines_factor(depth(x), num_blocks, alpha, lc.beta)
-                specs[x] = dataclasses.replace(base_specs[x], lines_factor=f)
-            lines_info.update(alpha=alpha, alpha_as_written=lc.alpha, beta=lc.beta,
-                              outside=lc.outside, pattern=lc.pattern, num_blocks=num_blocks)
+        alpha, auto_info = cfg.lines.alpha if cfg.lines is not None else None, {}
+        if alpha_auto:
+            alpha, sums = eng.lines_alpha(my_merged, thresholds)
+            auto_info = {"alpha_auto_l1": {"sum_task_vectors": sums[0], "merged": sums[1]}}
+        specs, lines_info = apply_lines(cfg, inputs.order, merged, base_specs, alpha)
         # ---- output layout and metadata (known only now: alpha, model thresholds)
-        distinct, per_tensor = _resolved_parameters(specs)
-        resolved = {
-            "method": cfg.method, "merge_method_as_written": cfg.method_as_written,
-            "defaults": "mergekit" if cfg.uses_mergekit_defaults else "fastmerge",
-            "scope": cfg.scope, "base_model": cfg.base_model,
-            "models": [m.ref for m in cfg.models], "backend": be.name, "device": str(device),
-            "out_dtype": _dtype_name(cfg.output_dtype) if cfg.output_dtype else "per tensor: "
-            "the base's", "parameters": distinct, **model_info,
-            **({"lines": lines_info} if lines_info else {}),
-            "copied_unmerged_tensors": inputs.copied,
-        }
-        import yaml
-        config_text = yaml.safe_dump(cfg.raw, sort_keys=False)
-        st_meta = {"format": "pt", "fastmerge_version": __version__,
-                   "merge_method": cfg.method, "merge_config": config_text,
-                   "fastmerge_resolved": json.dumps(resolved)}
+        lines_info = {**auto_info, **lines_info}
+        resolved, per_tensor, config_text, st_meta = describe(
+            cfg, inputs, be.name, str(device), specs,
+            {**model_info, **({"lines": lines_info} if lines_info else {})})
         layout = ShardLayout([(x, ref.info(x).shape, out_dtypes[x]) for x in inputs.order],
                              shard_bytes, st_meta)
         with parallel.output_directory(out_dir, overwrite) as adir:
@@ -572,15 +362,7 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
             finally:
                 writer.close()
             if parallel.is_index_writer(rank):
-                write_index(layout, adir.tmp, {"fastmerge_version": __version__,
-                                               "merge_config": cfg.raw, "resolved": resolved,
-                                               "tensor_parameters": per_tensor})
-                src_dir = inputs.reference.dir
-                copied_files = copy_model_files(src_dir, adir.tmp, cfg.output_dtype)
-                (adir.tmp / "README.md").write_text(model_card(cfg, resolved, config_text,
-                                                               copied_files))
-                with open(adir.tmp / "fastmerge_config.yml", "w") as f:
-                    f.write(config_text)
+                write_extras(adir.tmp, layout, cfg, inputs, resolved, per_tensor, config_text)
             final = adir.commit()
     finally:
         eng.close()

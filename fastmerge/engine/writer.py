@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from . import libc
-from .checkpoint_io import TORCH_TO_ST, CheckpointError
+from .checkpoint_io import ST_SIZES, CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json",
@@ -66,7 +64,7 @@ class ShardLayout:
     larger than that gets a shard of its own)."""
 
     def __init__(self, tensors: list, shard_size: int, metadata: Optional[dict] = None):
-        # tensors: [(name, shape, dtype)]
+        # tensors: [(name, shape, dtype)]; dtype a torch dtype or a safetensors code ("BF16")
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
         groups: list[list] = [[]]
         size = 0
@@ -86,7 +84,7 @@ class ShardLayout:
         for si, group in enumerate(groups):
             header, off = {}, 0
             for name, shape, dtype, nb in group:
-                header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape),
+                header[name] = {"dtype": _st_code(dtype), "shape": list(shape),
                                 "data_offsets": [off, off + nb]}
                 off += nb
             if self.metadata:
@@ -112,8 +110,15 @@ def _numel(shape) -> int:
     return n
 
 
+def _st_code(dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    from .checkpoint_io import TORCH_TO_ST   # a torch dtype: torch is loaded already
+    return TORCH_TO_ST[dtype]
+
+
 def _itemsize(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return ST_SIZES[_st_code(dtype)]
 
 
 def _raise_write_error(exc: OSError, path) -> None:
@@ -158,22 +163,28 @@ class ShardWriter:
                 self.close()
                 _raise_write_error(exc, path)
 
-    def write(self, name: str, element_offset: int, tensor: torch.Tensor) -> None:
-        p = self.layout.placement[name]
+    def write(self, name: str, element_offset: int, tensor) -> None:
+        """Write a torch tensor's elements at ``element_offset`` of tensor ``name``."""
+        import torch
         data = tensor.detach().reshape(-1)
         if data.device.type != "cpu":
             data = data.cpu()
-        raw = data.contiguous().view(torch.uint8)
+        self.write_bytes(name, element_offset, data.contiguous().view(torch.uint8).numpy())
+
+    def write_bytes(self, name: str, element_offset: int, data) -> None:
+        """Write raw bytes (any buffer) at element ``element_offset`` of tensor ``name``."""
+        p = self.layout.placement[name]
+        raw = memoryview(data).cast("B")
         pos = p.begin + element_offset * p.itemsize
-        if pos + raw.numel() > p.begin + p.nbytes:
+        if pos + len(raw) > p.begin + p.nbytes:
             raise CheckpointError(f"internal: write past the end of tensor {name!r}")
         try:
-            self.pwrite(self._fds[p.shard], raw.numpy(), pos)
+            self.pwrite(self._fds[p.shard], raw, pos)
             if _sync_file_range is not None:  # a hint: its errors surface in fsync
-                _sync_file_range(self._fds[p.shard], pos, raw.numel(), 2)
+                _sync_file_range(self._fds[p.shard], pos, len(raw), 2)
         except OSError as exc:
             _raise_write_error(exc, self.dir / self.layout.files[p.shard])
-        self.written += raw.numel()
+        self.written += len(raw)
 
     def close(self, check: bool = False) -> None:
         for si, fd in list(self._fds.items()):
@@ -202,8 +213,9 @@ def write_index(layout: ShardLayout, directory: Path, metadata: dict) -> None:
         _raise_write_error(exc, path)
 
 
-def copy_model_files(src: Path, directory: Path, out_dtype: Optional[torch.dtype]) -> list[str]:
-    """config.json (torch_dtype updated) and tokenizer files from the base model."""
+def copy_model_files(src: Path, directory: Path, out_dtype=None) -> list[str]:
+    """config.json (torch_dtype updated to ``out_dtype``: a name like "bfloat16" or a torch
+    dtype) and tokenizer files from the base model."""
     copied = []
     for fn in COPIED_FILES:
         s = Path(src) / fn

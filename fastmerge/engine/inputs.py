@@ -1,0 +1,117 @@
+"""The inputs of a checkpoint merge, opened and checked against each other (names, shapes,
+dtypes, second-moment files) before any work; torch-free (engine/native.py uses it too)."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint_io import MERGEABLE_ST, Checkpoint, CheckpointError, SafetensorsFile, dtype_label
+from .config import ConfigError, MergeConfig
+from .hub import resolve_model
+
+MOMENT_SUFFIX = ".exp_avg_sq"
+
+
+@dataclass
+class Inputs:
+    base: Optional[Checkpoint]
+    models: list
+    preconditioners: list          # SafetensorsFile per model (curvature methods) or []
+    reference: Checkpoint          # where names, shapes and copied files come from
+    merged: list                   # names of the tensors merged
+    copied: list                   # non-float tensors copied from the reference
+    order: list                    # all names, output order
+    moment_names: dict             # tensor name -> [name in each preconditioner file]
+
+
+def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
+    def open_ckpt(ref, what):
+        try:
+            return Checkpoint(resolve_model(ref, cfg.base_dir), label=ref)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{what}: {exc}") from None
+    base = open_ckpt(cfg.base_model, "base_model") if cfg.needs_base else None
+    models = [open_ckpt(m.ref, f"models[{i}]") for i, m in enumerate(cfg.models)]
+    ref = base if base is not None else models[0]
+    names = ref.names
+    others = [("model", i, m) for i, m in enumerate(models)]
+    merged, copied = [], []
+    ref_set = set(names)
+    for _, i, m in others:
+        if m is ref:
+            continue
+        missing = [n for n in names if n not in m.where]
+        if missing:
+            raise CheckpointError(f"model {m.label!r} ({m.dir}) lacks tensor {missing[0]!r} "
+                                  f"(held by {ref.path_of(missing[0])})"
+                                  + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        extra = [n for n in m.names if n not in ref_set]
+        if extra:
+            raise CheckpointError(f"{m.path_of(extra[0])}: tensor {extra[0]!r} is not in the "
+                                  f"{'base' if base is not None else 'first'} model "
+                                  f"{ref.label!r}"
+                                  + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for n in names:
+        ri = ref.info(n)
+        float_ref = ri.st in MERGEABLE_ST
+        for _, i, m in others:
+            if m is ref:
+                continue
+            mi = m.info(n)
+            if mi.shape != ri.shape:
+                raise CheckpointError(f"tensor {n!r}: shape {list(mi.shape)} in "
+                                      f"{m.path_of(n)} but {list(ri.shape)} in {ref.path_of(n)}")
+            if float_ref and mi.st not in MERGEABLE_ST or not float_ref and mi.st != ri.st:
+                raise CheckpointError(f"tensor {n!r}: dtype {dtype_label(mi.st)} in {m.path_of(n)} "
+                                      f"does not match {dtype_label(ri.st)} in {ref.path_of(n)}")
+        (merged if float_ref else copied).append(n)
+    pre, moment_names = [], {}
+    if needs_moments:
+        for i, m in enumerate(cfg.models):
+            if not m.preconditioner_path:
+                raise ConfigError(f"merge_method {cfg.method!r} needs each model's second "
+                                  f"moments: set models[{i}].preconditioner_path")
+            p = Path(os.path.expanduser(m.preconditioner_path))
+            if not p.is_absolute() and cfg.base_dir is not None and not p.exists():
+                p = cfg.base_dir / p
+            if not p.exists():
+                raise CheckpointError(f"models[{i}].preconditioner_path: {p} does not exist")
+            pre.append(Checkpoint(p, label=str(p)) if p.is_dir() else SafetensorsFile(p))
+        for n in merged:
+            row = []
+            for i, pf in enumerate(pre):
+                store = pf.where if isinstance(pf, Checkpoint) else pf.tensors
+                label = pf.dir if isinstance(pf, Checkpoint) else pf.path
+                mn = n if n in store else n + MOMENT_SUFFIX
+                if mn not in store:
+                    raise CheckpointError(f"{label}: no second moments for tensor {n!r} "
+                                          f"(looked for {n!r} and {n + MOMENT_SUFFIX!r})")
+                vi = pf.info(mn)
+                if vi.shape != ref.info(n).shape:
+                    raise CheckpointError(f"{label}, tensor {mn!r}: second moments have shape "
+                                          f"{list(vi.shape)}, the weights "
+                                          f"{list(ref.info(n).shape)}")
+                if vi.st not in MERGEABLE_ST:
+                    raise CheckpointError(f"{label}, tensor {mn!r}: second moments must be "
+                                          f"bf16/fp16/fp32, got {dtype_label(vi.st)}")
+                row.append(mn)
+            moment_names[n] = row
+    return Inputs(base, models, pre, ref, merged, copied, names, moment_names)
+
+
+MODEL_INDEX = re.compile(r"model (\d+)")
+
+
+def name_files(exc: ValueError, inputs: Inputs, name: str) -> CheckpointError:
+    """Add the file of the offending model to a NaN/Inf error from the kernels."""
+    msg = str(exc)
+    m = MODEL_INDEX.search(msg)
+    files = []
+    if m and int(m.group(1)) < len(inputs.models):
+        files.append(str(inputs.models[int(m.group(1))].path_of(name)))
+    if inputs.base is not None:
+        files.append(f"base {inputs.base.path_of(name)}")
+    return CheckpointError(f"{msg} [files: {', '.join(files)}]")

@@ -1,0 +1,279 @@
+"""``fastmerge merge`` without torch, for the methods whose plan needs no selection pass.
+
+Importing torch takes ~1 s on the 2-core machine of benchmarks/results/engine.md: the whole
+0.2B task_arithmetic command took 1.2 s, the merge itself ~0.2 s of it. For linear,
+task_arithmetic, dare_linear and dare_ties this path opens and checks the checkpoints with the
+engine's torch-free modules (config, checkpoint_io, inputs, writer, report), computes the
+per-model parameters with fastmerge/params.py and runs the same C++ kernels through
+fastmerge._core (pybind11 over the mapped safetensors bytes). Same kernels, same parameters,
+same chunk offsets: the output is byte for byte the engine's on backend "cpu" (tests check).
+
+``why_not`` says why a merge must take the engine instead: another device or backend, several
+processes (torchrun), a selection (ties, breadcrumbs, magnitude_prune, consensus), second
+moments, LiNeS ``alpha: auto``, fastmerge._core not built, or FASTMERGE_NATIVE=0.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+from ..methods import METHODS
+from ..params import F_RESCALE, keep_rows, needs_l1, pack_rows, pass_ids, rescale_factors
+from .budget import (element_ranges, plan_chunking, release_freed_memory_promptly,
+                     trim_freed_memory)
+from .checkpoint_io import NAME_TO_ST, ST_SIZES
+from .config import MergeConfig, ParameterResolver, load_config
+from .inputs import Inputs, name_files, open_inputs
+from .report import (MergeResult, apply_lines, default_budget, describe, peak_rss_bytes,
+                     progress_factory, write_extras)
+from .writer import AtomicDirectory, ShardLayout, ShardWriter, parse_size
+
+_DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}   # DTYPE_* of csrc/common/fastmerge_params.h
+
+
+def _core():
+    try:
+        from .. import _core
+        return _core
+    except ImportError:
+        return None
+
+
+def why_not(cfg: MergeConfig, device: str = "cpu", backend: str = "auto") -> Optional[str]:
+    """None if ``cfg`` can merge here without torch, else the reason it cannot."""
+    info = METHODS[cfg.method]
+    if os.environ.get("FASTMERGE_NATIVE", "1") == "0":
+        return "FASTMERGE_NATIVE=0"
+    if str(device) != "cpu" or backend not in ("auto", "cpu"):
+        return f"device {device} / backend {backend}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "several processes (torchrun)"
+    if info.sparsifier not in ("none", "dare") or info.needs_second_moments:
+        return f"merge_method {cfg.method} needs a selection pass or second moments"
+    if cfg.lines is not None and cfg.lines.alpha == "auto":
+        return "LiNeS alpha: auto"
+    if _core() is None:
+        return "fastmerge._core is not built"
+    return None
+
+
+def _threads() -> int:
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+
+
+class _Merger:
+    """Per tensor: the statistics pass where rescale="l1" needs it, then the fused pass into
+    one of two reused output buffers, written by a writer thread while the next tensor merges;
+    the next single-chunk tensor is mapped (and its pages populated) by a reader thread."""
+
+    def __init__(self, inputs: Inputs, specs: dict, out_st: dict, chunk_elems: int):
+        self.inputs, self.specs, self.out_st = inputs, specs, out_st
+        self.chunk_elems = chunk_elems
+        self.core = _core()
+        self.nthreads = _threads()
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-read")
+        self.writes = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write")
+        self.buffers: list = [None, None]
+        self.pending: list = [None, None]
+        self.turn = 0
+
+    def close(self):
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.writes.shutdown(wait=True, cancel_futures=True)
+
+    def ranges(self, name):
+        return element_ranges(self.inputs.reference.info(name).shape, self.chunk_elems)
+
+    def load(self, name, s, e, only_reference=False):
+        """(base view or None, model views) of elements [s, e) of ``name``."""
+        r = self.inputs
+        if only_reference:
+            return r.reference.view(name, s, e), []
+        return (r.base.view(name, s, e) if r.base is not None else None,
+                [m.view(name, s, e) for m in r.models])
+
+    def in_bytes(self, name):
+        r = self.inputs
+        return sum(m.info(name).nbytes for m in r.models) + \
+            (r.base.info(name).nbytes if r.base is not None else 0)
+
+    def out_buffer(self, nbytes):
+        """A buffer of at least nbytes whose previous write has finished."""
+        k = self.turn
+        self.turn ^= 1
+        if self.pending[k] is not None:
+            self.pending[k].result()
+            self.pending[k] = None
+        if self.buffers[k] is None or len(self.buffers[k]) < nbytes:
+            self.buffers[k] = None
+            self.buffers[k] = bytearray(nbytes)
+        return k, memoryview(self.buffers[k])[:nbytes]
+
+    def write(self, writer, k, name, offset, data):
+        self.pending[k] = self.writes.submit(writer.write_bytes, name, offset, data)
+
+    def flush(self):
+        for k, f in enumerate(self.pending):
+            if f is not None:
+                f.result()
+                self.pending[k] = None
+
+    def merge_tensor(self, writer, name, loaded):
+        r, spec = self.inputs, self.specs[name]
+        ref = r.reference.info(name)
+        base_code = _DTYPE_CODES[r.base.info(name).st] if r.base is not None else 0
+        codes = [_DTYPE_CODES[m.info(name).st] for m in r.models]
+        ranges = self.ranges(name)
+        chunks = (lambda: [loaded]) if loaded is not None else \
+            (lambda: (self.load(name, s, e) for s, e in ranges))
+        frows, irows = keep_rows(spec, name)
+        if needs_l1(spec):
+            fp, ip = pack_rows(frows, irows)
+            total, kept = [0.0] * spec.n_models, [0.0] * spec.n_models
+            for (s, e), (b, ms) in zip(ranges, chunks()):
+                st = self.core.model_stats(b, base_code, ms, codes, fp, ip, float(spec.power), s,
+                                           e - s, self.nthreads)
+                for i in range(spec.n_models):
+                    total[i] += st[3 * i]
+                    kept[i] += st[3 * i + 1]
+                del b, ms
+        else:
+            total = kept = None
+        for i, x in enumerate(rescale_factors(spec, total, kept)):
+            frows[i][F_RESCALE] = x
+        fp, ip = pack_rows(frows, irows)
+        ids = pass_ids(spec)
+        out_st = self.out_st[name]
+        for (s, e), (b, ms) in zip(ranges, chunks()):
+            k, out = self.out_buffer((e - s) * ST_SIZES[out_st])
+            bad = self.core.fused_merge(
+                b, base_code, ms, codes, fp, ip, ids["combine"], ids["score"], ids["elect"],
+                ids["elect_on"], ids["normalize"], spec.consensus_k, float(spec.scale),
+                float(spec.power), float(spec.eps), s, e - s, out, _DTYPE_CODES[out_st],
+                self.nthreads)
+            del b, ms
+            for i, c in enumerate(bad):
+                if c:
+                    raise name_files(ValueError(
+                        f"task vector of model {i} for tensor {name!r} contains {c} NaN/Inf "
+                        f"value(s); fastmerge refuses to merge them"), r, name)
+            self.write(writer, k, name, s, out)
+        assert ref.numel == (ranges[-1][1] if ranges else 0)
+
+    def run(self, writer, order, bar):
+        merged = set(self.specs)
+        single = [len(self.ranges(x)) == 1 for x in order]
+
+        def submit(j):
+            if j < len(order) and single[j]:
+                return self.reader.submit(self.load, order[j], 0, None, order[j] not in merged)
+            return None
+        fut = submit(0)
+        try:
+            for j, name in enumerate(order):
+                loaded = fut.result() if fut is not None else None
+                fut = submit(j + 1)
+                if name in merged:
+                    self.merge_tensor(writer, name, loaded)
+                else:
+                    for s, e in self.ranges(name):
+                        data = loaded[0] if loaded is not None else \
+                            self.load(name, s, e, only_reference=True)[0]
+                        k, _ = self.out_buffer(0)   # keeps the two-writes-in-flight bound
+                        self.write(writer, k, name, s, data)
+                        del data
+                loaded = None
+                bar.update(self.in_bytes(name))
+                bar.set_postfix_str(f"{j + 1}/{len(order)} tensors", refresh=False)
+            self.flush()
+        finally:
+            if fut is not None:
+                fut.cancel()
+
+
+def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size="5GB",
+                   seed: Optional[int] = None, overwrite: bool = False, quiet: bool = True,
+                   lines_pattern: Optional[str] = None,
+                   max_chunk_elems: Optional[int] = None, t0: Optional[float] = None
+                   ) -> MergeResult:
+    """``merge_checkpoints`` on the CPU for a config ``why_not`` accepts (same arguments,
+    same output and errors)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    if lines_pattern is not None and cfg.lines is not None:
+        cfg.lines.pattern = lines_pattern
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
+                              f"(overwrite=True) to replace it")
+    budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
+        else default_budget()
+    shard_bytes = parse_size(shard_size, "shard size")
+    release_freed_memory_promptly()
+    inputs = open_inputs(cfg, False)
+    merger = None
+    try:
+        resolver = ParameterResolver(cfg, inputs.order, seed=seed, pattern=lines_pattern)
+        merged, ref, n = inputs.merged, inputs.reference, len(inputs.models)
+        base_specs = {x: resolver.spec_for(x) for x in merged}
+        out_st = {x: NAME_TO_ST[cfg.output_dtype] if cfg.output_dtype else ref.info(x).st
+                  for x in merged}
+        out_st.update({x: ref.info(x).st for x in inputs.copied})
+        in_item = max([ref.info(x).itemsize for x in merged] or [2])
+        in_per_elem = (n + (1 if inputs.base is not None else 0)) * in_item
+        out_item = max([ST_SIZES[out_st[x]] for x in merged] or [4])
+        chunking = plan_chunking(budget, "cpu", n, in_per_elem, out_item, device="cpu",
+                                 sparsifier=METHODS[cfg.method].sparsifier)
+        if max_chunk_elems is not None:
+            chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
+        specs, lines_info = apply_lines(cfg, inputs.order, merged, base_specs,
+                                        cfg.lines.alpha if cfg.lines is not None else None)
+        resolved, per_tensor, config_text, st_meta = describe(
+            cfg, inputs, "cpu", "cpu", specs, {"lines": lines_info} if lines_info else {})
+        layout = ShardLayout([(x, ref.info(x).shape, out_st[x]) for x in inputs.order],
+                             shard_bytes, st_meta)
+        merger = _Merger(inputs, specs, out_st, chunking.chunk_elems)
+        progress = progress_factory(quiet)
+        with AtomicDirectory(out_dir, overwrite) as adir:
+            writer = ShardWriter(layout, adir.tmp)
+            try:
+                bar = progress("merging", sum(merger.in_bytes(x) for x in inputs.order))
+                try:
+                    merger.run(writer, inputs.order, bar)
+                finally:
+                    bar.close()
+                writer.close(check=True)
+            finally:
+                writer.close()
+            write_extras(adir.tmp, layout, cfg, inputs, resolved, per_tensor, config_text)
+            final = adir.commit()
+        bytes_in = sum(merger.in_bytes(x) for x in inputs.order)
+    finally:
+        if merger is not None:
+            merger.close()
+        for c in [inputs.base, *inputs.models]:
+            if c is not None:
+                c.close()
+        trim_freed_memory()
+    return MergeResult(
+        output_dir=final, method=cfg.method, backend="cpu", device="cpu",
+        tensors=len(inputs.order), shards=layout.count, bytes_in=bytes_in,
+        bytes_out=layout.total_size, seconds=time.perf_counter() - t0,
+        peak_rss=peak_rss_bytes(), peak_gpu=None, chunk_elems=chunking.chunk_elems,
+        passes=["merge (without torch: fastmerge._core)"], resolved=resolved)
+
+
+def merge(config, out_dir, *, device: str = "cpu", backend: str = "auto", **kwargs):
+    """The CLI's merge: without torch where ``why_not`` allows, else ``merge_checkpoints``."""
+    t0 = time.perf_counter()
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    if why_not(cfg, device, backend) is None:
+        return merge_natively(cfg, out_dir, t0=t0, **kwargs)
+    from .engine import merge_checkpoints
+    return merge_checkpoints(cfg, out_dir, device=device, backend=backend, **kwargs)

@@ -1,0 +1,205 @@
+"""``fastmerge merge`` without torch (fastmerge/engine/native.py, fastmerge._core): every file
+of the output byte for byte the engine's on backend "cpu" (methods x chunking x dtypes x
+LiNeS x shards x copied tensors), the CLI never importing torch, the fall back to the engine
+for what the path does not do, and the engine's errors with nothing left behind."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge.backends import availability
+from fastmerge.demo import make_synthetic_checkpoints, save_checkpoint
+from fastmerge.engine import CheckpointError, OutputError, load_config
+from fastmerge.engine import native
+from engine_util import load_dir, write_yaml
+
+ok, why = availability("cpu")
+pytestmark = pytest.mark.skipif(not ok or native._core() is None,
+                                reason=f"cpu kernels or fastmerge._core unavailable: {why}")
+ROOT = Path(__file__).resolve().parents[1]
+Q = "model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native")
+    p = make_synthetic_checkpoints(root, n_models=3, layers=3, hidden=48, inter=80, vocab=96,
+                                   shards=2)
+    # model 2 in float32 (mixed dtypes), and an int64 buffer every model holds (copied)
+    for k, d in enumerate(p["models"] + [p["base"]]):
+        t = load_dir(d)
+        if k == 2:
+            t = {n: v.float() for n, v in t.items()}
+        t["model.rotary.inv_freq_steps"] = torch.arange(7, dtype=torch.int64)
+        for f in d.glob("*.safetensors*"):
+            f.unlink()
+        save_checkpoint(d, t, shards=2)
+    return p
+
+
+def _cfg(p, method, **extra):
+    models = [{"model": str(m), "parameters": {"weight": w, "density": d}}
+              for m, w, d in zip(p["models"], (0.5, 0.3, 0.4), (0.5, [0.9, 0.4], 0.7))]
+    return {"merge_method": method, "base_model": str(p["base"]), "models": models, **extra}
+
+
+def _same_dirs(a: Path, b: Path):
+    names = sorted(x.name for x in a.iterdir())
+    assert names == sorted(x.name for x in b.iterdir())
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+CASES = [
+    ("task_arithmetic", {}, {}),
+    ("linear", {}, {"max_chunk_elems": 1000}),
+    ("dare_linear", {"parameters": {"rescale": False}}, {}),
+    ("dare_ties", {"dtype": "bfloat16"}, {"max_chunk_elems": 777}),          # stats per chunk
+    ("dare_ties", {"parameters": {"rescale": True}, "out_dtype": "float32"}, {}),
+    ("task_arithmetic", {"lines": {"alpha": 0.5, "beta": 1.0}}, {"shard_size": "20KB"}),
+]
+
+
+@pytest.mark.parametrize("method,extra,kw", CASES)
+def test_output_is_the_engines_byte_for_byte(ckpts, tmp_path, method, extra, kw):
+    cfg = _cfg(ckpts, method, **extra)
+    assert native.why_not(load_config(cfg)) is None
+    res = native.merge_natively(load_config(cfg), tmp_path / "native", **kw)
+    want = fastmerge.merge_checkpoints(cfg, tmp_path / "engine", backend="cpu", **kw)
+    _same_dirs(res.output_dir, want.output_dir)
+    assert (res.tensors, res.shards, res.bytes_in, res.bytes_out) == \
+        (want.tensors, want.shards, want.bytes_in, want.bytes_out)
+    assert res.passes == ["merge (without torch: fastmerge._core)"]
+
+
+def test_cli_merges_without_importing_torch(ckpts, tmp_path):
+    yml = write_yaml(tmp_path / "m.yml", _cfg(ckpts, "dare_ties"))
+    code = ("import sys; from fastmerge.cli import main; "
+            f"rc = main(['merge', {str(yml)!r}, {str(tmp_path / 'out')!r}, '--quiet']); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "dare_ties merged" in r.stdout
+    want = fastmerge.merge_checkpoints(_cfg(ckpts, "dare_ties"), tmp_path / "engine",
+                                       backend="cpu")
+    _same_dirs(tmp_path / "out", want.output_dir)
+
+
+def test_import_fastmerge_is_lazy_and_registers_ops_on_use():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import sys, fastmerge; assert 'torch' not in sys.modules; "
+            "f = fastmerge.merge_tensors; import torch; "
+            "assert hasattr(torch.ops.fastmerge, 'fused_merge')")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(merge_method="ties"), "selection"),
+    (dict(merge_method="breadcrumbs_ties"), "selection"),
+    (dict(lines={"alpha": "auto", "beta": 1.0}), "alpha: auto"),
+])
+def test_what_takes_the_engine(ckpts, change, reason):
+    cfg = {**_cfg(ckpts, "task_arithmetic"), **change}
+    assert reason in native.why_not(load_config(cfg))
+
+
+def test_device_backend_env_and_torchrun_take_the_engine(ckpts, monkeypatch):
+    cfg = load_config(_cfg(ckpts, "task_arithmetic"))
+    assert native.why_not(cfg, "cuda") is not None
+    assert native.why_not(cfg, "cpu", "torch") is not None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "torchrun" in native.why_not(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("FASTMERGE_NATIVE", "0")
+    assert native.why_not(cfg) == "FASTMERGE_NATIVE=0"
+
+
+def test_ties_through_merge_takes_the_engine(ckpts, tmp_path):
+    cfg = _cfg(ckpts, "ties")
+    res = native.merge(cfg, tmp_path / "out", backend="cpu")
+    assert res.passes == ["merge"]
+    _same_dirs(res.output_dir,
+               fastmerge.merge_checkpoints(cfg, tmp_path / "e", backend="cpu").output_dir)
+
+
+# ------------------------------------------------------------------ errors, nothing left behind
+@pytest.fixture
+def tiny(tmp_path):
+    p = make_synthetic_checkpoints(tmp_path / "in", n_models=2, layers=2, hidden=32, inter=48,
+                                   vocab=64, shards=2, only=("q_proj",))
+    p["cfg"] = _cfg({"base": p["base"], "models": p["models"] + p["models"][:1]}, "dare_ties")
+    p["out"] = tmp_path / "out"
+    return p
+
+
+def nothing_left(out: Path):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if out.name in p.name]
+
+
+def test_nan_names_tensor_and_file(tiny):
+    t = load_dir(tiny["models"][1])
+    t[Q] = t[Q].clone()
+    t[Q][2, 3] = float("inf")
+    for f in tiny["models"][1].glob("*.safetensors*"):
+        f.unlink()
+    save_checkpoint(tiny["models"][1], t, shards=2)
+    with pytest.raises(CheckpointError, match=r"model 1 for tensor '.*q_proj.weight' contains "
+                                              r"1 NaN/Inf.*model_1/model-"):
+        native.merge(tiny["cfg"], tiny["out"])
+    nothing_left(tiny["out"])
+
+
+def test_truncated_file_is_caught_before_reading(tiny):
+    f = sorted(tiny["models"][0].glob("*.safetensors"))[0]
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"run past the end"):
+        native.merge(tiny["cfg"], tiny["out"])
+    nothing_left(tiny["out"])
+
+
+def test_disk_full_and_interrupt_leave_nothing(tiny, monkeypatch):
+    from fastmerge.engine.writer import ShardWriter
+    calls = {"n": 0}
+    real = ShardWriter.pwrite
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+    monkeypatch.setattr(ShardWriter, "pwrite", staticmethod(full))
+    with pytest.raises(OutputError, match=r"disk full while writing"):
+        native.merge(tiny["cfg"], tiny["out"], shard_size="10KB")
+    nothing_left(tiny["out"])
+    monkeypatch.setattr(ShardWriter, "pwrite", staticmethod(real))
+
+    seen = {"n": 0}
+    merge_tensor = native._Merger.merge_tensor
+
+    def interrupt(self, *a):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            raise KeyboardInterrupt
+        return merge_tensor(self, *a)
+    monkeypatch.setattr(native._Merger, "merge_tensor", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        native.merge(tiny["cfg"], tiny["out"])
+    nothing_left(tiny["out"])
+
+
+def test_existing_output_needs_overwrite(tiny):
+    tiny["out"].mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        native.merge(tiny["cfg"], tiny["out"])
+    res = native.merge(tiny["cfg"], tiny["out"], overwrite=True)
+    assert (res.output_dir / "model.safetensors.index.json").exists()
