@@ -12,13 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from .methods import MergeSpec, band_counts, top_k_count
+from .methods import MergeSpec
 from .params import (F_HI, F_LO, F_OTA_SCALE, F_RESCALE, keep_rows, needs_l1, pass_ids,
                      rescale_factors)
 from .selection import (ChunkSource, Histograms, level0, select, select_one_pass,
                         single_chunk)
+from .thresholds import per_model, selection_requests
 
-INF = float("inf")
 
 
 @dataclass
@@ -49,20 +49,6 @@ class TensorPlan:
                              "iparams": self.iparams.to(device)})
 
 
-def selection_requests(spec: MergeSpec, numel: int) -> list[list[int]]:
-    """The k's each model's sparsifier needs: [k] for top-k, [k_lo, n_top] for a band."""
-    out = []
-    for d, g in zip(spec.densities, spec.gammas):
-        if spec.sparsifier in ("topk", "fisher"):
-            out.append([top_k_count(d, numel)])
-        elif spec.sparsifier == "band":
-            n_top, k_lo = band_counts(d, g, numel)
-            out.append([0] if top_k_count(d, numel) == 0 else [k_lo, n_top])
-        else:
-            out.append([])
-    return out
-
-
 def thresholds_from_selection(spec: MergeSpec, numel: int, backend, source: ChunkSource,
                               score: int, names: Sequence[str] = (),
                               hist: Optional[Histograms] = None, reduce=None, l1: bool = True,
@@ -90,19 +76,8 @@ def thresholds_from_selection(spec: MergeSpec, numel: int, backend, source: Chun
         passes = 2
     if info is not None:
         info["passes"] = passes
-    out, kept, pos = [], [], 0
-    for ks in reqs:
-        vals = sel.thresholds[pos:pos + len(ks)]
-        kl1 = sel.kept_l1[pos:pos + len(ks)] if l1 else [0.0, 0.0]
-        pos += len(ks)
-        if len(ks) == 1:
-            out.append((vals[0], INF))
-            kept.append(kl1[0])
-        else:  # band: keep lo <= s < hi; hi from k = n_top (inf when n_top = 0)
-            lo, hi = vals
-            out.append((lo, hi))
-            kept.append(kl1[0] - (kl1[1] if hi != INF else 0.0))
-    return (out, kept, total_l1) if l1 else (out, None, None)
+    out, kept = per_model(reqs, sel, l1)
+    return out, kept, total_l1
 
 
 def plan_tensor(spec: MergeSpec, source: ChunkSource, backend, numel: int, tensor_name: str = "",

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from .ops import NONFINITE_BIN, NUM_BINS, RADIX_BITS, SCORE_MAGNITUDE
+from .thresholds import (Selection, bits_to_floats, nonfinite_error,  # noqa: F401
+                         one_pass, unselected)
 
 
 @dataclass
@@ -98,10 +100,6 @@ def release_scratch() -> None:
     _SCRATCH.bufs.clear()
 
 
-def _bits_to_floats(bits) -> list[float]:
-    return np.asarray(bits, dtype=np.uint32).view(np.float32).tolist()
-
-
 def accumulate(backend, source: ChunkSource, score: int, targets: torch.Tensor, level: int,
                reduce: Optional[Callable] = None, slot: Optional[str] = None):
     """One read pass: the level's histograms of every target, summed over the chunks (the
@@ -122,12 +120,6 @@ def accumulate(backend, source: ChunkSource, score: int, targets: torch.Tensor, 
     return counts, sums
 
 
-def _nonfinite_error(i: int, count: int, names: Sequence[str]) -> ValueError:
-    what = f"tensor {names[0]!r}" if len(names) == 1 else "the tensors merged"
-    return ValueError(f"task vector of model {i} for {what} contains {count} "
-                      f"NaN/Inf value(s); fastmerge refuses to merge them")
-
-
 def level0(backend, n_models: int, score: int, source: ChunkSource,
            names: Sequence[str] = (), reduce: Optional[Callable] = None,
            scratch: bool = False) -> Histograms:
@@ -141,15 +133,8 @@ def level0(backend, n_models: int, score: int, source: ChunkSource,
     bad = counts.numpy()[:, NONFINITE_BIN:].sum(1).tolist()
     for i in range(n_models):
         if bad[i]:
-            raise _nonfinite_error(i, bad[i], names)
+            raise nonfinite_error(i, bad[i], names)
     return Histograms(counts, sums)
-
-
-@dataclass
-class Selection:
-    """k-th largest score for each request (model, k), and what the threshold keeps."""
-    thresholds: list[float]
-    kept_l1: Optional[list[float]]
 
 
 def _kth_bins(counts: np.ndarray, ks: np.ndarray, above: np.ndarray):
@@ -162,25 +147,12 @@ def _kth_bins(counts: np.ndarray, ks: np.ndarray, above: np.ndarray):
     return NUM_BINS - 1 - pos, prev
 
 
-def _unselected(requests: Sequence[tuple[int, int]], n: int,
-                total_of: Optional[Callable[[int], float]] = None):
-    """What needs no selection, for both selections: the thresholds (k <= 0: inf, k >= n: 0.0,
-    the others 0.0 until selected), the indices still to select (0 < k < n), and, given
-    ``total_of(i)`` (model i's L1), the kept L1 (the total where k >= n, else 0.0 until
-    selected; None without ``total_of``)."""
-    thresholds = [float("inf") if k <= 0 else 0.0 for _, k in requests]
-    pending = [r for r, (_, k) in enumerate(requests) if 0 < k < n]
-    kept = None if total_of is None else \
-        [total_of(i) if 0 < k and k >= n else 0.0 for i, k in requests]
-    return thresholds, pending, kept
-
-
 def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score: int,
            source: ChunkSource, reduce: Optional[Callable] = None,
            l1: bool = True) -> Selection:
     """Exact T(k) for each (model, k) request; k <= 0 gives inf, k >= n gives 0.0.
     ``l1=False`` skips the L1 of what each threshold keeps (``kept_l1`` is then None)."""
-    thresholds, pending, kept = _unselected(
+    thresholds, pending, kept = unselected(
         requests, hist.numel, (lambda i: float(hist.sums[i].sum())) if l1 else None)
     if pending:
         rows = np.array([requests[r][0] for r in pending], dtype=np.int64)
@@ -189,7 +161,7 @@ def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score
         targets = torch.from_numpy(np.stack([rows, b], axis=1))
         counts, sums = accumulate(backend, source, score, targets, 1, reduce, "level1")
         low, _ = _kth_bins(counts.numpy(), ks, above)
-        values = _bits_to_floats((b << RADIX_BITS) | low)
+        values = bits_to_floats(((b << RADIX_BITS) | low).tolist())
         for row, r in enumerate(pending):
             thresholds[r] = values[row]
             if l1:
@@ -216,29 +188,8 @@ def select_one_pass(backend, chunk: Chunk, n_models: int, requests: Sequence[tup
     then runs the radix selection. Raises like ``level0`` on NaN/Inf task vectors."""
     if getattr(backend, "topk_window", None) is None or score != SCORE_MAGNITUDE:
         return None
-    n = chunk.models[0].numel()
-    thresholds, pending, _ = _unselected(requests, n)
-    rows = [list(requests[r]) for r in pending]
-    # with l1, every model's total L1 (kept_l1 = total where k >= n), also when none of its
-    # k's needs selecting; NaN/Inf in a model without a request is left to the merge pass
-    probe = [[i, 1] for i in range(n_models) if l1 and all(r[0] != i for r in rows)]
-    if not rows and not probe:
-        return Selection(thresholds, None), None
-    req = torch.tensor(rows + probe, dtype=torch.int64).reshape(-1, 2)
-    thr, kept, total, bad = backend.topk_window(chunk.base, list(chunk.models), req, l1)
-    for i, b in enumerate(bad.tolist()):
-        if b:
-            raise _nonfinite_error(i, b, names)
-    bits = thr.tolist()[:len(rows)]
-    if any(b < 0 for b in bits):
-        return None
-    for r, value in zip(pending, _bits_to_floats(bits)):
-        thresholds[r] = value
-    kept_l1 = None
-    if l1:
-        total_l1 = total.tolist()
-        _, _, kept_l1 = _unselected(requests, n, lambda i: total_l1[i])
-        for r, value in zip(pending, kept.tolist()):
-            kept_l1[r] = value
-        return Selection(thresholds, kept_l1), total_l1
-    return Selection(thresholds, None), None
+
+    def kernel(rows, l1):
+        req = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+        return [x.tolist() for x in backend.topk_window(chunk.base, list(chunk.models), req, l1)]
+    return one_pass(requests, chunk.models[0].numel(), n_models, l1, names, kernel)

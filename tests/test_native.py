@@ -64,6 +64,11 @@ CASES = [
     ("dare_ties", {"dtype": "bfloat16"}, {"max_chunk_elems": 777}),          # stats per chunk
     ("dare_ties", {"parameters": {"rescale": True}, "out_dtype": "float32"}, {}),
     ("task_arithmetic", {"lines": {"alpha": 0.5, "beta": 1.0}}, {"shard_size": "20KB"}),
+    ("ties", {}, {}),                                                        # one-pass top-k
+    ("ties", {"parameters": {"rescale": "l1"}, "out_dtype": "float16"}, {}),
+    ("breadcrumbs_ties", {"parameters": {"gamma": 0.05}}, {}),               # bands
+    ("magnitude_prune", {}, {}),
+    ("consensus_ties", {}, {}),
 ]
 
 
@@ -79,16 +84,17 @@ def test_output_is_the_engines_byte_for_byte(ckpts, tmp_path, method, extra, kw)
     assert res.passes == ["merge (without torch: fastmerge._core)"]
 
 
-def test_cli_merges_without_importing_torch(ckpts, tmp_path):
-    yml = write_yaml(tmp_path / "m.yml", _cfg(ckpts, "dare_ties"))
+@pytest.mark.parametrize("method", ["dare_ties", "breadcrumbs_ties"])
+def test_cli_merges_without_importing_torch(ckpts, tmp_path, method):
+    yml = write_yaml(tmp_path / "m.yml", _cfg(ckpts, method))
     code = ("import sys; from fastmerge.cli import main; "
             f"rc = main(['merge', {str(yml)!r}, {str(tmp_path / 'out')!r}, '--quiet']); "
             "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "dare_ties merged" in r.stdout
-    want = fastmerge.merge_checkpoints(_cfg(ckpts, "dare_ties"), tmp_path / "engine",
+    assert f"{method} merged" in r.stdout
+    want = fastmerge.merge_checkpoints(_cfg(ckpts, method), tmp_path / "engine",
                                        backend="cpu")
     _same_dirs(tmp_path / "out", want.output_dir)
 
@@ -103,8 +109,8 @@ def test_import_fastmerge_is_lazy_and_registers_ops_on_use():
 
 
 @pytest.mark.parametrize("change,reason", [
-    (dict(merge_method="ties"), "selection"),
-    (dict(merge_method="breadcrumbs_ties"), "selection"),
+    (dict(merge_method="ties", scope="model"), "scope: model"),
+    (dict(merge_method="ota"), "second moments"),
     (dict(lines={"alpha": "auto", "beta": 1.0}), "alpha: auto"),
 ])
 def test_what_takes_the_engine(ckpts, change, reason):
@@ -123,12 +129,22 @@ def test_device_backend_env_and_torchrun_take_the_engine(ckpts, monkeypatch):
     assert native.why_not(cfg) == "FASTMERGE_NATIVE=0"
 
 
-def test_ties_through_merge_takes_the_engine(ckpts, tmp_path):
-    cfg = _cfg(ckpts, "ties")
-    res = native.merge(cfg, tmp_path / "out", backend="cpu")
+@pytest.mark.parametrize("why", ["miss", "chunked"])
+def test_what_only_the_radix_selection_does_restarts_on_the_engine(ckpts, tmp_path, monkeypatch,
+                                                                   why):
+    """A sampled window that missed, or a selection over a tensor split into chunks: the
+    native run stops (UseEngine, nothing left behind) and ``merge`` runs the engine."""
+    cfg = _cfg(ckpts, "breadcrumbs_ties")
+    kw = {"max_chunk_elems": 1000} if why == "chunked" else {}
+    if why == "miss":
+        monkeypatch.setattr(native, "one_pass", lambda *a, **k: None)
+    with pytest.raises(native.UseEngine):
+        native.merge_natively(load_config(cfg), tmp_path / "n", **kw)
+    nothing_left(tmp_path / "n")
+    res = native.merge(cfg, tmp_path / "out", backend="cpu", **kw)
     assert res.passes == ["merge"]
-    _same_dirs(res.output_dir,
-               fastmerge.merge_checkpoints(cfg, tmp_path / "e", backend="cpu").output_dir)
+    _same_dirs(res.output_dir, fastmerge.merge_checkpoints(cfg, tmp_path / "e", backend="cpu",
+                                                           **kw).output_dir)
 
 
 # ------------------------------------------------------------------ errors, nothing left behind
@@ -146,7 +162,9 @@ def nothing_left(out: Path):
     assert not [p for p in out.parent.iterdir() if out.name in p.name]
 
 
-def test_nan_names_tensor_and_file(tiny):
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_nan_names_tensor_and_file(tiny, method):
+    tiny["cfg"]["merge_method"] = method
     t = load_dir(tiny["models"][1])
     t[Q] = t[Q].clone()
     t[Q][2, 3] = float("inf")

@@ -1,13 +1,16 @@
 // fastmerge._core: the CPU kernels (csrc/cpu, the same sources as fastmerge._C) bound with
-// pybind11 over Python buffers, without torch. `fastmerge merge` uses it for the methods that
-// need no selection pass (fastmerge/engine/native.py): importing torch took ~1 s of a 1.2 s
-// whole-command 0.2B task_arithmetic merge here. Buffers are anything with the buffer protocol
+// pybind11 over Python buffers, without torch. `fastmerge merge` runs on it on the CPU
+// (fastmerge/engine/native.py): importing torch took ~1 s of a 1.2 s whole-command 0.2B
+// task_arithmetic merge here. Buffers are anything with the buffer protocol
 // (mmap slices of the safetensors files, bytearrays); sizes are checked against numel and the
 // dtype codes of fastmerge_params.h. The kernels run with the GIL released.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string.h>
+
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "fm_cpu.h"
@@ -134,11 +137,44 @@ std::vector<double> model_stats(const py::object& base, int base_dtype, const py
   return out;
 }
 
+// The exact k-th largest |t_i| for rows (model, k) of `requests` (int64 [R, 2] bytes) in one
+// read pass: (threshold bits, -1 where the sampled window missed; the L1 each keeps; per-model
+// total L1; per-model NaN/Inf counts), the L1 sums zero unless l1 (select.cpp).
+std::tuple<std::vector<int64_t>, std::vector<double>, std::vector<double>, std::vector<int64_t>>
+topk_window(const py::object& base, int base_dtype, const py::list& models,
+            const std::vector<int>& model_dtypes, const py::bytes& requests, bool l1,
+            int64_t numel, int nthreads) {
+  Views v;
+  make_inputs(v, base, base_dtype, models, model_dtypes, numel);
+  const std::string rq = requests;
+  if (rq.size() % (2 * sizeof(int64_t)) != 0)
+    throw py::value_error("fastmerge._core: requests must hold int64 [R, 2]");
+  const int R = static_cast<int>(rq.size() / (2 * sizeof(int64_t)));
+  std::vector<int64_t> model(static_cast<size_t>(R)), k(static_cast<size_t>(R));
+  for (int r = 0; r < R; ++r) {
+    memcpy(&model[static_cast<size_t>(r)], rq.data() + 16 * r, 8);
+    memcpy(&k[static_cast<size_t>(r)], rq.data() + 16 * r + 8, 8);
+    if (model[static_cast<size_t>(r)] < 0 || model[static_cast<size_t>(r)] >= v.in.n ||
+        k[static_cast<size_t>(r)] < 1 || k[static_cast<size_t>(r)] > numel)
+      throw py::value_error("fastmerge._core: request " + std::to_string(r) +
+                            " needs 0 <= model < N and 1 <= k <= numel");
+  }
+  std::vector<int64_t> thr(static_cast<size_t>(R)), bad(static_cast<size_t>(v.in.n), 0);
+  std::vector<double> kept(static_cast<size_t>(R)), total(static_cast<size_t>(v.in.n), 0.0);
+  {
+    py::gil_scoped_release free_gil;
+    fm::cpu::topk_window(v.in, model.data(), k.data(), R, l1, thr.data(), kept.data(),
+                         total.data(), bad.data(), nthreads);
+  }
+  return {thr, kept, total, bad};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fastmerge's CPU kernels over Python buffers, without torch (see native.py)";
   m.def("fused_merge", &fused_merge);
   m.def("model_stats", &model_stats);
+  m.def("topk_window", &topk_window);
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
 }

@@ -1,20 +1,26 @@
-"""``fastmerge merge`` without torch, for the methods whose plan needs no selection pass.
+"""``fastmerge merge`` on the CPU without importing torch.
 
 Importing torch takes ~1 s on the 2-core machine of benchmarks/results/engine.md: the whole
-0.2B task_arithmetic command took 1.2 s, the merge itself ~0.2 s of it. For linear,
-task_arithmetic, dare_linear and dare_ties this path opens and checks the checkpoints with the
-engine's torch-free modules (config, checkpoint_io, inputs, writer, report), computes the
-per-model parameters with fastmerge/params.py and runs the same C++ kernels through
-fastmerge._core (pybind11 over the mapped safetensors bytes). Same kernels, same parameters,
-same chunk offsets: the output is byte for byte the engine's on backend "cpu" (tests check).
+0.2B task_arithmetic command took 1.2 s, the merge itself ~0.2 s of it. This path opens and
+checks the checkpoints with the engine's torch-free modules (config, checkpoint_io, inputs,
+writer, report, budget), computes the per-model parameters with fastmerge/params.py and
+fastmerge/thresholds.py, and runs the same C++ kernels through fastmerge._core (pybind11 over
+the mapped safetensors bytes): the one-pass top-k (csrc/cpu/select.cpp) for top-k and band
+sparsifiers, the statistics pass where rescale="l1" needs it, the fused merge. Same kernels,
+parameters and chunk offsets: the output is byte for byte the engine's on backend "cpu"
+(tests/test_native.py).
 
-``why_not`` says why a merge must take the engine instead: another device or backend, several
-processes (torchrun), a selection (ties, breadcrumbs, magnitude_prune, consensus), second
-moments, LiNeS ``alpha: auto``, fastmerge._core not built, or FASTMERGE_NATIVE=0.
+``why_not`` says why a merge takes the engine instead: another device or backend, several
+processes (torchrun), second moments (ota, ffg), ``scope: model``, LiNeS ``alpha: auto``,
+fastmerge._core not built, or FASTMERGE_NATIVE=0. What only shows during the merge, a
+selection over a tensor larger than one chunk or a sampled window that missed (both need the
+radix selection), raises ``UseEngine``; ``merge`` then runs the engine from the start (the
+partial output is removed like any failed merge's).
 """
 from __future__ import annotations
 
 import os
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +30,7 @@ from ..methods import METHODS
 from ..params import F_RESCALE, keep_rows, needs_l1, pack_rows, pass_ids, rescale_factors
 from .budget import (element_ranges, plan_chunking, release_freed_memory_promptly,
                      trim_freed_memory)
+from ..thresholds import one_pass, per_model, selection_requests
 from .checkpoint_io import NAME_TO_ST, ST_SIZES
 from .config import MergeConfig, ParameterResolver, load_config
 from .inputs import Inputs, name_files, open_inputs
@@ -32,6 +39,11 @@ from .report import (MergeResult, apply_lines, default_budget, describe, peak_rs
 from .writer import AtomicDirectory, ShardLayout, ShardWriter, parse_size
 
 _DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}   # DTYPE_* of csrc/common/fastmerge_params.h
+_SELECTING = ("topk", "band")
+
+
+class UseEngine(Exception):
+    """This merge needs what only the engine does (the radix selection); nothing was kept."""
 
 
 def _core():
@@ -51,8 +63,10 @@ def why_not(cfg: MergeConfig, device: str = "cpu", backend: str = "auto") -> Opt
         return f"device {device} / backend {backend}"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "several processes (torchrun)"
-    if info.sparsifier not in ("none", "dare") or info.needs_second_moments:
-        return f"merge_method {cfg.method} needs a selection pass or second moments"
+    if info.needs_second_moments:
+        return f"merge_method {cfg.method} reads second moments"
+    if info.sparsifier in _SELECTING and cfg.scope == "model":
+        return "scope: model (model-wide histograms)"
     if cfg.lines is not None and cfg.lines.alpha == "auto":
         return "LiNeS alpha: auto"
     if _core() is None:
@@ -133,8 +147,14 @@ class _Merger:
         ranges = self.ranges(name)
         chunks = (lambda: [loaded]) if loaded is not None else \
             (lambda: (self.load(name, s, e) for s, e in ranges))
-        frows, irows = keep_rows(spec, name)
-        if needs_l1(spec):
+        thresholds = total = kept = None
+        if spec.sparsifier in _SELECTING:
+            if len(ranges) > 1:
+                raise UseEngine(f"tensor {name!r} is larger than one chunk")
+            thresholds, kept, total = self.select(name, spec, ref.numel, base_code, codes,
+                                                  *next(iter(chunks())))
+        frows, irows = keep_rows(spec, name, thresholds)
+        if needs_l1(spec) and kept is None:
             fp, ip = pack_rows(frows, irows)
             total, kept = [0.0] * spec.n_models, [0.0] * spec.n_models
             for (s, e), (b, ms) in zip(ranges, chunks()):
@@ -144,8 +164,6 @@ class _Merger:
                     total[i] += st[3 * i]
                     kept[i] += st[3 * i + 1]
                 del b, ms
-        else:
-            total = kept = None
         for i, x in enumerate(rescale_factors(spec, total, kept)):
             frows[i][F_RESCALE] = x
         fp, ip = pack_rows(frows, irows)
@@ -166,6 +184,27 @@ class _Merger:
                         f"value(s); fastmerge refuses to merge them"), r, name)
             self.write(writer, k, name, s, out)
         assert ref.numel == (ranges[-1][1] if ranges else 0)
+
+    def select(self, name, spec, numel, base_code, codes, b, ms):
+        """Per-model (lo, hi), kept L1 and total L1 (None unless rescale="l1") of a top-k or
+        band sparsifier over one chunk, by the one-pass top-k (plan.thresholds_from_selection
+        does the same through the torch op)."""
+        reqs = selection_requests(spec, numel)
+        flat = [(i, k) for i, ks in enumerate(reqs) for k in ks]
+        l1 = spec.rescale == "l1"
+
+        def kernel(rows, l1):
+            req = struct.pack(f"<{2 * len(rows)}q", *[x for r in rows for x in r])
+            return self.core.topk_window(b, base_code, ms, codes, req, l1, numel, self.nthreads)
+        try:
+            got = one_pass(flat, numel, spec.n_models, l1, (name,), kernel)
+        except ValueError as exc:
+            raise name_files(exc, self.inputs, name) from None
+        if got is None:
+            raise UseEngine(f"tensor {name!r}: the sampled top-k window missed")
+        sel, total = got
+        out, kept = per_model(reqs, sel, l1)
+        return out, kept, total
 
     def run(self, writer, order, bar):
         merged = set(self.specs)
@@ -274,6 +313,9 @@ def merge(config, out_dir, *, device: str = "cpu", backend: str = "auto", **kwar
     t0 = time.perf_counter()
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if why_not(cfg, device, backend) is None:
-        return merge_natively(cfg, out_dir, t0=t0, **kwargs)
+        try:
+            return merge_natively(cfg, out_dir, t0=t0, **kwargs)
+        except UseEngine:
+            pass
     from .engine import merge_checkpoints
     return merge_checkpoints(cfg, out_dir, device=device, backend=backend, **kwargs)
