@@ -130,7 +130,10 @@ def main(argv=None) -> int:
                 print(run["err"])
                 raise SystemExit(f"fastmerge failed on {method}")
             fm = run if fm is None or run["seconds"] < fm["seconds"] else fm
-        row = {"method": method, "fm": fm, "load": load}
+        from fastmerge.engine import load_config
+        from fastmerge.engine.native import why_not
+        path = "engine" if why_not(load_config(cfg_path), "cpu", args.backend) else "native"
+        row = {"method": method, "fm": fm, "load": load, "path": path}
         if not args.skip_mergekit:
             mk = measure(["mergekit-yaml", str(cfg_path), str(mk_out), "--quiet",
                           "--random-seed", "0"])
@@ -154,19 +157,21 @@ def main(argv=None) -> int:
         f"for breadcrumbs), output bf16. fastmerge {fastmerge.__version__}, backend "
         f"**{backend}**, memory budget {args.memory_budget}; mergekit-yaml 0.1.5 defaults "
         f"(CPU). Wall time and peak RSS of each whole command (process start to exit); "
-        f"fastmerge: best of {args.reps} runs, mergekit: 1 run.", "",
-        "| method | fastmerge s | mergekit s | speed-up | fastmerge peak RSS GiB | "
-        "mergekit peak RSS GiB | load avg at start | max rel. diff |",
-        "|---|---|---|---|---|---|---|---|"]
+        f"fastmerge: best of {args.reps} runs, mergekit: 1 run. fastmerge path: native = "
+        f"without torch (fastmerge/engine/native.py), engine = merge_checkpoints.", "",
+        "| method | fastmerge path | fastmerge s | mergekit s | speed-up | "
+        "fastmerge peak RSS GiB | mergekit peak RSS GiB | load avg at start | max rel. diff |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fm, mk = r["fm"], r.get("mk")
         if mk and mk["rc"] == 0:
-            lines.append(f"| {r['method']} | {fm['seconds']:.1f} | {mk['seconds']:.1f} | "
+            lines.append(f"| {r['method']} | {r['path']} | {fm['seconds']:.2f} | "
+                         f"{mk['seconds']:.1f} | "
                          f"{mk['seconds'] / fm['seconds']:.2f}x | {fm['peak_rss'] / gib:.2f} | "
                          f"{mk['peak_rss'] / gib:.2f} | {r['load']:.1f} | "
                          f"{r.get('diff', float('nan')):.2g} |")
         else:
-            lines.append(f"| {r['method']} | {fm['seconds']:.1f} | n/a | | "
+            lines.append(f"| {r['method']} | {r['path']} | {fm['seconds']:.2f} | n/a | | "
                          f"{fm['peak_rss'] / gib:.2f} | | {r['load']:.1f} | |")
     lines += ["", "max rel. diff: max |fastmerge - mergekit| / max |mergekit| over the first "
               "six tensors (ties, task_arithmetic; DARE is random in mergekit). Differences "

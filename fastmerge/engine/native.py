@@ -47,6 +47,11 @@ class UseEngine(Exception):
 
 
 def _core():
+    # Idle OpenMP workers sleep instead of spinning (unless the user chose): the kernels'
+    # workers spun on the 2 cores the reader and writer threads need (0.47B task_arithmetic:
+    # user time 1.0-1.5 -> 0.3-0.45 s, wall 0.93-1.75 -> 0.72-1.6 s; ties no slower). Read
+    # when libgomp starts, i.e. here, unless something loaded it before.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from .. import _core
         return _core
