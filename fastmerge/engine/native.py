@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Optional
 
@@ -240,6 +240,8 @@ class _Merger:
         finally:
             if fut is not None:
                 fut.cancel()
+            # on failure too: no write may still run when the caller closes the shard files
+            wait([f for f in self.pending if f is not None])
 
 
 def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size="5GB",
