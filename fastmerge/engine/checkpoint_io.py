@@ -218,15 +218,19 @@ class SafetensorsFile:
         isz = info.itemsize
         nbytes = (stop - start) * isz
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
-        mv = memoryview(buf.numpy()).cast("B") if nbytes else None
-        pos, fd, done = info.begin + start * isz, self._fileno(), 0
-        while done < nbytes:
+        if nbytes:
+            self._pread(name, memoryview(buf.numpy()).cast("B"), info.begin + start * isz)
+        return buf.view(info.dtype) if nbytes else torch.empty(0, dtype=info.dtype)
+
+    def _pread(self, name: str, mv: memoryview, pos: int) -> None:
+        """Fill ``mv`` from file offset ``pos`` (tensor ``name``'s bytes)."""
+        fd, done = self._fileno(), 0
+        while done < len(mv):
             got = os.preadv(fd, [mv[done:done + _MAX_IO]], pos + done)
             if got <= 0:
                 raise CheckpointError(f"{self.path}, tensor {name!r}: file ended early while "
                                       f"reading (truncated?)")
             done += got
-        return buf.view(info.dtype) if nbytes else torch.empty(0, dtype=info.dtype)
 
     def _mapping(self, name: str, start: int, stop: int):
         """(mmap, offset of element ``start`` in it, bytes) of a private (copy-on-write),
@@ -255,16 +259,8 @@ class SafetensorsFile:
         stop = info.numel if stop is None else stop
         got = self._mapping(name, start, stop) if stop > start else None
         if got is None:
-            nbytes = (stop - start) * info.itemsize
-            buf = bytearray(nbytes)
-            mv, pos, fd, done = memoryview(buf), info.begin + start * info.itemsize, \
-                self._fileno(), 0
-            while done < nbytes:
-                n = os.preadv(fd, [mv[done:done + _MAX_IO]], pos + done)
-                if n <= 0:
-                    raise CheckpointError(f"{self.path}, tensor {name!r}: file ended early "
-                                          f"while reading (truncated?)")
-                done += n
+            mv = memoryview(bytearray((stop - start) * info.itemsize))
+            self._pread(name, mv, info.begin + start * info.itemsize)
             return mv.toreadonly()
         mm, off, nbytes = got
         return memoryview(mm)[off:off + nbytes].toreadonly()

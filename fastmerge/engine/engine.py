@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -30,12 +29,12 @@ from ..selection import level0, release_scratch
 from . import parallel
 from .checkpoint_io import Checkpoint, CheckpointError
 from .config import ConfigError, MergeConfig, ParameterResolver, load_config
-from .inputs import name_files, open_inputs
+from .inputs import merge_settings, name_files, open_inputs
 from .report import (MergeResult, apply_lines, default_budget, describe,
                      peak_rss_bytes, progress_factory, write_extras)
 from .streaming import (ChunkLoader, plan_chunking, prefetched, release_freed_memory_promptly,
                         trim_freed_memory)
-from .writer import ShardLayout, parse_size
+from .writer import ShardLayout
 
 
 
@@ -250,16 +249,9 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
     """
     t0 = time.perf_counter()
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    if lines_pattern is not None:
-        if cfg.lines is not None:
-            cfg.lines.pattern = lines_pattern
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
-                              f"(overwrite=True) to replace it")
-    budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
-        else default_budget() // parallel.local_world_size()
-    shard_bytes = parse_size(shard_size, "shard size")
+    out_dir, budget, shard_bytes = merge_settings(
+        cfg, out_dir, overwrite, memory_budget, shard_size, lines_pattern,
+        default_budget() // parallel.local_world_size())
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():

@@ -11,8 +11,25 @@ from typing import Optional
 from .checkpoint_io import MERGEABLE_ST, Checkpoint, CheckpointError, SafetensorsFile, dtype_label
 from .config import ConfigError, MergeConfig
 from .hub import resolve_model
+from .writer import parse_size
 
 MOMENT_SUFFIX = ".exp_avg_sq"
+
+
+def merge_settings(cfg: MergeConfig, out_dir, overwrite: bool, memory_budget, shard_size,
+                   lines_pattern: Optional[str], default_budget: int):
+    """The checks and sizes every merge starts with: (out_dir as a Path, budget bytes, shard
+    bytes); applies ``lines_pattern``; an existing ``out_dir`` without ``overwrite`` is an
+    error before any work."""
+    if lines_pattern is not None and cfg.lines is not None:
+        cfg.lines.pattern = lines_pattern
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
+                              f"(overwrite=True) to replace it")
+    budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
+        else default_budget
+    return out_dir, budget, parse_size(shard_size, "shard size")
 
 
 @dataclass

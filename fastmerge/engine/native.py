@@ -23,7 +23,6 @@ import os
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 from typing import Optional
 
 from ..methods import METHODS
@@ -33,10 +32,10 @@ from .budget import (element_ranges, plan_chunking, release_freed_memory_promptl
 from ..thresholds import one_pass, per_model, selection_requests
 from .checkpoint_io import NAME_TO_ST, ST_SIZES
 from .config import MergeConfig, ParameterResolver, load_config
-from .inputs import Inputs, name_files, open_inputs
+from .inputs import Inputs, merge_settings, name_files, open_inputs
 from .report import (MergeResult, apply_lines, default_budget, describe, peak_rss_bytes,
                      progress_factory, write_extras)
-from .writer import AtomicDirectory, ShardLayout, ShardWriter, parse_size
+from .writer import AtomicDirectory, ShardLayout, ShardWriter
 
 _DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}   # DTYPE_* of csrc/common/fastmerge_params.h
 _SELECTING = ("topk", "band")
@@ -252,15 +251,8 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
     """``merge_checkpoints`` on the CPU for a config ``why_not`` accepts (same arguments,
     same output and errors)."""
     t0 = time.perf_counter() if t0 is None else t0
-    if lines_pattern is not None and cfg.lines is not None:
-        cfg.lines.pattern = lines_pattern
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
-                              f"(overwrite=True) to replace it")
-    budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
-        else default_budget()
-    shard_bytes = parse_size(shard_size, "shard size")
+    out_dir, budget, shard_bytes = merge_settings(cfg, out_dir, overwrite, memory_budget,
+                                                  shard_size, lines_pattern, default_budget())
     release_freed_memory_promptly()
     inputs = open_inputs(cfg, False)
     merger = None
