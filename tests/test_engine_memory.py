@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import fastmerge
 from fastmerge.demo import make_synthetic_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,14 @@ BUDGET = 32 * 2 ** 20
 
 CHILD = textwrap.dedent("""
     import json, sys
-    import torch, fastmerge
+    NATIVE = sys.argv[4] == "native"   # fastmerge merge's torch-free path
+    if NATIVE:
+        from fastmerge.engine import load_config, native
+        merge = lambda cfg, out, **kw: native.merge_natively(load_config(cfg), out, **kw)
+    else:
+        import torch, fastmerge
+        merge = lambda cfg, out, **kw: fastmerge.merge_checkpoints(cfg, out, backend=sys.argv[4],
+                                                                   **kw)
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -30,25 +38,33 @@ CHILD = textwrap.dedent("""
     cfg, out, budget, warm = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[5]
     # the baseline: the interpreter after one tiny merge (imports, thread pools, kernels);
     # then the high-water mark is reset (clear_refs 5) so it measures the big merge alone
-    fastmerge.merge_checkpoints(warm, out + "-warm", backend=sys.argv[4])
+    merge(warm, out + "-warm")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     baseline = status("VmRSS")
-    res = fastmerge.merge_checkpoints(cfg, out, backend=sys.argv[4], memory_budget=budget)
+    res = merge(cfg, out, memory_budget=budget)
     print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "chunk": res.chunk_elems,
-                      "bytes_in": res.bytes_in}))
+                      "bytes_in": res.bytes_in, "torch": "torch" in sys.modules}))
 """)
 
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.slow
-def test_peak_rss_stays_under_the_budget(tmp_path):
-    """ties (chunked radix selection, then the merge) on the C++ backend when built; task
-    arithmetic on the slow torch backend otherwise (keeps the test fast)."""
+@pytest.mark.parametrize("path", ["engine", "native"])
+def test_peak_rss_stays_under_the_budget(tmp_path, path):
+    """engine: ties (chunked radix selection, then the merge) on the C++ backend when built;
+    task arithmetic on the slow torch backend otherwise (keeps the test fast). native (what
+    ``fastmerge merge`` runs on the CPU, without torch): task_arithmetic over row chunks of
+    mapped inputs (DARE's keep-bit memo alone is budgeted at 64 MiB, above this budget)."""
     from fastmerge.backends import availability
+    from fastmerge.engine import native
     backend = "cpu" if availability("cpu")[0] else "torch"
     method = "ties" if backend == "cpu" else "task_arithmetic"
+    if path == "native":
+        if native._core() is None:
+            pytest.skip("fastmerge._core is not built")
+        backend, method = "native", "task_arithmetic"
     p = make_synthetic_checkpoints(tmp_path / "in", n_models=2, layers=2, hidden=1024,
                                    inter=2816, vocab=2000, shards=2,
                                    only=("up_proj", "down_proj"))
@@ -78,6 +94,13 @@ def test_peak_rss_stays_under_the_budget(tmp_path):
     assert m["chunk"] < 2816 * 1024
     assert grew <= BUDGET, f"peak RSS grew {grew / 2 ** 20:.1f} MiB over a " \
                            f"{BUDGET / 2 ** 20:.0f} MiB budget ({size / 2 ** 20:.0f} MiB input)"
+    assert m["torch"] == (path == "engine")
+    if path == "native":   # the engine's output, byte for byte
+        want = fastmerge.merge_checkpoints(str(cfg), tmp_path / "engine", backend="cpu",
+                                           memory_budget=BUDGET)
+        for f in sorted((tmp_path / "out").iterdir()):
+            assert f.read_bytes() == (want.output_dir / f.name).read_bytes(), f.name
+        return
     from safetensors import safe_open
     idx = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     name = "model.layers.1.mlp.up_proj.weight"
