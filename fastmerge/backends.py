@@ -154,7 +154,17 @@ def output_cache_limit(backend: Backend, nbytes: int) -> int:
     """CPU backend: bytes of freed ``fused_merge`` outputs kept for reuse (a fresh 32 MiB
     output costs ~10 ms of page faults here; see csrc/cpu/output_cache.h). Returns the previous
     limit; a no-op returning 0 for the other backends."""
+    return _cpu_limit(backend, "set_output_cache_limit", nbytes)
+
+
+def dare_bits_limit(backend: Backend, nbytes: int) -> int:
+    """CPU backend: bytes of DARE keep bits the statistics pass may leave for the merge
+    (csrc/cpu/dare_bits.h). Returns the previous limit; 0 and nothing done elsewhere."""
+    return _cpu_limit(backend, "set_dare_bits_limit", nbytes)
+
+
+def _cpu_limit(backend: Backend, setter: str, nbytes: int) -> int:
     if backend.name != "cpu":
         return 0
     from . import _C
-    return int(_C.set_output_cache_limit(int(nbytes)))
+    return int(getattr(_C, setter)(int(nbytes)))

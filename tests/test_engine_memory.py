@@ -55,8 +55,8 @@ CHILD = textwrap.dedent("""
 def test_peak_rss_stays_under_the_budget(tmp_path, path):
     """engine: ties (chunked radix selection, then the merge) on the C++ backend when built;
     task arithmetic on the slow torch backend otherwise (keeps the test fast). native (what
-    ``fastmerge merge`` runs on the CPU, without torch): task_arithmetic over row chunks of
-    mapped inputs (DARE's keep-bit memo alone is budgeted at 64 MiB, above this budget)."""
+    ``fastmerge merge`` runs on the CPU, without torch): dare_ties, its statistics pass and
+    merge over row chunks of mapped inputs (the keep-bit memo gets an eighth of the budget)."""
     from fastmerge.backends import availability
     from fastmerge.engine import native
     backend = "cpu" if availability("cpu")[0] else "torch"
@@ -64,7 +64,7 @@ def test_peak_rss_stays_under_the_budget(tmp_path, path):
     if path == "native":
         if native._core() is None:
             pytest.skip("fastmerge._core is not built")
-        backend, method = "native", "task_arithmetic"
+        backend, method = "native", "dare_ties"
     p = make_synthetic_checkpoints(tmp_path / "in", n_models=2, layers=2, hidden=1024,
                                    inter=2816, vocab=2000, shards=2,
                                    only=("up_proj", "down_proj"))

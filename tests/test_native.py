@@ -221,3 +221,14 @@ def test_existing_output_needs_overwrite(tiny):
         native.merge(tiny["cfg"], tiny["out"])
     res = native.merge(tiny["cfg"], tiny["out"], overwrite=True)
     assert (res.output_dir / "model.safetensors.index.json").exists()
+
+
+def test_dare_keep_bit_memo_fits_small_budgets(tiny, tmp_path):
+    """The memo gets 64 MiB or an eighth of a smaller budget (budget.plan_chunking), so a DARE
+    merge runs under a budget below 64 MiB; the output is the same (missing bits are drawn)."""
+    from fastmerge.engine.budget import DARE_BITS_LIMIT, plan_chunking
+    assert plan_chunking(8 << 30, "cpu", 2, 6, 2, sparsifier="dare").dare_bits == DARE_BITS_LIMIT
+    assert plan_chunking(40 << 20, "cpu", 2, 6, 2, sparsifier="dare").dare_bits == 5 << 20
+    assert plan_chunking(40 << 20, "cpu", 2, 6, 2, sparsifier="none").dare_bits == 0
+    small = native.merge(tiny["cfg"], tmp_path / "small", memory_budget="40MiB")
+    _same_dirs(small.output_dir, native.merge(tiny["cfg"], tmp_path / "big").output_dir)

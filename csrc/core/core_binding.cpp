@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "dare_bits.h"
 #include "fm_cpu.h"
 
 namespace py = pybind11;
@@ -176,5 +177,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("fused_merge", &fused_merge);
   m.def("model_stats", &model_stats);
   m.def("topk_window", &topk_window);
+  m.def("set_dare_bits_limit", [](size_t bytes) { return fm::cpu::dare_bits_limit(bytes); },
+        "bytes of DARE keep bits model_stats may leave for fused_merge (previous limit)");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
 }

@@ -62,6 +62,7 @@ class Chunking:
     chunk_elems: int        # elements per chunk (before row alignment)
     bytes_per_elem: int     # what one element of a chunk costs in memory, all buffers
     fixed: int
+    dare_bits: int = 0      # bytes of the CPU kernels' DARE keep-bit memo (set_dare_bits_limit)
 
     def describe(self) -> str:
         return (f"{self.chunk_elems:,} elements per chunk "
@@ -77,8 +78,12 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
     scratch fit in ``budget`` bytes, after the histograms and a fixed allowance."""
     hist = 2 * (n_models + 1) * NUM_BINS * 16
     fixed = FIXED_OVERHEAD + hist
+    dare_bits = 0
     if backend_name == "cpu" and sparsifier == "dare":
-        fixed += DARE_BITS_LIMIT   # keep bits from the statistics pass to the merge
+        # keep bits from the statistics pass to the merge: 64 MiB, or an eighth of a smaller
+        # budget (an entry that does not fit is drawn again in the merge: slower, same bits)
+        dare_bits = min(DARE_BITS_LIMIT, budget // 8)
+        fixed += dare_bits
     if device == "cpu":
         outs = 4 if backend_name == "cpu" else 3
         per = 3 * in_bytes_per_elem + outs * out_itemsize + \
@@ -91,7 +96,7 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
         need = fixed + MIN_CHUNK_ELEMS * per
         raise ValueError(f"memory budget {budget / 2 ** 20:.0f} MiB is too small for this merge "
                          f"(needs at least {need / 2 ** 20:.0f} MiB)")
-    return Chunking(int(elems), per, fixed)
+    return Chunking(int(elems), per, fixed, dare_bits)
 
 
 def element_ranges(shape: Sequence[int], max_elems: int) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..api import run_plan
-from ..backends import get_backend, output_cache_limit
+from ..backends import dare_bits_limit, get_backend, output_cache_limit
 from ..methods import METHODS
 from ..ops import SCORE_FISHER, SCORE_MAGNITUDE
 from ..plan import plan_tensor, thresholds_from_selection
@@ -304,6 +304,7 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
         chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
     output_cache_limit(be, chunking.chunk_elems *
                        max([out_dtypes[x].itemsize for x in merged] or [4]))
+    bits0 = dare_bits_limit(be, chunking.dare_bits) if chunking.dare_bits else None
     progress = progress_factory(quiet or rank != 0)
     eng = _Engine(cfg, inputs, be, device, chunking, resolver, progress)
     eng.with_moments = needs_moments(cfg)
@@ -358,6 +359,8 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
             final = adir.commit()
     finally:
         eng.close()
+        if bits0 is not None:
+            dare_bits_limit(be, bits0)
     bytes_in = sum(eng.in_bytes(x) for x in mine)
     return MergeResult(
         output_dir=final, method=cfg.method, backend=be.name, device=str(device),

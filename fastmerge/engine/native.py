@@ -255,7 +255,7 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
                                                   shard_size, lines_pattern, default_budget())
     release_freed_memory_promptly()
     inputs = open_inputs(cfg, False)
-    merger = None
+    merger, bits0 = None, None
     try:
         resolver = ParameterResolver(cfg, inputs.order, seed=seed, pattern=lines_pattern)
         merged, ref, n = inputs.merged, inputs.reference, len(inputs.models)
@@ -277,6 +277,8 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
         layout = ShardLayout([(x, ref.info(x).shape, out_st[x]) for x in inputs.order],
                              shard_bytes, st_meta)
         merger = _Merger(inputs, specs, out_st, chunking.chunk_elems)
+        if chunking.dare_bits:
+            bits0 = merger.core.set_dare_bits_limit(chunking.dare_bits)
         progress = progress_factory(quiet)
         with AtomicDirectory(out_dir, overwrite) as adir:
             writer = ShardWriter(layout, adir.tmp)
@@ -295,6 +297,8 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
     finally:
         if merger is not None:
             merger.close()
+            if bits0 is not None:
+                merger.core.set_dare_bits_limit(bits0)
         for c in [inputs.base, *inputs.models]:
             if c is not None:
                 c.close()
