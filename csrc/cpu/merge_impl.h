@@ -304,7 +304,12 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
       FmMergeConfig c = cfg;  // the default TIES election, fixed at compile time
       c.elect = ELECT_SUM;
       c.elect_on = ELECT_WEIGHTED;
-      combine_loop<COMBINE, NS>(c, models, tt, ss, vv, bb, len, ob);
+      if (cfg.normalize == NORMALIZE_WEIGHTS) {  // and mergekit's normalize: no count kept
+        c.normalize = NORMALIZE_WEIGHTS;
+        combine_loop<COMBINE, NS>(c, models, tt, ss, vv, bb, len, ob);
+      } else {
+        combine_loop<COMBINE, NS>(c, models, tt, ss, vv, bb, len, ob);
+      }
     } else {
       combine_loop<COMBINE, NS>(cfg, models, tt, ss, vv, bb, len, ob);
     }
