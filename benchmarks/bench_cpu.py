@@ -63,9 +63,16 @@ def best_time(fn, reps: int) -> float:
     return best
 
 
+_COPY_BUFFERS: dict = {}
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
+    """GB/s of a 1 GiB torch copy (read + write bytes), best of ``reps``; the buffers are kept
+    between calls (their page faults are not the copy's)."""
+    if nbytes not in _COPY_BUFFERS:
+        src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+        _COPY_BUFFERS[nbytes] = (src, torch.empty_like(src))
+    src, dst = _COPY_BUFFERS[nbytes]
     dst.copy_(src)
     t = best_time(lambda: dst.copy_(src), reps)
     return 2 * nbytes / t / GB
@@ -166,7 +173,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="4096x4096,4096x11008,32000x4096")
     ap.add_argument("--n", default="2,3,8")
     ap.add_argument("--density", type=float, default=0.2)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--peer-reps", type=int, default=1)
     ap.add_argument("--torch-max-numel", type=float, default=5e7,
                     help="time fastmerge's torch backend only up to this many elements")
@@ -191,7 +198,7 @@ def main(argv=None):
     machine = (f"{cpu_model()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, kernels: {C.isa()}")
     print(f"# machine: {machine}\n# copy bandwidth: {bw:.1f} GB/s (read + write)\n", flush=True)
-    rows, points = [], []
+    rows, points, bws = [], [], [bw]
     for shape in shapes:
         for n in ns:
             base, models = make_inputs(shape, n)
@@ -199,8 +206,13 @@ def main(argv=None):
             useful = (n + 2) * 2 * numel
             res = {}
             run_fastmerge("cpu", base, models, args.density)  # warm-up
+            # this shared VM's copy bandwidth swings between minutes (36-75 GB/s measured the
+            # same way): each row's ceiling is the larger of the copies just before and after
+            row_bw = copy_bandwidth()
             res["fastmerge cpu"] = best_time(
                 lambda: run_fastmerge("cpu", base, models, args.density), args.reps)
+            row_bw = max(row_bw, copy_bandwidth())
+            bws.append(row_bw)
             sel, mrg, sel_passes = fastmerge_split(base, models, args.density, args.reps)
             all_pass = (sel_passes + 1) * (n + 1) * 2 * numel + 2 * numel
             if numel <= args.torch_max_numel:
@@ -216,7 +228,8 @@ def main(argv=None):
                 gbs_all = all_pass / sec / GB if impl == "fastmerge cpu" else None
                 rows.append(dict(shape=f"{shape[0]}x{shape[1]}", n=n, impl=impl, sec=sec,
                                  gbs_all=gbs_all, gbs_useful=useful / sec / GB,
-                                 pct=(all_pass / sec / GB) / bw * 100 if gbs_all else None,
+                                 pct=(all_pass / sec / GB) / row_bw * 100 if gbs_all else None,
+                                 row_bw=row_bw if gbs_all else None,
                                  speedup=sec / ours,
                                  split=(sel, mrg) if impl == "fastmerge cpu" else None,
                                  passes=sel_passes + 1))
@@ -224,18 +237,11 @@ def main(argv=None):
                 print(f"{shape} N={n} {impl}: {sec:.3f} s", flush=True)
             del base, models
     passes = per_pass_costs(density=args.density)
-    # The copy bandwidth of this shared VM swings between runs (41-75 GB/s measured the same
-    # way on one afternoon), so it is measured again at the end and the larger value is the
-    # ceiling: the % columns are then the conservative ones.
+    # The plot's ceiling: the largest copy bandwidth measured in the run (conservative).
     bw_end = copy_bandwidth()
-    if bw_end > bw:
-        for r in rows:
-            if r["pct"] is not None:
-                r["pct"] *= bw / bw_end
-        bw_start, bw = bw, bw_end
-    else:
-        bw_start = bw
-    machine += f"; copy bandwidth at start / end: {bw_start:.1f} / {bw_end:.1f} GB/s"
+    bw_start, bw = bw, max(bws + [bw_end])
+    machine += (f"; copy bandwidth at start / end: {bw_start:.1f} / {bw_end:.1f} GB/s, "
+                f"{min(bws + [bw_end]):.1f}-{bw:.1f} GB/s over the run")
     elapsed = time.perf_counter() - t_start
     machine += (f"; load average (1 min) at start / end of the run: {load0:.1f} / "
                 f"{os.getloadavg()[0]:.1f}")
@@ -254,7 +260,8 @@ def render(rows, bw, machine, args, elapsed, passes=()) -> str:
         "# fastmerge CPU benchmark (TIES, bf16)", "",
         f"Machine: {machine}.  ",
         f"Measured copy bandwidth: **{bw:.1f} GB/s** (1 GiB torch copy, read + write bytes; "
-        f"the larger of the measurements at the start and the end of the run).  ",
+        f"the largest measurement of the run; each fastmerge row's % uses the larger of the "
+        f"copies measured just before and just after its timing, column 'copy BW').  ",
         f"TIES with density {args.density}, weights 1, normalize (mergekit's defaults); "
         f"fastmerge = the one-pass exact top-k (sampled window, csrc/cpu/select.cpp; the radix "
         f"selection's 2 histogram passes where a window misses) + 1 fused merge pass, "
@@ -265,17 +272,19 @@ def render(rows, bw, machine, args, elapsed, passes=()) -> str:
         "output once), comparable across implementations. % copy = all-pass GB/s / measured "
         "copy bandwidth. speedup = implementation's time / fastmerge cpu's time.", "",
         "| shape | N | implementation | seconds | passes | GB/s all passes | useful GB/s | "
-        "% of copy BW | fastmerge cpu speedup vs this | cpu split: selection / merge (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "copy BW GB/s | % of copy BW | fastmerge cpu speedup vs this | "
+        "cpu split: selection / merge (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         split = f"{r['split'][0]:.3f} / {r['split'][1]:.3f}" if r["split"] else ""
         gbs_all = "" if r["gbs_all"] is None else f"{r['gbs_all']:.1f}"
         pct = "" if r["pct"] is None else f"{r['pct']:.0f}%"
+        rbw = "" if r.get("row_bw") is None else f"{r['row_bw']:.1f}"
         speed = "" if r["impl"] == "fastmerge cpu" else f"{r['speedup']:.1f}x"
         npass = r["passes"] if r["impl"] == "fastmerge cpu" else ""
         lines.append(f"| {r['shape']} | {r['n']} | {r['impl']} | {r['sec']:.3f} | {npass} | "
-                     f"{gbs_all} | {r['gbs_useful']:.2f} | {pct} | {speed} | {split} |")
+                     f"{gbs_all} | {r['gbs_useful']:.2f} | {rbw} | {pct} | {speed} | {split} |")
     if passes:
         lines += ["", "Per pass, 4096x4096 bf16, ns per (element x model) (best of 5). "
                   "Selection: the one-pass top-k that runs, and for comparison the radix "
@@ -298,7 +307,7 @@ def replot(table_path, plot_path):
     points = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) in (9, 10) and "x" in cells[0] and cells[1].isdigit():
+        if len(cells) in (9, 10, 11) and "x" in cells[0] and cells[1].isdigit():
             r, c = (int(v) for v in cells[0].split("x"))
             n, numel = int(cells[1]), r * c
             points.append((cells[2], n, numel, (n + 2) * 2 * numel / float(cells[3]) / GB))
