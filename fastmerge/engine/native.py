@@ -29,7 +29,7 @@ from ..methods import METHODS
 from ..params import F_RESCALE, keep_rows, needs_l1, pack_rows, pass_ids, rescale_factors
 from .budget import (element_ranges, plan_chunking, release_freed_memory_promptly,
                      trim_freed_memory)
-from ..thresholds import one_pass, per_model, selection_requests
+from ..thresholds import nonfinite_error, one_pass, per_model, selection_requests
 from .checkpoint_io import NAME_TO_ST, ST_SIZES
 from .config import MergeConfig, ParameterResolver, load_config
 from .inputs import Inputs, merge_settings, name_files, open_inputs
@@ -183,11 +183,8 @@ class _Merger:
             del b, ms
             for i, c in enumerate(bad):
                 if c:
-                    raise name_files(ValueError(
-                        f"task vector of model {i} for tensor {name!r} contains {c} NaN/Inf "
-                        f"value(s); fastmerge refuses to merge them"), r, name)
+                    raise name_files(nonfinite_error(i, c, (name,)), r, name)
             self.write(writer, k, name, s, out)
-        assert ref.numel == (ranges[-1][1] if ranges else 0)
 
     def select(self, name, spec, numel, base_code, codes, b, ms):
         """Per-model (lo, hi), kept L1 and total L1 (None unless rescale="l1") of a top-k or
