@@ -6,6 +6,7 @@ The names below load on first use, so ``fastmerge merge`` can start without impo
 ``torch.ops.fastmerge`` ops; importing fastmerge after torch registers them right away."""
 import sys
 
+from . import _lazy
 from ._version import __version__
 
 _LAZY = {"merge_tensors": "api", "magnitude_threshold": "api", "dare_mask": "api",
@@ -19,19 +20,12 @@ __all__ = ["merge_tensors", "magnitude_threshold", "dare_mask", "lines_factor", 
            "BACKEND_NAMES", "__version__"]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        from . import ops  # noqa: F401  (registers the fastmerge:: torch.library ops)
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _register_ops():
+    from . import ops  # noqa: F401  (registers the fastmerge:: torch.library ops)
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy.attributes(__name__, _LAZY, globals(), before=_register_ops)
 
 
 if "torch" in sys.modules:  # torch is loaded already: register the ops as before
-    from . import ops  # noqa: F401,E402
+    _register_ops()

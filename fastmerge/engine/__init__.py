@@ -1,7 +1,7 @@
 """The checkpoint engine: whole-model merges from a mergekit-style config, streamed under a
 memory budget into sharded safetensors (``fastmerge merge`` on the command line). The names
 load on first use: the config, checkpoint and writer modules work without torch."""
-import importlib
+from .. import _lazy
 
 _LAZY = {"Checkpoint": "checkpoint_io", "CheckpointError": "checkpoint_io",
          "SafetensorsFile": "checkpoint_io", "ConfigError": "config", "MergeConfig": "config",
@@ -13,13 +13,4 @@ __all__ = ["merge_checkpoints", "MergeResult", "load_config", "parse_config", "M
            "parse_size"]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy.attributes(__name__, _LAZY, globals())

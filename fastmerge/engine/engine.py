@@ -87,8 +87,7 @@ class _Engine:
 
     def in_bytes(self, name):
         r = self.inputs
-        n = sum(m.info(name).nbytes for m in r.models)
-        n += r.base.info(name).nbytes if r.base is not None else 0
+        n = r.in_bytes(name)
         if name in self.rows:            # this rank's rows of a tensor split over ranks
             r0, r1 = self.rows[name]
             n = n * (r1 - r0) // max(1, int(r.reference.info(name).shape[0]))

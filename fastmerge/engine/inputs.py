@@ -43,6 +43,11 @@ class Inputs:
     order: list                    # all names, output order
     moment_names: dict             # tensor name -> [name in each preconditioner file]
 
+    def in_bytes(self, name: str) -> int:
+        """Bytes of tensor ``name`` in the base and the models (what a merge of it reads)."""
+        n = sum(m.info(name).nbytes for m in self.models)
+        return n + (self.base.info(name).nbytes if self.base is not None else 0)
+
 
 def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
     def open_ckpt(ref, what):

@@ -117,11 +117,6 @@ class _Merger:
         return (r.base.view(name, s, e) if r.base is not None else None,
                 [m.view(name, s, e) for m in r.models])
 
-    def in_bytes(self, name):
-        r = self.inputs
-        return sum(m.info(name).nbytes for m in r.models) + \
-            (r.base.info(name).nbytes if r.base is not None else 0)
-
     def out_buffer(self, nbytes):
         """A buffer of at least nbytes whose previous write has finished."""
         k = self.turn
@@ -230,7 +225,7 @@ class _Merger:
                         self.write(writer, k, name, s, data)
                         del data
                 loaded = None
-                bar.update(self.in_bytes(name))
+                bar.update(self.inputs.in_bytes(name))
                 bar.set_postfix_str(f"{j + 1}/{len(order)} tensors", refresh=False)
             self.flush()
         finally:
@@ -280,7 +275,7 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
         with AtomicDirectory(out_dir, overwrite) as adir:
             writer = ShardWriter(layout, adir.tmp)
             try:
-                bar = progress("merging", sum(merger.in_bytes(x) for x in inputs.order))
+                bar = progress("merging", sum(inputs.in_bytes(x) for x in inputs.order))
                 try:
                     merger.run(writer, inputs.order, bar)
                 finally:
@@ -290,7 +285,7 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
                 writer.close()
             write_extras(adir.tmp, layout, cfg, inputs, resolved, per_tensor, config_text)
             final = adir.commit()
-        bytes_in = sum(merger.in_bytes(x) for x in inputs.order)
+        bytes_in = sum(inputs.in_bytes(x) for x in inputs.order)
     finally:
         if merger is not None:
             merger.close()
