@@ -369,6 +369,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("set_dare_bits_limit", [](size_t bytes) { return fm::cpu::dare_bits_limit(bytes); },
           "bytes of DARE keep bits model_stats may leave for fused_merge (previous limit)");
   mod.def("dare_bits_bytes", &fm::cpu::dare_bits_bytes, "bytes of DARE keep bits held");
+  mod.def("set_merge_fast_path", &fm::cpu::set_merge_fast_path,
+          "fused_merge's AVX-512 block path on/off (returns the previous setting; for tests)");
   mod.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   mod.def("max_threads", &threads, "threads the kernels use (at::get_num_threads)");
 }

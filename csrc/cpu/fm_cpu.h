@@ -60,6 +60,12 @@ void philox_word0_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t l
 int philox_word0_isa(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, uint32_t* out,
                      int isa);
 
+// Whether fused_merge takes the AVX-512 block path of merge_avx512.h where it applies (on by
+// default; tests switch it off to compare it byte for byte with the generic code). set_*
+// returns the previous setting.
+bool merge_fast_path_enabled();
+bool set_merge_fast_path(bool on);
+
 // Which instruction set the multiversioned kernels picked on this machine (for reports).
 const char* isa_name();
 

@@ -79,6 +79,19 @@ FM_FORCE_INLINE void prefetch_block(const void* p, int dtype, int64_t start, int
   for (int64_t b = 0; b < len * size; b += 64) __builtin_prefetch(c + b, 0, 3);
 }
 
+// Whether this is an AMD CPU (prefetch distances were tuned per vendor; see merge_impl.h).
+inline bool cpu_is_amd() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd");
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
 // Threads worth using for numel elements (small tensors stay on one thread).
 inline int effective_threads(int64_t numel, int nthreads, int64_t min_per_thread) {
   int64_t t = numel / (min_per_thread > 0 ? min_per_thread : 1);

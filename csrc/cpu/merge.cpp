@@ -11,6 +11,7 @@
 #include <omp.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -19,6 +20,13 @@
 
 namespace fastmerge {
 namespace cpu {
+namespace {
+std::atomic<bool> g_merge_fast_path{true};
+}  // namespace
+
+bool merge_fast_path_enabled() { return g_merge_fast_path.load(std::memory_order_relaxed); }
+bool set_merge_fast_path(bool on) { return g_merge_fast_path.exchange(on); }
+
 namespace {
 
 using detail::MergeCtx;

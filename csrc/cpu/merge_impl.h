@@ -35,6 +35,16 @@ struct MergeCtx {
   const uint64_t* const* dare_bits;
 };
 
+}  // namespace detail
+}  // namespace cpu
+}  // namespace fastmerge
+
+#include "merge_avx512.h"
+
+namespace fastmerge {
+namespace cpu {
+namespace detail {
+
 // The DARE words of a block from keep bits: 0 where kept, 0xFFFFFFFF where dropped, so that
 // `w < dare_threshold` (a MODE_DARE threshold is in [1, 2^32 - 1]) gives the same decisions
 // as the Philox words the bits were taken from.
@@ -251,17 +261,32 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
     for (int k = 0; k < kBlock; ++k) bb[k] = 0.0f;
   }
 
-  // Prefetch distance: 2 blocks, 8 from 6 models up (N = 8, 4096x4096 bf16, 2 threads: the
-  // merge 24 -> 22 ms; 8 blocks for N = 3 made it slower, 5.4 -> 6.7 ms).
-  const int64_t ahead = kPrefetchAhead * (n >= 6 ? 4 : 1);
+  // Prefetch distance (0: none): 2 blocks; from 6 models up 8 blocks on AMD cores (measured
+  // on an AMD EPYC VM, N = 8, 4096x4096 bf16, 2 threads: the merge 24 -> 22 ms; 8 blocks for
+  // N = 3 made it slower, 5.4 -> 6.7 ms) and none on others (the Intel Xeon VM of CI, same
+  // shape, fast path: 19.5 ms with 8 blocks, 18.4 with 2, 16.3 without; N = 3: 6.5 ms with
+  // 2 blocks, 7.1 without).
+  const int64_t ahead = n >= 6 ? (cpu_is_amd() ? 4 * kPrefetchAhead : 0) : kPrefetchAhead;
+#ifdef FM_MERGE_AVX512
+  // TIES / weighted sum over magnitude keeps of bf16 models: the AVX-512 block path
+  // (merge_avx512.h), the generic code below only for tails and non-finite blocks
+  constexpr bool kFastCombine = COMBINE == COMBINE_TIES || COMBINE == COMBINE_SUM;
+  const bool fast = kFastCombine && fast_path_applies(ctx, cfg);
+#endif
   for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
     const int len = static_cast<int>(end - s0 < kBlock ? end - s0 : kBlock);
-    if (s0 + ahead < end) {  // many input streams: help the hardware prefetcher
+    if (ahead > 0 && s0 + ahead < end) {  // many input streams: help the hardware prefetcher
       const int64_t p0 = s0 + ahead;
       const int plen = static_cast<int>(end - p0 < kBlock ? end - p0 : kBlock);
       if (has_base) prefetch_block(in.base, in.base_dtype, p0, plen);
       for (int i = 0; i < n; ++i) prefetch_block(in.models[i], in.model_dtypes[i], p0, plen);
     }
+#ifdef FM_MERGE_AVX512
+    if constexpr (kFastCombine) {
+      if (fast && len % 32 == 0 && fast_block_any<COMBINE, NS>(ctx, cfg, models, s0, len, tt))
+        continue;
+    }
+#endif
     if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
     const uint64_t j0 = static_cast<uint64_t>(ctx.offset + s0);
     for (int i = 0; i < n; ++i) {

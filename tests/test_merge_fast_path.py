@@ -1,0 +1,195 @@
+"""The AVX-512 block path of the CPU fused merge (csrc/cpu/merge_avx512.h: TIES with the default
+election and the weighted sum over magnitude keeps, bf16 models, bf16 base or none) against the
+generic block code it stands in for: byte for byte the same output and the same non-finite
+counts, over combines, normalisations, model counts, keep modes, weights, rescales, scales,
+output dtypes, sizes with and without tails, ties at the threshold, signed zeros, subnormals,
+overflows and NaN/Inf. The generic code is itself checked against the reference by
+tests/test_conformance.py; on a CPU without AVX-512 both runs take the generic code."""
+import math
+
+import pytest
+import torch
+
+from fastmerge import ops
+from fastmerge.backends import availability
+
+ok, why = availability("cpu")
+pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
+if ok:
+    import fastmerge._C as C
+
+INF = float("inf")
+
+
+def _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype, fast):
+    old = C.set_merge_fast_path(fast)
+    try:
+        nonfinite = torch.zeros(len(models), dtype=torch.int64)
+        out = torch.ops.fastmerge.fused_merge(
+            base, models, [], fparams, iparams, ops.COMBINE_IDS[combine], ops.SCORE_MAGNITUDE,
+            ops.ELECT_SUM, ops.ELECT_WEIGHTED, normalize, 0, scale, 1.0, 0.0, 0, out_dtype,
+            nonfinite)
+    finally:
+        C.set_merge_fast_path(old)
+    return out, nonfinite
+
+
+def _bits(x):
+    return x.view(torch.int16) if x.element_size() == 2 else x.view(torch.int32)
+
+
+def _check(base, models, fparams, iparams, combine="ties", normalize=ops.NORMALIZE_WEIGHTS,
+           scale=1.0, out_dtype=torch.bfloat16):
+    fast, nf_fast = _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype,
+                           True)
+    slow, nf_slow = _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype,
+                           False)
+    assert torch.equal(nf_fast, nf_slow)
+    assert torch.equal(_bits(fast), _bits(slow)), (combine, normalize, scale, out_dtype)
+    return fast, nf_fast
+
+
+def _inputs(numel, n, seed, base=True, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    b32 = torch.randn(numel, generator=g)
+    models = [(b32 + scale * torch.randn(numel, generator=g)).to(torch.bfloat16)
+              for _ in range(n)]
+    return (b32.to(torch.bfloat16) if base else None), models
+
+
+def _params(models, base, density, weights=None, rescales=None, modes=None, his=None):
+    """fparams/iparams with lo = the exact k-th largest |t| (ties at the threshold)."""
+    n = len(models)
+    f = torch.zeros(n, ops.NUM_FPARAMS)
+    i = torch.zeros(n, ops.NUM_IPARAMS, dtype=torch.int64)
+    for j, m in enumerate(models):
+        t = m.float() - (base.float() if base is not None else 0.0)
+        k = max(1, int(density * t.numel()))
+        f[j, ops.F_LO] = t.abs().flatten().kthvalue(t.numel() - k + 1).values
+        f[j, ops.F_HI] = INF if his is None else his[j]
+        f[j, ops.F_WEIGHT] = 1.0 if weights is None else weights[j]
+        f[j, ops.F_RESCALE] = 1.0 if rescales is None else rescales[j]
+        i[j, ops.I_MODE] = ops.MODE_BAND if modes is None else modes[j]
+    return f, i
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("combine", ["ties", "sum"])
+@pytest.mark.parametrize("normalize", [ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS,
+                                       ops.NORMALIZE_COUNT])
+def test_models_combines_normalisations(n, combine, normalize):
+    base, models = _inputs(3 * 512 + 96, n, seed=n)
+    f, i = _params(models, base, 0.3, weights=[1.0, 0.5, -0.25, 2.0, 1.0, 0.0, 3.0, 1.0, 0.7][:n])
+    _check(base, models, f, i, combine, normalize)
+
+
+@pytest.mark.parametrize("numel", [32, 512, 4099, 65536 * 2 + 32, 200_003])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_sizes_tails_and_threads(numel, with_base):
+    base, models = _inputs(numel, 3, seed=numel, base=with_base)
+    f, i = _params(models, base, 0.2)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            _check(base, models, f, i)
+            _check(base, models, f, i, "sum", ops.NORMALIZE_COUNT)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scale", [1.0, 0.7, -2.0])
+def test_output_dtypes_and_scales(out_dtype, scale):
+    base, models = _inputs(2048 + 32 * 3, 4, seed=11, scale=0.3)
+    f, i = _params(models, base, 0.5, rescales=[1.0, 2.5, 1.0, 0.3])
+    _check(base, models, f, i, "ties", ops.NORMALIZE_WEIGHTS, scale, out_dtype)
+    _check(base, models, f, i, "sum", ops.NORMALIZE_NONE, scale, out_dtype)
+
+
+def test_keep_modes_and_bands():
+    base, models = _inputs(4096 + 64, 5, seed=3)
+    # a band with a finite hi (breadcrumbs), keep all, keep none, and a threshold of +Inf
+    f, i = _params(models, base, 0.4,
+                   modes=[ops.MODE_BAND, ops.MODE_KEEP_ALL, ops.MODE_KEEP_NONE, ops.MODE_BAND,
+                          ops.MODE_BAND])
+    f[0, ops.F_HI] = f[0, ops.F_LO] * 4
+    f[4, ops.F_LO] = INF
+    for combine in ("ties", "sum"):
+        _check(base, models, f, i, combine)
+    f[:, ops.F_LO] = 0.0  # keep every element, zeros included
+    _check(base, models, f, i)
+
+
+def test_ties_signed_zeros_and_cancellation():
+    # all-equal inputs (every t = 0), -0 in the base, exact cancellations in the sums
+    numel = 1024
+    base = torch.zeros(numel, dtype=torch.bfloat16)
+    base[::2] = -0.0
+    same = [base.clone() for _ in range(3)]
+    for lo in (0.0, 1.0):
+        f, i = _params(same, base, 1.0)
+        f[:, ops.F_LO] = lo
+        for combine in ("ties", "sum"):
+            for normalize in (ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS):
+                _check(base, same, f, i, combine, normalize)
+                _check(None, same, f, i, combine, normalize)
+    x = torch.full((numel,), 0.5, dtype=torch.bfloat16)
+    models = [x, -x, x.clone(), -x]
+    f, i = _params(models, None, 1.0, weights=[1.0, 1.0, 2.0, 2.0])
+    f[:, ops.F_LO] = 0.0
+    for combine in ("ties", "sum"):
+        _check(None, models, f, i, combine, ops.NORMALIZE_WEIGHTS)
+        _check(base, models, f, i, combine, ops.NORMALIZE_NONE)
+
+
+def test_subnormals_and_overflow():
+    numel = 512
+    tiny = torch.full((numel,), 1e-39, dtype=torch.bfloat16)  # subnormal in float32 and bf16
+    models = [tiny, -tiny * 2, tiny * 3]
+    f, i = _params(models, None, 1.0)
+    f[:, ops.F_LO] = 0.0
+    _check(None, models, f, i)
+    _check(None, models, f, i, "sum", ops.NORMALIZE_COUNT)
+    big = torch.full((numel,), 3e38, dtype=torch.bfloat16)
+    models = [big, big.clone(), -big]
+    f, i = _params(models, None, 1.0, weights=[4.0, 4.0, 1.0])  # w * t overflows to Inf
+    f[:, ops.F_LO] = 0.0
+    for combine in ("ties", "sum"):
+        for normalize in (ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS):
+            out, nf = _check(None, models, f, i, combine, normalize)
+            assert int(nf.sum()) == 0
+    # a finite vote, an infinite disjoint sum and weight sum: Inf / Inf = NaN in the output
+    t = torch.full((numel,), 1.5, dtype=torch.bfloat16)
+    models = [t, -t, t.clone()]
+    f, i = _params(models, None, 1.0, weights=[2e38, 2e38, 2e38])
+    f[:, ops.F_LO] = 0.0
+    out, _ = _check(None, models, f, i, "ties", ops.NORMALIZE_WEIGHTS)
+    assert out.float().isnan().all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, INF, -INF])
+@pytest.mark.parametrize("mode", ["kept", "dropped", "band", "none"])
+def test_non_finite_values_are_counted(bad, mode):
+    base, models = _inputs(4096, 3, seed=5)
+    f, i = _params(models, base, 0.3)
+    models[1][700] = bad
+    models[2][4095] = bad
+    models[0][1] = bad
+    if mode == "dropped":
+        f[:, ops.F_LO] = INF
+    elif mode == "band":
+        f[:, ops.F_HI] = f[:, ops.F_LO] * 2
+    elif mode == "none":
+        i[:, ops.I_MODE] = ops.MODE_KEEP_NONE
+    for combine in ("ties", "sum"):
+        _, nf = _check(base, models, f, i, combine)
+        assert nf.tolist() == [1, 1, 1]
+
+
+def test_non_bf16_inputs_take_the_generic_code():
+    base, models = _inputs(2048, 3, seed=9)
+    models[1] = models[1].float()
+    f, i = _params(models, base, 0.3)
+    _check(base, models, f, i)
+    _check(base.float(), [m.float() for m in models], f, i)
