@@ -350,6 +350,12 @@ def test_more_than_2_pow_31_elements():
     assert out[-8:].float().tolist() == [0.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.0]
     assert int(torch.count_nonzero(out)) == 6
     del out
+    # TIES through the AVX-512 block path of the merge (merge_avx512.h) beyond 2^31
+    out = fm.merge_tensors(base, [model], "ties", thresholds=[(2.0, float("inf"))],
+                           backend="cpu", tensor_name=NAME)
+    assert out[-8:].float().tolist() == [0.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, -2.0]
+    assert int(torch.count_nonzero(out)) == 7
+    del out
     out = fm.merge_tensors(base, [model], "dare_linear", density=0.5, seed=5, rescale=None,
                            tensor_name=NAME, backend="cpu")
     key = rng.dare_key(5, NAME, 0)

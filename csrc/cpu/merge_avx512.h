@@ -238,8 +238,9 @@ FM_AVX512_INLINE void fast_store(const float* __restrict q, const float* __restr
 // written, when a task-vector value is not finite (the caller then runs the generic block).
 // uu: CAP rows of kBlock floats.
 template <int COMBINE, int NS, bool HAS_BASE>
-FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmMergeConfig& cfg,
-                             const FmModel* models, int64_t s0, int len, float (*uu)[kBlock]) {
+FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t s0, int len,
+                             float (*uu)[kBlock]) {
+  const FmMergeConfig& cfg = ctx.cfg;
   constexpr bool kStore = COMBINE == COMBINE_TIES;  // SUM needs the vote only
   constexpr int CAP = NS > 0 ? NS : FM_MAX_MODELS;
   const Inputs& in = *ctx.in;
@@ -273,7 +274,8 @@ FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmMergeConfig& cfg,
 
 // Whether the fast path applies to a whole merge: TIES with the default election or the
 // weighted sum, magnitude keeps (band, all, none) only, bf16 models, bf16 base or none.
-inline bool fast_path_applies(const MergeCtx& ctx, const FmMergeConfig& cfg) {
+inline bool fast_path_applies(const MergeCtx& ctx) {
+  const FmMergeConfig& cfg = ctx.cfg;
   static const bool cpu_ok = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -297,10 +299,10 @@ inline bool fast_path_applies(const MergeCtx& ctx, const FmMergeConfig& cfg) {
 }
 
 template <int COMBINE, int NS>
-inline bool fast_block_any(const MergeCtx& ctx, const FmMergeConfig& cfg, const FmModel* models,
-                           int64_t s0, int len, float (*uu)[kBlock]) {
-  return ctx.in->base != nullptr ? fast_block<COMBINE, NS, true>(ctx, cfg, models, s0, len, uu)
-                                 : fast_block<COMBINE, NS, false>(ctx, cfg, models, s0, len, uu);
+inline bool fast_block_any(const MergeCtx& ctx, const FmModel* models, int64_t s0, int len,
+                           float (*uu)[kBlock]) {
+  return ctx.in->base != nullptr ? fast_block<COMBINE, NS, true>(ctx, models, s0, len, uu)
+                                 : fast_block<COMBINE, NS, false>(ctx, models, s0, len, uu);
 }
 #undef FM_AVX512_FN
 #undef FM_AVX512_INLINE
