@@ -134,6 +134,15 @@ def test_ties_signed_zeros_and_cancellation():
             for normalize in (ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS):
                 _check(base, same, f, i, combine, normalize)
                 _check(None, same, f, i, combine, normalize)
+    # every model drops a negative t (s = t * 0 = -0) over a base of -0: the weighted sum is
+    # +0 (it starts at +0), so the output is -0 + +0 = +0
+    neg_zero = torch.full((numel,), -0.0, dtype=torch.bfloat16)
+    small = [torch.full((numel,), -0.001 * (j + 1), dtype=torch.bfloat16) for j in range(3)]
+    f, i = _params(small, neg_zero, 1.0)
+    f[:, ops.F_LO] = 1.0
+    for combine in ("ties", "sum"):
+        out, _ = _check(neg_zero, small, f, i, combine, ops.NORMALIZE_NONE)
+        assert not torch.signbit(out.float()).any()
     x = torch.full((numel,), 0.5, dtype=torch.bfloat16)
     models = [x, -x, x.clone(), -x]
     f, i = _params(models, None, 1.0, weights=[1.0, 1.0, 2.0, 2.0])
