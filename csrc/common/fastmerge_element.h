@@ -178,14 +178,19 @@ FM_HD FM_FORCE_INLINE float fm_ties(const FmMergeConfig& c, const FmModel* model
   return fm_div(merged, divisor);
 }
 
+// The divisor of the weighted sum: the same for every element (sum of weights, N or 1; 1 where
+// that is 0).
+FM_HD FM_FORCE_INLINE float fm_sum_divisor(const FmMergeConfig& c) {
+  const float divisor = c.normalize == NORMALIZE_WEIGHTS ? c.sum_weights
+                        : (c.normalize == NORMALIZE_COUNT ? static_cast<float>(c.n) : 1.0f);
+  return divisor == 0.0f ? 1.0f : divisor;
+}
+
 FM_HD FM_FORCE_INLINE float fm_sum(const FmMergeConfig& c, const FmModel* models,
                                    const float* s) {
   float merged = 0.0f;
   for (int i = 0; i < c.n; ++i) merged = fm_add(merged, fm_mul(models[i].weight, s[i]));
-  float divisor = c.normalize == NORMALIZE_WEIGHTS ? c.sum_weights
-                  : (c.normalize == NORMALIZE_COUNT ? static_cast<float>(c.n) : 1.0f);
-  divisor = divisor == 0.0f ? 1.0f : divisor;
-  return fm_div(merged, divisor);
+  return fm_div(merged, fm_sum_divisor(c));
 }
 
 // The one per-element combine of every method, parametrised by c.combine / elect / elect_on /

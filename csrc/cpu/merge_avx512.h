@@ -48,24 +48,31 @@ constexpr int FAST_BAND = 1;      // lo <= |t| < hi
 constexpr int FAST_ALL = 2;
 constexpr int FAST_NONE = 3;
 
+// 32 bf16 values as float32 without a shuffle: of a 32-bit lane holding elements 2j (low half)
+// and 2j + 1 (high half), x << 16 is element 2j and x & 0xFFFF0000 element 2j + 1.
+FM_AVX512_INLINE void widen_even_odd(const uint16_t* p, __m512* even, __m512* odd) {
+  const __m512i x = _mm512_loadu_si512(p);
+  *even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  *odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // Per model, u = w * sparsify(t) over one block in even/odd order (32 elements a group:
-// positions 32g + j and 32g + 16 + j hold elements 32g + 2j and 32g + 2j + 1), stored to u,
-// and vote += u (vote = 0 + u for the first model, as fm_ties / fm_sum start from +0).
-// Returns the largest |t| bit pattern (>= 0x7F800000: a non-finite value is present).
-template <int KIND, bool HAS_BASE, bool MUL_R, bool MUL_W, bool FIRST>
+// positions 32g + j and 32g + 16 + j hold elements 32g + 2j and 32g + 2j + 1), stored to u
+// when the combine reads it (STORE: TIES), and vote += u (vote = 0 + u for the first model,
+// as fm_ties / fm_sum start from +0). Returns the largest |t| bit pattern (>= 0x7F800000: a
+// non-finite value is present).
+template <int KIND, bool HAS_BASE, bool MUL_R, bool MUL_W, bool FIRST, bool STORE>
 FM_AVX512_INLINE uint32_t
 fast_model(const uint16_t* __restrict m, const float* __restrict bb, int len, const FmModel& p,
            float* __restrict u, float* __restrict vote) {
-  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512 zero = _mm512_setzero_ps();
   const __m512 lo = _mm512_set1_ps(p.lo), hi = _mm512_set1_ps(p.hi);
   const __m512 r = _mm512_set1_ps(p.rescale), w = _mm512_set1_ps(p.weight);
   __m512i amax = _mm512_setzero_si512();
   for (int g = 0; g < len; g += 32) {
-    const __m512i x = _mm512_loadu_si512(m + g);
-    __m512 t[2] = {_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)),
-                   _mm512_castsi512_ps(_mm512_and_si512(x, odd_mask))};
+    __m512 t[2];
+    widen_even_odd(m + g, &t[0], &t[1]);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const int q = g + 16 * h;
@@ -85,7 +92,7 @@ fast_model(const uint16_t* __restrict m, const float* __restrict bb, int len, co
       }
       if (MUL_R) s = _mm512_mul_ps(s, r);
       if (MUL_W) s = _mm512_mul_ps(w, s);
-      _mm512_store_ps(u + q, s);
+      if (STORE) _mm512_store_ps(u + q, s);
       const __m512 v = FIRST ? _mm512_add_ps(zero, s) : _mm512_add_ps(_mm512_load_ps(vote + q), s);
       _mm512_store_ps(vote + q, v);
     }
@@ -93,7 +100,7 @@ fast_model(const uint16_t* __restrict m, const float* __restrict bb, int len, co
   return _mm512_reduce_max_epu32(amax);
 }
 
-template <bool HAS_BASE, bool FIRST>
+template <bool HAS_BASE, bool FIRST, bool STORE>
 FM_AVX512_INLINE uint32_t
 fast_model_kind(const uint16_t* m, const float* bb, int len, const FmModel& p, float* u,
                 float* vote) {
@@ -104,10 +111,10 @@ fast_model_kind(const uint16_t* m, const float* bb, int len, const FmModel& p, f
 #define FM_FAST_CASE(K)                                                               \
   case K:                                                                             \
     if (mul_r)                                                                        \
-      return mul_w ? fast_model<K, HAS_BASE, true, true, FIRST>(m, bb, len, p, u, vote) \
-                   : fast_model<K, HAS_BASE, true, false, FIRST>(m, bb, len, p, u, vote); \
-    return mul_w ? fast_model<K, HAS_BASE, false, true, FIRST>(m, bb, len, p, u, vote)   \
-                 : fast_model<K, HAS_BASE, false, false, FIRST>(m, bb, len, p, u, vote);
+      return mul_w ? fast_model<K, HAS_BASE, true, true, FIRST, STORE>(m, bb, len, p, u, vote) \
+                   : fast_model<K, HAS_BASE, true, false, FIRST, STORE>(m, bb, len, p, u, vote); \
+    return mul_w ? fast_model<K, HAS_BASE, false, true, FIRST, STORE>(m, bb, len, p, u, vote)   \
+                 : fast_model<K, HAS_BASE, false, false, FIRST, STORE>(m, bb, len, p, u, vote);
   switch (kind) {
     FM_FAST_CASE(FAST_BAND_INF)
     FM_FAST_CASE(FAST_BAND)
@@ -128,9 +135,7 @@ fast_combine(const FmMergeConfig& cfg, const FmModel* models, const float (*uu)[
   const int n = NS > 0 ? NS : cfg.n;
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   if (COMBINE == COMBINE_SUM) {
-    float d = cfg.normalize == NORMALIZE_WEIGHTS ? cfg.sum_weights
-              : (cfg.normalize == NORMALIZE_COUNT ? static_cast<float>(n) : 1.0f);
-    d = d == 0.0f ? 1.0f : d;
+    const float d = fm_sum_divisor(cfg);
     const __m512 vd = _mm512_set1_ps(d);
     for (int k = 0; k < len; k += 16) {
       const __m512 v = _mm512_load_ps(vote + k);
@@ -232,18 +237,20 @@ FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t
   alignas(64) float q[kBlock];
   if (HAS_BASE) {  // the base block as float32, even/odd order
     const uint16_t* b = static_cast<const uint16_t*>(in.base) + s0;
-    const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int g = 0; g < len; g += 32) {
-      const __m512i x = _mm512_loadu_si512(b + g);
-      _mm512_store_si512(bb + g, _mm512_slli_epi32(x, 16));
-      _mm512_store_si512(bb + g + 16, _mm512_and_si512(x, odd_mask));
+      __m512 e, o;
+      widen_even_odd(b + g, &e, &o);
+      _mm512_store_ps(bb + g, e);
+      _mm512_store_ps(bb + g + 16, o);
     }
   }
+  constexpr bool kStore = COMBINE == COMBINE_TIES;  // the sum reads the vote only
   uint32_t amax = 0;
   for (int i = 0; i < n; ++i) {
     const uint16_t* m = static_cast<const uint16_t*>(in.models[i]) + s0;
-    const uint32_t a = i == 0 ? fast_model_kind<HAS_BASE, true>(m, bb, len, models[i], uu[i], vote)
-                              : fast_model_kind<HAS_BASE, false>(m, bb, len, models[i], uu[i], vote);
+    const uint32_t a =
+        i == 0 ? fast_model_kind<HAS_BASE, true, kStore>(m, bb, len, models[i], uu[i], vote)
+               : fast_model_kind<HAS_BASE, false, kStore>(m, bb, len, models[i], uu[i], vote);
     amax = a > amax ? a : amax;
   }
   if (amax >= 0x7F800000u) return false;

@@ -703,8 +703,21 @@ void release_large() {
   if (tl_counts().capacity() * sizeof(int64_t) > kKeep) std::vector<int64_t>().swap(tl_counts());
 }
 
-void fold_bins(int64_t* cnt, size_t nb) {  // cnt[0][b] = the sum of the four tables
+// After add_bins over everything in [from, from + (nb << sh)): folds the four tables, adds
+// the frequent values of the window that fall in the range, and returns the bin holding the
+// rank-th largest (rank becomes the rank inside it). consistent turns false if the counts do
+// not add up (a miss: the caller leaves the request to the radix selection).
+size_t bin_of_rank(int64_t* cnt, size_t nb, const Window& w, const int64_t* heavy,
+                   uint32_t from, int sh, int64_t& rank, bool& consistent) {
   for (size_t b = 0; b < nb; ++b) cnt[b] += cnt[nb + b] + cnt[2 * nb + b] + cnt[3 * nb + b];
+  for (int j = 0; j < w.nheavy; ++j) {
+    const uint32_t d = w.heavy[j] - from;
+    if (w.heavy[j] >= from && (d >> sh) < nb) cnt[d >> sh] += heavy[j];
+  }
+  size_t h = nb - 1;
+  while (h > 0 && rank > cnt[h]) rank -= cnt[h--];
+  consistent = consistent && rank <= cnt[h];
+  return h;
 }
 
 }  // namespace
@@ -807,12 +820,9 @@ void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_
       const Found& f = found[static_cast<size_t>(q * R + r)];
       add_bins(f.cand, f.inside, w.lo, shift, nb, cnt.data());
     }
-    fold_bins(cnt.data(), nb);
-    for (int j = 0; j < w.nheavy; ++j) cnt[(w.heavy[j] - w.lo) >> shift] += heavy[j];
     int64_t rank = w.k - above;  // 1-based rank among the scores in the window
-    size_t g = nb - 1;
-    while (g > 0 && rank > cnt[g]) rank -= cnt[g--];
-    bool consistent = rank <= cnt[g];  // false only if the counts did not add up: a miss
+    bool consistent = true;
+    const size_t g = bin_of_rank(cnt.data(), nb, w, heavy, w.lo, shift, rank, consistent);
     int64_t copies_g = cnt[g];  // the copies in bin g
     for (int j = 0; j < w.nheavy; ++j)
       if (((w.heavy[j] - w.lo) >> shift) == g) copies_g -= heavy[j];
@@ -834,14 +844,7 @@ void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_
       nb = static_cast<size_t>(((uint64_t{1} << sh) - 1) >> nsh) + 1;
       cnt.assign(4 * nb, 0);
       add_bins(vals.data(), static_cast<int64_t>(nv), from, nsh, nb, cnt.data());
-      fold_bins(cnt.data(), nb);
-      for (int j = 0; j < w.nheavy; ++j) {
-        const uint32_t d = w.heavy[j] - from;
-        if (w.heavy[j] >= from && (d >> nsh) < nb) cnt[d >> nsh] += heavy[j];
-      }
-      size_t h = nb - 1;
-      while (h > 0 && rank > cnt[h]) rank -= cnt[h--];
-      consistent = consistent && rank <= cnt[h];
+      const size_t h = bin_of_rank(cnt.data(), nb, w, heavy, from, nsh, rank, consistent);
       size_t kept = 0;
       for (size_t j = 0; j < nv; ++j) {
         const uint32_t v = vals[j];
