@@ -54,16 +54,19 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def philox_word0(j, key):
-    """First Philox word for int64 element indices ``j`` under the 64-bit key ``key`` (int64
-    bits): counter (lo32(j), hi32(j), 0, 0), key (lo32(key), hi32(key)), as SPEC.md says."""
-    c0 = j.to(tl.uint32)
-    c1 = (j >> 32).to(tl.uint32)
+def philox_dare_word(j, key):
+    """The DARE word of int64 element indices ``j`` under the 64-bit key ``key`` (int64 bits),
+    SPEC v2: word ``j & 3`` of Philox(counter (lo32(c), hi32(c), 0, 0), key (lo32(key),
+    hi32(key))) with ``c = j >> 2``."""
+    c = j >> 2
+    c0 = c.to(tl.uint32)
+    c1 = (c >> 32).to(tl.uint32)
     zero = tl.zeros_like(c0)
     k0 = key.to(tl.uint32)
     k1 = (key >> 32).to(tl.uint32)
     r0, r1, r2, r3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
-    return r0
+    w = j & 3
+    return tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
 
 
 @triton.jit
@@ -85,10 +88,10 @@ def _philox_kat_kernel(ctr_ptr, key_ptr, out_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _philox_stream_kernel(out_ptr, key, start, n, BLOCK: tl.constexpr):
-    """Test kernel: out[j] = philox_word0(start + j, key) as int64 in [0, 2^32)."""
+    """Test kernel: out[j] = philox_dare_word(start + j, key) as int64 in [0, 2^32)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     msk = offs < n
-    r = philox_word0(offs + start, key)
+    r = philox_dare_word(offs + start, key)
     tl.store(out_ptr + offs, r.to(tl.int64), mask=msk)
 
 
@@ -145,7 +148,7 @@ def _vpow(v, power, INTERP: tl.constexpr):
 @triton.jit
 def _keep(t, v, j, i, fp, ip, SCORE: tl.constexpr):
     """Keep mask of model i (mode of iparams[i]): 0 all, 1 band lo <= score < hi, 2 none,
-    3 DARE Philox(key, j).word0 < threshold."""
+    3 DARE philox_dare_word(j, key) < threshold (SPEC v2: word j & 3 of counter j >> 2)."""
     mode = tl.load(ip + i * 3)
     if mode == 1:
         bits = _score(t, v, SCORE)
@@ -157,7 +160,7 @@ def _keep(t, v, j, i, fp, ip, SCORE: tl.constexpr):
     elif mode == 3:
         key = tl.load(ip + i * 3 + 1)
         thr = tl.load(ip + i * 3 + 2)
-        r = philox_word0(j, key)
+        r = philox_dare_word(j, key)
         keep = r.to(tl.int64) < thr
     else:
         keep = (j >= 0) & (mode == 0)
