@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..lines import DEFAULT_BLOCK_PATTERN, block_index, count_blocks
-from ..methods import ALIASES, METHODS, MergeSpec, canonical_method, resolve_spec
+from ..methods import (ALIASES, ELECT_ON, ELECTIONS, FFG_METRICS, METHODS, NORMALIZES,
+                       OTA_NORMALIZES, RESCALES, MergeSpec, canonical_method, resolve_spec)
 
 
 class ConfigError(ValueError):
@@ -48,9 +49,12 @@ UNSUPPORTED_TOP = {
     "chat_template": "chat_template is not supported; the base model's tokenizer files "
                      "are copied as they are",
 }
-MERGEKIT_ONLY = ("della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher",
-                 "model_stock", "passthrough", "sce", "nearswap", "arcee_fusion",
-                 "ranked_ties", "ram", "task_adapter")
+# mergekit 0.1.5's method names: only the wording of an error for one fastmerge lacks (what
+# is supported always comes from the registry, fastmerge.methods.METHODS)
+MERGEKIT_NAMES = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                  "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "multislerp",
+                  "karcher", "model_stock", "passthrough", "sce", "nearswap", "arcee_fusion",
+                  "ranked_ties", "ram", "ramplus_tl", "task_adapter")
 # mergekit's names with mergekit's defaults
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
                     "breadcrumbs", "breadcrumbs_ties")
@@ -74,7 +78,23 @@ LINES_KEYS = ("alpha", "beta", "outside", "pattern")
 
 
 def supported_methods() -> str:
+    """The method names a config may use, from the method registry (fastmerge.methods)."""
     return ", ".join(sorted(list(METHODS) + list(ALIASES)))
+
+
+def _unsupported_method(method) -> ConfigError:
+    import difflib
+    if method in MERGEKIT_NAMES:
+        return ConfigError(f"merge_method {method!r} is a mergekit method fastmerge does not "
+                           f"implement; supported: {supported_methods()}")
+    close = difflib.get_close_matches(str(method), list(METHODS) + list(ALIASES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown merge_method {method!r}{hint}; supported: "
+                       f"{supported_methods()}")
+
+
+def _kind(value) -> str:
+    return "nothing" if value is None else f"a {type(value).__name__} ({value!r:.60})"
 
 
 @dataclass
@@ -126,25 +146,66 @@ def _is_scalar(x) -> bool:
     return x is None or isinstance(x, (bool, int, float, str))
 
 
-def _check_setting(where: str, setting) -> None:
-    """Reject a malformed value early: scalar, list of scalars, or list of conditions."""
+# What each parameter's values must be, checked where the config is read so that an error names
+# the key path: numbers (True: whole numbers) or one of the choices. Ranges are checked per
+# tensor by resolve_spec (the error names the tensor a gradient or condition gave the value).
+_NUMBER_RULES = {"weight": False, "density": False, "gamma": False, "consensus_lambda": False,
+                 "lambda": False, "power": False, "eps": False, "consensus_k": True,
+                 "seed": True}
+_CHOICE_RULES = {"normalize": NORMALIZES, "rescale": RESCALES + (True, False, "none", "None"),
+                 "election": ELECTIONS, "consensus_method": ELECTIONS, "elect_on": ELECT_ON,
+                 "ffg_metric": FFG_METRICS, "ota_normalize": OTA_NORMALIZES,
+                 "int8_mask": (True, False)}
+
+
+def _check_leaf(where: str, key: str, value) -> None:
+    """One value of parameter ``key`` (a scalar, one element of a gradient or a condition)."""
+    if key in _NUMBER_RULES:
+        whole = _NUMBER_RULES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be finite, got {value!r}")
+        if whole and value != int(value):
+            raise ConfigError(f"{where}: must be a whole number, got {value!r}")
+    elif key in _CHOICE_RULES:
+        allowed = _CHOICE_RULES[key]
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise ConfigError(f"{where}: must be one of "
+                              f"{', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def _check_setting(where: str, setting, key: Optional[str] = None) -> None:
+    """Reject a malformed value early: scalar, non-empty list of scalars (a gradient), or
+    non-empty list of {filter, value} conditions; with ``key``, each value is also checked as
+    that parameter's value (a number in range, or one of its choices)."""
     if _is_scalar(setting):
+        if setting is None and key in _NUMBER_RULES:
+            raise ConfigError(f"{where}: no value given")
+        if setting is not None:
+            _check_leaf(where, key, setting)
         return
     if isinstance(setting, dict):
         setting = [setting]
     if not isinstance(setting, list):
         raise ConfigError(f"{where}: expected a value, a list of numbers (gradient) or a list "
                           f"of {{filter, value}} conditions; got {setting!r}")
-    if all(_is_scalar(e) and e is not None for e in setting):
+    if not setting:
+        raise ConfigError(f"{where}: an empty list (give a value, a gradient or conditions)")
+    if all(_is_scalar(e) for e in setting):
+        for i, e in enumerate(setting):
+            if e is None:
+                raise ConfigError(f"{where}[{i}]: no value given")
+            _check_leaf(f"{where}[{i}]", key, e)
         return
-    for cond in setting:
+    for i, cond in enumerate(setting):
         if not isinstance(cond, dict) or not set(cond) <= {"filter", "value"} or \
                 "value" not in cond:
-            raise ConfigError(f"{where}: a list that is not a gradient of numbers must hold "
-                              f"{{filter, value}} conditions; got {cond!r}")
+            raise ConfigError(f"{where}[{i}]: a list that is not a gradient of numbers must "
+                              f"hold {{filter, value}} conditions; got {cond!r}")
         if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-            raise ConfigError(f"{where}: filter must be a string, got {cond['filter']!r}")
-        _check_setting(where, cond["value"])
+            raise ConfigError(f"{where}[{i}].filter: must be a string, got {cond['filter']!r}")
+        _check_setting(f"{where}[{i}].value", cond["value"], key)
 
 
 def evaluate_setting(tensor_name: str, setting, t: float):
@@ -175,7 +236,7 @@ def evaluate_setting(tensor_name: str, setting, t: float):
 def _dtype(where: str, value) -> Optional[str]:
     if value is None:
         return None
-    if value not in DTYPES:
+    if not isinstance(value, str) or value not in DTYPES:
         raise ConfigError(f"{where}: unsupported dtype {value!r}; use one of "
                           f"{', '.join(DTYPES)}")
     return DTYPES[value]
@@ -185,7 +246,8 @@ def _check_params(where: str, params, allowed: dict) -> dict:
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise ConfigError(f"{where} must be a mapping of parameter names to values")
+        raise ConfigError(f"{where}: must be a mapping of parameter names to values, got "
+                          f"{_kind(params)}")
     for k, v in params.items():
         if k not in allowed:
             if where.startswith("models[") and k in SHARED_PARAMS:
@@ -193,14 +255,15 @@ def _check_params(where: str, params, allowed: dict) -> dict:
                                   f"top-level 'parameters'")
             raise ConfigError(f"{where}: unknown parameter {k!r}; supported: "
                               f"{', '.join(sorted(allowed))}")
-        _check_setting(f"{where}.{k}", v)
+        _check_setting(f"{where}.{k}", v, k)
     return dict(params)
 
 
 def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
     """Validate a config mapping (parsed YAML) and return a MergeConfig."""
     if not isinstance(raw, dict):
-        raise ConfigError("a merge config must be a YAML mapping")
+        raise ConfigError(f"a merge config must be a YAML mapping (key: value lines), got "
+                          f"{'an empty file' if raw is None else _kind(raw)}")
     for k in raw:
         if k in UNSUPPORTED_TOP:
             raise ConfigError(f"config key {k!r}: {UNSUPPORTED_TOP[k]}")
@@ -209,20 +272,20 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
     method = raw.get("merge_method")
     if method is None:
         raise ConfigError(f"the config needs 'merge_method' (one of {supported_methods()})")
-    if method in MERGEKIT_ONLY:
-        raise ConfigError(f"merge_method {method!r} is a mergekit method fastmerge does not "
-                          f"implement; supported: {supported_methods()}")
     try:
         canon = canonical_method(method)
     except ValueError:
-        raise ConfigError(f"unknown merge_method {method!r}; supported: "
-                          f"{supported_methods()}") from None
+        raise _unsupported_method(method) from None
     defaults = raw.get("defaults", "mergekit")
     if defaults not in ("mergekit", "fastmerge"):
         raise ConfigError(f"defaults must be 'mergekit' or 'fastmerge', got {defaults!r}")
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise ConfigError("the config needs a non-empty 'models' list")
+    if "models" not in raw:
+        raise ConfigError("the config needs a 'models' list")
+    models_raw = raw["models"]
+    if not isinstance(models_raw, list):
+        raise ConfigError(f"models: must be a list of models, got {_kind(models_raw)}")
+    if not models_raw:
+        raise ConfigError("models: an empty list (list the models to merge)")
     base = raw.get("base_model")
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"base_model must be a path or hub id, got {base!r}")
@@ -233,7 +296,8 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
         if isinstance(m, str):
             m = {"model": m}
         if not isinstance(m, dict) or "model" not in m:
-            raise ConfigError(f"models[{i}] must be a mapping with a 'model' key")
+            raise ConfigError(f"models[{i}]: must be a path or a mapping with a 'model' key, "
+                              f"got {_kind(m)}")
         for k in m:
             if k not in MODEL_KEYS:
                 raise ConfigError(f"models[{i}]: unknown key {k!r}; supported: "
@@ -301,27 +365,53 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
         defaults=defaults, tokenizer_source=tok, raw=raw, base_dir=base_dir)
 
 
+def _yaml_problem(exc) -> str:
+    """One line from a PyYAML error (its str() spans several lines with a source excerpt)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+
+
+def _read_config_file(p: Path) -> str:
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory, not a YAML file")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start}); is it a YAML "
+                          f"file?") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+
+
 def load_config(source) -> MergeConfig:
-    """A MergeConfig from a YAML file path, a YAML string or a mapping."""
+    """A MergeConfig from a YAML file path, a YAML string or a mapping; errors name the file."""
     import yaml
     base_dir = None
     if isinstance(source, dict):
-        raw = source
+        return parse_config(source)
+    if isinstance(source, Path) or isinstance(source, str) and "\n" not in source:
+        p = Path(source)
+        text, base_dir, label = _read_config_file(p), p.parent.resolve(), f"config {p}"
+    elif isinstance(source, str):
+        text, label = source, "config"
     else:
-        text = None
-        p = Path(source) if isinstance(source, (str, Path)) else None
-        if p is not None and "\n" not in str(source) and p.exists():
-            text, base_dir = p.read_text(), p.parent.resolve()
-        elif isinstance(source, str) and "\n" in source:
-            text = source
-        else:
-            raise ConfigError(f"config file {source} does not exist")
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {source if base_dir else ''} is not valid YAML: "
-                              f"{exc}") from None
-    return parse_config(raw, base_dir)
+        raise ConfigError(f"a config is a YAML file path, a YAML string or a mapping, got "
+                          f"{type(source).__name__}")
+    try:
+        raw = yaml.safe_load(text)   # safe_load: no python tags, no code from a config
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{label} is nested too deeply to be a merge config") from None
+    try:
+        return parse_config(raw, base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- per tensor
