@@ -41,22 +41,31 @@ class Placement:
 
 
 def parse_size(text, what: str = "size") -> int:
-    """'5GB', '8GiB', '500M', '1e9' or a number of bytes -> bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    s = str(text).strip().upper().replace(" ", "")
+    """'5GB', '8GiB', '500M', '1e9' or a number of bytes -> bytes (at least 1, at most 1 EiB;
+    NaN, infinities, zero and negative sizes are errors)."""
     units = {"": 1, "B": 1, "K": 10 ** 3, "KB": 10 ** 3, "KIB": 2 ** 10, "M": 10 ** 6,
              "MB": 10 ** 6, "MIB": 2 ** 20, "G": 10 ** 9, "GB": 10 ** 9, "GIB": 2 ** 30,
              "T": 10 ** 12, "TB": 10 ** 12, "TIB": 2 ** 40}
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = None
-    if value is None or unit not in units or value <= 0:
-        raise ValueError(f"cannot read {what} {text!r}; write e.g. 8GiB, 5GB or 500MB")
-    return int(value * units[unit])
+    value, unit = None, ""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    elif text is not None and not isinstance(text, bool):
+        s = str(text).strip().upper().replace(" ", "")
+        num = s.rstrip("KMGTIB")
+        unit = s[len(num):]
+        try:
+            value = float(num)
+        except ValueError:
+            value = None
+    example = "write e.g. 8GiB, 5GB or 500MB"
+    if value is None or unit not in units:
+        raise ValueError(f"cannot read {what} {text!r}; {example}")
+    nbytes = value * units[unit]
+    if nbytes != nbytes or nbytes < 1:   # NaN, zero, negative, under one byte
+        raise ValueError(f"{what} {text!r} must be a positive number of bytes; {example}")
+    if nbytes > 2 ** 60:                 # also inf and 1e400 (which float() reads as inf)
+        raise ValueError(f"{what} {text!r} is too large (at most 1 EiB); {example}")
+    return int(nbytes)
 
 
 class ShardLayout:
