@@ -20,10 +20,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import itertools
 import json
 import math
 import mmap
 import os
+import re
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -67,7 +70,7 @@ def __getattr__(name):  # ST_DTYPES, TORCH_TO_ST, MERGEABLE: torch dtypes, built
         return tuple(torch_dtypes()[k] for k in MERGEABLE_ST)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-MAX_HEADER = 100 * 1024 * 1024   # the safetensors crate's own limit
+MAX_HEADER = 100_000_000         # the safetensors crate's own limit (bytes)
 _MAX_IO = 1 << 30                # bytes per preadv call
 _MADV_POPULATE_READ = 22         # Linux >= 5.14: fault the pages in now (reads them if needed)
 
@@ -98,6 +101,122 @@ def _populate(mm: mmap.mmap) -> int:
 
 class CheckpointError(ValueError):
     """Bad input: a message naming the file (and the tensor) at fault."""
+
+
+# The dtype names the safetensors library (0.8) knows: those fastmerge cannot read are refused as
+# "unsupported", any other name as "unknown".
+LIBRARY_DTYPES = frozenset(ST_SIZES) | {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ",
+                                        "F8_E5M2FNUZ", "C64"}
+MAX_JSON_DEPTH = 127  # serde_json's recursion limit: the library refuses deeper headers
+_U64 = 1 << 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_DEPTH_STEP = [0] * 256
+_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
+_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
+
+
+def quote(value, limit: int = 80) -> str:
+    """``repr`` of a name or value from a file, cut to ``limit`` characters (errors never echo
+    more of a file than that)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply the JSON in ``raw`` nests arrays and objects (strings skipped), counted without
+    recursion: Python's parser would otherwise accept what serde_json refuses, or overflow."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET)
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+class Pairs(list):
+    """A JSON object as its (key, value) pairs in file order, so repeated keys stay visible."""
+
+
+def _json_int(s: str):
+    # serde_json reads an integer beyond u64 / i64 as a float, and one beyond f64 as an error
+    if len(s) <= 20 and s[0] != "-":
+        v = int(s)
+        if 0 <= v < _U64:
+            return v
+    return _json_float(s)
+
+
+def _json_float(s: str) -> float:
+    v = float(s)
+    if math.isinf(v):
+        raise ValueError("number out of range")
+    return v
+
+
+def _refuse_constant(s: str):
+    raise ValueError(f"{s} is not JSON")
+
+
+def strict_json(text: str):
+    """``json.loads`` as serde_json reads it: objects as ``Pairs``; integers as ints only
+    within u64 (the rest as floats, which no shape or offset accepts; -0 too); no NaN or
+    Infinity; no lone surrogate escapes anywhere."""
+    value = json.loads(text, object_pairs_hook=Pairs, parse_int=_json_int,
+                       parse_float=_json_float, parse_constant=_refuse_constant)
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            _check_string(v)
+        elif isinstance(v, Pairs):
+            for k, x in v:
+                _check_string(k)
+                stack.append(x)
+        elif isinstance(v, list):
+            stack.extend(v)
+    return value
+
+
+def _check_string(s: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("lone surrogate in a string escape") from None
+
+
+def json_reason(exc: BaseException) -> str:
+    """The parser's complaint without the text it quotes."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return str(exc)[:120]
+
+
+def _is_u64(v) -> bool:
+    return type(v) is int and 0 <= v < _U64
+
+
+def open_regular(path: Path, what: str):
+    """``path`` opened for reading in binary, refused with one line unless it is a regular file
+    (a FIFO would block the merge, a directory fail later with a traceback)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open the {what} ({os_reason(exc, path)})") \
+            from None
+    except ValueError:  # an embedded NUL
+        raise CheckpointError(f"{quote(str(path))}: not a valid file name") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: the {what} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def os_reason(exc: OSError, path: Path) -> str:
+    """Why ``path`` could not be opened, in words (a dangling symlink said as such)."""
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return f"a symlink to {quote(os.readlink(path))} that does not exist"
+    return exc.strerror or str(exc)
 
 
 @dataclass(frozen=True)
@@ -131,67 +250,125 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        try:
-            self.size = self.path.stat().st_size
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot open ({exc.strerror})") from None
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict = {}
         self._fd: Optional[int] = None
-        self._parse_header()
+        raw = self._read_header()
+        self._parse_header(raw)
 
-    def _fail(self, why: str, tensor: Optional[str] = None):
-        where = f"{self.path}" + (f", tensor {tensor!r}" if tensor else "")
-        raise CheckpointError(f"{where}: {why} (truncated or corrupt safetensors file?)")
+    def _fail(self, why: str, tensor: Optional[str] = None,
+              hint: str = " (truncated or corrupt safetensors file?)"):
+        where = f"{self.path}" + (f", tensor {quote(tensor)}" if tensor is not None else "")
+        raise CheckpointError(f"{where}: {why}{hint}")
 
-    def _parse_header(self):
-        if self.size < 8:
-            self._fail(f"file is {self.size} bytes, shorter than the 8-byte header length")
-        with open(self.path, "rb") as f:
+    def _read_header(self) -> bytes:
+        """The header's JSON bytes (checked against the file size); sets ``size``."""
+        with open_regular(self.path, "safetensors file") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            if self.size < 8:
+                self._fail(f"file is {self.size} bytes, shorter than the 8-byte header length")
             (hlen,) = struct.unpack("<Q", f.read(8))
-            if hlen > MAX_HEADER or 8 + hlen > self.size:
+            if hlen > MAX_HEADER:
+                self._fail(f"header length {hlen} is over the format's limit of {MAX_HEADER}")
+            if 8 + hlen > self.size:
                 self._fail(f"header length {hlen} exceeds the file size {self.size}")
+            self.header_len = hlen
             raw = f.read(hlen)
+        if len(raw) != hlen:
+            self._fail("file ended inside the header")
+        return raw
+
+    def _parse_header(self, raw: bytes):
+        """Refuse every header the safetensors library refuses (its parser: serde_json into
+        ``Metadata``, then ``Metadata::validate``), and duplicate tensor names besides."""
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._fail(f"header is not valid JSON ({exc})")
-        if not isinstance(header, dict):
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail("header is not valid UTF-8")
+        if json_depth(raw) > MAX_JSON_DEPTH:
+            self._fail(f"header JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            header = strict_json(text)
+        except (ValueError, RecursionError) as exc:
+            self._fail(f"header is not valid JSON ({json_reason(exc)})")
+        if not isinstance(header, Pairs):
             self._fail("header is not a JSON object")
-        data_start, data_size = 8 + hlen, self.size - 8 - hlen
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            self._fail("__metadata__ is not an object")
-        self.metadata = meta
-        spans = []
-        for name, e in header.items():
-            if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-                self._fail("entry must have exactly dtype, shape and data_offsets", name)
-            if e["dtype"] not in ST_SIZES:
-                self._fail(f"unknown dtype {e['dtype']!r}", name)
-            shape, offs = e["shape"], e["data_offsets"]
-            if not isinstance(shape, list) or not all(
-                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-                self._fail(f"bad shape {shape!r}", name)
-            if (not isinstance(offs, list) or len(offs) != 2
-                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-                    or not 0 <= offs[0] <= offs[1]):
-                self._fail(f"bad data_offsets {offs!r}", name)
-            dt = e["dtype"]
-            want = math.prod(shape) * ST_SIZES[dt]
-            if offs[1] - offs[0] != want:
-                self._fail(f"data_offsets {offs} span {offs[1] - offs[0]} bytes but shape "
-                           f"{shape} of {e['dtype']} needs {want}", name)
-            if offs[1] > data_size:
-                self._fail(f"data_offsets {offs} run past the end of the data "
-                           f"({data_size} bytes)", name)
-            spans.append((offs[0], offs[1], name))
-            self.tensors[name] = TensorInfo(name, dt, tuple(shape), data_start + offs[0],
-                                            data_start + offs[1])
-        spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                self._fail(f"data overlaps tensor {n0!r}", n1)
+        entries, seen = [], set()
+        for name, e in header:
+            if name == "__metadata__":
+                if name in seen:
+                    self._fail("__metadata__ appears twice")
+                seen.add(name)
+                self.metadata = self._metadata(e)
+                continue
+            if name in seen:
+                self._fail("tensor name appears twice in the header", name)
+            seen.add(name)
+            entries.append((name, *self._entry(name, e)))
+        data_start, data_size = 8 + self.header_len, self.size - 8 - self.header_len
+        # the library's validate: sorted by offsets, the data exactly covered, no overflow
+        entries.sort(key=lambda t: (t[3][0], t[3][1]))
+        at, prev = 0, None
+        for name, dt, shape, (b, e) in entries:
+            if e < b:
+                self._fail(f"data_offsets {[b, e]} end before they begin", name)
+            if b < at:
+                self._fail(f"data_offsets {[b, e]} overlap tensor {quote(prev)}", name)
+            if b > at:
+                self._fail(f"data_offsets {[b, e]} leave bytes {at}..{b} of the data that no "
+                           f"tensor covers", name)
+            n = 1
+            for d in shape:
+                n *= d
+                if n >= _U64:
+                    self._fail(f"shape {shape} overflows 64 bits", name)
+            want = n * ST_SIZES[dt]
+            if want >= _U64:
+                self._fail(f"shape {shape} of {dt} overflows 64 bits in bytes", name)
+            if e - b != want:
+                self._fail(f"data_offsets {[b, e]} span {e - b} bytes but shape {shape} of {dt} "
+                           f"needs {want}", name)
+            at, prev = e, name
+            self.tensors[name] = TensorInfo(name, dt, tuple(shape), data_start + b, data_start + e)
+        if at != data_size:
+            self._fail(f"the tensors cover {at} bytes of data but the file holds {data_size} "
+                       f"after the header")
+
+    def _metadata(self, value) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Pairs) or not all(isinstance(v, str) for _, v in value):
+            self._fail("__metadata__ is not an object of strings")
+        return dict(value)  # repeated keys: the last wins, as in the library
+
+    def _entry(self, name: str, e) -> tuple:
+        """(dtype code, shape, (begin, end)) of one header entry."""
+        if isinstance(e, Pairs):
+            fields = {}
+            for k, v in e:
+                if k in ("dtype", "shape", "data_offsets"):
+                    if k in fields:
+                        self._fail(f"field {k} appears twice", name)
+                    fields[k] = v
+            if len(fields) != 3:
+                self._fail("entry must have dtype, shape and data_offsets", name)
+            dt, shape, offs = fields["dtype"], fields["shape"], fields["data_offsets"]
+        elif isinstance(e, list) and len(e) == 3:  # serde also reads a struct from a sequence
+            dt, shape, offs = e
+        else:
+            self._fail("entry is not an object with dtype, shape and data_offsets", name)
+        if isinstance(dt, Pairs) and len(dt) == 1 and dt[0][1] is None:
+            dt = dt[0][0]  # serde's other spelling of a unit variant: {"F32": null}
+        if not isinstance(dt, str) or dt not in LIBRARY_DTYPES:
+            self._fail(f"unknown dtype {quote(dt)}", name)
+        if type(shape) is not list or not all(_is_u64(d) for d in shape):
+            self._fail(f"bad shape {quote(shape)}", name)
+        if type(offs) is not list or len(offs) != 2 or not all(_is_u64(o) for o in offs):
+            self._fail(f"bad data_offsets {quote(offs)}", name)
+        if dt not in ST_SIZES:
+            self._fail(f"unsupported dtype {dt} (fastmerge reads "
+                       f"{', '.join(sorted(ST_SIZES))})", name, hint="")
+        return dt, shape, tuple(offs)
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
@@ -294,48 +471,145 @@ class SafetensorsFile:
 WEIGHT_INDEX = "model.safetensors.index.json"
 
 
+def model_roots(directory: Path) -> list:
+    """Where a model directory's files may resolve to: the directory itself (real path), and
+    for a Hugging Face cache snapshot (``.../snapshots/<rev>``, its files symlinks into the
+    repository's ``blobs``) that ``blobs`` directory."""
+    real = Path(os.path.realpath(directory))
+    roots = [real]
+    for d in {Path(os.path.abspath(directory)), real}:
+        blobs = d.parent.parent / "blobs"
+        if d.parent.name == "snapshots" and blobs.is_dir():
+            roots.append(Path(os.path.realpath(blobs)))
+    return roots
+
+
 class Checkpoint:
-    """A model directory of safetensors shards (with or without an index)."""
+    """A model directory of safetensors shards (with or without an index).
+
+    Nothing outside the directory is read: every shard, the index and the files a merge copies
+    (config, tokenizer) must resolve (symlinks followed) inside it, or, for a Hugging Face
+    cache snapshot, inside that repository's ``blobs``. With an index, exactly the tensors it
+    lists are the checkpoint: a listed shard that lacks one, or holds one the index does not
+    list, is an error (the two disagree, and a merge must not guess which is right)."""
 
     def __init__(self, directory, label: str = ""):
         self.dir = Path(directory)
         self.label = label or str(directory)
-        if not self.dir.is_dir():
-            raise CheckpointError(f"model {self.label!r}: {self.dir} is not a directory")
+        try:
+            is_dir = self.dir.is_dir()
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"model {quote(self.label)}: cannot open {quote(str(self.dir))}"
+                                  f" ({getattr(exc, 'strerror', None) or exc})") from None
+        if not is_dir:
+            raise CheckpointError(f"model {quote(self.label)}: {self.dir} is not a directory")
+        self._roots = model_roots(self.dir)
         index = self.dir / WEIGHT_INDEX
-        if index.exists():
-            try:
-                wmap = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(wmap.values()))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        if os.path.lexists(index):
+            wmap = self._read_index(index)
+            files = sorted(set(wmap.values()))
+            if not files:
+                raise CheckpointError(f"{index}: weight_map lists no tensors")
         else:
-            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
             wmap = None
+            try:
+                files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            except OSError as exc:
+                raise CheckpointError(f"model {quote(self.label)}: cannot list {self.dir} "
+                                      f"({exc.strerror})") from None
         if not files:
             other = [p.name for p in self.dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
-            hint = f" (found {', '.join(other[:3])}: only safetensors is supported)" if other else ""
-            raise CheckpointError(f"model {self.label!r}: no .safetensors files in "
+            hint = f" (found {', '.join(other[:3])}: only safetensors is supported)" \
+                if other else ""
+            raise CheckpointError(f"model {quote(self.label)}: no .safetensors files in "
                                   f"{self.dir}{hint}")
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
         for fn in files:
-            p = self.dir / fn
-            if not p.exists():
-                raise CheckpointError(f"{index}: names shard {fn} but {p} does not exist")
+            p = self.inside(fn, index if wmap is not None else None)
+            if not os.path.lexists(p):
+                raise CheckpointError(f"{index}: names shard {quote(fn)} but {p} does not exist")
             st = SafetensorsFile(p)
             self.files[fn] = st
             for name in st.tensors:
                 if name in self.where:
-                    raise CheckpointError(f"{p}, tensor {name!r}: also stored in "
+                    raise CheckpointError(f"{p}, tensor {quote(name)}: also stored in "
                                           f"{self.where[name].path}")
                 self.where[name] = st
         if wmap is not None:
             for name, fn in wmap.items():
                 st = self.where.get(name)
                 if st is None or st.path.name != fn:
-                    raise CheckpointError(f"{index}: tensor {name!r} is mapped to {fn} but "
-                                          f"that file does not hold it")
+                    raise CheckpointError(f"{index}: tensor {quote(name)} is mapped to "
+                                          f"{quote(fn)} but that file does not hold it")
+            for name, st in self.where.items():
+                if name not in wmap:
+                    raise CheckpointError(f"{st.path}, tensor {quote(name)}: not listed in "
+                                          f"{index} (the index and its shards disagree)")
+        self._check_side_files()
+
+    def _read_index(self, index: Path) -> dict:
+        """The index's weight_map: tensor name -> shard file name, checked."""
+        self.inside(WEIGHT_INDEX, None)
+        with open_regular(index, "index") as f:
+            raw = f.read()
+        try:
+            doc = strict_json(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{index}: not a valid safetensors index (not UTF-8)") from None
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index (invalid JSON: "
+                                  f"{json_reason(exc)})") from None
+        wmap = [v for k, v in doc if k == "weight_map"] if isinstance(doc, Pairs) else None
+        if not isinstance(doc, Pairs):
+            raise CheckpointError(f"{index}: not a valid safetensors index (not a JSON object)")
+        if len(wmap) != 1 or not isinstance(wmap[0], Pairs):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs one "
+                                  f"\"weight_map\" object of tensor name -> shard file)")
+        out = {}
+        for name, fn in wmap[0]:
+            if not isinstance(fn, str) or not fn:
+                raise CheckpointError(f"{index}: tensor {quote(name)} is mapped to {quote(fn)}, "
+                                      f"not a file name")
+            if name in out:
+                raise CheckpointError(f"{index}: tensor {quote(name)} is listed twice")
+            out[name] = fn
+        return out
+
+    def inside(self, name: str, index: Optional[Path]) -> Path:
+        """``self.dir / name``, refused before anything opens it unless it resolves (symlinks
+        followed) inside the model directory."""
+        where = f"{index}: entry" if index is not None else f"model {quote(self.label)}: file"
+        p = self.dir / name
+        if "\0" in name or os.path.isabs(name):
+            raise CheckpointError(f"{where} {quote(name)} is not a file name inside {self.dir}")
+        try:
+            real = Path(os.path.realpath(p))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{where} {quote(name)}: cannot resolve ({exc})") from None
+        if not any(r in real.parents for r in self._roots):
+            raise CheckpointError(f"{where} {quote(name)} resolves to {quote(str(real), 160)}, "
+                                  f"outside the model directory {self._roots[0]}; refused")
+        return p
+
+    def _check_side_files(self):
+        """The files a merge copies from the model (config, tokenizer): inside the directory,
+        readable, and config.json a JSON object."""
+        from .writer import COPIED_FILES  # writer imports this module
+        for fn in COPIED_FILES:
+            p = self.dir / fn
+            if not os.path.lexists(p):
+                continue
+            self.inside(fn, None)
+            with open_regular(p, fn) as f:
+                raw = f.read() if fn == "config.json" else b""
+            if fn == "config.json":
+                try:
+                    ok = isinstance(json.loads(raw.decode("utf-8")), dict)
+                except (ValueError, RecursionError) as exc:
+                    raise CheckpointError(f"{p}: not valid JSON ({json_reason(exc)})") from None
+                if not ok:
+                    raise CheckpointError(f"{p}: not a JSON object")
 
     @property
     def names(self) -> list[str]:
