@@ -240,10 +240,13 @@ def write_checkpoint(target: Path, shards: list, pools: dict, offsets: dict, whi
     return total
 
 
+def param_count(size: str, layers: int | None = None) -> int:
+    return sum(int(np.prod(shape)) for _, shape, _ in tensor_layout(shape_of(size, layers)))
+
+
 def total_bytes(size: str, layers: int | None = None, fine_tunes: int = 2) -> int:
-    """Bytes of tensor data all the checkpoints of these arguments hold."""
-    layout = tensor_layout(shape_of(size, layers))
-    return (1 + fine_tunes) * sum(2 * int(np.prod(shape)) for _, shape, _ in layout)
+    """Bytes of tensor data all the checkpoints of these arguments hold (bf16)."""
+    return (1 + fine_tunes) * 2 * param_count(size, layers)
 
 
 def make_checkpoints(out, size: str = "0.5b", layers: int | None = None, fine_tunes: int = 2,
