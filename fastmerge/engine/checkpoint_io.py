@@ -328,11 +328,14 @@ class SafetensorsFile:
             if e - b != want:
                 self._fail(f"data_offsets {[b, e]} span {e - b} bytes but shape {shape} of {dt} "
                            f"needs {want}", name)
+            if e > data_size:
+                self._fail(f"data_offsets {[b, e]} run past the end of the data "
+                           f"({data_size} bytes)", name)
             at, prev = e, name
             self.tensors[name] = TensorInfo(name, dt, tuple(shape), data_start + b, data_start + e)
         if at != data_size:
-            self._fail(f"the tensors cover {at} bytes of data but the file holds {data_size} "
-                       f"after the header")
+            self._fail(f"bytes {at}..{data_size} of the data follow the last tensor and no "
+                       f"tensor covers them")
 
     def _metadata(self, value) -> dict:
         if value is None:
