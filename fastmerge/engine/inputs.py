@@ -11,25 +11,64 @@ from typing import Optional
 from .checkpoint_io import MERGEABLE_ST, Checkpoint, CheckpointError, SafetensorsFile, dtype_label
 from .config import ConfigError, MergeConfig
 from .hub import resolve_model
-from .writer import parse_size
+from .writer import output_dir_at_start, parse_size
 
 MOMENT_SUFFIX = ".exp_avg_sq"
 
 
 def merge_settings(cfg: MergeConfig, out_dir, overwrite: bool, memory_budget, shard_size,
                    lines_pattern: Optional[str], default_budget: int):
-    """The checks and sizes every merge starts with: (out_dir as a Path, budget bytes, shard
-    bytes); applies ``lines_pattern``; an existing ``out_dir`` without ``overwrite`` is an
-    error before any work."""
+    """The checks and sizes every merge starts with: (out_dir, budget bytes, shard bytes);
+    applies ``lines_pattern``. Before any work: an existing ``out_dir`` without ``overwrite``
+    and an ``out_dir`` that is, holds or lies in an input are errors, and ``out_dir`` records
+    what it was now (an ``OutputDir``: --overwrite replaces only that directory)."""
     if lines_pattern is not None and cfg.lines is not None:
         cfg.lines.pattern = lines_pattern
-    out_dir = Path(out_dir)
+    out_dir = output_dir_at_start(out_dir)
+    check_output_apart_from_inputs(cfg, out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite "
                               f"(overwrite=True) to replace it")
     budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
         else default_budget
     return out_dir, budget, parse_size(shard_size, "shard size")
+
+
+def input_paths(cfg: MergeConfig) -> list:
+    """(what, local path) of every input the config names that exists here: base and models
+    (hub ids live in the hub cache and are not listed), second-moment files."""
+    found = []
+
+    def add(what, ref):
+        p = Path(os.path.expanduser(str(ref)))
+        candidates = [p] if p.is_absolute() or cfg.base_dir is None else [p, cfg.base_dir / p]
+        found.extend((what, c) for c in candidates if c.exists())
+    if cfg.base_model:
+        add("base_model", cfg.base_model)
+    for i, m in enumerate(cfg.models):
+        add(f"models[{i}]", m.ref)
+        if m.preconditioner_path:
+            add(f"models[{i}].preconditioner_path", m.preconditioner_path)
+    return found
+
+
+def check_output_apart_from_inputs(cfg: MergeConfig, out_dir) -> None:
+    """An OUT_DIR that is, contains or lies inside an input (or contains the config file's
+    directory) is an error: --overwrite would delete that input."""
+    out = os.path.realpath(out_dir)
+
+    def inside(a, b):   # a is b or lies under b
+        return a == b or os.path.commonpath([a, b]) == b
+    for what, path in input_paths(cfg):
+        p = os.path.realpath(path)
+        how = "is" if out == p else "lies inside" if inside(out, p) else \
+            "contains" if inside(p, out) else None
+        if how:
+            raise ConfigError(f"output directory {out_dir} {how} input {what} ({path}); "
+                              f"choose an OUT_DIR apart from every input")
+    if cfg.base_dir is not None and inside(os.path.realpath(cfg.base_dir), out):
+        raise ConfigError(f"output directory {out_dir} contains the config file's directory "
+                          f"{cfg.base_dir}; choose an OUT_DIR apart from every input")
 
 
 @dataclass

@@ -12,11 +12,22 @@ import ctypes
 import errno
 import json
 import os
+import re
+import secrets
 import shutil
+import signal
 import struct
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows: leftovers are then never removed)
+    fcntl = None
 
 from . import libc
 from .checkpoint_io import ST_SIZES, CheckpointError
@@ -29,7 +40,8 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json",
 
 
 class OutputError(OSError):
-    pass
+    def __str__(self):  # the message alone, not "[Errno 17] message"
+        return self.strerror if self.strerror else super().__str__()
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,8 @@ class ShardWriter:
         except OSError as exc:
             _raise_write_error(exc, self.dir / self.layout.files[p.shard])
         self.written += len(raw)
+        if _PAUSE_STAGE == "mid-write":
+            pause_point("mid-write")
 
     def close(self, check: bool = False) -> None:
         for si, fd in list(self._fds.items()):
@@ -222,8 +236,29 @@ def write_index(layout: ShardLayout, directory: Path, metadata: dict) -> None:
         _raise_write_error(exc, path)
 
 
+DTYPE_KEYS = ("torch_dtype", "dtype")   # transformers < 5 writes the first, 5 the second
+
+
+def set_config_dtype(cfg: dict, dtype: str) -> dict:
+    """``dtype`` under every dtype key the config (and each sub-config such as text_config)
+    has; ``torch_dtype`` where the top level has none. Leaving one key at the base's dtype
+    made transformers load a bf16 merge as fp32."""
+    def update(d: dict) -> bool:
+        found = False
+        for key in DTYPE_KEYS:
+            if key in d and (d[key] is None or isinstance(d[key], str)):
+                d[key], found = dtype, True
+        for v in d.values():
+            if isinstance(v, dict):
+                update(v)
+        return found
+    if not update(cfg):
+        cfg["torch_dtype"] = dtype
+    return cfg
+
+
 def copy_model_files(src: Path, directory: Path, out_dtype=None) -> list[str]:
-    """config.json (torch_dtype updated to ``out_dtype``: a name like "bfloat16" or a torch
+    """config.json (its dtype keys set to ``out_dtype``: a name like "bfloat16" or a torch
     dtype) and tokenizer files from the base model."""
     copied = []
     for fn in COPIED_FILES:
@@ -234,7 +269,9 @@ def copy_model_files(src: Path, directory: Path, out_dtype=None) -> list[str]:
         try:
             if fn == "config.json" and out_dtype is not None:
                 cfg = json.loads(s.read_text())
-                cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
+                if not isinstance(cfg, dict):
+                    raise ValueError("config.json is not an object")
+                set_config_dtype(cfg, str(out_dtype).replace("torch.", ""))
                 d.write_text(json.dumps(cfg, indent=2) + "\n")
             else:
                 shutil.copyfile(s, d)
@@ -246,45 +283,410 @@ def copy_model_files(src: Path, directory: Path, out_dtype=None) -> list[str]:
     return copied
 
 
+# ----------------------------------------------------------------------------- atomic output
+TMP_TAG = "fastmerge-tmp"              # .<OUT name>.fastmerge-tmp-<pid>-<token>: a run's build
+LOCK_NAME = ".fastmerge-lock"          # inside it, flock-ed by the live run that owns it
+PAUSE_ENV = "FASTMERGE_TEST_PAUSE_AT"  # tests: a stage name ("tmp-created", "mid-write", ...)
+RESUME_ENV = "FASTMERGE_TEST_RESUME"   # tests: the file whose creation ends that pause
+_PAUSE_STAGE = os.environ.get(PAUSE_ENV)
+_TERMINATING = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
+_caught = threading.Event()            # a terminating signal was caught: test pauses end
+_paused: set = set()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP while an output directory is being built: it unwinds like
+    Ctrl-C (the temporary directory is removed) and the CLI exits with ``exit_status``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_status = 128 + signum
+
+
+def pause_point(stage: str) -> None:
+    """Test hook: with FASTMERGE_TEST_PAUSE_AT=<stage>, print "fastmerge-test: paused at
+    <stage>" on stderr once and wait there until the file named by FASTMERGE_TEST_RESUME
+    exists, a terminating signal is caught, or 60 s have passed (so that the signal and race
+    tests can act at a known point of a real run)."""
+    if os.environ.get(PAUSE_ENV) != stage or stage in _paused:
+        return
+    _paused.add(stage)
+    print(f"fastmerge-test: paused at {stage}", file=sys.stderr, flush=True)
+    resume, end = os.environ.get(RESUME_ENV), time.monotonic() + 60
+    while time.monotonic() < end and not _caught.is_set() and \
+            not (resume and os.path.exists(resume)):
+        time.sleep(0.01)
+
+
+class _SignalGuard:
+    """While installed (main thread only), SIGINT, SIGTERM and SIGHUP raise ``Interrupted``; a
+    signal whose disposition is "ignore" (SIGHUP under nohup) stays ignored. With ``defer``
+    set, a signal is only noted, so that a rename or a removal is never cut in half."""
+
+    def __init__(self):
+        self.previous: dict = {}
+        self.defer = False
+        self.pending: Optional[int] = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in _TERMINATING:
+            prev = signal.getsignal(sig)
+            if prev is signal.SIG_IGN or prev is None:   # None: a handler set outside Python
+                continue
+            self.previous[sig] = prev
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        _caught.set()
+        if self.defer:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    def restore(self) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        self.previous = {}
+
+
+class OutputDir(type(Path())):
+    """OUT_DIR as a run found it when it started: ``start_identity`` is (st_dev, st_ino) of the
+    directory that was there (the only one --overwrite may replace), or None."""
+    start_identity: Optional[tuple] = None
+
+
+def output_dir_at_start(path) -> OutputDir:
+    out = OutputDir(path)
+    try:
+        st = os.stat(out)     # through a symlink: AtomicDirectory resolves OUT_DIR too
+        out.start_identity = (st.st_dev, st.st_ino)
+    except FileNotFoundError:
+        out.start_identity = None
+    return out
+
+
+def _identity(path) -> Optional[tuple]:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _fsync_dir(path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover (a platform without directory descriptors)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def rename_noreplace(src, dst) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError, and nothing done, if ``dst`` exists.
+    renameat2(RENAME_NOREPLACE) on Linux. Elsewhere: Windows' rename never replaces; a file is
+    hard-linked (never replaces) then unlinked; a directory claims ``dst`` with mkdir and is
+    renamed onto that empty directory of its own. What remains there: if someone removes the
+    claim and makes an empty directory in that instant, that empty directory is replaced."""
+    if libc.renameat2(src, dst, libc.RENAME_NOREPLACE):
+        return
+    if os.name == "nt":  # pragma: no cover
+        os.rename(src, dst)
+        return
+    if not os.path.isdir(src):
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system: check, then rename
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST),
+                                      str(dst)) from None
+            os.rename(src, dst)
+            return
+        os.unlink(src)
+        return
+    os.mkdir(dst)
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        try:
+            os.rmdir(dst)
+        except OSError:
+            pass
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        raise
+
+
+def _pid_alive(pid: Optional[int]) -> bool:
+    if pid is None or pid == os.getpid() or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:     # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def _owner_gone(tmp: Path) -> bool:
+    """Whether the run that built ``tmp`` is dead: its lock can be taken (and the lock file is
+    still there), or, with no lock file (just created, committing, or an old fastmerge's), no
+    process has the pid in its name."""
+    try:
+        fd = os.open(tmp / LOCK_NAME, os.O_RDWR)
+    except FileNotFoundError:
+        m = re.search(rf"{TMP_TAG}-(\d+)", tmp.name)
+        return not _pid_alive(int(m.group(1)) if m else None)
+    except OSError:
+        return False
+    try:
+        if fcntl is None:  # pragma: no cover
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False    # held: a live run
+        return _identity(tmp / LOCK_NAME) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    finally:
+        os.close(fd)
+
+
+def remove_dead_leftovers(target: Path) -> list:
+    """Remove the temporary directories of runs to ``target`` that died (SIGKILL, power loss);
+    a live run's is never touched. Returns the paths removed."""
+    prefix = f".{target.name}.{TMP_TAG}-"
+    try:
+        entries = [e for e in os.scandir(target.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for e in entries:
+        if e.is_dir(follow_symlinks=False) and _owner_gone(Path(e.path)):
+            shutil.rmtree(e.path, ignore_errors=True)
+            removed.append(Path(e.path))
+    return removed
+
+
+def _make_parents(directory: Path) -> list:
+    """``mkdir -p directory``; the directories this call created, outermost first."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    created = []
+    try:
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:   # another process made it: not ours to remove
+                continue
+            created.append(d)
+    except OSError as exc:
+        _remove_empty(created)
+        raise OutputError(exc.errno or errno.EIO,
+                          f"cannot create the output's parent directory {d}: "
+                          f"{exc.strerror or exc}") from None
+    return created
+
+
+def _remove_empty(created: list) -> None:
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
 class AtomicDirectory:
-    """Build the output in a hidden temporary directory beside ``target``; ``commit()``
-    renames it into place (replacing ``target`` when overwrite). On any failure, including
-    KeyboardInterrupt, the temporary directory is removed: nothing complete-looking stays."""
+    """Build the output in a hidden temporary directory beside ``target`` and ``commit()`` it
+    with a rename that never replaces anything this run did not create:
+
+    - ``target`` appearing meanwhile (a user, another run that finished first) is left alone;
+      the finished output is kept as ``<target>.fastmerge-<pid>-<time>`` and OutputError says
+      where;
+    - with ``overwrite``, only the directory that was at ``target`` when the run started (its
+      st_dev/st_ino; an ``OutputDir`` carries it from the start of the merge) is replaced,
+      atomically (renameat2 RENAME_EXCHANGE where available);
+    - on any failure, KeyboardInterrupt and SIGTERM/SIGHUP included (they raise
+      ``Interrupted`` while the directory is open), the temporary directory and the parent
+      directories this run created are removed;
+    - a SIGKILL-ed run's temporary directory is recognised by the next run to ``target`` (its
+      flock-ed lock file is free) and removed; a live run's is never touched.
+    """
 
     def __init__(self, target, overwrite: bool = False):
+        start = getattr(target, "start_identity", False)   # False: no record from the start
         self.target = Path(target).resolve() if Path(target).exists() else \
             Path(os.path.abspath(target))
         self.overwrite = overwrite
-        if self.target.exists() and not overwrite:
-            raise FileExistsError(f"output directory {self.target} already exists; pass "
-                                  f"--overwrite (overwrite=True) to replace it")
-        if self.target.exists() and not self.target.is_dir():
-            raise FileExistsError(f"output path {self.target} exists and is not a directory")
-        parent = self.target.parent
-        if not parent.exists():
-            parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = parent / f".{self.target.name}.fastmerge-tmp-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+        self.replaces = None
+        if self.target.exists():
+            if not overwrite:
+                raise FileExistsError(f"output directory {self.target} already exists; pass "
+                                      f"--overwrite (overwrite=True) to replace it")
+            if not self.target.is_dir():
+                raise FileExistsError(f"output path {self.target} exists and is not a "
+                                      f"directory")
+            self.replaces = _identity(self.target)
+            if start is not False and start != self.replaces:
+                raise OutputError(errno.EEXIST, f"output directory {self.target} was created "
+                                                f"or replaced after this merge started; it was "
+                                                f"left untouched (nothing was written)")
+        self.created_parents = _make_parents(self.target.parent)
+        self.tmp: Optional[Path] = None
+        self._lock_fd: Optional[int] = None
+        self._signals = _SignalGuard()
+        try:
+            self._signals.install()
+            remove_dead_leftovers(self.target)
+            self.tmp = self.target.parent / \
+                f".{self.target.name}.{TMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
+            self.tmp.mkdir()
+            self._lock_fd = self._lock(self.tmp)
+            pause_point("tmp-created")
+        except BaseException:
+            self.abort()
+            raise
+
+    @staticmethod
+    def _lock(tmp: Path) -> Optional[int]:
+        """Lock a new file and only then name it LOCK_NAME: a lock file that exists is held."""
+        if fcntl is None:  # pragma: no cover
+            return None
+        new = tmp / (LOCK_NAME + ".new")
+        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(new, tmp / LOCK_NAME)
+        return fd
 
     def commit(self) -> Path:
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.fastmerge-old-{os.getpid()}"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        pause_point("commit")
+        self._signals.defer = True
+        lock = self.tmp / LOCK_NAME
+        if lock.exists():
+            lock.unlink()
+        if self.replaces is not None:
+            self._replace()
+        else:
+            self._place()
+        _fsync_dir(self.target.parent)
+        self.tmp, self.created_parents = None, []
+        self._close()
         return self.target
 
+    def _place(self) -> None:
+        try:
+            rename_noreplace(self.tmp, self.target)
+        except FileExistsError:
+            kept = self._keep()
+            raise OutputError(errno.EEXIST, f"output directory {self.target} appeared while "
+                                            f"this merge ran (another merge finished first, or "
+                                            f"it was created); it was left untouched, and this "
+                                            f"merge's output is in {kept}") from None
+
+    def _replace(self) -> None:
+        """Replace the directory the run started with, and nothing else."""
+        try:
+            swapped = libc.renameat2(self.tmp, self.target, libc.RENAME_EXCHANGE)
+        except FileNotFoundError:      # it is gone: there is nothing to replace
+            return self._place()
+        if swapped:                    # ours is at target, what was there is at self.tmp
+            if _identity(self.tmp) != self.replaces:
+                theirs, self.tmp = self.tmp, None     # never removed, whatever happens next
+                try:
+                    libc.renameat2(theirs, self.target, libc.RENAME_EXCHANGE)
+                except OSError:
+                    raise OutputError(errno.EEXIST, f"output directory {self.target} was "
+                                                    f"replaced while this merge ran; this "
+                                                    f"merge's output is in {self.target} and "
+                                                    f"what was there is in {theirs}") from None
+                self.tmp = theirs                     # ours again
+                self._refuse_replaced()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return None
+        # no renameat2 here: move it aside under a fresh name, check it, then place ours
+        # (not a TMP_TAG name: if it is not the directory to replace, it must never be removed)
+        aside = self.target.parent / \
+            f".{self.target.name}.fastmerge-old-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.rename(self.target, aside)
+        except FileNotFoundError:
+            return self._place()
+        if _identity(aside) != self.replaces:
+            try:
+                rename_noreplace(aside, self.target)
+            except FileExistsError:
+                self._refuse_replaced(f"; what was there is now in {aside}")
+            self._refuse_replaced()
+        try:
+            self._place()
+        except OutputError as exc:
+            raise OutputError(errno.EEXIST, f"{exc}; the directory it was to replace is in "
+                                            f"{aside}") from None
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
+
+    def _refuse_replaced(self, more: str = "") -> None:
+        kept = self._keep()
+        raise OutputError(errno.EEXIST, f"output directory {self.target} is no longer the "
+                                        f"directory --overwrite was to replace (it was replaced "
+                                        f"while this merge ran); it was left untouched, and "
+                                        f"this merge's output is in {kept}{more}")
+
+    def _keep(self) -> Path:
+        """Move the finished output beside ``target`` under a new visible name."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for i in range(1000):
+            kept = self.target.parent / \
+                f"{self.target.name}.fastmerge-{os.getpid()}-{stamp}{f'-{i}' if i else ''}"
+            try:
+                rename_noreplace(self.tmp, kept)
+            except FileExistsError:
+                continue
+            self.tmp, self.created_parents = None, []
+            return kept
+        return self.tmp  # pragma: no cover
+
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the temporary directory and the parents this run created (idempotent)."""
+        self._signals.defer = True
+        removing = self.tmp is not None
+        try:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+            _remove_empty(self.created_parents)
+            self.created_parents = []
+        finally:
+            pending = self._signals.pending
+            self._close()
+        if pending is not None and removing:
+            raise Interrupted(pending)
+
+    def _close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._signals.restore()
+        self._signals.defer, self._signals.pending = False, None
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        if exc_type is not None or self.tmp is not None:
             self.abort()
         return False
