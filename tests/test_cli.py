@@ -97,10 +97,10 @@ def test_mergekit_examples_run_unchanged(ckpts, tmp_path, capsys, example):
 def test_errors_exit_1_with_a_message(ckpts, tmp_path, capsys):
     cfg = tmp_path / "bad.yml"
     cfg.write_text(_fmt(BIO_YML, ckpts).replace("merge_method: ties", "merge_method: slerp"))
-    assert main(["merge", str(cfg), str(tmp_path / "o"), "--quiet"]) == 1
+    assert main(["merge", str(cfg), str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "slerp" in err and "supported" in err
-    assert main(["merge", str(tmp_path / "none.yml"), str(tmp_path / "o"), "--quiet"]) == 1
+    assert main(["merge", str(tmp_path / "none.yml"), str(tmp_path / "o"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from ..params import NUM_BINS
 from . import libc
+from .config import ConfigError
 
 MIN_CHUNK_ELEMS = 4096
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt parameters
@@ -78,12 +79,9 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
     scratch fit in ``budget`` bytes, after the histograms and a fixed allowance."""
     hist = 2 * (n_models + 1) * NUM_BINS * 16
     fixed = FIXED_OVERHEAD + hist
-    dare_bits = 0
-    if backend_name == "cpu" and sparsifier == "dare":
-        # keep bits from the statistics pass to the merge: 64 MiB, or an eighth of a smaller
-        # budget (an entry that does not fit is drawn again in the merge: slower, same bits)
-        dare_bits = min(DARE_BITS_LIMIT, budget // 8)
-        fixed += dare_bits
+    with_bits = backend_name == "cpu" and sparsifier == "dare"
+    dare_bits = _dare_bits(budget) if with_bits else 0
+    fixed += dare_bits
     if device == "cpu":
         outs = 4 if backend_name == "cpu" else 3
         per = 3 * in_bytes_per_elem + outs * out_itemsize + \
@@ -93,10 +91,32 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
     avail = budget - fixed
     elems = avail // per if avail > 0 else 0
     if elems < MIN_CHUNK_ELEMS:
-        need = fixed + MIN_CHUNK_ELEMS * per
-        raise ValueError(f"memory budget {budget / 2 ** 20:.0f} MiB is too small for this merge "
-                         f"(needs at least {need / 2 ** 20:.0f} MiB)")
+        need = _smallest_budget(fixed - dare_bits + MIN_CHUNK_ELEMS * per, with_bits)
+        raise ConfigError(f"memory budget {budget} bytes ({budget / 2 ** 20:.1f} MiB) is too "
+                          f"small for this merge: it needs at least {need} bytes "
+                          f"({need / 2 ** 20:.1f} MiB)")
     return Chunking(int(elems), per, fixed, dare_bits)
+
+
+def _dare_bits(budget: int) -> int:
+    # keep bits from the statistics pass to the merge: 64 MiB, or an eighth of a smaller
+    # budget (an entry that does not fit is drawn again in the merge: slower, same bits)
+    return min(DARE_BITS_LIMIT, budget // 8)
+
+
+def _smallest_budget(required: int, with_bits: bool) -> int:
+    """The smallest budget b with b - (DARE bits of b) >= required: the figure an error
+    reports is one with which the merge runs (b - bits(b) never decreases as b grows)."""
+    if not with_bits:
+        return required
+    lo, hi = required, required + DARE_BITS_LIMIT
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid - _dare_bits(mid) >= required:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def element_ranges(shape: Sequence[int], max_elems: int) -> list[tuple[int, int]]:

@@ -27,15 +27,27 @@ from ..plan import plan_tensor, thresholds_from_selection
 from ..second_moments import finite_non_negative
 from ..selection import level0, release_scratch
 from . import parallel
-from .checkpoint_io import Checkpoint, CheckpointError
+from .checkpoint_io import TORCH_TO_ST, Checkpoint, CheckpointError
 from .config import ConfigError, MergeConfig, ParameterResolver, load_config
 from .inputs import merge_settings, name_files, open_inputs
-from .report import (MergeResult, apply_lines, default_budget, describe,
-                     peak_rss_bytes, progress_factory, write_extras)
+from .report import (MergeResult, NonFiniteCheck, NonFiniteOutput, apply_lines,
+                     default_budget, describe, nonfinite_in, peak_rss_bytes, progress_factory,
+                     write_extras)
 from .streaming import (ChunkLoader, plan_chunking, prefetched, release_freed_memory_promptly,
                         trim_freed_memory)
 from .writer import ShardLayout
 
+
+
+def _nonfinite_of(out: torch.Tensor):
+    """report.nonfinite_in for an output chunk: over its bytes on the CPU, by torch on a GPU
+    (where the bytes are not addressable)."""
+    if out.device.type == "cpu":
+        return nonfinite_in(out.reshape(-1).view(torch.uint8).numpy(), TORCH_TO_ST[out.dtype])
+    bad = ~torch.isfinite(out.reshape(-1))
+    if not bool(bad.any()):
+        return None
+    return int(bad.sum()), int(bad.nonzero()[0, 0])
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -155,7 +167,7 @@ class _Engine:
         return float(sums[0] / (n * sums[1])), sums.tolist()
 
     # --- pass 3: the merge
-    def merge(self, order, specs, out_dtypes, writer, thresholds, bar):
+    def merge(self, order, specs, out_dtypes, writer, thresholds, bar, nonfinite):
         writes = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write")
         pending_write = None
         merged = set(specs)
@@ -202,9 +214,12 @@ class _Engine:
                             off = ch.offset
                             out = run_plan(self.be, ch, plan, out_dtypes[name])
                             del ch
+                            # finite inputs can still overflow the output dtype
+                            nonfinite.found_in(name, off, off + out.numel(), self.numel(name),
+                                               TORCH_TO_ST[out.dtype], _nonfinite_of(out))
                             write(name, off, out)
                             del out
-                    except CheckpointError:
+                    except (CheckpointError, NonFiniteOutput):
                         raise
                     except ValueError as exc:
                         raise name_files(exc, self.inputs, name) from None
@@ -224,7 +239,8 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
                       shard_size="5GB", backend: str = "auto", seed: Optional[int] = None,
                       overwrite: bool = False, quiet: bool = True,
                       lines_pattern: Optional[str] = None,
-                      max_chunk_elems: Optional[int] = None) -> MergeResult:
+                      max_chunk_elems: Optional[int] = None,
+                      allow_nonfinite: bool = False) -> MergeResult:
     """Merge whole checkpoints as ``config`` says and write them to ``out_dir``.
 
     Args:
@@ -243,6 +259,9 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
         lines_pattern: a regex with the block index as its last group (LiNeS depth and
             mergekit gradients); overrides the config's ``lines.pattern``.
         max_chunk_elems: cap on the elements per chunk (below what the budget allows).
+        allow_nonfinite: write merged tensors with NaN/Inf values (an overflow of the output
+            dtype), with a NonFiniteOutputWarning naming them, instead of stopping with
+            NonFiniteOutput before anything is written.
     Returns:
         A MergeResult (``.summary()`` is the line the CLI prints).
     """
@@ -252,11 +271,14 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
         cfg, out_dir, overwrite, memory_budget, shard_size, lines_pattern,
         default_budget() // parallel.local_world_size())
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        raise ConfigError(f"device {device!r} requested but torch sees no CUDA device")
     device = parallel.init_from_env(device)     # torchrun: process group, this rank's GPU
-    be = get_backend(backend, device)
+    try:
+        be = get_backend(backend, device)
+    except ValueError as exc:                   # a backend this machine cannot run
+        raise ConfigError(str(exc)) from None
     release_freed_memory_promptly()
     cache0 = output_cache_limit(be, 0)   # _run sizes it to one output chunk
 
@@ -265,7 +287,7 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
     inputs = open_inputs(cfg, needs_moments)
     try:
         res = _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet,
-                   lines_pattern, out_dir, t0, max_chunk_elems)
+                   lines_pattern, out_dir, t0, max_chunk_elems, allow_nonfinite)
         parallel.shutdown()
         return res
     finally:
@@ -279,7 +301,7 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
 
 
 def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, lines_pattern,
-         out_dir, t0, max_chunk_elems=None) -> MergeResult:
+         out_dir, t0, max_chunk_elems=None, allow_nonfinite=False) -> MergeResult:
     rank, world_size = parallel.world()
     resolver = ParameterResolver(cfg, inputs.order, seed=seed, pattern=lines_pattern)
     merged = inputs.merged
@@ -311,6 +333,7 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
                               {x: ref.info(x).shape for x in inputs.order}, rank, world_size)
     mine, eng.rows = part.names, part.rows
     my_merged = [x for x in mine if x in base_specs]
+    nonfinite = NonFiniteCheck(allow_nonfinite)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -347,7 +370,7 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
                 bar = progress("merging", sum(eng.in_bytes(x) for x in mine))
                 try:
                     eng.merge(mine, {x: specs[x] for x in my_merged}, out_dtypes, writer,
-                              thresholds, bar)
+                              thresholds, bar, nonfinite)
                 finally:
                     bar.close()
                 writer.close(check=True)
@@ -356,6 +379,7 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
             if parallel.is_index_writer(rank):
                 write_extras(adir.tmp, layout, cfg, inputs, resolved, per_tensor, config_text)
             final = adir.commit()
+        nonfinite.warn()
     finally:
         eng.close()
         if bits0 is not None:
@@ -367,7 +391,8 @@ def _run(cfg, inputs, be, device, budget, shard_bytes, seed, overwrite, quiet, l
         bytes_out=layout.total_size, seconds=time.perf_counter() - t0,
         peak_rss=peak_rss_bytes(),
         peak_gpu=torch.cuda.max_memory_allocated() if str(device).startswith("cuda") else None,
-        chunk_elems=chunking.chunk_elems, passes=eng.passes, resolved=resolved)
+        chunk_elems=chunking.chunk_elems, passes=eng.passes, resolved=resolved,
+        nonfinite=nonfinite.found)
 
 
 def needs_moments(cfg: MergeConfig) -> bool:

@@ -33,8 +33,8 @@ from ..thresholds import nonfinite_error, one_pass, per_model, selection_request
 from .checkpoint_io import NAME_TO_ST, ST_SIZES
 from .config import MergeConfig, ParameterResolver, load_config
 from .inputs import Inputs, merge_settings, name_files, open_inputs
-from .report import (MergeResult, apply_lines, default_budget, describe, peak_rss_bytes,
-                     progress_factory, write_extras)
+from .report import (MergeResult, NonFiniteCheck, apply_lines, default_budget, describe,
+                     nonfinite_in, peak_rss_bytes, progress_factory, write_extras)
 from .writer import AtomicDirectory, ShardLayout, ShardWriter
 
 _DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}   # DTYPE_* of csrc/common/fastmerge_params.h
@@ -91,8 +91,10 @@ class _Merger:
     one of two reused output buffers, written by a writer thread while the next tensor merges;
     the next single-chunk tensor is mapped (and its pages populated) by a reader thread."""
 
-    def __init__(self, inputs: Inputs, specs: dict, out_st: dict, chunk_elems: int):
+    def __init__(self, inputs: Inputs, specs: dict, out_st: dict, chunk_elems: int,
+                 nonfinite: NonFiniteCheck):
         self.inputs, self.specs, self.out_st = inputs, specs, out_st
+        self.nonfinite = nonfinite
         self.chunk_elems = chunk_elems
         self.core = _core()
         self.nthreads = _threads()
@@ -179,6 +181,8 @@ class _Merger:
             for i, c in enumerate(bad):
                 if c:
                     raise name_files(nonfinite_error(i, c, (name,)), r, name)
+            # finite inputs can still overflow the output dtype (the buffer the kernel wrote)
+            self.nonfinite.found_in(name, s, e, ref.numel, out_st, nonfinite_in(out, out_st))
             self.write(writer, k, name, s, out)
 
     def select(self, name, spec, numel, base_code, codes, b, ms):
@@ -238,8 +242,8 @@ class _Merger:
 def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size="5GB",
                    seed: Optional[int] = None, overwrite: bool = False, quiet: bool = True,
                    lines_pattern: Optional[str] = None,
-                   max_chunk_elems: Optional[int] = None, t0: Optional[float] = None
-                   ) -> MergeResult:
+                   max_chunk_elems: Optional[int] = None, t0: Optional[float] = None,
+                   allow_nonfinite: bool = False) -> MergeResult:
     """``merge_checkpoints`` on the CPU for a config ``why_not`` accepts (same arguments,
     same output and errors)."""
     t0 = time.perf_counter() if t0 is None else t0
@@ -268,7 +272,8 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
             cfg, inputs, "cpu", "cpu", specs, {"lines": lines_info} if lines_info else {})
         layout = ShardLayout([(x, ref.info(x).shape, out_st[x]) for x in inputs.order],
                              shard_bytes, st_meta)
-        merger = _Merger(inputs, specs, out_st, chunking.chunk_elems)
+        nonfinite = NonFiniteCheck(allow_nonfinite)
+        merger = _Merger(inputs, specs, out_st, chunking.chunk_elems, nonfinite)
         if chunking.dare_bits:
             bits0 = merger.core.set_dare_bits_limit(chunking.dare_bits)
         progress = progress_factory(quiet)
@@ -285,6 +290,7 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
                 writer.close()
             write_extras(adir.tmp, layout, cfg, inputs, resolved, per_tensor, config_text)
             final = adir.commit()
+        nonfinite.warn()
         bytes_in = sum(inputs.in_bytes(x) for x in inputs.order)
     finally:
         if merger is not None:
@@ -300,7 +306,8 @@ def merge_natively(cfg: MergeConfig, out_dir, *, memory_budget=None, shard_size=
         tensors=len(inputs.order), shards=layout.count, bytes_in=bytes_in,
         bytes_out=layout.total_size, seconds=time.perf_counter() - t0,
         peak_rss=peak_rss_bytes(), peak_gpu=None, chunk_elems=chunking.chunk_elems,
-        passes=["merge (without torch: fastmerge._core)"], resolved=resolved)
+        passes=["merge (without torch: fastmerge._core)"], resolved=resolved,
+        nonfinite=nonfinite.found)
 
 
 def merge(config, out_dir, *, device: str = "cpu", backend: str = "auto", **kwargs):

@@ -35,6 +35,7 @@ class MergeResult:
     chunk_elems: int
     passes: list = field(default_factory=list)
     resolved: dict = field(default_factory=dict)
+    nonfinite: dict = field(default_factory=dict)   # tensor -> NaN/Inf count (allow_nonfinite)
 
     def summary(self) -> str:
         gpu = f", peak GPU memory {self.peak_gpu / 2 ** 30:.2f} GiB" if self.peak_gpu else ""
@@ -44,6 +45,71 @@ class MergeResult:
                 f"({self.bytes_in / max(self.seconds, 1e-9) / 1e9:.2f} GB/s) on backend "
                 f"{self.backend} ({self.device}); peak RSS {self.peak_rss / 2 ** 30:.2f} GiB"
                 f"{gpu} -> {self.output_dir}")
+
+
+class NonFiniteOutput(ValueError):
+    """A merged tensor came out with NaN/Inf values from finite inputs (an overflow of the
+    output dtype); the merge stops and writes nothing unless allow_nonfinite."""
+
+
+class NonFiniteOutputWarning(UserWarning):
+    """allow_nonfinite: merged tensors with NaN/Inf values were written."""
+
+
+# (bytes per element, mask of the bits without the sign, the exponent bits): a value is NaN or
+# Inf iff its exponent bits are all set, i.e. (bits & mask) >= exponent
+_NONFINITE_BITS = {"BF16": (2, 0x7FFF, 0x7F80), "F16": (2, 0x7FFF, 0x7C00),
+                   "F32": (4, 0x7FFFFFFF, 0x7F800000)}
+_ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def nonfinite_in(data, st: str):
+    """(count, first index) of the NaN/Inf elements of a chunk's raw bytes of safetensors
+    dtype ``st``, or None when all are finite: one vectorised pass over the bits (a masked
+    copy and its max), the positions only when there are some."""
+    import numpy as np
+    size, mask, exponent = _NONFINITE_BITS[st]
+    bits = np.frombuffer(data, dtype=np.uint16 if size == 2 else np.uint32)
+    magnitude = bits & mask
+    if not magnitude.size or int(magnitude.max()) < exponent:
+        return None
+    bad = np.flatnonzero(magnitude >= exponent)
+    return len(bad), int(bad[0])
+
+
+class NonFiniteCheck:
+    """The check of every merged output chunk: an error naming the tensor (nothing is written:
+    the caller's atomic output directory is removed), or with ``allow`` a record of the
+    tensors and one warning naming them at the end."""
+
+    def __init__(self, allow: bool = False):
+        self.allow = allow
+        self.found: dict = {}
+
+    def found_in(self, name: str, start: int, stop: int, numel: int, st: str, got) -> None:
+        """``got``: nonfinite_in's answer for elements [start, stop) of tensor ``name``."""
+        if got is None:
+            return
+        count, first = got
+        if self.allow:
+            self.found[name] = self.found.get(name, 0) + count
+            return
+        where = "" if (start, stop) == (0, numel) else f" among elements [{start}, {stop})"
+        raise NonFiniteOutput(
+            f"tensor {name!r}: the merged output has {count} NaN/Inf value(s){where}, the first "
+            f"at element {start + first}, though the inputs are finite: the merge overflowed "
+            f"{_ST_NAMES[st]} (large weights or lambda?); nothing was written ("
+            f"{'use a wider out_dtype, or ' if st != 'F32' else ''}--allow-nonfinite / "
+            f"allow_nonfinite=True writes it anyway)")
+
+    def warn(self) -> None:
+        if self.found:
+            import warnings
+            names = ", ".join(f"{n!r} ({c})" for n, c in list(self.found.items())[:5])
+            more = f" and {len(self.found) - 5} more" if len(self.found) > 5 else ""
+            warnings.warn(NonFiniteOutputWarning(
+                f"wrote {len(self.found)} merged tensor(s) with NaN/Inf values "
+                f"(allow_nonfinite): {names}{more}"), stacklevel=3)
 
 
 def peak_rss_bytes() -> int:
