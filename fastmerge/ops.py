@@ -18,7 +18,8 @@ Per-model parameters travel packed (see ``fastmerge.plan``):
 ``fparams`` float32 [N, 6] = (weight, rescale, lo, hi, consensus_lambda, ota_scale);
 ``iparams`` int64 [N, 3] = (mode, dare_key as int64 bits, dare_keep_threshold).
 Keep j iff mode 0; or mode 1 and lo <= score < hi (hi = inf: no upper bound); never for
-mode 2; mode 3 iff Philox(key, j + offset).word0 < dare_keep_threshold.
+mode 2; mode 3 iff word (j & 3) of Philox(key, counter j >> 2) < dare_keep_threshold, j = offset +
+the local index (SPEC v2, ``rng.philox_uniform_u32``).
 """
 from __future__ import annotations
 

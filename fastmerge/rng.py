@@ -91,19 +91,27 @@ def philox4x32_10(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, .
 
 
 def philox_uniform_u32(key: int, start: int, count: int, device=None) -> torch.Tensor:
-    """First Philox word for element indices start .. start+count-1 under a 64-bit key."""
+    """The DARE words of element indices start .. start+count-1 under a 64-bit key (SPEC v2):
+    for element j, word ``j & 3`` of Philox(counter (lo32(j >> 2), hi32(j >> 2), 0, 0)).
+
+    One Philox call per counter serves four consecutive elements; a run that starts or ends
+    inside a group of four draws the whole group and keeps its part."""
     import torch
-    j = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    out = philox4x32_10((j & MASK32, j >> 32, 0, 0), (key & MASK32, key >> 32))
-    return out[0]
+    first, last = start >> 2, (start + count + 3) >> 2
+    c = torch.arange(first, last, dtype=torch.int64, device=device)
+    out = philox4x32_10((c & MASK32, c >> 32, 0, 0), (key & MASK32, key >> 32))
+    words = torch.stack(out, dim=1).reshape(-1)  # element 4c + w is word w of counter c
+    skip = start - (first << 2)
+    return words[skip:skip + count]
 
 
 def dare_mask(shape, density: float, seed: int, tensor_name: str, model_index: int,
               offset: int = 0, device=None) -> torch.Tensor:
     """Boolean DARE keep-mask of ``shape`` (elements numbered from ``offset`` in row-major order).
 
-    Keep iff Philox(key(seed, name, i), counter=(lo32(j), hi32(j), 0, 0)).word0 < floor(d*2^32).
-    The same mask on every backend and in any chunking: pass the chunk's global ``offset``."""
+    Keep element j iff word ``j & 3`` of Philox(key(seed, name, i), counter=(lo32(j >> 2),
+    hi32(j >> 2), 0, 0)) < floor(d*2^32) (SPEC v2). The same mask on every backend and in any
+    chunking, also one that starts inside a group of four: pass the chunk's global ``offset``."""
     import torch
     shape = torch.Size(shape)
     numel = shape.numel()

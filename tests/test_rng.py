@@ -1,4 +1,5 @@
-"""Philox4x32-10 against the published Random123 known-answer vectors, and the DARE key rules."""
+"""Philox4x32-10 against the published Random123 known-answer vectors, the SPEC v2 DARE word
+(word j & 3 of counter j >> 2) against known answers, and the DARE key rules."""
 import pytest
 import torch
 
@@ -13,10 +14,53 @@ KAT = [
 ]
 
 
+# SPEC v2 DARE words: (seed, tensor name, model index, element j) -> word j & 3 of
+# Philox4x32-10(key(seed, name, i), counter (lo32(j >> 2), hi32(j >> 2), 0, 0)), computed once
+# with a plain-int Philox outside fastmerge. Every backend's tests assert these
+# (tests/test_cpu_backend.py, tests/test_triton_backend.py).
+DARE_V2_KAT = [
+    (0, "model.layers.0.self_attn.q_proj.weight", 0, 0, 0x5C4D01EF),
+    (0, "model.layers.0.self_attn.q_proj.weight", 0, 1, 0x09658366),
+    (0, "model.layers.0.self_attn.q_proj.weight", 0, 2, 0x227D01CF),
+    (0, "model.layers.0.self_attn.q_proj.weight", 0, 3, 0x331917B2),
+    (42, "model.layers.3.mlp.up_proj.weight", 1, 5, 0x90CED407),
+    (42, "model.layers.3.mlp.up_proj.weight", 2, 1023, 0xDE276166),
+    (7, "lm_head.weight", 0, (1 << 34) + 6, 0xC3846062),
+    (2**63 + 5, "embed", 31, (1 << 34) - 1, 0x1C72EA98),
+]
+KAT_DENSITY = 0.3  # keep iff word < floor(0.3 * 2^32) = 0x4CCCCCCC
+DARE_V2_KEEP = [False, True, True, True, False, False, False, True]
+
+
 @pytest.mark.parametrize("ctr,key,want", KAT)
 def test_philox_known_answers(ctr, key, want):
     got = tuple(int(w) for w in rng.philox4x32_10(ctr, key))
     assert got == want
+
+
+def test_dare_v2_known_answers():
+    thr = rng.dare_keep_threshold(KAT_DENSITY)
+    assert thr == 0x4CCCCCCC
+    for (seed, name, i, j, word), keep in zip(DARE_V2_KAT, DARE_V2_KEEP):
+        key = rng.dare_key(seed, name, i)
+        assert int(rng.philox_uniform_u32(key, j, 1)[0]) == word
+        # the same word inside runs that start at every position of its group of four
+        for before in range(6):
+            assert int(rng.philox_uniform_u32(key, j - min(before, j), 9)[min(before, j)]) == word
+        assert bool(rng.dare_mask((1,), KAT_DENSITY, seed, name, i, offset=j)[0]) == keep
+        # the formula itself: word j & 3 of counter j >> 2
+        c = j >> 2
+        out = rng.philox4x32_10((c & rng.MASK32, c >> 32, 0, 0), (key & rng.MASK32, key >> 32))
+        assert int(out[j & 3]) == word
+
+
+def test_four_elements_share_one_counter():
+    """SPEC v2: elements 4c .. 4c + 3 are the four words of counter c (v1 drew counter j)."""
+    key = rng.dare_key(3, "w", 0)
+    words = rng.philox_uniform_u32(key, 40, 8)
+    for c in (10, 11):
+        want = rng.philox4x32_10((c, 0, 0, 0), (key & rng.MASK32, key >> 32))
+        assert [int(w) for w in words[4 * (c - 10):4 * (c - 9)]] == [int(w) for w in want]
 
 
 def test_splitmix_and_fnv_known_values():
@@ -38,7 +82,7 @@ def test_dare_mask_reproducible_and_distinct():
 def test_dare_mask_independent_of_chunking():
     whole = rng.dare_mask((1000,), 0.4, 9, "x", 2)
     parts = torch.cat([rng.dare_mask((n,), 0.4, 9, "x", 2, offset=o)
-                       for o, n in ((0, 17), (17, 400), (417, 583))])
+                       for o, n in ((0, 17), (17, 2), (19, 1), (20, 397), (417, 583))])
     assert torch.equal(whole, parts)
 
 

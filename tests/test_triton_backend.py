@@ -16,6 +16,7 @@ from fastmerge import ops, rng
 from fastmerge.backends import availability, get_backend
 from fastmerge.selection import Chunk
 from helpers import make_finetunes
+from test_rng import DARE_V2_KAT, DARE_V2_KEEP, KAT_DENSITY
 
 ok, why = availability("triton")
 pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable here: {why}")
@@ -66,6 +67,30 @@ def test_philox_stream_matches_rng(seed, name, model, start):
     out = torch.zeros(n, dtype=torch.int64, device=DEV)
     K._philox_stream_kernel[(1,)](out, _bits64(key), start, n, BLOCK=1024)
     assert torch.equal(out.cpu(), rng.philox_uniform_u32(key, start, n))
+
+
+def test_dare_v2_known_answers_in_triton():
+    """SPEC v2's known DARE words (tests/test_rng.py) from the Triton stream kernel at starts
+    of every residue modulo 4, and the keep bits from the fused kernel at such chunk offsets."""
+    K = _tk().kernels()
+    for (seed, name, i, j, word), keep in zip(DARE_V2_KAT, DARE_V2_KEEP):
+        key = rng.dare_key(seed, name, i)
+        for before in (0, 1, 2, 3):
+            b = min(before, j)
+            out = torch.zeros(16, dtype=torch.int64, device=DEV)
+            K._philox_stream_kernel[(1,)](out, _bits64(key), j - b, 16, BLOCK=16)
+            assert int(out[b]) == word, (seed, name, i, j, before)
+        at = min(j, 5)
+        fp = torch.zeros(1, ops.NUM_FPARAMS, dtype=torch.float32, device=DEV)
+        fp[0, ops.F_WEIGHT] = 1.0
+        fp[0, ops.F_RESCALE] = 1.0
+        ip = torch.tensor([[ops.MODE_DARE, _bits64(key), rng.dare_keep_threshold(KAT_DENSITY)]],
+                          dtype=torch.int64, device=DEV)
+        nf = torch.zeros(1, dtype=torch.int64, device=DEV)
+        got = _tk().backend().fused_merge(
+            torch.zeros(16, device=DEV), [torch.ones(16, device=DEV)], [], fp, ip,
+            ops.COMBINE_IDS["sum"], 0, 0, 0, 0, 2, 1.0, 0.5, 1e-8, j - at, torch.float32, nf)
+        assert bool(got[at].cpu() != 0) == keep, (seed, name, i, j)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 42, 2**63 + 5])
