@@ -531,7 +531,8 @@ class Checkpoint:
         for fn in files:
             p = self.inside(fn, index if wmap is not None else None)
             if not os.path.lexists(p):
-                raise CheckpointError(f"{index}: names shard {quote(fn)} but {p} does not exist")
+                raise CheckpointError(f"{index}: names shard {quote(fn, 160)} but it does not "
+                                      f"exist in {self.dir}")
             st = SafetensorsFile(p)
             self.files[fn] = st
             for name in st.tensors:
@@ -584,15 +585,17 @@ class Checkpoint:
         followed) inside the model directory."""
         where = f"{index}: entry" if index is not None else f"model {quote(self.label)}: file"
         p = self.dir / name
-        if "\0" in name or os.path.isabs(name):
-            raise CheckpointError(f"{where} {quote(name)} is not a file name inside {self.dir}")
+        if "\0" in name:
+            raise CheckpointError(f"{where} {quote(name, 160)} is not a file name")
         try:
             real = Path(os.path.realpath(p))
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{where} {quote(name)}: cannot resolve ({exc})") from None
+            raise CheckpointError(f"{where} {quote(name, 160)}: cannot resolve "
+                                  f"({getattr(exc, 'strerror', None) or exc})") from None
         if not any(r in real.parents for r in self._roots):
-            raise CheckpointError(f"{where} {quote(name)} resolves to {quote(str(real), 160)}, "
-                                  f"outside the model directory {self._roots[0]}; refused")
+            raise CheckpointError(f"{where} {quote(name, 160)} resolves to "
+                                  f"{quote(str(real), 160)}, outside the model directory "
+                                  f"{self._roots[0]}; refused")
         return p
 
     def _check_side_files(self):
