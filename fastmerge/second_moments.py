@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -68,9 +69,54 @@ def load_optimizer_state(path: Union[str, os.PathLike]) -> dict:
     return sd
 
 
+def check_output_file(out_path, overwrite: bool, inputs=()) -> None:
+    """Before any work: an existing ``out_path`` needs ``overwrite``, and it may never be one of
+    ``inputs`` (the optimizer checkpoint, the names file)."""
+    out = Path(out_path)
+    for p in inputs:
+        if isinstance(p, (str, os.PathLike)) and os.path.exists(p) and \
+                os.path.realpath(p) == os.path.realpath(out):
+            raise ValueError(f"output file {out} is the input {p}; choose another --out")
+    if out.is_dir():
+        raise ValueError(f"output path {out} is a directory; give a .safetensors file name")
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"output file {out} already exists; pass --overwrite "
+                              f"(overwrite=True) to replace it")
+
+
+def save_atomically(tensors: dict, out_path, metadata: dict, overwrite: bool) -> None:
+    """Write a temporary file beside ``out_path``, fsync it, and rename it into place: without
+    ``overwrite`` a rename that never replaces (a file that appeared meanwhile is kept and the
+    error says so), with it ``os.replace``. Nothing half-written is ever left at ``out_path``."""
+    from safetensors.torch import save_file
+
+    from .engine.writer import rename_noreplace
+    out = Path(out_path)
+    tmp = out.parent / f".{out.name}.fastmerge-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            try:
+                rename_noreplace(tmp, out)
+            except FileExistsError:
+                raise FileExistsError(f"output file {out} appeared while extracting; it was "
+                                      f"left untouched (pass --overwrite to replace it)") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
 def extract_exp_avg_sq(optimizer_state: Union[str, os.PathLike, dict], model,
                        out_path: Optional[Union[str, os.PathLike]] = None,
-                       shapes: Optional[dict] = None, suffix: str = "") -> dict:
+                       shapes: Optional[dict] = None, suffix: str = "",
+                       overwrite: bool = False) -> dict:
     """Map each parameter's ``exp_avg_sq`` to its name; write safetensors if ``out_path``.
 
     Args:
@@ -78,9 +124,12 @@ def extract_exp_avg_sq(optimizer_state: Union[str, os.PathLike, dict], model,
         model: nn.Module, names in optimizer order, a names file or a HF model directory.
         shapes: optional {name: shape} to check against (e.g. the weights' safetensors header).
         suffix: appended to each name (e.g. ".exp_avg_sq"); the engine accepts both.
+        overwrite: replace an existing ``out_path`` (otherwise an error before any work).
     Returns:
         {name + suffix: float32 tensor}.
     """
+    if out_path is not None:
+        check_output_file(out_path, overwrite, (optimizer_state, model))
     sd = optimizer_state if isinstance(optimizer_state, dict) else \
         load_optimizer_state(optimizer_state)
     names = parameter_names(model)
@@ -102,9 +151,8 @@ def extract_exp_avg_sq(optimizer_state: Union[str, os.PathLike, dict], model,
             raise ValueError(f"parameter {name!r}: exp_avg_sq has NaN/Inf or negative values")
         out[name + suffix] = v
     if out_path is not None:
-        from safetensors.torch import save_file
-        save_file(out, str(out_path), metadata={"format": "pt", "fastmerge": json.dumps(
-            {"kind": "exp_avg_sq", "parameters": len(out)})})
+        save_atomically(out, out_path, {"format": "pt", "fastmerge": json.dumps(
+            {"kind": "exp_avg_sq", "parameters": len(out)})}, overwrite)
     return out
 
 
@@ -120,10 +168,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "optimizer order")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--suffix", default="", help="append to each name, e.g. .exp_avg_sq")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     print(f"loading {args.optimizer} with torch.load(weights_only=True)")
     try:
-        out = extract_exp_avg_sq(args.optimizer, args.model, args.out, suffix=args.suffix)
+        out = extract_exp_avg_sq(args.optimizer, args.model, args.out, suffix=args.suffix,
+                                 overwrite=args.overwrite)
     except (ValueError, OSError) as exc:
         print(f"fastmerge: error: {exc}")
         return 1
