@@ -19,6 +19,7 @@ partial output is removed like any failed merge's).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import struct
 import time
@@ -100,6 +101,9 @@ class _Merger:
         self.nthreads = _threads()
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-read")
         self.writes = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write")
+        # the NaN/Inf check of the outputs needs numpy (~0.2 s to import): imported by the idle
+        # writer thread while the first tensors merge, instead of before the first write
+        self.writes.submit(importlib.import_module, "numpy")
         self.buffers: list = [None, None]
         self.pending: list = [None, None]
         self.turn = 0
@@ -131,8 +135,16 @@ class _Merger:
             self.buffers[k] = bytearray(nbytes)
         return k, memoryview(self.buffers[k])[:nbytes]
 
-    def write(self, writer, k, name, offset, data):
-        self.pending[k] = self.writes.submit(writer.write_bytes, name, offset, data)
+    def write(self, writer, k, name, offset, data, check=None):
+        """Write ``data`` at element ``offset`` in the writer thread; with check = (stop,
+        numel, dtype), a merged chunk, first look for NaN/Inf in it."""
+        self.pending[k] = self.writes.submit(self._write, writer, name, offset, data, check)
+
+    def _write(self, writer, name, offset, data, check):
+        if check is not None:
+            stop, numel, st = check
+            self.nonfinite.found_in(name, offset, stop, numel, st, nonfinite_in(data, st))
+        writer.write_bytes(name, offset, data)
 
     def flush(self):
         for k, f in enumerate(self.pending):
@@ -181,9 +193,9 @@ class _Merger:
             for i, c in enumerate(bad):
                 if c:
                     raise name_files(nonfinite_error(i, c, (name,)), r, name)
-            # finite inputs can still overflow the output dtype (the buffer the kernel wrote)
-            self.nonfinite.found_in(name, s, e, ref.numel, out_st, nonfinite_in(out, out_st))
-            self.write(writer, k, name, s, out)
+            # finite inputs can still overflow the output dtype: the writer thread checks the
+            # buffer the kernel wrote before writing it, while the next chunk merges
+            self.write(writer, k, name, s, out, (e, ref.numel, out_st))
 
     def select(self, name, spec, numel, base_code, codes, b, ms):
         """Per-model (lo, hi), kept L1 and total L1 (None unless rescale="l1") of a top-k or

@@ -56,24 +56,26 @@ class NonFiniteOutputWarning(UserWarning):
     """allow_nonfinite: merged tensors with NaN/Inf values were written."""
 
 
-# (bytes per element, mask of the bits without the sign, the exponent bits): a value is NaN or
-# Inf iff its exponent bits are all set, i.e. (bits & mask) >= exponent
-_NONFINITE_BITS = {"BF16": (2, 0x7FFF, 0x7F80), "F16": (2, 0x7FFF, 0x7C00),
-                   "F32": (4, 0x7FFFFFFF, 0x7F800000)}
+# (bits per element, the exponent bits): a value is NaN or Inf iff its exponent bits are all set
+_NONFINITE_BITS = {"BF16": (16, 0x7F80), "F16": (16, 0x7C00), "F32": (32, 0x7F800000)}
 _ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def nonfinite_in(data, st: str):
     """(count, first index) of the NaN/Inf elements of a chunk's raw bytes of safetensors
-    dtype ``st``, or None when all are finite: one vectorised pass over the bits (a masked
-    copy and its max), the positions only when there are some."""
+    dtype ``st``, or None when all are finite. Two max-reductions over the bits, no temporary:
+    positive NaN/Inf are the largest values read as signed integers, negative ones the largest
+    read as unsigned; the positions are looked for only when there are some."""
     import numpy as np
-    size, mask, exponent = _NONFINITE_BITS[st]
-    bits = np.frombuffer(data, dtype=np.uint16 if size == 2 else np.uint32)
-    magnitude = bits & mask
-    if not magnitude.size or int(magnitude.max()) < exponent:
+    width, exponent = _NONFINITE_BITS[st]
+    signed = np.frombuffer(data, dtype=np.int16 if width == 16 else np.int32)
+    if not signed.size:
         return None
-    bad = np.flatnonzero(magnitude >= exponent)
+    unsigned = signed.view(np.uint16 if width == 16 else np.uint32)
+    sign = 1 << (width - 1)
+    if int(signed.max()) < exponent and int(unsigned.max()) < (sign | exponent):
+        return None
+    bad = np.flatnonzero((unsigned & (sign - 1)) >= exponent)
     return len(bad), int(bad[0])
 
 
