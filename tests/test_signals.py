@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine_util import index_of, load_dir, write_yaml
 from fastmerge.demo import make_synthetic_checkpoints
+from engine_util import index_of, load_dir, write_yaml
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 STAGES = ("tmp-created", "mid-write", "commit")
