@@ -110,6 +110,8 @@ LIBRARY_DTYPES = frozenset(ST_SIZES) | {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "
 MAX_JSON_DEPTH = 127  # serde_json's recursion limit: the library refuses deeper headers
 _U64 = 1 << 64
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_ODD_INT = re.compile(rb"-[0-9]|[0-9]{21}")  # a negative or beyond-u64 integer, maybe
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _DEPTH_STEP = [0] * 256
 _DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
@@ -154,12 +156,17 @@ def _refuse_constant(s: str):
     raise ValueError(f"{s} is not JSON")
 
 
-def strict_json(text: str):
+def strict_json(text: str, raw: Optional[bytes] = None):
     """``json.loads`` as serde_json reads it: objects as ``Pairs``; integers as ints only
     within u64 (the rest as floats, which no shape or offset accepts; -0 too); no NaN or
     Infinity; no lone surrogate escapes anywhere."""
-    value = json.loads(text, object_pairs_hook=Pairs, parse_int=_json_int,
+    raw = text.encode("utf-8", "surrogatepass") if raw is None else raw
+    # the hooks and the walk cost time per value: only where the text can need them
+    odd_ints = _ODD_INT.search(raw) is not None
+    value = json.loads(text, object_pairs_hook=Pairs, parse_int=_json_int if odd_ints else None,
                        parse_float=_json_float, parse_constant=_refuse_constant)
+    if _SURROGATE_ESCAPE.search(raw) is None:
+        return value
     stack = [value]
     while stack:
         v = stack.pop()
@@ -191,8 +198,14 @@ def json_reason(exc: BaseException) -> str:
     return str(exc)[:120]
 
 
-def _is_u64(v) -> bool:
-    return type(v) is int and 0 <= v < _U64
+def _u64_list(v) -> bool:
+    """A JSON array of integers in [0, 2**64): what serde reads as Vec<usize>."""
+    if type(v) is not list:
+        return False
+    for d in v:
+        if type(d) is not int or d < 0 or d >= _U64:
+            return False
+    return True
 
 
 def open_regular(path: Path, what: str):
@@ -288,7 +301,7 @@ class SafetensorsFile:
         if json_depth(raw) > MAX_JSON_DEPTH:
             self._fail(f"header JSON is nested deeper than {MAX_JSON_DEPTH} levels")
         try:
-            header = strict_json(text)
+            header = strict_json(text, raw)
         except (ValueError, RecursionError) as exc:
             self._fail(f"header is not valid JSON ({json_reason(exc)})")
         if not isinstance(header, Pairs):
@@ -364,9 +377,9 @@ class SafetensorsFile:
             dt = dt[0][0]  # serde's other spelling of a unit variant: {"F32": null}
         if not isinstance(dt, str) or dt not in LIBRARY_DTYPES:
             self._fail(f"unknown dtype {quote(dt)}", name)
-        if type(shape) is not list or not all(_is_u64(d) for d in shape):
+        if not _u64_list(shape):
             self._fail(f"bad shape {quote(shape)}", name)
-        if type(offs) is not list or len(offs) != 2 or not all(_is_u64(o) for o in offs):
+        if not _u64_list(offs) or len(offs) != 2:
             self._fail(f"bad data_offsets {quote(offs)}", name)
         if dt not in ST_SIZES:
             self._fail(f"unsupported dtype {dt} (fastmerge reads "
@@ -558,7 +571,7 @@ class Checkpoint:
         with open_regular(index, "index") as f:
             raw = f.read()
         try:
-            doc = strict_json(raw.decode("utf-8"))
+            doc = strict_json(raw.decode("utf-8"), raw)
         except UnicodeDecodeError:
             raise CheckpointError(f"{index}: not a valid safetensors index (not UTF-8)") from None
         except (ValueError, RecursionError) as exc:
