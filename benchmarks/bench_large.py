@@ -48,6 +48,11 @@ WRAPPER = ("import resource, subprocess, sys, time, json; t = time.perf_counter(
            " text=True); dt = time.perf_counter() - t; "
            "print(json.dumps({'rc': r.returncode, 'seconds': dt, 'err': r.stderr[-2000:], "
            "'peak_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
+# runs ``fastmerge ARGS`` in this process and says on stderr whether it imported torch: the
+# torch-free path restarts on the engine when a top-k tensor is larger than one chunk
+LAUNCH = ("import os, sys\nfrom fastmerge.cli import main\nrc = main(sys.argv[1:])\n"
+          "print('\\nfastmerge-imported-torch:', 'torch' in sys.modules, file=sys.stderr)\n"
+          "sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)  # as fastmerge.cli.run\n")
 READ_CHUNK = 64 << 20
 GiB = 2 ** 30
 
@@ -171,10 +176,14 @@ def write_config(path: Path, method: str, base: Path, models: list) -> None:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-def native_or_engine(cfg_path: Path) -> str:
+def merge_path(cfg_path: Path, stderr: str) -> str:
+    """native (without torch), engine (why_not chose it), or engine after the native path gave
+    up (fastmerge/engine/native.py UseEngine: the run imported torch)."""
     from fastmerge.engine import load_config
     from fastmerge.engine.native import why_not
-    return "engine" if why_not(load_config(cfg_path), "cpu", "auto") else "native"
+    if why_not(load_config(cfg_path), "cpu", "auto"):
+        return "engine"
+    return "native -> engine" if "fastmerge-imported-torch: True" in stderr else "native"
 
 
 def needed_bytes(input_bytes: int, out_bytes: int) -> int:
@@ -252,7 +261,10 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
         "dirty; fastmerge fsyncs its output, mergekit does not). x floor = (wall + flush) / "
         "floor. fastmerge: `fastmerge merge CONFIG OUT --memory-budget B`; mergekit: "
         f"`mergekit-yaml CONFIG OUT --random-seed {MERGEKIT_SEED}` (its defaults, CPU). "
-        "Parameters: weight 0.5, density 0.5, gamma 0.01 (breadcrumbs)."), "",
+        "Parameters: weight 0.5, density 0.5, gamma 0.01 (breadcrumbs). path: native = "
+        "without torch (fastmerge/engine/native.py), engine = the torch engine, native -> "
+        "engine = the native path gave up part-way (a top-k/band tensor larger than one "
+        "chunk) and the engine merged from the start."), "",
         ("| method | tool | path | budget | wall s | flush s | x floor | peak RSS GiB | "
         "RSS / budget | load |"),
         "|---|---|---|---|---|---|---|---|---|---|"]
@@ -366,16 +378,15 @@ def run(args) -> int:
                 if out.exists():
                     raise mc.UserError(f"{out}: exists (left from another run?); remove it")
                 if tool == "fastmerge":
-                    cmd = [sys.executable, "-m", "fastmerge", "merge", str(cfg), str(out),
+                    cmd = [sys.executable, "-c", LAUNCH, "merge", str(cfg), str(out),
                            "--quiet", "--memory-budget", budget]
-                    path = native_or_engine(cfg)
                 else:
                     cmd = [mergekit, str(cfg), str(out), "--quiet", "--random-seed",
                            str(MERGEKIT_SEED)]
-                    path = "-"
                 evict(files)
                 load = load_avg()
                 res = run_measured(cmd)
+                path = merge_path(cfg, res["err"]) if tool == "fastmerge" else "-"
                 shutil.rmtree(out, ignore_errors=True)
                 out = None
                 row = {"method": method, "tool": tool, "budget": budget,
