@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ LAUNCH = ("import os, sys\nfrom fastmerge.cli import main\nrc = main(sys.argv[1:
           "sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)  # as fastmerge.cli.run\n")
 READ_CHUNK = 64 << 20
 GiB = 2 ** 30
+NOTES = "<!-- notes: kept when the script rewrites this file -->"
 
 
 def parse_budget(text: str) -> int:
@@ -191,6 +193,21 @@ def needed_bytes(input_bytes: int, out_bytes: int) -> int:
     return input_bytes + out_bytes + 2 * GiB
 
 
+def busy_note(load: float) -> list:
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return []
+    return [(f"**The machine was busy** (load average up to {load:.1f} on {cores} cores, other "
+            "jobs' CPU and disk use): these numbers check the script, they do not measure "
+            "fastmerge."), ""]
+
+
+def keep_notes(path: Path, text: str) -> str:
+    """``text`` plus the notes section of the file it replaces (from the NOTES line on)."""
+    old = path.read_text() if path.exists() else ""
+    return text + ("\n" + old[old.index(NOTES):] if NOTES in old else "")
+
+
 def display(path) -> str:
     """A path relative to the repository where it is inside it."""
     p = Path(path).resolve()
@@ -248,6 +265,7 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
         f"shards; {info['bytes'] / gb:.1f} GB in, {info['out_bytes'] / gb:.1f} GB out (bf16). "
         f"Workdir {args.workdir}. Load average at the start {floors[0]['load']:.2f} "
         "(each row gives its own)."), "",
+        *busy_note(max([f["load"] for f in floors] + [r["load"] for r in rows])),
         ("Floor = reading every input once from a cold cache (64 MiB reads, one file after "
         "another) + writing the output's bytes and fsync. "
         f"Measured before and after the runs: {floors[0]['floor']:.1f} s "
@@ -282,11 +300,14 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
     lines.append("")
     for s in skipped:
         lines.append(f"- {s}")
+    if args.size != "7b":
+        lines += ["", ("The 7B-shaped run (~56 GB of disk, the machine to itself): "
+                  "`python benchmarks/bench_large.py --with-mergekit`.")]
     lines += ["", (f"Goal for the engine: every method within 1.2x of the floor at a 4 GiB "
               "budget, still at 2 GiB. Plot: "
                f"{display(args.plot)}. Command: "
               f"`python benchmarks/bench_large.py {' '.join(args.argv)}`."), ""]
-    return "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -406,7 +427,7 @@ def run(args) -> int:
         if made_work and not any(work.iterdir()):
             work.rmdir()
     text = report(args, info, floors, evict_check, rows, skipped, machine)
-    Path(args.out).write_text(text)
+    Path(args.out).write_text(keep_notes(Path(args.out), text))
     floor = min(f["floor"] for f in floors)
     plot([r for r in rows if not r["rc"]], floor,
          f"{args.size}-shaped base + {args.fine_tunes} fine-tunes, "
