@@ -91,6 +91,7 @@ def test_an_empty_out_dir_appearing_meanwhile_is_not_replaced(tmp_path, renames)
 
 def test_two_directories_for_one_target_exactly_one_wins(tmp_path, renames):
     out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
     a, b = AtomicDirectory(out), AtomicDirectory(out)   # b's start left a's temporary alone
     assert a.tmp.exists() and b.tmp.exists()
     build(a, "a")
@@ -101,6 +102,7 @@ def test_two_directories_for_one_target_exactly_one_wins(tmp_path, renames):
         b.commit()
     assert (out / "model.safetensors").read_text() == "a"
     assert (kept_path(exc) / "model.safetensors").read_text() == "b"
+    assert signal.getsignal(signal.SIGTERM) is before   # given back once both are closed
 
 
 def test_overwrite_replaces_the_directory_of_the_start(tmp_path, renames):

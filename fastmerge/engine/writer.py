@@ -321,36 +321,55 @@ def pause_point(stage: str) -> None:
 
 
 class _SignalGuard:
-    """While installed (main thread only), SIGINT, SIGTERM and SIGHUP raise ``Interrupted``; a
-    signal whose disposition is "ignore" (SIGHUP under nohup) stays ignored. With ``defer``
-    set, a signal is only noted, so that a rename or a removal is never cut in half."""
+    """While some output directory is open (process-wide, counted; main thread only), SIGINT,
+    SIGTERM and SIGHUP raise ``Interrupted``; a signal whose disposition is "ignore" (SIGHUP
+    under nohup) stays ignored. Inside ``deferred()`` a signal is only noted (``pending``),
+    so that a rename or a removal is never cut in half."""
 
     def __init__(self):
         self.previous: dict = {}
-        self.defer = False
+        self.users = 0
+        self.deferring = 0
         self.pending: Optional[int] = None
 
-    def install(self) -> None:
+    def acquire(self) -> bool:
         if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in _TERMINATING:
-            prev = signal.getsignal(sig)
-            if prev is signal.SIG_IGN or prev is None:   # None: a handler set outside Python
-                continue
-            self.previous[sig] = prev
-            signal.signal(sig, self._handle)
+            return False
+        if self.users == 0:
+            for sig in _TERMINATING:
+                prev = signal.getsignal(sig)
+                if prev is signal.SIG_IGN or prev is None:   # None: set outside Python
+                    continue
+                self.previous[sig] = prev
+                signal.signal(sig, self._handle)
+        self.users += 1
+        return True
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for sig, prev in self.previous.items():
+                signal.signal(sig, prev)
+            self.previous, self.pending = {}, None
 
     def _handle(self, signum, frame):
         _caught.set()
-        if self.defer:
+        if self.deferring:
             self.pending = signum
             return
         raise Interrupted(signum)
 
-    def restore(self) -> None:
-        for sig, prev in self.previous.items():
-            signal.signal(sig, prev)
-        self.previous = {}
+    def defer(self) -> None:
+        self.deferring += 1
+
+    def undefer(self) -> Optional[int]:
+        """End one ``defer``; the signal noted meanwhile, if any (cleared)."""
+        self.deferring -= 1
+        pending, self.pending = self.pending, None
+        return pending
+
+
+_SIGNALS = _SignalGuard()
 
 
 class OutputDir(type(Path())):
@@ -548,13 +567,20 @@ class AtomicDirectory:
         self.created_parents = _make_parents(self.target.parent)
         self.tmp: Optional[Path] = None
         self._lock_fd: Optional[int] = None
-        self._signals = _SignalGuard()
+        self._guarded = False
+        self._deferred = False
         try:
-            self._signals.install()
+            self._guarded = _SIGNALS.acquire()
             remove_dead_leftovers(self.target)
             self.tmp = self.target.parent / \
                 f".{self.target.name}.{TMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
-            self.tmp.mkdir()
+            try:
+                self.tmp.mkdir()
+            except OSError as exc:
+                self.tmp = None
+                raise OutputError(exc.errno or errno.EIO, f"cannot create the output beside "
+                                                          f"{self.target}: {exc.strerror or exc}"
+                                  ) from None
             self._lock_fd = self._lock(self.tmp)
             pause_point("tmp-created")
         except BaseException:
@@ -574,7 +600,8 @@ class AtomicDirectory:
 
     def commit(self) -> Path:
         pause_point("commit")
-        self._signals.defer = True
+        _SIGNALS.defer()     # a signal now waits for the rename (then the merge is complete)
+        self._deferred = True
         lock = self.tmp / LOCK_NAME
         if lock.exists():
             lock.unlink()
@@ -662,7 +689,9 @@ class AtomicDirectory:
 
     def abort(self) -> None:
         """Remove the temporary directory and the parents this run created (idempotent)."""
-        self._signals.defer = True
+        if not self._deferred:
+            _SIGNALS.defer()
+            self._deferred = True
         removing = self.tmp is not None
         try:
             if self.tmp is not None:
@@ -671,17 +700,23 @@ class AtomicDirectory:
             _remove_empty(self.created_parents)
             self.created_parents = []
         finally:
-            pending = self._signals.pending
-            self._close()
+            pending = self._close()
         if pending is not None and removing:
             raise Interrupted(pending)
 
-    def _close(self) -> None:
+    def _close(self) -> Optional[int]:
+        """Unlock, end the deferral and give the signals back; the signal noted meanwhile."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        self._signals.restore()
-        self._signals.defer, self._signals.pending = False, None
+        pending = None
+        if self._deferred:
+            pending = _SIGNALS.undefer()
+            self._deferred = False
+        if self._guarded:
+            _SIGNALS.release()
+            self._guarded = False
+        return pending
 
     def __enter__(self):
         return self
