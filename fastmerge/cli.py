@@ -174,9 +174,11 @@ def main(argv=None) -> int:
     shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return _dispatch(argv)
-    except KeyboardInterrupt:
-        print("fastmerge: interrupted; no output was written", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as exc:  # writer.Interrupted carries SIGTERM/SIGHUP's 128 + signum
+        status = getattr(exc, "exit_status", INTERRUPTED)
+        what = "interrupted" if status == INTERRUPTED else f"stopped by {exc.args[0]}"
+        print(f"fastmerge: {what}; no output was written", file=sys.stderr)
+        return status
     except Exception as exc:  # noqa: BLE001 - the CLI's one place that reports every error
         status, msg = _exit_status(exc, argv[0] if argv else "")
         if debug:
