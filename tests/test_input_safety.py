@@ -359,3 +359,25 @@ def test_unreadable_shard(tmp_path):
     (d / "model.safetensors").chmod(0)
     with pytest.raises(CheckpointError, match="cannot open the safetensors file .*Permission"):
         Checkpoint(d)
+
+
+class _Boom:
+    """Unpickling this would create a marker file: proof that pickled code ran."""
+    marker = None
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickles_never_run_code(tmp_path):
+    from fastmerge.second_moments import load_optimizer_state
+    _Boom.marker = str(tmp_path / "ran")
+    d = tmp_path / "m"
+    d.mkdir()
+    torch.save({"w": _Boom()}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="only safetensors is supported"):
+        Checkpoint(d)
+    torch.save({"state": {0: _Boom()}, "param_groups": []}, tmp_path / "optimizer.pt")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_optimizer_state(tmp_path / "optimizer.pt")
+    assert not (tmp_path / "ran").exists()
