@@ -313,7 +313,9 @@ class _SharedDirectory:
         return final
 
     def abort(self) -> None:
-        if not self.committed:
+        if self.adir is not None:      # rank 0: also its lock, signal handlers, created parents
+            self.adir.abort()
+        elif not self.committed:
             import shutil
             shutil.rmtree(self.tmp, ignore_errors=True)
 
