@@ -19,10 +19,12 @@ floor at a 4 GiB budget, still at 2 GiB.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,15 +107,25 @@ def read_all(files) -> int:
     return total
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
 def write_floor(path: Path, nbytes: int) -> float:
-    """Seconds to write nbytes (64 MiB writes of random bytes) and fsync them; deletes the file."""
+    """Seconds to write nbytes (64 MiB writes of random bytes, the writeback of each started at
+    once with sync_file_range, as fastmerge's writer does) and fsync them; deletes the file."""
     block = os.urandom(READ_CHUNK)
+    start_writeback = getattr(_LIBC, "sync_file_range", None)
     t = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        left = nbytes
-        while left:
-            left -= os.write(fd, block[:min(left, len(block))])
+        done = 0
+        while done < nbytes:
+            n = os.write(fd, block[:min(nbytes - done, len(block))])
+            if start_writeback is not None:  # without it the page cache fills first, then waits
+                start_writeback(fd, ctypes.c_int64(done), ctypes.c_int64(n),
+                                _SYNC_FILE_RANGE_WRITE)
+            done += n
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -162,9 +174,17 @@ def measure_floor(files, out_bytes: int, workdir: Path) -> dict:
 
 
 def run_measured(cmd: list) -> dict:
-    r = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], check=False, capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    # its own process group, so that an interrupted benchmark stops the command it runs too
+    p = subprocess.Popen([sys.executable, "-c", WRAPPER, *cmd], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        stdout, _ = p.communicate()
+    except BaseException:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise
+    res = json.loads(stdout.strip().splitlines()[-1])
     t = time.perf_counter()
     os.sync()  # what the command left dirty in the page cache is part of writing the output
     res["flush"] = time.perf_counter() - t
@@ -267,7 +287,8 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
         "(each row gives its own)."), "",
         *busy_note(max([f["load"] for f in floors] + [r["load"] for r in rows])),
         ("Floor = reading every input once from a cold cache (64 MiB reads, one file after "
-        "another) + writing the output's bytes and fsync. "
+        "another) + writing the output's bytes (64 MiB writes, each one's writeback started "
+        "at once) and fsync. "
         f"Measured before and after the runs: {floors[0]['floor']:.1f} s "
         f"(read {floors[0]['read']:.1f} s = {floors[0]['read_bytes'] / floors[0]['read'] / gb:.3g}"
         f" GB/s, write {floors[0]['write']:.1f} s = "
@@ -328,6 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=str(REPO / "docs" / "large_merge.png"))
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    # a kill (SIGTERM) unwinds like Ctrl-C: the cleanup in run() deletes what the run made
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(args)
     except mc.UserError as e:
@@ -361,7 +384,7 @@ def run(args) -> int:
     from machine_info import describe
     machine = describe()
     created = not reuse
-    skipped, out = [], None
+    skipped, out, cfg = [], None, None
     try:
         if reuse:
             print(f"reusing {inputs_dir}", flush=True)
@@ -417,11 +440,14 @@ def run(args) -> int:
                     print(res["err"], file=sys.stderr)
                 print(json.dumps({k: v for k, v in row.items() if k != "err"}), flush=True)
             cfg.unlink()
+            cfg = None
         floors.append({**measure_floor(files, out_bytes, work), "load": load_avg()})
         print(json.dumps(floors[-1]), flush=True)
     finally:
         if out is not None:  # an interrupted run's output (the command's own, never the user's)
             shutil.rmtree(out, ignore_errors=True)
+        if cfg is not None:
+            cfg.unlink(missing_ok=True)
         if created and not args.keep:
             shutil.rmtree(inputs_dir, ignore_errors=True)
         if made_work and not any(work.iterdir()):
