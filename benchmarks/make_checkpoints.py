@@ -11,7 +11,8 @@ safetensors shards (5 GB by default) + ``model.safetensors.index.json`` + a Llam
 config says that many layers). A fine-tune is the base plus a small delta (a part shared by all
 fine-tunes and a part of its own, 0.002 each, the base's weights 0.02, norms 1 + 0.02 noise).
 
-Why it is fast: the noise is drawn once, vectorised (numpy's PCG64), into one pool of
+Why it is fast: the noise is drawn once, vectorised (numpy's PCG64 16-bit integers looked up in
+a table of normal quantiles), into one pool of
 bf16 values per model (64 Mi values, 128 MiB) whose fine-tune pools are the base pool plus the
 deltas; every tensor is then the pool read cyclically from its own seeded offset, so writing a
 checkpoint is nothing but ``os.writev`` of pool slices (up to 128 MiB each) into the shard
@@ -19,9 +20,12 @@ files: no per-element work and no per-tensor copy. The same ``--seed`` gives byt
 files. The cost is that a tensor larger than the pool (the 7B embeddings: 131 Mi values)
 repeats it, which does not matter to a merge's speed.
 
-Measured here (2 shared cores, disk busy with other jobs, load ~2): ``--size 0.5b
---fine-tunes 2`` (2.8 GB) in 8.9 s = 318 MB/s with fsync, of which 0.9 s drawing the pools;
-``dd if=/dev/zero bs=64M conv=fsync`` of the same size: 8.6 s = 329 MB/s. That is, disk speed.
+Measured on the 2-core VM of benchmarks/results/large.md, load ~1: ``--size 0.5b --fine-tunes
+2`` (2.81 GB, each shard fsynced) in 2.6 and 3.8 s (1.08 and 0.74 GB/s, of which drawing the
+pools 0.8-1.8 s); ``dd if=/dev/zero bs=64M conv=fsync`` of the same size just after: 5.3 and
+5.7 s (0.53 and 0.50 GB/s). So: disk speed (this shared disk's speed varies 2x from run to run;
+under a load of ~10 from other jobs the same command took 14-21 s). At 7B the pools (3 x 64 Mi
+values) took 11 s at load ~9 (~2 s expected at load ~1), before ~40 GB of writing.
 """
 from __future__ import annotations
 
