@@ -382,19 +382,20 @@ def run(args) -> int:
                                                     "mergekit-yaml")
     if args.with_mergekit and not Path(mergekit).exists():
         raise mc.UserError("--with-mergekit: mergekit-yaml is not installed")
-    work = Path(args.workdir)
-    made_work = not work.exists()
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(args.workdir).absolute()
     tag = f"{args.size}-{args.layers or 'all'}-ft{args.fine_tunes}-seed{args.seed}"
     inputs_dir = work / f"inputs-{tag}"
     reuse = (inputs_dir / "DONE").exists()
     in_bytes = mc.total_bytes(args.size, args.layers, args.fine_tunes)
     out_bytes = in_bytes // (1 + args.fine_tunes)
     need = needed_bytes(0 if reuse else in_bytes, out_bytes)
-    free = shutil.disk_usage(work).free
+    there = next(p for p in [work, *work.parents] if p.exists())
+    free = shutil.disk_usage(there).free
     if free < need:
         raise mc.UserError(f"{work}: {free / 1e9:.1f} GB free, the {args.size} benchmark needs "
                            f"{need / 1e9:.1f} GB (inputs {in_bytes / 1e9:.1f} GB + outputs)")
+    made_work = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
     from machine_info import describe
     machine = describe()
     created = not reuse

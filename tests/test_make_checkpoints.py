@@ -112,3 +112,31 @@ def test_layer_override_and_70b_shape():
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 8192)  # 8 key-value heads of 128
     with pytest.raises(mc.UserError):
         mc.shape_of("3b")
+
+
+def _bench_large():
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_large",
+                                                  REPO / "benchmarks" / "bench_large.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_large_refuses_without_the_disk_and_creates_nothing(tmp_path, capsys):
+    bl = _bench_large()
+    work = tmp_path / "work"
+    assert bl.main(["--size", "70b-layers", "--layers", "800", "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "GB free" in err and "needs" in err
+    assert not work.exists()
+
+
+def test_bench_large_keeps_the_notes_section(tmp_path):
+    bl = _bench_large()
+    out = tmp_path / "large.md"
+    out.write_text(f"# old table\n\n{bl.NOTES}\n## where the time goes\nkept\n")
+    text = bl.keep_notes(out, "# new table\n")
+    assert text.startswith("# new table") and "old table" not in text
+    assert text.endswith(f"{bl.NOTES}\n## where the time goes\nkept\n")
