@@ -346,9 +346,11 @@ def test_imports_without_triton():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_kernels_compile_for_a_gpu():
+def test_kernels_compile_for_a_gpu(tmp_path):
     """The interpreter is lenient; compile every kernel family for sm_90 (PTX and cubin, with
-    the ptxas triton ships) so a GPU-only compile error cannot hide behind CI. Needs no GPU."""
+    the ptxas triton ships) so a GPU-only compile error cannot hide behind CI. Needs no GPU.
+    The PTX has no fma.rn.f32 / div.full.f32: the compiled kernels round every operation like
+    the interpreter, the C++ CPU and the CUDA kernels."""
     try:
         from triton.backends.nvidia import compiler  # noqa: F401
     except Exception as exc:  # pragma: no cover - triton without its NVIDIA backend
@@ -357,10 +359,102 @@ def test_kernels_compile_for_a_gpu():
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(fm.__file__)))] +
         [p for p in [os.environ.get("PYTHONPATH")] if p])
-    res = subprocess.run([sys.executable, "-m", "fastmerge.triton_kernels.compile_check"],
+    ptx = tmp_path / "ptx"
+    # --fp-fusion: triton's default contraction on (what a launch that drops the
+    # enable_fp_fusion=False option, e.g. under torch.compile, would get): the kernels' own
+    # mul.rn / div_rn must still keep every float32 operation rounded on its own
+    res = subprocess.run([sys.executable, "-m", "fastmerge.triton_kernels.compile_check",
+                          "--fp-fusion", "--ptx", str(ptx)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "kernel variants compiled for sm_90" in res.stdout
+    files = sorted(ptx.glob("*.ptx"))
+    assert len(files) >= 16
+    for f in files:
+        text = f.read_text()
+        assert "div.full.f32" not in text, f.name
+        # libdevice powf (OTA's merge, the statistics with second moments) uses FMAs inside
+        # its own <= 2 ulp algorithm; everywhere else no multiply-add may be contracted
+        if "COMBINE5" not in f.name and not f.name.startswith("_model_stats_kernel"):
+            assert "fma.rn.f32" not in text, f.name
+
+
+def test_fisher_histogram_sums_are_exact():
+    """The Fisher histograms add |t| as exact integer limbs: 2^60 then a thousand 1.0 in the
+    same bin (score t^2 v = 1) sum to float64(2^60 + 1000); float64 adds in any order that
+    starts with 2^60 give 2^60 (ulp 256), so the result depended on the order of the atomics."""
+    n = 1001
+    t = torch.ones(n, dtype=torch.float32)
+    v = torch.ones(n, dtype=torch.float32)
+    t[0], v[0] = 2.0 ** 60, 2.0 ** -120
+    be = _tk().backend()
+    for level in (0, 1):
+        tg = torch.tensor([[0, 0x3F80 if level else 0]], dtype=torch.int64, device=DEV)
+        counts = torch.zeros(1, ops.NUM_BINS, dtype=torch.int64, device=DEV)
+        sums = torch.zeros(1, ops.NUM_BINS, dtype=torch.float64, device=DEV)
+        be.score_histogram(None, [t.to(DEV)], [v.to(DEV)], ops.SCORE_FISHER, tg, level, counts,
+                           sums)
+        b = 0x3F80 if level == 0 else 0
+        assert int(counts[0, b]) == n
+        assert sums[0, b].item() == float(2 ** 60 + 1000), (level, sums[0, b].item())
+        assert int(counts.sum()) == n
+
+
+def test_launches_check_and_guard_the_device(monkeypatch):
+    """Every op checks that its tensors share one device (a clear error naming the tensor) and
+    launches under that device (torch.cuda.device for CUDA tensors), not the current one."""
+    from fastmerge.triton_kernels import _registry
+    cpu = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"models\[1\] is on meta but base is on cpu"):
+        _registry._one_device("triton_fused_merge",
+                              _registry._named(cpu, [cpu, cpu.to("meta")], []))
+    assert _registry._one_device("x", _registry._named(None, [cpu], [], out=cpu)) == cpu.device
+    guard = _registry._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    seen = []
+    real = _registry._device_guard
+    monkeypatch.setattr(_registry, "_device_guard", lambda dev: seen.append(dev) or real(dev))
+    base, models, vs = _inputs((50,), 2)
+    fp, ip = _packed(2, MODES)
+    nf = torch.zeros(2, dtype=torch.int64, device=DEV)
+    _tk().backend().fused_merge(base, models, [], fp.to(DEV), ip.to(DEV), 2, 0, 0, 0, 1, 2,
+                                1.0, 0.5, 1e-8, 0, torch.float32, nf)
+    assert seen == [base.device]
+    with pytest.raises(ValueError, match="iparams is on meta"):
+        _tk().backend().fused_merge(base, models, [], fp.to(DEV), ip.to("meta"), 2, 0, 0, 0, 1,
+                                    2, 1.0, 0.5, 1e-8, 0, torch.float32, nf)
+
+
+def test_model_stats_are_block_order_free(monkeypatch):
+    """Small blocks (many programs): the per-program partials summed by torch give the same
+    bits on every run and the plain-torch statistics."""
+    base, models, vs = _inputs((3000,), 3, seed=5)
+    fp, ip = _packed(3, MODES)
+    monkeypatch.setenv("FASTMERGE_TRITON_BLOCK", "64")
+    outs = []
+    for _ in range(2):
+        got = torch.zeros(3, 3, dtype=torch.float64, device=DEV)
+        _tk().backend().model_stats(base, models, vs, ops.SCORE_FISHER, fp.to(DEV), ip.to(DEV),
+                                    0.5, 7, got)
+        outs.append(got.cpu())
+    assert torch.equal(outs[0], outs[1])
+    want = torch.zeros(3, 3, dtype=torch.float64)
+    ops.model_stats_torch(base.cpu(), [m.cpu() for m in models], [v.cpu() for v in vs],
+                          ops.SCORE_FISHER, fp, ip, 0.5, 7, want)
+    torch.testing.assert_close(outs[0], want, rtol=1e-6, atol=1e-12)
+
+
+def test_many_models_cap_registers(monkeypatch):
+    """Above 16 models the compiled merge is launched with at most 128 registers a thread
+    (two resident blocks instead of one); the interpreter gets no option."""
+    from fastmerge.triton_kernels import _registry
+    assert _registry._merge_options(32) == ({} if _tk().interpreting() else {"maxnreg": 128})
+    monkeypatch.setattr(_registry, "interpreting", lambda: False)
+    assert _registry._merge_options(8) == {}
+    assert _registry._merge_options(32) == {"maxnreg": 128}
+    assert _registry._options() == {"enable_fp_fusion": False}
+    monkeypatch.setenv("FASTMERGE_TRITON_MAXNREG", "0")
+    assert _registry._merge_options(32) == {}
 
 
 def _opcheck_cases():

@@ -13,6 +13,14 @@ Layout shared by the three kernels:
 - Element indices are int64 (``program_id`` widened before the multiply): > 2^31 elements.
 - Per-model packed parameters are read in the kernel (fparams [N, 6] f32, iparams [N, 3]
   i64), so the host never synchronises on them.
+- Every float32 operation is rounded on its own, as in the interpreter, the C++ CPU kernels
+  and the CUDA kernels (csrc builds with -ffp-contract=off): products that feed a sum go
+  through ``_mul`` (``mul.rn``, which the compiler never contracts into an FMA, whatever the
+  launch's enable_fp_fusion) and quotients through ``tl.div_rn`` (not ``div.full``).
+- Nothing a kernel adds across programs depends on their order: the model statistics are
+  per-program partials summed by torch in a fixed order, the histogram counts are integers,
+  the magnitude histograms' float64 sums are exact (the values of one bin share their
+  exponent), and the Fisher histograms add |t| as exact integer limbs (``_add_limbs``).
 """
 from __future__ import annotations
 
@@ -168,6 +176,17 @@ def _keep(t, v, j, i, fp, ip, SCORE: tl.constexpr):
 
 
 @triton.jit
+def _mul(a, b, INTERP: tl.constexpr):
+    """a * b rounded on its own (mul.rn.f32: never contracted into an FMA with a following
+    add). The interpreter has no libdevice and never contracts."""
+    if INTERP:
+        r = a * b
+    else:
+        r = libdevice.mul_rn(a, b)
+    return r
+
+
+@triton.jit
 def _count_nonfinite(x, msk, nonfinite, i):
     bad = tl.sum((msk & ~_finite(x)).to(tl.int32), axis=0)
     if bad > 0:
@@ -188,16 +207,58 @@ def _segment_sum(b1, c1, s1, b2, c2, s2):
 
 
 @triton.jit
-def _histogram_add(counts, sums, row, bins, mag, sel, BLOCK: tl.constexpr,
-                   AGGREGATE: tl.constexpr):
+def _segment_count(b1, c1, b2, c2):
+    """Segmented count of a forward scan: elements of the current run so far."""
+    return b2, c2 + tl.where(b1 == b2, c1, 0)
+
+
+# Fisher histograms add |t| as an exact integer: a finite float32 is mant * 2^(shift - 149)
+# with a 24-bit mant, i.e. at most two 28-bit limbs of a 280-bit fixed-point number; int64
+# limb atomics are order-free (exact up to 2^35 additions per limb) and the host turns the
+# limbs into float64 once (torch, fixed order).
+LIMB_BITS = tl.constexpr(28)
+LIMB_MASK = tl.constexpr(0xFFFFFFF)
+NUM_LIMBS = tl.constexpr(10)
+
+
+@triton.jit
+def _add_limbs(limbs, sums, dst, mag, sel):
+    """limbs[dst, :] += |t| as fixed-point limbs; non-finite |t| (Inf, NaN) go straight to the
+    float64 sums, where adding them is order-free too."""
+    bits = mag.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    e = bits >> 23
+    finite = e < 255
+    mant = (bits & 0x7FFFFF) | tl.where(e > 0, 0x800000, 0)
+    shift = tl.maximum(e - 1, 0)
+    limb = shift // LIMB_BITS
+    v = mant.to(tl.int64) << (shift - limb * LIMB_BITS).to(tl.int64)
+    lo = v & LIMB_MASK
+    hi = v >> LIMB_BITS
+    at = dst * NUM_LIMBS + limb.to(tl.int64)
+    ok = sel & finite
+    tl.atomic_add(limbs + at, lo, mask=ok & (lo != 0))
+    tl.atomic_add(limbs + at + 1, hi, mask=ok & (hi != 0))
+    tl.atomic_add(sums + dst, mag.to(tl.float64), mask=sel & ~finite)
+
+
+@triton.jit
+def _histogram_add(counts, sums, limbs, row, bins, mag, sel, BLOCK: tl.constexpr,
+                   AGGREGATE: tl.constexpr, LIMBS: tl.constexpr):
     """counts[row, bins] += 1 and sums[row, bins] += mag (float64) for the selected lanes.
 
-    AGGREGATE=False: one pair of global atomics per element. AGGREGATE=True: sort the block
-    by (bin, |t| bits), reduce each run of equal bins with segmented scans, and issue one pair
-    of atomics per distinct bin in the block (far less same-address contention on a GPU,
-    where magnitudes crowd into a few hundred bins). Both give the same counts; the float64
-    sums differ only in addition order."""
-    if AGGREGATE:
+    LIMBS (the Fisher score, whose bins do not bound |t|): one count atomic per element and
+    |t| as exact integer limbs (``_add_limbs``). AGGREGATE=False: one pair of global atomics
+    per element. AGGREGATE=True: sort the block by (bin, |t| bits), reduce each run of equal
+    bins with segmented scans, and issue one pair of atomics per distinct bin in the block
+    (far less same-address contention on a GPU, where magnitudes crowd into a few hundred
+    bins). The magnitude score's float64 sums are exact either way (the |t| of one level-0
+    bin share their exponent and 7 mantissa bits; level-1 bins hold one value), so they do
+    not depend on the order of the additions (up to 2^29 elements per bin)."""
+    if LIMBS:
+        dst = row * 65536 + bins.to(tl.int64)
+        tl.atomic_add(counts + dst, tl.full([BLOCK], 1, tl.int64), mask=sel)
+        _add_limbs(limbs, sums, dst, mag, sel)
+    elif AGGREGATE:
         magbits = mag.to(tl.int32, bitcast=True).to(tl.int64)
         key = (tl.where(sel, bins, 65536).to(tl.int64) << 32) | magbits
         ks = tl.sort(key)
@@ -205,8 +266,11 @@ def _histogram_add(counts, sums, row, bins, mag, sel, BLOCK: tl.constexpr,
         m = (ks & 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
         one = tl.full([BLOCK], 1, tl.int64)
         _, cnt, tot = tl.associative_scan((b, one, m), 0, _segment_sum)
-        _, rest, _ = tl.associative_scan((b, one, m), 0, _segment_sum, reverse=True)
-        last = (rest == 1) & (b < 65536)
+        # the run's last element: 1 element of its run left when counting from the end. A
+        # forward scan of the flipped block (not reverse=True: with a non-commutative combine
+        # that depends on the order in which Triton's version applies it)
+        _, rest = tl.associative_scan((tl.flip(b, 0), one), 0, _segment_count)
+        last = (tl.flip(rest, 0) == 1) & (b < 65536)
         dst = row * 65536 + b.to(tl.int64)
         tl.atomic_add(counts + dst, cnt, mask=last)
         tl.atomic_add(sums + dst, tot, mask=last)
@@ -223,12 +287,14 @@ def _score_histogram_kernel(
         m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31,
         v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
         v16, v17, v18, v19, v20, v21, v22, v23, v24, v25, v26, v27, v28, v29, v30, v31,
-        targets, counts, sums, n,
+        targets, counts, sums, limbs, n,
         N: tl.constexpr, HAS_BASE: tl.constexpr, HAS_V: tl.constexpr, SCORE: tl.constexpr,
-        LEVEL: tl.constexpr, AGGREGATE: tl.constexpr, BLOCK: tl.constexpr):
+        LEVEL: tl.constexpr, AGGREGATE: tl.constexpr, LIMBS: tl.constexpr,
+        BLOCK: tl.constexpr):
     """Grid (blocks, T). Row r histograms model targets[r, 0]: level 0 bins the top 16 bits of
     the score; level 1 bins the low 16 bits of the elements whose top 16 bits equal
-    targets[r, 1]. counts[r, bin] += 1 and sums[r, bin] += |t| (float64), by atomics."""
+    targets[r, 1]. counts[r, bin] += 1 and sums[r, bin] += |t| (float64), by atomics (LIMBS:
+    limbs[r, bin, :] += |t| as integer limbs instead, for the host to add to sums)."""
     ms = (m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
           m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31)
     vs = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
@@ -253,7 +319,7 @@ def _score_histogram_kernel(
     else:
         bins = bits & 0xFFFF
         sel = msk & ((bits >> 16).to(tl.int64) == prefix)
-    _histogram_add(counts, sums, row, bins, mag, sel, BLOCK, AGGREGATE)
+    _histogram_add(counts, sums, limbs, row, bins, mag, sel, BLOCK, AGGREGATE, LIMBS)
 
 
 # ----------------------------------------------------------------------------- model stats
@@ -264,11 +330,12 @@ def _model_stats_kernel(
         m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31,
         v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
         v16, v17, v18, v19, v20, v21, v22, v23, v24, v25, v26, v27, v28, v29, v30, v31,
-        fp, ip, out, n, offset, power,
+        fp, ip, partial, n, offset, power,
         N: tl.constexpr, HAS_BASE: tl.constexpr, HAS_V: tl.constexpr, SCORE: tl.constexpr,
         INTERP: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] += (sum |t_i|, sum |t_i| over kept, sum max(v_i, 0)^power), float64 block sums
-    added atomically."""
+    """partial[program, i] = (sum |t_i|, sum |t_i| over kept, sum max(v_i, 0)^power) of this
+    program's block, float64; the host sums the programs' rows in a fixed order (no float
+    atomics, so the same input gives the same bits every run)."""
     ms = (m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15,
           m16, m17, m18, m19, m20, m21, m22, m23, m24, m25, m26, m27, m28, m29, m30, m31)
     vs = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15,
@@ -282,24 +349,25 @@ def _model_stats_kernel(
         v = _load_v(vs[i], offs, msk, HAS_V)
         keep = _keep(t, v, j, i, fp, ip, SCORE) & msk
         mag = tl.abs(t).to(tl.float64)
-        tl.atomic_add(out + i * 3 + 0, tl.sum(tl.where(msk, mag, 0.0), axis=0))
-        tl.atomic_add(out + i * 3 + 1, tl.sum(tl.where(keep, mag, 0.0), axis=0))
+        row = partial + (pid * N + i) * 3
+        tl.store(row + 0, tl.sum(tl.where(msk, mag, 0.0), axis=0))
+        tl.store(row + 1, tl.sum(tl.where(keep, mag, 0.0), axis=0))
         if HAS_V:
             p = _vpow(v, power, INTERP).to(tl.float64)
-            tl.atomic_add(out + i * 3 + 2, tl.sum(tl.where(msk, p, 0.0), axis=0))
+            tl.store(row + 2, tl.sum(tl.where(msk, p, 0.0), axis=0))
 
 
 # ----------------------------------------------------------------------------- fused merge
 @triton.jit
 def _sparsified(base, ms, vs, offs, msk, j, i, fp, ip, HAS_BASE: tl.constexpr,
-                HAS_V: tl.constexpr, SCORE: tl.constexpr):
+                HAS_V: tl.constexpr, SCORE: tl.constexpr, INTERP: tl.constexpr):
     """(t_i, v_i, s_i = t_i * keep_i * rescale_i, w_i) of model i."""
     t = _load_t(base, ms[i], offs, msk, HAS_BASE)
     v = _load_v(vs[i], offs, msk, HAS_V)
     keep = _keep(t, v, j, i, fp, ip, SCORE)
     w = tl.load(fp + i * 6 + 0)
     r = tl.load(fp + i * 6 + 1)
-    s = (t * keep.to(tl.float32)) * r
+    s = _mul(t * keep.to(tl.float32), r, INTERP)
     return t, v, s, w
 
 
@@ -332,16 +400,16 @@ def _fused_merge_kernel(
     if COMBINE == 0:
         # linear: sum w_i m_i / (sum w_i if normalize else 1); the base is not read.
         acc = zero
-        wsum = tl.load(fp) * 0.0
+        wsum = _mul(tl.load(fp), 0.0, INTERP)
         for i in tl.static_range(N):
             x = tl.load(ms[i] + offs, mask=msk, other=0.0).to(tl.float32)
             _count_nonfinite(x, msk, nonfinite, i)
             w = tl.load(fp + i * 6 + 0)
-            acc += w * x
+            acc += _mul(w, x, INTERP)
             wsum += w
         if NORMALIZE != 0:
             wsum = tl.where(wsum == 0.0, 1.0, wsum)
-            res = acc / wsum
+            res = tl.div_rn(acc, wsum)
         else:
             res = acc
     else:
@@ -352,16 +420,16 @@ def _fused_merge_kernel(
         acc = zero          # sum u_i (sum/ties) or sum W_i s_i (ota)
         den = zero          # sum W_i (ota)
         vote = zero         # sign election
-        wsum = tl.load(fp) * 0.0
+        wsum = _mul(tl.load(fp), 0.0, INTERP)
         for i in tl.static_range(N):
             t, v, s, w = _sparsified(base, ms, vs, offs, msk, j, i, fp, ip, HAS_BASE, HAS_V,
-                                     SCORE)
+                                     SCORE, INTERP)
             _count_nonfinite(t, msk, nonfinite, i)
-            u = w * s
+            u = _mul(w, s, INTERP)
             if COMBINE == 5:
                 pscale = tl.load(fp + i * 6 + 5)
-                big_w = w * (_vpow(v, power, INTERP) * pscale + eps)
-                acc += big_w * s
+                big_w = _mul(w, _mul(_vpow(v, power, INTERP), pscale, INTERP) + eps, INTERP)
+                acc += _mul(big_w, s, INTERP)
                 den += big_w
             else:
                 acc += u
@@ -376,16 +444,16 @@ def _fused_merge_kernel(
                     vote += _sign(e)
 
         if COMBINE == 5:
-            merged = acc / den
+            merged = tl.div_rn(acc, den)
         elif COMBINE == 1 or COMBINE == 3:
             if NORMALIZE == 1:
                 div = wsum
             elif NORMALIZE == 2:
-                div = wsum * 0.0 + N
+                div = _mul(wsum, 0.0, INTERP) + N
             else:
-                div = wsum * 0.0 + 1.0
+                div = _mul(wsum, 0.0, INTERP) + 1.0
             div = tl.where(div == 0.0, 1.0, div)
-            merged = acc / div
+            merged = tl.div_rn(acc, div)
         else:
             # ties: elect S = sign(vote) (+1 where vote >= 0); keep the agreeing terms
             pos = vote >= 0.0
@@ -394,8 +462,8 @@ def _fused_merge_kernel(
             agree_n = zero
             for i in tl.static_range(N):
                 t, v, s, w = _sparsified(base, ms, vs, offs, msk, j, i, fp, ip, HAS_BASE,
-                                         HAS_V, SCORE)
-                u = w * s
+                                         HAS_V, SCORE, INTERP)
+                u = _mul(w, s, INTERP)
                 if ELECT_ON == 0:
                     e = u
                 else:
@@ -411,7 +479,7 @@ def _fused_merge_kernel(
             else:
                 div = zero + 1.0
             div = tl.where(div == 0.0, 1.0, div)
-            merged = merged / div
+            merged = tl.div_rn(merged, div)
 
         if COMBINE == 3 or COMBINE == 4:
             # TALL masks on the raw task vectors: M_i = |t_i| > l_i |t_mtl - t_i|
@@ -421,6 +489,6 @@ def _fused_merge_kernel(
                 lam = tl.load(fp + i * 6 + 4)
                 votes += (tl.abs(t) > lam * tl.abs(merged - t)).to(tl.int32)
             merged = tl.where(votes >= consensus_k, merged, 0.0)
-        res = b + scale * merged
+        res = b + _mul(scale, merged, INTERP)
 
     tl.store(out + offs, res.to(out.dtype.element_ty), mask=msk)
