@@ -5,7 +5,8 @@
   backend then serves CPU tensors).
 - ``fastmerge._cuda``: the CUDA kernels (csrc/cuda + csrc/common), built only when asked for
   (FASTMERGE_BUILD_CUDA=1), nvcc is found and torch is a CUDA build. Architectures come from
-  TORCH_CUDA_ARCH_LIST (default "8.0;9.0"); MAX_JOBS bounds parallel compiles (default 4).
+  TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": newer GPUs JIT the sm_90 PTX); MAX_JOBS bounds
+  parallel compiles (default 4).
   Anywhere else it is skipped with a message, never faked.
 
 Install without build isolation so the extension compiles against the torch you have
@@ -21,6 +22,7 @@ from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMON = os.path.join(HERE, "csrc", "common")
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _log(msg: str) -> None:
@@ -72,7 +74,8 @@ def cuda_extensions(cpp_extension):
         _log("FASTMERGE_BUILD_CUDA=1 but nvcc or a CUDA build of torch is missing: skipping "
              "the CUDA kernels")
         return []
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # +PTX: the sm_90 PTX rides along, so GPUs newer than the list JIT-compile the kernels
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))
                      + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if not sources:
