@@ -15,6 +15,7 @@ from fastmerge.plan import plan_tensor
 from fastmerge.selection import Chunk, level0
 from fastmerge.testing import assert_matches_reference
 from helpers import make_finetunes
+from test_rng import DARE_V2_KAT, DARE_V2_KEEP, KAT_DENSITY
 
 ok, why = availability("cpu")
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
@@ -55,28 +56,67 @@ def test_philox_known_answers():
                                                          0x24126EA1]
 
 
-@pytest.mark.parametrize("start", [0, 12345, (1 << 32) - 7, (1 << 40) + 3])
+@pytest.mark.parametrize("start", [0, 12345, (1 << 32) - 7, (1 << 34) - 6, (1 << 40) + 3])
 def test_philox_stream_and_keys_match_python(start):
     key = rng.dare_key(2**63 + 5, NAME, 2)
     assert C.dare_key(2**63 + 5, NAME, 2) == key
     assert C.dare_key(0, "", 0) == rng.dare_key(0, "", 0)
     assert C.dare_key(7, "é.ü", 31) == rng.dare_key(7, "é.ü", 31)
-    got = C.philox_word0(key, start, 4099)
+    got = C.dare_words(key, start, 4099)
     assert torch.equal(got, rng.philox_uniform_u32(key, start, 4099))
 
 
-@pytest.mark.parametrize("start", [0, 12345, (1 << 32) - 7, (1 << 32) - 100, (1 << 40) + 3,
-                                   (1 << 48) - 9])
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 12345, (1 << 32) - 7, (1 << 34) - 100,
+                                   (1 << 34) - 61, (1 << 40) + 3, (1 << 48) - 9])
 @pytest.mark.parametrize("isa", [0, 1, 2])
 def test_philox_simd_block_matches_python(start, isa):
-    """The AVX2 / AVX-512 Philox lanes of the DARE masks equal the scalar header and rng.py,
-    also where a run of counters crosses a 2^32 boundary (hi32 changes mid-vector)."""
+    """The AVX2 / AVX-512 Philox lanes of the DARE masks equal the scalar header and rng.py at
+    every start modulo 4 and run length, also where a run of counters crosses a 2^32 boundary
+    (hi32 of the counter j >> 2 changes mid-vector: j near a multiple of 2^34)."""
     key = rng.dare_key(7, NAME, 1)
-    got, used = C.philox_word0_block(key, start, 1037, isa)
-    assert used <= isa
-    want = rng.philox_uniform_u32(key, start, 1037)
-    assert torch.equal(got, want)
-    assert torch.equal(got, C.philox_word0(key, start, 1037))
+    for count in (1037, 64, 3, 0):
+        got, used = C.dare_words_block(key, start, count, isa)
+        assert used <= isa
+        want = rng.philox_uniform_u32(key, start, count)
+        assert torch.equal(got, want), count
+        assert torch.equal(got, C.dare_words(key, start, count))
+
+
+def _keep_via_merge(j, key, dtype, fast):
+    """The DARE keep bit of element j from one fused_merge (weighted sum, a model of ones over
+    a zero base) of a 96-element chunk whose global offset puts j at position 35."""
+    at = min(j, 35)
+    base = torch.zeros(96, dtype=dtype)
+    fp = torch.zeros(1, ops.NUM_FPARAMS, dtype=torch.float32)
+    fp[0, ops.F_WEIGHT] = 1.0
+    fp[0, ops.F_RESCALE] = 1.0
+    ip = torch.tensor([[ops.MODE_DARE, key - (1 << 64) if key >= 1 << 63 else key,
+                        rng.dare_keep_threshold(KAT_DENSITY)]], dtype=torch.int64)
+    nf = torch.zeros(1, dtype=torch.int64)
+    prev = C.set_merge_fast_path(fast)
+    try:
+        out = torch.ops.fastmerge.fused_merge(base, [torch.ones(96, dtype=dtype)], [], fp, ip,
+                                              ops.COMBINE_IDS["sum"], 0, 0, 0, 0, 2, 1.0, 0.5,
+                                              1e-8, j - at, dtype, nf)
+    finally:
+        C.set_merge_fast_path(prev)
+    return bool(out[at] != 0)
+
+
+@pytest.mark.parametrize("dtype,fast", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                        (torch.float32, False)])
+def test_dare_v2_known_answers(dtype, fast):
+    """SPEC v2's known DARE words (tests/test_rng.py) from the header, every SIMD path and the
+    fused merge (AVX-512 block path and generic code) at chunk offsets not divisible by 4."""
+    for (seed, name, i, j, word), keep in zip(DARE_V2_KAT, DARE_V2_KEEP):
+        key = C.dare_key(seed, name, i)
+        assert int(C.dare_words(key, j, 1)[0]) == word
+        for isa in (0, 1, 2):
+            for before in (0, 1, 3, 6):
+                b = min(before, j)
+                got, _ = C.dare_words_block(key, j - b, 70, isa)
+                assert int(got[b]) == word, (isa, before)
+        assert _keep_via_merge(j, key, dtype, fast) == keep, (seed, name, i, j)
 
 
 def _special_floats():
@@ -387,26 +427,23 @@ def test_freed_outputs_are_reused_within_the_limit():
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_dare_keep_bits_from_the_statistics_pass(n):
-    """model_stats leaves its DARE keep bits for fused_merge (csrc/cpu/dare_bits.h): the merge
-    that uses them equals the one that draws Philox again, bit for bit, and consumes them."""
+def test_dare_l1_rescale_in_chunks_at_any_offset(n):
+    """rescale="l1": the statistics pass and the merge each draw the DARE masks (no keep-bit
+    memo); chunks that start at offsets not divisible by 4 (inside a Philox counter's group of
+    four elements) give the whole tensor's statistics and output, bit for bit."""
     base, models, _ = make_finetunes((513, 1031), n, ("bf16", "fp16", "fp32"), seed=13)
     spec = resolve_spec("dare_ties", n, density=[0.3, 0.6, 0.9][:n], seed=5, rescale="l1")
     be = get_backend("cpu", "cpu")
-    chunks = [Chunk(base.reshape(-1)[s:e], [m.reshape(-1)[s:e] for m in models], [], s, NAME)
-              for s, e in ((0, 262144), (262144, base.numel()))]    # two chunks, two offsets
-    prev = C.set_dare_bits_limit(0)
-    try:
-        plan = plan_tensor(spec, lambda: chunks, be, base.numel(), NAME)
-        drawn = [be.merge(ch, plan, torch.bfloat16)[0] for ch in chunks]
-        C.set_dare_bits_limit(64 << 20)
-        again = plan_tensor(spec, lambda: chunks, be, base.numel(), NAME)
-        assert torch.equal(again.fparams, plan.fparams)
-        assert C.dare_bits_bytes() == n * sum((c.models[0].numel() + 63) // 64 * 8
-                                              for c in chunks)
-        memo = [be.merge(ch, again, torch.bfloat16)[0] for ch in chunks]
-        assert C.dare_bits_bytes() == 0
-        for a, b in zip(drawn, memo):
-            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
-    finally:
-        C.set_dare_bits_limit(prev)
+    flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
+    cuts = (0, 262145, 262146, 400003, base.numel())
+    chunks = [Chunk(flat_b[s:e], [m[s:e] for m in flat_m], [], s, NAME)
+              for s, e in zip(cuts[:-1], cuts[1:])]
+    whole = [Chunk(flat_b, flat_m, [], 0, NAME)]
+    plan = plan_tensor(spec, lambda: chunks, be, base.numel(), NAME)
+    plan_w = plan_tensor(spec, lambda: whole, be, base.numel(), NAME)
+    # the L1 sums differ only in float64 summation order
+    torch.testing.assert_close(plan.fparams, plan_w.fparams, rtol=1e-6, atol=0)
+    parts = torch.cat([be.merge(ch, plan, torch.bfloat16)[0] for ch in chunks])
+    assert torch.equal(parts.view(torch.int16),
+                       be.merge(whole[0], plan, torch.bfloat16)[0].view(torch.int16))
+    assert C.set_dare_bits_limit(64 << 20) == 0  # the memo's old switch: a no-op now

@@ -1,5 +1,6 @@
 """The AVX-512 block path of the CPU fused merge (csrc/cpu/merge_avx512.h: TIES with the default
-election and the weighted sum over magnitude keeps, bf16 models, bf16 base or none) against the
+election and the weighted sum over magnitude keeps or DARE masks, bf16 models, bf16 base or
+none) against the
 generic block code it stands in for: byte for byte the same output and the same non-finite
 counts, over combines, normalisations, model counts, keep modes, weights, rescales, scales,
 output dtypes, sizes with and without tails, ties at the threshold, signed zeros, subnormals,
@@ -21,13 +22,14 @@ if ok:
 INF = float("inf")
 
 
-def _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype, fast):
+def _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype, fast,
+           offset=0):
     old = C.set_merge_fast_path(fast)
     try:
         nonfinite = torch.zeros(len(models), dtype=torch.int64)
         out = torch.ops.fastmerge.fused_merge(
             base, models, [], fparams, iparams, ops.COMBINE_IDS[combine], ops.SCORE_MAGNITUDE,
-            ops.ELECT_SUM, ops.ELECT_WEIGHTED, normalize, 0, scale, 1.0, 0.0, 0, out_dtype,
+            ops.ELECT_SUM, ops.ELECT_WEIGHTED, normalize, 0, scale, 1.0, 0.0, offset, out_dtype,
             nonfinite)
     finally:
         C.set_merge_fast_path(old)
@@ -39,11 +41,11 @@ def _bits(x):
 
 
 def _check(base, models, fparams, iparams, combine="ties", normalize=ops.NORMALIZE_WEIGHTS,
-           scale=1.0, out_dtype=torch.bfloat16):
+           scale=1.0, out_dtype=torch.bfloat16, offset=0):
     fast, nf_fast = _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype,
-                           True)
+                           True, offset)
     slow, nf_slow = _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype,
-                           False)
+                           False, offset)
     assert torch.equal(nf_fast, nf_slow)
     assert torch.equal(_bits(fast), _bits(slow)), (combine, normalize, scale, out_dtype)
     return fast, nf_fast
@@ -202,3 +204,48 @@ def test_non_bf16_inputs_take_the_generic_code():
     f, i = _params(models, base, 0.3)
     _check(base, models, f, i)
     _check(base.float(), [m.float() for m in models], f, i)
+
+
+def _dare(f, i, j, key, threshold):
+    i[j, ops.I_MODE] = ops.MODE_DARE
+    i[j, ops.I_DARE_KEY] = key
+    i[j, ops.I_DARE_THRESHOLD] = threshold
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4097, (1 << 34) - 70, (1 << 40) + 2])
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_dare_masks_at_any_offset(offset, n):
+    """DARE keeps drawn in the block path (SPEC v2 words in even/odd order) equal the generic
+    code's at chunk offsets of every residue modulo 4 and across 2^32 counter boundaries."""
+    base, models = _inputs(4 * 512 + 96, n, seed=20 + n)
+    f, i = _params(models, base, 0.4, weights=[1.0, 0.5, -0.25, 2.0, 1.0, 0.0, 3.0, 1.0][:n],
+                   rescales=[2.0, 1.0, 1.0 / 0.3, 1.25, 1.0, 2.0, 1.0, 4.0][:n])
+    for j in range(n):
+        _dare(f, i, j, 0x1234567 * (j + 1) - (1 << 62) * (j % 3), [1 << 31, 1288490188, 1][j % 3])
+    for combine in ("ties", "sum"):
+        for normalize in (ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS, ops.NORMALIZE_COUNT):
+            _check(base, models, f, i, combine, normalize, offset=offset)
+    _check(None, models, f, i, "sum", ops.NORMALIZE_NONE, 0.5, torch.float32, offset)
+
+
+def test_dare_thresholds_mixed_with_bands():
+    """Thresholds 0 (keeps none), 1, 2^32 - 1 and 2^32 (keeps all) beside band keeps."""
+    base, models = _inputs(8192 + 32, 5, seed=31)
+    f, i = _params(models, base, 0.3, rescales=[1.0, 2.0, 1.0, 0.5, 3.0])
+    for j, thr in enumerate([0, 1, (1 << 32) - 1, 1 << 32]):
+        _dare(f, i, j, 77 + j, thr)
+    for combine in ("ties", "sum"):
+        _check(base, models, f, i, combine, offset=3)
+
+
+@pytest.mark.parametrize("bad", [math.nan, INF])
+def test_dare_non_finite_values_are_counted(bad):
+    base, models = _inputs(4096, 3, seed=6)
+    f, i = _params(models, base, 0.3)
+    for j in range(3):
+        _dare(f, i, j, 5 + j, 1 << 31)
+    models[0][2] = bad
+    models[2][4000] = bad
+    for combine in ("ties", "sum"):
+        _, nf = _check(base, models, f, i, combine, offset=1)
+        assert nf.tolist() == [1, 0, 1]

@@ -5,7 +5,7 @@
 // (fused_merge_torch, keep_masks_packed, _score_bits) and fastmerge/reference.py (combine):
 //
 //   t_i   = m_i - b                      float32 (m_i itself for the linear combine)
-//   keep  = mode 0 | lo <= score < hi | never | Philox(key, j).word0 < threshold
+//   keep  = mode 0 | lo <= score < hi | never | fm_philox_dare_word(key, j) < threshold
 //   s_i   = (t_i * keep) * rescale_i     the sparsified task vector
 //   u_i   = w_i * s_i
 //   out   = b + scale * combine(u, s, t, v)     (linear: sum w_i m_i / sum w_i)

@@ -47,7 +47,7 @@ constexpr int NUM_FPARAMS = 6;
 // iparams int64 [N, NUM_IPARAMS] columns
 constexpr int I_MODE = 0;
 constexpr int I_DARE_KEY = 1;        // the 64-bit Philox key, stored as int64 bits
-constexpr int I_DARE_THRESHOLD = 2;  // keep iff word0 < threshold (0 .. 2^32)
+constexpr int I_DARE_THRESHOLD = 2;  // keep iff the DARE word < threshold (0 .. 2^32)
 constexpr int NUM_IPARAMS = 3;
 
 // radix selection: 16-bit digits of the 31-bit score pattern

@@ -72,17 +72,23 @@ FM_HD FM_FORCE_INLINE void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32
   ctr[3] = c3;
 }
 
-// First output word for element j: counter (lo32(j), hi32(j), 0, 0), key (key_lo, key_hi).
-FM_HD FM_FORCE_INLINE uint32_t fm_philox_word0(uint32_t key_lo, uint32_t key_hi, uint64_t j) {
-  uint32_t c[4] = {static_cast<uint32_t>(j), static_cast<uint32_t>(j >> 32), 0u, 0u};
-  fm_philox4x32_10(c, key_lo, key_hi);
-  return c[0];
+// The DARE word of element j (SPEC v2): word j & 3 of Philox(counter (lo32(c), hi32(c), 0, 0),
+// key (key_lo, key_hi)) with c = j >> 2, so one Philox call serves four consecutive elements
+// (the CPU block code draws each counter once; a per-element caller such as a GPU thread
+// draws it for its own element only).
+FM_HD FM_FORCE_INLINE uint32_t fm_philox_dare_word(uint32_t key_lo, uint32_t key_hi,
+                                                   uint64_t j) {
+  const uint64_t c = j >> 2;
+  uint32_t w[4] = {static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, 0u};
+  fm_philox4x32_10(w, key_lo, key_hi);
+  const uint32_t k = static_cast<uint32_t>(j & 3);  // selects, not w[k]: no local memory on GPUs
+  return k == 0 ? w[0] : k == 1 ? w[1] : k == 2 ? w[2] : w[3];
 }
 
-// DARE keep: word0 < floor(d * 2^32) (threshold >= 2^32 keeps everything)
+// DARE keep: the word < floor(d * 2^32) (threshold >= 2^32 keeps everything)
 FM_HD FM_FORCE_INLINE bool fm_dare_keep(uint32_t key_lo, uint32_t key_hi, uint64_t threshold,
                                         uint64_t j) {
-  return static_cast<uint64_t>(fm_philox_word0(key_lo, key_hi, j)) < threshold;
+  return static_cast<uint64_t>(fm_philox_dare_word(key_lo, key_hi, j)) < threshold;
 }
 
 }  // namespace fastmerge

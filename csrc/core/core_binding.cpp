@@ -13,7 +13,6 @@
 #include <tuple>
 #include <vector>
 
-#include "dare_bits.h"
 #include "fm_cpu.h"
 
 namespace py = pybind11;
@@ -177,7 +176,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("fused_merge", &fused_merge);
   m.def("model_stats", &model_stats);
   m.def("topk_window", &topk_window);
-  m.def("set_dare_bits_limit", [](size_t bytes) { return fm::cpu::dare_bits_limit(bytes); },
-        "bytes of DARE keep bits model_stats may leave for fused_merge (previous limit)");
+  // the DARE keep-bit memo is gone (each pass draws its masks, csrc/cpu/merge.cpp); kept as a
+  // no-op returning 0 so callers that still set a limit need no change
+  m.def("set_dare_bits_limit", [](size_t) { return size_t{0}; },
+        "no-op (DARE masks are drawn in each pass); returns 0");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
 }

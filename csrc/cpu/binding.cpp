@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "fm_cpu.h"
-#include "dare_bits.h"
 #include "output_cache.h"
 
 namespace fm = fastmerge;
@@ -295,23 +294,24 @@ std::vector<uint32_t> philox4x32_10(std::vector<uint32_t> ctr, std::vector<uint3
   return ctr;
 }
 
-// first Philox word for j = start .. start+count-1 (int64 tensor of uint32 values)
-at::Tensor philox_word0(uint64_t key, uint64_t start, int64_t count) {
+// the DARE words of elements j = start .. start+count-1 (SPEC v2: word j & 3 of counter j >> 2)
+// through the shared header, one element at a time (int64 tensor of uint32 values)
+at::Tensor dare_words(uint64_t key, uint64_t start, int64_t count) {
   at::Tensor out = at::empty({count}, at::kLong);
   int64_t* p = out.data_ptr<int64_t>();
   const uint32_t lo = static_cast<uint32_t>(key), hi = static_cast<uint32_t>(key >> 32);
-  for (int64_t k = 0; k < count; ++k) p[k] = fm::fm_philox_word0(lo, hi, start + k);
+  for (int64_t k = 0; k < count; ++k) p[k] = fm::fm_philox_dare_word(lo, hi, start + k);
   return out;
 }
 
 // the same through the SIMD block path (isa: 0 scalar, 1 AVX2, 2 AVX-512 or the best below it
 // this CPU has); returns (words, path used)
-std::tuple<at::Tensor, int> philox_word0_block(uint64_t key, uint64_t start, int64_t count,
-                                               int isa) {
+std::tuple<at::Tensor, int> dare_words_block(uint64_t key, uint64_t start, int64_t count,
+                                             int isa) {
   std::vector<uint32_t> w(static_cast<size_t>(count));
-  const int used = fm::cpu::philox_word0_isa(static_cast<uint32_t>(key),
-                                             static_cast<uint32_t>(key >> 32), start, count,
-                                             w.data(), isa);
+  const int used = fm::cpu::philox_dare_isa(static_cast<uint32_t>(key),
+                                            static_cast<uint32_t>(key >> 32), start, count,
+                                            w.data(), isa);
   at::Tensor out = at::empty({count}, at::kLong);
   int64_t* p = out.data_ptr<int64_t>();
   for (int64_t k = 0; k < count; ++k) p[k] = w[static_cast<size_t>(k)];
@@ -355,9 +355,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "fastmerge C++ CPU kernels (registers fastmerge:: ops for the CPU key)";
   mod.def("enums", &enums, "the enumerations of csrc/common/fastmerge_params.h");
   mod.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of the shared header");
-  mod.def("philox_word0", &philox_word0, "first Philox word for a run of counters");
-  mod.def("philox_word0_block", &philox_word0_block,
-          "first Philox words through the SIMD block path (for tests)");
+  mod.def("dare_words", &dare_words, "the DARE words of a run of elements (shared header)");
+  mod.def("dare_words_block", &dare_words_block,
+          "the DARE words through the SIMD block path (for tests)");
   mod.def("dare_key", &dare_key, "splitmix64(seed ^ fnv1a64(name) ^ i * golden)");
   mod.def("round_to", &round_to, "float32 -> bf16/fp16 by the header's rounding");
   mod.def("load_float", &load_float, "bf16/fp16/fp32 -> float32 by the header's loads");
@@ -366,9 +366,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("set_output_cache_limit", [](size_t bytes) { return fm::cpu::output_cache_limit(bytes); },
           "bytes of freed fused_merge outputs kept for reuse (returns the previous limit)");
   mod.def("output_cache_bytes", &fm::cpu::output_cache_bytes, "bytes the output cache holds");
-  mod.def("set_dare_bits_limit", [](size_t bytes) { return fm::cpu::dare_bits_limit(bytes); },
-          "bytes of DARE keep bits model_stats may leave for fused_merge (previous limit)");
-  mod.def("dare_bits_bytes", &fm::cpu::dare_bits_bytes, "bytes of DARE keep bits held");
+  // the DARE keep-bit memo is gone (each pass draws its masks, csrc/cpu/merge.cpp); kept as a
+  // no-op returning 0 so callers that still set a limit need no change
+  mod.def("set_dare_bits_limit", [](size_t) { return size_t{0}; },
+          "no-op (DARE masks are drawn in each pass); returns 0");
   mod.def("set_merge_fast_path", &fm::cpu::set_merge_fast_path,
           "fused_merge's AVX-512 block path on/off (returns the previous setting; for tests)");
   mod.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");

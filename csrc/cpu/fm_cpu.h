@@ -51,14 +51,15 @@ void model_stats(const Inputs& in, int score, const FmModel* models, float power
 bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models,
                  int64_t offset, void* out, int out_dtype, int64_t* nonfinite, int nthreads);
 
-// out[k] = word0 of Philox4x32-10(key, counter j0 + k) for k < len (the DARE draws), on the
-// widest SIMD unit the CPU has (philox_block.cpp); bit-identical to fm_philox_word0.
-void philox_word0_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len,
-                        uint32_t* out);
+// out[k] = the DARE word of element j0 + k for k < len (SPEC v2: word j & 3 of Philox4x32-10
+// of counter j >> 2, so one call per four elements), on the widest SIMD unit the CPU has
+// (philox_block.cpp); bit-identical to fm_philox_dare_word.
+void philox_dare_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len,
+                       uint32_t* out);
 // The same on a chosen path (0 scalar, 1 AVX2, 2 AVX-512, or the best below it this CPU has);
 // returns the path used. For tests.
-int philox_word0_isa(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, uint32_t* out,
-                     int isa);
+int philox_dare_isa(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, uint32_t* out,
+                    int isa);
 
 // Whether fused_merge takes the AVX-512 block path of merge_avx512.h where it applies (on by
 // default; tests switch it off to compare it byte for byte with the generic code). set_*

@@ -15,7 +15,6 @@
 #include <memory>
 #include <vector>
 
-#include "dare_bits.h"
 #include "merge_impl.h"
 
 namespace fastmerge {
@@ -55,12 +54,7 @@ struct StatsCtx {
   const FmModel* models;
   float power;
   int64_t offset;
-  uint64_t* const* dare_bits;  // per model: keep bits to leave for fused_merge, or null
 };
-
-DareBitsKey dare_key_of(const FmModel& m, int64_t offset, int64_t numel) {
-  return DareBitsKey{m.key_lo, m.key_hi, m.dare_threshold, offset, numel};
-}
 
 // acc += (sum |t|, sum |s|) over a block, in 8 independent float64 lanes: a single running
 // double sum is a serial chain of 4-cycle adds that also blocks vectorisation (no reassociation
@@ -114,18 +108,7 @@ void stats_range(const StatsCtx& c, int64_t begin, int64_t end, double* acc) {
           p += static_cast<double>(fm_pow(vv[k] > 0.0f ? vv[k] : 0.0f, c.power));
         acc[3 * i + 2] += p;
       }
-      if (models[i].mode == MODE_DARE && c.dare_bits[i] != nullptr) {
-        // the same draws as sparsify_model, their keep bits kept for the merge
-        alignas(64) uint32_t w[kBlock];
-        alignas(64) uint8_t kb[kBlock + 64];
-        philox_word0_block(models[i].key_lo, models[i].key_hi, j0, len, w);
-        const uint64_t thr = models[i].dare_threshold;
-        for (int k = 0; k < len; ++k) kb[k] = static_cast<uint64_t>(w[k]) < thr ? 1 : 0;
-        for (int k = 0; k < len; ++k) ss[k] = fm_sparsify(tt[k], kb[k] != 0, 1.0f);
-        detail::dare_bits_from_bytes(kb, len, c.dare_bits[i] + (s0 >> 6));
-      } else {
-        detail::sparsify_model(models[i], tt, v, c.score, j0, len, ss);
-      }
+      detail::sparsify_model(models[i], tt, v, c.score, j0, len, ss);
       l1_sums(tt, ss, len, tot[i], kept[i]);
     }
   }
@@ -151,19 +134,11 @@ bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* mode
     for (int i = 0; i < in.n; ++i)
       need_v = need_v || (cfg.score == SCORE_FISHER && models[i].mode == MODE_BAND);
   }
-  // DARE keep bits model_stats left for this chunk (dare_bits.h): no second Philox draw
-  std::shared_ptr<const std::vector<uint64_t>> held[FM_MAX_MODELS];
-  const uint64_t* bits[FM_MAX_MODELS] = {};
-  bool any_bits = false;
-  for (int i = 0; i < in.n; ++i) {
-    if (cfg.combine == COMBINE_LINEAR || models[i].mode != MODE_DARE) continue;
-    held[i] = dare_bits_find(dare_key_of(models[i], offset, in.numel));
-    if (held[i] != nullptr) {
-      bits[i] = held[i]->data();
-      any_bits = true;
-    }
-  }
-  MergeCtx ctx{&in, cfg, models, offset, out, out_dtype, need_v, any_bits ? bits : nullptr};
+  // DARE masks are drawn block by block in each pass that needs them (rescale="l1": the
+  // statistics pass and the merge both draw), since with SPEC v2's one Philox call per four
+  // elements drawing again costs less than the keep-bit memo it replaced, whose merge could
+  // not take the AVX-512 block path (benchmarks/results/dare.md).
+  MergeCtx ctx{&in, cfg, models, offset, out, out_dtype, need_v};
   const int nt = effective_threads(in.numel, nthreads, int64_t{1} << 15);
   // per-thread non-finite counts and failure flags (no atomics). The range is cut into chunks
   // of kChunk elements handed out dynamically, so a thread that the OS preempts (a shared
@@ -187,8 +162,6 @@ bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* mode
       if (!done) failed[tid] = true;
     }
   }
-  for (int i = 0; i < in.n; ++i)  // used: free them now (a later merge draws again)
-    if (held[i] != nullptr) dare_bits_drop(dare_key_of(models[i], offset, in.numel));
   bool ok = true;
   for (int t = 0; t < 64; ++t) ok = ok && !failed[t];
   for (int t = 0; t < threads; ++t)
@@ -199,14 +172,7 @@ bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* mode
 void model_stats(const Inputs& in, int score, const FmModel* models, float power,
                  int64_t offset, double* out, int nthreads) {
   if (in.numel == 0) return;
-  std::shared_ptr<std::vector<uint64_t>> held[FM_MAX_MODELS];
-  uint64_t* bits[FM_MAX_MODELS] = {};
-  for (int i = 0; i < in.n; ++i) {
-    if (models[i].mode != MODE_DARE) continue;
-    held[i] = dare_bits_begin(dare_key_of(models[i], offset, in.numel));
-    bits[i] = held[i] != nullptr ? held[i]->data() : nullptr;
-  }
-  StatsCtx c{&in, score, models, power, offset, bits};
+  StatsCtx c{&in, score, models, power, offset};
   const int nt = effective_threads(in.numel, nthreads, int64_t{1} << 15);
   // Dynamic work items of kChunk elements, as in fused_merge (a thread the OS preempts holds
   // up one item, not half the tensor), each summed into its own slot; the slots are added in
@@ -229,8 +195,6 @@ void model_stats(const Inputs& in, int score, const FmModel* models, float power
       for (size_t j = 0; j < per; ++j) out[j] += acc[static_cast<size_t>(q) * per + j];
     free(acc);
   }
-  for (int i = 0; i < in.n; ++i)
-    if (held[i] != nullptr) dare_bits_complete(dare_key_of(models[i], offset, in.numel));
 }
 
 const char* isa_name() {

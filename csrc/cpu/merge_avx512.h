@@ -47,6 +47,7 @@ constexpr int FAST_BAND_INF = 0;  // |t| >= lo
 constexpr int FAST_BAND = 1;      // lo <= |t| < hi
 constexpr int FAST_ALL = 2;
 constexpr int FAST_NONE = 3;
+constexpr int FAST_DARE = 4;  // the block's DARE word < threshold (threshold in [1, 2^32 - 1])
 
 // 32 bf16 values as float32 without a shuffle: of a 32-bit lane holding elements 2j (low half)
 // and 2j + 1 (high half), x << 16 is element 2j and x & 0xFFFF0000 element 2j + 1.
@@ -61,18 +62,31 @@ FM_AVX512_INLINE void widen_even_odd(const uint16_t* p, __m512* even, __m512* od
 // when the combine reads it (STORE: TIES), and vote += u (vote = 0 + u for the first model,
 // as fm_ties / fm_sum start from +0). Returns the largest |t| bit pattern (>= 0x7F800000: a
 // non-finite value is present).
+// dw: the DARE words of the block in element order (FAST_DARE only), taken in the same
+// even/odd order as the values.
 template <int KIND, bool HAS_BASE, bool MUL_R, bool MUL_W, bool FIRST, bool STORE>
 FM_AVX512_INLINE uint32_t
 fast_model(const uint16_t* __restrict m, const float* __restrict bb, int len, const FmModel& p,
-           float* __restrict u, float* __restrict vote) {
+           const uint32_t* __restrict dw, float* __restrict u, float* __restrict vote) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512 zero = _mm512_setzero_ps();
   const __m512 lo = _mm512_set1_ps(p.lo), hi = _mm512_set1_ps(p.hi);
   const __m512 r = _mm512_set1_ps(p.rescale), w = _mm512_set1_ps(p.weight);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.dare_threshold & 0xFFFFFFFFu));
+  const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                             28, 30);
+  const __m512i odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                            29, 31);
   __m512i amax = _mm512_setzero_si512();
   for (int g = 0; g < len; g += 32) {
     __m512 t[2];
     widen_even_odd(m + g, &t[0], &t[1]);
+    __mmask16 dare_keep[2] = {0, 0};
+    if (KIND == FAST_DARE) {
+      const __m512i w0 = _mm512_load_si512(dw + g), w1 = _mm512_load_si512(dw + g + 16);
+      dare_keep[0] = _mm512_cmplt_epu32_mask(_mm512_permutex2var_epi32(w0, even_idx, w1), thr);
+      dare_keep[1] = _mm512_cmplt_epu32_mask(_mm512_permutex2var_epi32(w0, odd_idx, w1), thr);
+    }
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const int q = g + 16 * h;
@@ -84,6 +98,8 @@ fast_model(const uint16_t* __restrict m, const float* __restrict bb, int len, co
         s = t[h];
       } else if (KIND == FAST_NONE) {
         s = _mm512_mul_ps(t[h], zero);
+      } else if (KIND == FAST_DARE) {
+        s = _mm512_mask_mul_ps(t[h], static_cast<__mmask16>(~dare_keep[h]), t[h], zero);
       } else {
         __mmask16 keep = _mm512_cmp_ps_mask(_mm512_castsi512_ps(a), lo, _CMP_GE_OQ);
         if (KIND == FAST_BAND)
@@ -102,27 +118,34 @@ fast_model(const uint16_t* __restrict m, const float* __restrict bb, int len, co
 
 template <bool HAS_BASE, bool FIRST, bool STORE>
 FM_AVX512_INLINE uint32_t
-fast_model_kind(const uint16_t* m, const float* bb, int len, const FmModel& p, float* u,
-                float* vote) {
+fast_model_kind(const uint16_t* m, const float* bb, int len, const FmModel& p,
+                const uint32_t* dw, float* u, float* vote) {
   const bool mul_r = p.rescale != 1.0f, mul_w = p.weight != 1.0f;
   int kind = FAST_NONE;
   if (p.mode == MODE_KEEP_ALL) kind = FAST_ALL;
   if (p.mode == MODE_BAND) kind = p.hi == fm_inf() ? FAST_BAND_INF : FAST_BAND;
+  if (p.mode == MODE_DARE) {  // a threshold of 2^32 or more keeps all, 0 none (w < thr)
+    kind = p.dare_threshold == 0 ? FAST_NONE
+           : p.dare_threshold > 0xFFFFFFFFull ? FAST_ALL : FAST_DARE;
+  }
+#define FM_FAST_ARGS m, bb, len, p, dw, u, vote
 #define FM_FAST_CASE(K)                                                               \
   case K:                                                                             \
     if (mul_r)                                                                        \
-      return mul_w ? fast_model<K, HAS_BASE, true, true, FIRST, STORE>(m, bb, len, p, u, vote) \
-                   : fast_model<K, HAS_BASE, true, false, FIRST, STORE>(m, bb, len, p, u, vote); \
-    return mul_w ? fast_model<K, HAS_BASE, false, true, FIRST, STORE>(m, bb, len, p, u, vote)   \
-                 : fast_model<K, HAS_BASE, false, false, FIRST, STORE>(m, bb, len, p, u, vote);
+      return mul_w ? fast_model<K, HAS_BASE, true, true, FIRST, STORE>(FM_FAST_ARGS) \
+                   : fast_model<K, HAS_BASE, true, false, FIRST, STORE>(FM_FAST_ARGS); \
+    return mul_w ? fast_model<K, HAS_BASE, false, true, FIRST, STORE>(FM_FAST_ARGS)   \
+                 : fast_model<K, HAS_BASE, false, false, FIRST, STORE>(FM_FAST_ARGS);
   switch (kind) {
     FM_FAST_CASE(FAST_BAND_INF)
     FM_FAST_CASE(FAST_BAND)
     FM_FAST_CASE(FAST_ALL)
+    FM_FAST_CASE(FAST_DARE)
     default:
       FM_FAST_CASE(FAST_NONE)
   }
 #undef FM_FAST_CASE
+#undef FM_FAST_ARGS
 }
 
 // The merged value q (before scale and base) per position, from the u of every model and
@@ -246,11 +269,16 @@ FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t
   }
   constexpr bool kStore = COMBINE == COMBINE_TIES;  // the sum reads the vote only
   uint32_t amax = 0;
+  alignas(64) uint32_t dw[kBlock];  // a DARE model's words (philox_block.cpp), drawn per block
   for (int i = 0; i < n; ++i) {
     const uint16_t* m = static_cast<const uint16_t*>(in.models[i]) + s0;
+    if (models[i].mode == MODE_DARE)
+      philox_dare_block(models[i].key_lo, models[i].key_hi,
+                        static_cast<uint64_t>(ctx.offset + s0), len, dw);
     const uint32_t a =
-        i == 0 ? fast_model_kind<HAS_BASE, true, kStore>(m, bb, len, models[i], uu[i], vote)
-               : fast_model_kind<HAS_BASE, false, kStore>(m, bb, len, models[i], uu[i], vote);
+        i == 0
+            ? fast_model_kind<HAS_BASE, true, kStore>(m, bb, len, models[i], dw, uu[i], vote)
+            : fast_model_kind<HAS_BASE, false, kStore>(m, bb, len, models[i], dw, uu[i], vote);
     amax = a > amax ? a : amax;
   }
   if (amax >= 0x7F800000u) return false;
@@ -260,7 +288,8 @@ FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t
 }
 
 // Whether the fast path applies to a whole merge: TIES with the default election or the
-// weighted sum, magnitude keeps (band, all, none) only, bf16 models, bf16 base or none.
+// weighted sum, magnitude keeps (band, all, none) or DARE masks only, bf16 models, bf16 base
+// or none.
 inline bool fast_path_applies(const MergeCtx& ctx) {
   const FmMergeConfig& cfg = ctx.cfg;
   static const bool cpu_ok = [] {
@@ -280,7 +309,8 @@ inline bool fast_path_applies(const MergeCtx& ctx) {
   for (int i = 0; i < in.n; ++i) {
     if (in.model_dtypes[i] != DTYPE_BFLOAT16) return false;
     const int mode = ctx.models[i].mode;
-    if (mode != MODE_BAND && mode != MODE_KEEP_ALL && mode != MODE_KEEP_NONE) return false;
+    if (mode != MODE_BAND && mode != MODE_KEEP_ALL && mode != MODE_KEEP_NONE && mode != MODE_DARE)
+      return false;
   }
   return true;
 }

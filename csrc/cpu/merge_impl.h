@@ -31,8 +31,6 @@ struct MergeCtx {
   void* out;
   int out_dtype;
   bool need_v;
-  // per model: the DARE keep bits model_stats left for this chunk (dare_bits.h), or null
-  const uint64_t* const* dare_bits;
 };
 
 }  // namespace detail
@@ -45,29 +43,6 @@ namespace fastmerge {
 namespace cpu {
 namespace detail {
 
-// The DARE words of a block from keep bits: 0 where kept, 0xFFFFFFFF where dropped, so that
-// `w < dare_threshold` (a MODE_DARE threshold is in [1, 2^32 - 1]) gives the same decisions
-// as the Philox words the bits were taken from.
-FM_FORCE_INLINE void dare_words_from_bits(const uint64_t* __restrict bits, int len,
-                                          uint32_t* __restrict w) {
-  for (int k = 0; k < len; ++k)
-    w[k] = ((bits[k >> 6] >> (k & 63)) & 1u) ? 0u : 0xFFFFFFFFu;
-}
-
-// The keep bits of a block (len <= kBlock, the block 64-aligned) from its keep bytes (0/1,
-// kBlock + 8 of room): eight bytes to eight bits by one multiply ((x * 0x0102040810204080) >> 56
-// gathers the low bit of byte i into bit i), the bits little-endian as the uint64 words.
-FM_FORCE_INLINE void dare_bits_from_bytes(uint8_t* __restrict kb, int len,
-                                          uint64_t* __restrict bits) {
-  for (int k = len; k < ((len + 63) & ~63); ++k) kb[k] = 0;
-  uint8_t* out = reinterpret_cast<uint8_t*>(bits);
-  for (int g = 0; g < len; g += 8) {
-    uint64_t x;
-    memcpy(&x, kb + g, sizeof(x));
-    out[g >> 3] = static_cast<uint8_t>((x * 0x0102040810204080ull) >> 56);
-  }
-}
-
 // s = sparsify(t, keep) for one model over one block, the keep mode fixed at compile time
 template <int MODE>
 FM_FORCE_INLINE void sparsify_block(const FmModel& m, const float* __restrict t,
@@ -76,7 +51,7 @@ FM_FORCE_INLINE void sparsify_block(const FmModel& m, const float* __restrict t,
   const float r = m.rescale;
   if (MODE == MODE_DARE) {  // the block's Philox draws on the SIMD unit (philox_block.cpp)
     alignas(64) uint32_t w[kBlock];
-    philox_word0_block(m.key_lo, m.key_hi, j0, len, w);
+    philox_dare_block(m.key_lo, m.key_hi, j0, len, w);
     for (int k = 0; k < len; ++k)
       s[k] = fm_sparsify(t[k], static_cast<uint64_t>(w[k]) < m.dare_threshold, r);
     return;
@@ -110,7 +85,7 @@ FM_FORCE_INLINE void sparsify_model(const FmModel& m, const float* t, const floa
 
 // One model over one block in one vectorised loop: t = m - b (m itself without a base), the
 // count of non-finite t, and s = sparsify(t, keep) for a keep mode fixed at compile time that
-// reads no v (the magnitude score; DARE from the words w of philox_word0_block). The same fm_*
+// reads no v (the magnitude score; DARE from the words w of philox_dare_block). The same fm_*
 // operations per element as load_task_block + count_nonfinite + sparsify_block; m comes as
 // bf16 bits (SRC_BF16) or float32. t is stored only where the combine reads it (STORE_T).
 template <int MODE, bool HI_INF, bool HAS_BASE, bool SRC_BF16, bool STORE_T>
@@ -182,11 +157,10 @@ FM_FORCE_INLINE int32_t task_sparsify_m(const FmModel& m, const void* src, bool 
 // The per-model part of a block for a model whose keep decision reads no v (see
 // task_sparsify_loop): m_block is the model's block (bf16 bits when src_bf16, else float32),
 // bb the base block or null, j0 the global index of the block's first element (DARE counter).
-// dare_bits: the block's keep bits from model_stats, or null (then Philox draws them).
 // Returns the count of non-finite t. One function for every combine and N.
 __attribute__((noinline, unused)) FM_CPU_CLONES static int32_t task_sparsify_block(
     const FmModel& m, const void* m_block, bool src_bf16, const float* bb, uint64_t j0, int len,
-    float* t_out, float* s, const uint64_t* dare_bits) {
+    float* t_out, float* s) {
   switch (m.mode) {
     case MODE_KEEP_ALL:
       return task_sparsify_m<MODE_KEEP_ALL>(m, m_block, src_bf16, bb, nullptr, len, t_out, s);
@@ -194,11 +168,7 @@ __attribute__((noinline, unused)) FM_CPU_CLONES static int32_t task_sparsify_blo
       return task_sparsify_m<MODE_BAND>(m, m_block, src_bf16, bb, nullptr, len, t_out, s);
     case MODE_DARE: {
       alignas(64) uint32_t w[kBlock];
-      if (dare_bits != nullptr) {
-        dare_words_from_bits(dare_bits, len, w);
-      } else {
-        philox_word0_block(m.key_lo, m.key_hi, j0, len, w);
-      }
+      philox_dare_block(m.key_lo, m.key_hi, j0, len, w);
       return task_sparsify_m<MODE_DARE>(m, m_block, src_bf16, bb, w, len, t_out, s);
     }
     default:
@@ -304,12 +274,8 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
           load_block(in.models[i], in.model_dtypes[i], s0, len, mf);
           mb = mf;
         }
-        const uint64_t* bits = ctx.dare_bits != nullptr && ctx.dare_bits[i] != nullptr
-                                   ? ctx.dare_bits[i] + (s0 >> 6)
-                                   : nullptr;
         nonfinite[i] += task_sparsify_block(models[i], mb, bf16, has_base ? bb : nullptr, j0,
-                                            len, kNeedT ? tt[i] : nullptr, ss[kLinear ? 0 : i],
-                                            bits);
+                                            len, kNeedT ? tt[i] : nullptr, ss[kLinear ? 0 : i]);
         continue;
       }
       load_task_block(in.models[i], in.model_dtypes[i], s0, len, bb, has_base, tt[i]);
