@@ -128,11 +128,22 @@ void score_histogram_cuda(const c10::optional<Tensor>& base, at::TensorList mode
   TORCH_CHECK(counts.numel() == rows * FM_CUDA_NUM_BINS && sums.numel() == rows * FM_CUDA_NUM_BINS,
               "fastmerge cuda: counts and sums must be [T, 65536]");
   if (rows == 0 || p.in.numel == 0) return;
+  // The Fisher score's |t| sums are exact integer limbs (order-free), turned into float64 here
+  // once, in a fixed order (fm_cuda.h).
+  Tensor limbs;
+  if (score == 1)
+    limbs = at::zeros({rows, FM_CUDA_NUM_BINS, FM_CUDA_HIST_LIMBS},
+                      counts.options().dtype(at::kLong));
   check(fm_cuda_score_histogram(&p.in, static_cast<int32_t>(score), tg.data_ptr<int64_t>(),
                                 static_cast<int32_t>(rows), static_cast<int32_t>(level),
                                 counts.data_ptr<int64_t>(), sums.data_ptr<double>(),
+                                limbs.defined() ? limbs.data_ptr<int64_t>() : nullptr,
                                 current_stream(device)),
         "score_histogram");
+  if (limbs.defined()) {
+    Tensor scales = at::exp2(at::arange(FM_CUDA_HIST_LIMBS, sums.options()) * 28.0 - 149.0);
+    sums.add_((limbs.to(at::kDouble) * scales).sum(-1).view_as(sums));
+  }
 }
 
 void model_stats_cuda(const c10::optional<Tensor>& base, at::TensorList models,
@@ -149,9 +160,11 @@ void model_stats_cuda(const c10::optional<Tensor>& base, at::TensorList models,
   check_cuda_int64_out(out, device, at::kDouble, "out");
   TORCH_CHECK(out.numel() == n * 3, "fastmerge cuda: out must be [N, 3]");
   if (p.in.numel == 0) return;
+  // per-block partial sums, added up in a fixed order by the launcher's second kernel
+  Tensor scratch = at::empty({fm_cuda_model_stats_scratch(&p.in)}, out.options());
   check(fm_cuda_model_stats(&p.in, static_cast<int32_t>(score), fp.data_ptr<float>(),
                             ip.data_ptr<int64_t>(), static_cast<float>(power), offset,
-                            out.data_ptr<double>(),
+                            out.data_ptr<double>(), scratch.data_ptr<double>(),
                             current_stream(device)),
         "model_stats");
 }

@@ -16,6 +16,7 @@
 #define FM_CUDA_NUM_FPARAMS 6  // fastmerge.ops.NUM_FPARAMS
 #define FM_CUDA_NUM_IPARAMS 3  // fastmerge.ops.NUM_IPARAMS
 #define FM_CUDA_NUM_BINS 65536 // fastmerge.ops.NUM_BINS
+#define FM_CUDA_HIST_LIMBS 10  // 28-bit limbs of the Fisher histograms' exact |t| sums
 
 // Element types of the inputs and the output (any mix).
 enum FmCudaDType : int32_t { FM_CUDA_F32 = 0, FM_CUDA_F16 = 1, FM_CUDA_BF16 = 2 };
@@ -47,16 +48,23 @@ extern "C" {
 #endif
 
 // score_histogram: targets int64 [rows, 2] (device) = (model, level-1 prefix); counts int64
-// [rows, 65536] and sums float64 [rows, 65536] (device) are accumulated in place.
+// [rows, 65536] and sums float64 [rows, 65536] (device) are accumulated in place. The Fisher
+// score (score 1) adds |t| to `limbs` int64 [rows, 65536, FM_CUDA_HIST_LIMBS] (device, zeroed
+// by the caller) instead of `sums`: limb k weighs 2^(28 k - 149), and the caller adds
+// sum_k limbs[..., k] * 2^(28 k - 149) to sums (an exact, order-free integer sum). Every
+// result is bit-identical from run to run.
 cudaError_t fm_cuda_score_histogram(const FmCudaInputs* in, int32_t score, const int64_t* targets,
                                     int32_t rows, int32_t level, int64_t* counts, double* sums,
-                                    cudaStream_t stream);
+                                    int64_t* limbs, cudaStream_t stream);
 
 // model_stats: fparams float32 [N, 6], iparams int64 [N, 3] (device); out float64 [N, 3]
-// (device) += (sum|t_i|, sum|t_i| kept, sum max(v_i, 0)^power).
+// (device) += (sum|t_i|, sum|t_i| kept, sum max(v_i, 0)^power). `scratch` (device) holds
+// fm_cuda_model_stats_scratch(in) doubles: per-block partial sums, added up in a fixed order
+// by a second kernel (no float atomics: the same input gives the same bits every run).
+int64_t fm_cuda_model_stats_scratch(const FmCudaInputs* in);
 cudaError_t fm_cuda_model_stats(const FmCudaInputs* in, int32_t score, const float* fparams,
                                 const int64_t* iparams, float power, int64_t offset, double* out,
-                                cudaStream_t stream);
+                                double* scratch, cudaStream_t stream);
 
 // fused_merge: writes `numel` elements of args->out_dtype to `out`; nonfinite int64 [N]
 // (device) += the non-finite task-vector (linear: model) elements per model.

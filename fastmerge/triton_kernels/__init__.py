@@ -19,9 +19,13 @@ Kernels (fastmerge/triton_kernels/_kernels.py):
   uint32 words, bit-identical to fastmerge/rng.py, tested on the Random123 vectors).
 - ``_score_histogram_kernel``: grid (blocks, targets); level 0/1 digits of the float32 score
   bits; global int64/float64 atomics, pre-aggregated per block on a GPU at level 0 (sort by
-  bin + segmented scans, one atomic per distinct bin).
-- ``_model_stats_kernel``: per-block float64 sums, one atomic per (model, statistic) per block.
-All indices are int64 (tensors > 2^31 elements); all arithmetic float32 after the loads.
+  bin + segmented scans, one atomic per distinct bin). Magnitude sums are exact (one bin's
+  |t| share their exponent), Fisher sums are exact integer limbs: no result depends on the
+  order of the atomics.
+- ``_model_stats_kernel``: per-block float64 partial sums, added up by torch in a fixed order.
+All indices are int64 (tensors > 2^31 elements); all arithmetic float32 after the loads, each
+operation rounded on its own (no FMA contraction, ``div_rn``). Launches run on the device of
+their tensors.
 ``python -m fastmerge.triton_kernels.compile_check`` compiles them for sm_90 without a GPU.
 
 Limit: one launch handles at most ``MAX_MODELS`` (32) models (each model is its own kernel
