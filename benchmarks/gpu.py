@@ -286,6 +286,9 @@ def env_info() -> dict:
     info["nvcc"] = _run_line([nvcc, "--version"], last=True) if nvcc else "not found"
     info["driver"] = _run_line(["nvidia-smi", "--query-gpu=driver_version",
                                 "--format=csv,noheader"])
+    # what fastmerge and the suites import (the GPU machine has no network to add any)
+    info["modules"] = {m: _version(m) for m in ("numpy", "safetensors", "yaml", "tqdm",
+                                                "pytest")}
     return info
 
 
@@ -480,6 +483,9 @@ def summary_lines(outdir: str) -> list[str]:
     lines.append(f"- torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda', '?')}), triton "
                  f"{env.get('triton', '?')}, python {env.get('python', '?')}; nvcc: "
                  f"{env.get('nvcc', '?')}")
+    missing = [m for m, v in env.get("modules", {}).items() if v.startswith("not importable")]
+    if missing:
+        lines.append(f"- not importable: {', '.join(missing)}")
     lines += ["", "| step | status | time | pass | fail | error | skip |",
               "|---|---|---|---|---|---|---|"]
     for st in read_steps(outdir):

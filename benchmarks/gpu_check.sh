@@ -37,6 +37,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null 2>&1 || PY=python
+if [ -z "${PYTHON:-}" ] && ! "$PY" -c 'import torch' >/dev/null 2>&1 \
+    && python -c 'import torch' >/dev/null 2>&1; then
+  PY=python  # the interpreter that has torch
+fi
 SCALE="${FM_KIT_SCALE:-1}"
 
 # Per-step time limits in seconds (sum ~ 9 minutes).
