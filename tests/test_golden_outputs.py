@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_util import load_dir
 
 import fastmerge
 from fastmerge.backends import availability
 from fastmerge.demo import make_synthetic_checkpoints, save_checkpoint
 from fastmerge.engine import native
+from engine_util import load_dir
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGEN_ENV = "FASTMERGE_REGEN_GOLDEN"
