@@ -47,11 +47,29 @@ def merge_natively(cfg: MergeConfig, out_dir, *, t0: Optional[float] = None,
     return run_pipeline(cfg, out_dir, CoreKernels, t0=t0, **kwargs)
 
 
+def kernels_for(cfg: MergeConfig, device: str = "cpu", backend: str = "auto"):
+    """(a factory of the pipeline's kernels, processes on this node) for ``cfg``:
+    CoreKernels where ``why_not`` allows, else a torch backend."""
+    if why_not(cfg, device, backend) is None:
+        return CoreKernels, 1
+    from . import parallel
+    from .engine import torch_kernels
+    return torch_kernels(device, backend), parallel.local_world_size()
+
+
 def merge(config, out_dir, *, device: str = "cpu", backend: str = "auto", **kwargs):
-    """The CLI's merge: on CoreKernels where ``why_not`` allows, else ``merge_checkpoints``."""
+    """The CLI's merge: the pipeline on the kernels ``kernels_for`` picks."""
     t0 = time.perf_counter()
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    if why_not(cfg, device, backend) is None:
-        return merge_natively(cfg, out_dir, t0=t0, **kwargs)
-    from .engine import merge_checkpoints
-    return merge_checkpoints(cfg, out_dir, device=device, backend=backend, **kwargs)
+    make, local = kernels_for(cfg, device, backend)
+    return run_pipeline(cfg, out_dir, make, t0=t0, local_world_size=local, **kwargs)
+
+
+def dry_run(config, out_dir, *, device: str = "cpu", backend: str = "auto", quiet=True,
+            allow_nonfinite=False,
+            **kwargs) -> str:
+    """``merge``'s plan as text, on the same kernels, without reading a weight."""
+    from .dry_run import dry_run as plan
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    make, local = kernels_for(cfg, device, backend)
+    return plan(cfg, out_dir, make, local_world_size=local, **kwargs)
