@@ -66,8 +66,7 @@ def merge(config, out_dir, *, device: str = "cpu", backend: str = "auto", **kwar
 
 
 def dry_run(config, out_dir, *, device: str = "cpu", backend: str = "auto", quiet=True,
-            allow_nonfinite=False,
-            **kwargs) -> str:
+            allow_nonfinite=False, **kwargs) -> str:
     """``merge``'s plan as text, on the same kernels, without reading a weight."""
     from .dry_run import dry_run as plan
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
