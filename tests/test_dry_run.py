@@ -50,10 +50,12 @@ def test_prints_the_plan_without_reading_or_writing(ckpts, tmp_path, no_weight_r
 
 
 def test_errors_come_as_they_would_in_the_merge(ckpts, tmp_path, no_weight_reads):
-    with pytest.raises(ConfigError, match="density"):
-        native.dry_run(_cfg(ckpts, parameters={"lambda": "x"}) | {
-            "models": [{"model": str(ckpts["models"][0]), "parameters": {"density": 2}}]},
-            tmp_path / "o")
+    with pytest.raises(ConfigError, match="lambda"):
+        native.dry_run(_cfg(ckpts, parameters={"lambda": "x"}), tmp_path / "o")
+    bad = _cfg(ckpts)
+    bad["models"][1]["parameters"]["density"] = 2
+    with pytest.raises(ValueError, match="density"):
+        native.dry_run(bad, tmp_path / "o")
     with pytest.raises(CheckpointError, match="no such directory"):
         native.dry_run(_cfg(ckpts) | {"base_model": str(tmp_path / "nope")}, tmp_path / "o")
 
