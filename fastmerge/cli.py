@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write merged tensors that overflowed to NaN/Inf (with a warning "
                         "naming them) instead of stopping with an error")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--dry-run", action="store_true",
+                   help="resolve and check everything (configs, indexes, headers) and print "
+                        "the plan, without reading a weight or writing anything")
     d = sub.add_parser("demo", help="merge tiny synthetic models, in memory and as checkpoints "
                                     "through the engine (no network)")
     d.add_argument("--backend", action="append", help="backend(s) to time (default: all here)")
@@ -95,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _merge(args) -> int:
     # without torch where the method allows (engine/native.py), else the engine
-    from .engine.native import merge
+    from .engine.native import dry_run, merge
+    if args.dry_run:    # the plan, without reading a weight
+        print(dry_run(args.config, args.out_dir, device=args.device,
+                      memory_budget=args.memory_budget, shard_size=args.shard_size,
+                      backend=args.backend, seed=args.seed, overwrite=args.overwrite,
+                      lines_pattern=args.lines_pattern))
+        return 0
     res = merge(args.config, args.out_dir, device=args.device,
                 memory_budget=args.memory_budget, shard_size=args.shard_size,
                 backend=args.backend, seed=args.seed, overwrite=args.overwrite,

@@ -148,16 +148,16 @@ def test_disk_full_while_writing_leaves_nothing(tiny, monkeypatch):
 
 
 def test_keyboard_interrupt_mid_merge_leaves_nothing(tiny, monkeypatch):
-    import fastmerge.engine.engine as eng
+    from fastmerge.engine.torch_kernels import TorchKernels
     calls = {"n": 0}
-    real = eng.run_plan
+    real = TorchKernels.merge
 
     def interrupt(*a, **k):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(eng, "run_plan", interrupt)
+    monkeypatch.setattr(TorchKernels, "merge", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run(tiny)
     nothing_left(tiny["out"])

@@ -1,7 +1,7 @@
 """``fastmerge merge`` without torch (fastmerge/engine/native.py, fastmerge._core): every file
 of the output byte for byte the engine's on backend "cpu" (methods x chunking x dtypes x
-LiNeS x shards x copied tensors), the CLI never importing torch, the fall back to the engine
-for what the path does not do, and the engine's errors with nothing left behind."""
+LiNeS x shards x copied tensors), the CLI never importing torch, the per-tensor fall back to
+the radix selection, and the engine's errors with nothing left behind."""
 from __future__ import annotations
 
 import errno
@@ -69,19 +69,24 @@ CASES = [
     ("breadcrumbs_ties", {"parameters": {"gamma": 0.05}}, {}),               # bands
     ("magnitude_prune", {}, {}),
     ("consensus_ties", {}, {}),
+    ("ties", {"scope": "model"}, {}),                           # model-wide radix selection
+    ("ties", {"lines": {"alpha": "auto", "beta": 1.0}}, {"max_chunk_elems": 1000}),
 ]
 
 
 @pytest.mark.parametrize("method,extra,kw", CASES)
 def test_output_is_the_engines_byte_for_byte(ckpts, tmp_path, method, extra, kw):
     cfg = _cfg(ckpts, method, **extra)
+    if cfg.get("scope") == "model":   # one density per model over the whole model
+        for m in cfg["models"]:
+            m["parameters"]["density"] = 0.6
     assert native.why_not(load_config(cfg)) is None
     res = native.merge_natively(load_config(cfg), tmp_path / "native", **kw)
     want = fastmerge.merge_checkpoints(cfg, tmp_path / "engine", backend="cpu", **kw)
     _same_dirs(res.output_dir, want.output_dir)
     assert (res.tensors, res.shards, res.bytes_in, res.bytes_out) == \
         (want.tensors, want.shards, want.bytes_in, want.bytes_out)
-    assert res.passes == ["merge (without torch: fastmerge._core)"]
+    assert res.passes[-1] == "merge (without torch: fastmerge._core)"
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "breadcrumbs_ties"])
@@ -108,14 +113,11 @@ def test_import_fastmerge_is_lazy_and_registers_ops_on_use():
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("change,reason", [
-    (dict(merge_method="ties", scope="model"), "scope: model"),
-    (dict(merge_method="ota"), "second moments"),
-    (dict(lines={"alpha": "auto", "beta": 1.0}), "alpha: auto"),
-])
-def test_what_takes_the_engine(ckpts, change, reason):
-    cfg = {**_cfg(ckpts, "task_arithmetic"), **change}
-    assert reason in native.why_not(load_config(cfg))
+def test_only_second_moments_take_the_engine(ckpts):
+    assert "second moments" in native.why_not(load_config(_cfg(ckpts, "ota")))
+    for change in (dict(merge_method="ties", scope="model"),
+                   dict(lines={"alpha": "auto", "beta": 1.0})):
+        assert native.why_not(load_config({**_cfg(ckpts, "ties"), **change})) is None
 
 
 def test_device_backend_env_and_torchrun_take_the_engine(ckpts, monkeypatch):
@@ -130,19 +132,29 @@ def test_device_backend_env_and_torchrun_take_the_engine(ckpts, monkeypatch):
 
 
 @pytest.mark.parametrize("why", ["miss", "chunked"])
-def test_what_only_the_radix_selection_does_restarts_on_the_engine(ckpts, tmp_path, monkeypatch,
-                                                                   why):
-    """A sampled window that missed, or a selection over a tensor split into chunks: the
-    native run stops (UseEngine, nothing left behind) and ``merge`` runs the engine."""
+def test_a_window_miss_or_chunked_selection_falls_back_for_that_tensor_only(ckpts, tmp_path,
+                                                                           monkeypatch, why):
+    """A sampled window that missed, or a selection over a tensor split into chunks: that
+    tensor's selection runs the radix selection (backend "cpu" on the same bytes); the merge
+    goes on, on the same kernels, and its output is the engine's."""
+    from fastmerge.engine import core_kernels
     cfg = _cfg(ckpts, "breadcrumbs_ties")
     kw = {"max_chunk_elems": 1000} if why == "chunked" else {}
     if why == "miss":
-        monkeypatch.setattr(native, "one_pass", lambda *a, **k: None)
-    with pytest.raises(native.UseEngine):
-        native.merge_natively(load_config(cfg), tmp_path / "n", **kw)
-    nothing_left(tmp_path / "n")
-    res = native.merge(cfg, tmp_path / "out", backend="cpu", **kw)
-    assert res.passes == ["merge"]
+        monkeypatch.setattr(core_kernels, "one_pass", lambda *a, **k: None)
+    radix = core_kernels.CoreKernels.radix
+    seen = []
+
+    def counted(self, source, *a, **k):
+        seen.append(1)
+        return radix(self, source, *a, **k)
+    monkeypatch.setattr(core_kernels.CoreKernels, "radix", counted)
+    res = native.merge(cfg, tmp_path / "out", **kw)
+    assert res.passes == ["merge (without torch: fastmerge._core)"]
+    merged = [n for n in load_dir(ckpts["base"]) if n != "model.rotary.inv_freq_steps"]
+    numel = {n: t.numel() for n, t in load_dir(ckpts["base"]).items()}
+    want = len(merged) if why == "miss" else sum(numel[n] > 1000 for n in merged)
+    assert 0 < len(seen) == want
     _same_dirs(res.output_dir, fastmerge.merge_checkpoints(cfg, tmp_path / "e", backend="cpu",
                                                            **kw).output_dir)
 
@@ -201,15 +213,16 @@ def test_disk_full_and_interrupt_leave_nothing(tiny, monkeypatch):
     nothing_left(tiny["out"])
     monkeypatch.setattr(ShardWriter, "pwrite", staticmethod(real))
 
+    from fastmerge.engine.core_kernels import CoreKernels
     seen = {"n": 0}
-    merge_tensor = native._Merger.merge_tensor
+    merge_chunk = CoreKernels.merge
 
     def interrupt(self, *a):
         seen["n"] += 1
         if seen["n"] == 2:
             raise KeyboardInterrupt
-        return merge_tensor(self, *a)
-    monkeypatch.setattr(native._Merger, "merge_tensor", interrupt)
+        return merge_chunk(self, *a)
+    monkeypatch.setattr(CoreKernels, "merge", interrupt)
     with pytest.raises(KeyboardInterrupt):
         native.merge(tiny["cfg"], tiny["out"])
     nothing_left(tiny["out"])

@@ -3,8 +3,7 @@ one-ahead prefetching iterator; the budget -> chunk size and element ranges are 
 (re-exported here)."""
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -12,6 +11,7 @@ from ..selection import Chunk
 from .budget import (DARE_BITS_LIMIT, FIXED_OVERHEAD, MIN_CHUNK_ELEMS, Chunking,  # noqa: F401
                      element_ranges, plan_chunking, release_freed_memory_promptly,
                      trim_freed_memory, work_bytes_per_element)
+from .pipeline import prefetched  # noqa: F401  (re-exported)
 
 
 class ChunkLoader:
@@ -69,23 +69,3 @@ class ChunkLoader:
             return Chunk(base, got[:1] if base is None else [base], [], start, name)
         n = len(self.models)
         return Chunk(base, got[:n], got[n:], start, name)
-
-
-def prefetched(items: Sequence, load: Callable, pool: ThreadPoolExecutor) -> Iterator:
-    """Yield load(item) for each item, loading the next one in ``pool`` meanwhile."""
-    if not items:
-        return
-    fut: Optional[Future] = pool.submit(load, items[0])
-    try:
-        for k in range(len(items)):
-            cur = fut.result()
-            fut = pool.submit(load, items[k + 1]) if k + 1 < len(items) else None
-            yield cur
-            del cur
-    finally:
-        if fut is not None:
-            fut.cancel()
-            try:
-                fut.result()
-            except BaseException:
-                pass
