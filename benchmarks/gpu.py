@@ -535,7 +535,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--env", metavar="OUTDIR", help="write OUTDIR/env.json and exit")
     mode.add_argument("--kit", metavar="OUTDIR", help="the GPU check kit's benchmark")
     mode.add_argument("--summary", metavar="OUTDIR", help="write OUTDIR/SUMMARY.md")
-    ap.add_argument("--streamed-size", default="0.5b",
+    ap.add_argument("--streamed-size", default="0.2b",
                     help="--kit: checkpoint size of the streamed merge (make_checkpoints.py)")
     args = ap.parse_args(argv)
     if args.shapes is None:
