@@ -52,7 +52,7 @@ def cpu_extensions(cpp_extension):
     exts = [cpp_extension.CppExtension(
         "fastmerge._C", sources, include_dirs=[COMMON],
         extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])]
-    # the same kernels bound without torch (fastmerge/engine/native.py: `fastmerge merge`
+    # the same kernels bound without torch (fastmerge/pipeline/native.py: `fastmerge merge`
     # starts without importing torch for the methods that need no selection pass)
     # pybind11's headers: torch ships them (torch/include/pybind11), so the build needs no
     # pybind11 package (pip --no-build-isolation builds before installing the dependencies)

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import fastmerge as fm  # noqa: E402
 from fastmerge.backends import availability, get_backend  # noqa: E402
 from fastmerge.methods import resolve_spec  # noqa: E402
-from fastmerge.plan import plan_tensor  # noqa: E402
-from fastmerge.selection import Chunk  # noqa: E402
+from fastmerge.planning.plan import plan_tensor  # noqa: E402
+from fastmerge.planning.selection import Chunk  # noqa: E402
 
 GB = 1e9
 
@@ -136,7 +136,7 @@ def per_pass_costs(shape=(4096, 4096), ns=(2, 3, 8), density=0.2, reps=5):
     """ns per (element x model) of each cpu pass, on 1 thread and on all threads."""
     import dataclasses
 
-    from fastmerge.selection import level0
+    from fastmerge.planning.selection import level0
     out = []
     be = get_backend("cpu", "cpu")
     radix_be = dataclasses.replace(be, topk_window=None)  # the two-pass radix selection

@@ -22,11 +22,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
-
-import fastmerge as fm  # noqa: E402
 from bench_cpu import best_time, copy_bandwidth  # noqa: E402
 from helpers import make_finetunes  # noqa: E402
 from machine_info import describe  # noqa: E402
+
+import fastmerge as fm  # noqa: E402
 
 CASES = [  # (label, method, parameters)
     ("task_arithmetic", "task_arithmetic", {}),

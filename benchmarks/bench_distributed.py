@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 def make(workdir: Path, preset: str, n_models: int) -> dict:
-    from fastmerge.demo import make_synthetic_checkpoints
+    from fastmerge.cli.demo import make_synthetic_checkpoints
     layers, hidden, inter, vocab = PRESETS[preset]
     root = workdir / f"ckpt_{preset}_{n_models}"
     if (root / "done").exists():
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     ck = make(work, args.preset, args.models)
     print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s", flush=True)
     ncores = os.cpu_count() or 1
-    from fastmerge.engine.checkpoint_io import Checkpoint
+    from fastmerge.checkpoint.safetensors_file import Checkpoint
     c = Checkpoint(ck["base"])
     ck_bytes = sum(c.info(n).nbytes for n in c.names)
     c.close()

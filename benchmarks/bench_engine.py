@@ -57,7 +57,7 @@ def measure(cmd: list) -> dict:
 
 
 def make_inputs(work: Path, preset: str, n_models: int) -> dict:
-    from fastmerge.demo import make_synthetic_checkpoints
+    from fastmerge.cli.demo import make_synthetic_checkpoints
     layers, hidden, inter, vocab = PRESETS[preset]
     root = work / f"ckpt-{preset}-{n_models}"
     done = root / "DONE"
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     import fastmerge
     from fastmerge.backends import get_backend
     backend = get_backend(args.backend, "cpu").name
-    from fastmerge.engine import Checkpoint
+    from fastmerge.pipeline import Checkpoint
     n_params = sum(Checkpoint(inputs["base"]).info(n).numel
                    for n in Checkpoint(inputs["base"]).names)
     rows = []
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
                 print(run["err"])
                 raise SystemExit(f"fastmerge failed on {method}")
             fm = run if fm is None or run["seconds"] < fm["seconds"] else fm
-        from fastmerge.engine import load_config
-        from fastmerge.engine.native import why_not
+        from fastmerge.pipeline import load_config
+        from fastmerge.pipeline.native import why_not
         path = "engine" if why_not(load_config(cfg_path), "cpu", args.backend) else "native"
         row = {"method": method, "fm": fm, "load": load, "path": path}
         if not args.skip_mergekit:
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         f"**{backend}**, memory budget {args.memory_budget}; mergekit-yaml 0.1.5 defaults "
         f"(CPU). Wall time and peak RSS of each whole command (process start to exit); "
         f"fastmerge: best of {args.reps} runs, mergekit: 1 run. fastmerge path: native = "
-        f"without torch (fastmerge/engine/native.py), engine = merge_checkpoints.", "",
+        f"without torch (fastmerge/pipeline/native.py), engine = merge_checkpoints.", "",
         "| method | fastmerge path | fastmerge s | mergekit s | speed-up | "
         "fastmerge peak RSS GiB | mergekit peak RSS GiB | load avg at start | max rel. diff |",
         "|---|---|---|---|---|---|---|---|---|"]

@@ -223,9 +223,9 @@ def write_config(path: Path, method: str, base: Path, models: list) -> None:
 
 def merge_path(cfg_path: Path, stderr: str) -> str:
     """native (without torch), engine (why_not chose it), or engine after the native path gave
-    up (fastmerge/engine/native.py UseEngine: the run imported torch)."""
-    from fastmerge.engine import load_config
-    from fastmerge.engine.native import why_not
+    up (fastmerge/pipeline/native.py UseEngine: the run imported torch)."""
+    from fastmerge.pipeline import load_config
+    from fastmerge.pipeline.native import why_not
     if why_not(load_config(cfg_path), "cpu", "auto"):
         return "engine"
     return "native -> engine" if "fastmerge-imported-torch: True" in stderr else "native"
@@ -326,7 +326,7 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
         "floor. fastmerge: `fastmerge merge CONFIG OUT --memory-budget B`; mergekit: "
         f"`mergekit-yaml CONFIG OUT --random-seed {MERGEKIT_SEED}` (its defaults, CPU). "
         "Parameters: weight 0.5, density 0.5, gamma 0.01 (breadcrumbs). path: native = "
-        "without torch (fastmerge/engine/native.py), engine = the torch engine, native -> "
+        "without torch (fastmerge/pipeline/native.py), engine = the torch engine, native -> "
         "engine = the native path gave up part-way (a top-k/band tensor larger than one "
         "chunk) and the engine merged from the start."), "",
         ("| method | tool | path | budget | wall s | flush s | x floor | peak RSS GiB | "

@@ -100,9 +100,10 @@ def one_run(cfg_path: str, out: str, patched: bool) -> dict:
     """Runs in a child process: mergekit's CLI (stock or patched), timed, with peak RSS."""
     os.environ["FASTMERGE_MERGEKIT"] = "1" if patched else "0"
     t0 = time.perf_counter()
-    import fastmerge.integrations.mergekit as fm_mk
     import mergekit.merge  # noqa: F401 - imports are not the merge's cost
     import mergekit.scripts.run_yaml  # noqa: F401
+
+    import fastmerge.integrations.mergekit as fm_mk
     t1 = time.perf_counter()
     rc = fm_mk.main([cfg_path, out, "--no-copy-tokenizer", "--quiet", "--random-seed", "0",
                      "--out-shard-size", "100B"])
@@ -114,7 +115,6 @@ def one_run(cfg_path: str, out: str, patched: bool) -> dict:
 
 
 def compare(a_dir, b_dir) -> dict:
-    import torch
     from safetensors.torch import load_file
     a, b = load_file(os.path.join(a_dir, "model.safetensors")), \
         load_file(os.path.join(b_dir, "model.safetensors"))
@@ -153,8 +153,9 @@ def main(argv=None) -> int:
     paths = make_models(args.workdir, args.size)
     print(f"models ready ({paths['nparams'] / 1e6:.1f}M params each) in "
           f"{time.perf_counter() - t:.1f}s", flush=True)
-    import fastmerge
     import mergekit  # noqa: F401
+
+    import fastmerge
     from fastmerge.integrations.mergekit import mergekit_version
     rows = []
     for method in args.methods.split(","):

@@ -17,14 +17,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import torch  # noqa: E402
+from bench_cpu import best_time, copy_bandwidth, cpu_model  # noqa: E402
+from helpers import make_finetunes  # noqa: E402
 
 import fastmerge as fm  # noqa: E402
-from bench_cpu import best_time, copy_bandwidth, cpu_model  # noqa: E402
 from fastmerge.backends import get_backend  # noqa: E402
 from fastmerge.methods import resolve_spec  # noqa: E402
-from fastmerge.plan import plan_tensor  # noqa: E402
-from fastmerge.selection import Chunk  # noqa: E402
-from helpers import make_finetunes  # noqa: E402
+from fastmerge.planning.plan import plan_tensor  # noqa: E402
+from fastmerge.planning.selection import Chunk  # noqa: E402
 
 PARAMS = {
     "task_arithmetic": {}, "ties": dict(density=0.2), "dare_ties": dict(density=0.5),

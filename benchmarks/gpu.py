@@ -132,11 +132,10 @@ from bench_cpu import run_peft as peft_ties  # noqa: E402
 # ----------------------------------------------------------------------------- fastmerge
 def fastmerge_timings(backend: str, base, models, density: float, reps: int) -> dict:
     import fastmerge as fm
-    from fastmerge import ops
-    from fastmerge.backends import get_backend
+    from fastmerge.backends import get_backend, ops
     from fastmerge.methods import resolve_spec
-    from fastmerge.plan import plan_tensor
-    from fastmerge.selection import Chunk
+    from fastmerge.planning.plan import plan_tensor
+    from fastmerge.planning.selection import Chunk
 
     name = "model.layers.0.mlp.up_proj.weight"
     n = len(models)
@@ -310,8 +309,8 @@ def kit_merge_pass(backends, shapes, n: int, reps: int, copy_bw: float) -> list[
     """Time the fused merge pass alone (plan computed once) per shape, method and backend."""
     from fastmerge.backends import get_backend
     from fastmerge.methods import resolve_spec
-    from fastmerge.plan import plan_tensor
-    from fastmerge.selection import Chunk
+    from fastmerge.planning.plan import plan_tensor
+    from fastmerge.planning.selection import Chunk
 
     name = "model.layers.0.mlp.up_proj.weight"
     rows = []

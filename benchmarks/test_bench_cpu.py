@@ -9,13 +9,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_cpu import make_inputs, run_mergekit, run_peft  # noqa: E402
+
 import fastmerge as fm  # noqa: E402
 from fastmerge.backends import availability, get_backend  # noqa: E402
 from fastmerge.methods import resolve_spec  # noqa: E402
-from fastmerge.plan import plan_tensor  # noqa: E402
-from fastmerge.selection import Chunk  # noqa: E402
-
-from bench_cpu import make_inputs, run_mergekit, run_peft  # noqa: E402
+from fastmerge.planning.plan import plan_tensor  # noqa: E402
+from fastmerge.planning.selection import Chunk  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not availability("cpu")[0], reason="cpu backend not built")
 SHAPE = (2048, 2048)

@@ -2,8 +2,9 @@
 consensus/TALL masks, LiNeS, OTA/FFG) with one API over torch, C++, CUDA and Triton kernels.
 
 The names below load on first use, so ``fastmerge merge`` can start without importing torch
-(fastmerge/engine/native.py). Using any of them, or importing ``fastmerge.ops``, registers the
-``torch.ops.fastmerge`` ops; importing fastmerge after torch registers them right away."""
+(fastmerge/pipeline/native.py). Using any of them, or importing ``fastmerge.backends.ops``,
+registers the ``torch.ops.fastmerge`` ops; importing fastmerge after torch registers them
+right away."""
 import sys
 
 from . import _lazy
@@ -11,9 +12,9 @@ from ._version import __version__
 
 _LAZY = {"merge_tensors": "api", "magnitude_threshold": "api", "dare_mask": "api",
          "available_backends": "backends", "BACKEND_NAMES": "backends",
-         "block_index": "lines", "lines_factor": "lines",
+         "block_index": "methods.lines", "lines_factor": "methods.lines",
          "METHODS": "methods", "MergeSpec": "methods", "resolve_spec": "methods",
-         "merge_checkpoints": "engine"}
+         "merge_checkpoints": "pipeline.torch_entry"}
 
 __all__ = ["merge_tensors", "magnitude_threshold", "dare_mask", "lines_factor", "block_index",
            "available_backends", "resolve_spec", "merge_checkpoints", "MergeSpec", "METHODS",
@@ -21,7 +22,7 @@ __all__ = ["merge_tensors", "magnitude_threshold", "dare_mask", "lines_factor", 
 
 
 def _register_ops():
-    from . import ops  # noqa: F401  (registers the fastmerge:: torch.library ops)
+    from .backends import ops  # noqa: F401  (registers the fastmerge:: torch.library ops)
 
 
 __getattr__, __dir__ = _lazy.attributes(__name__, _LAZY, globals(), before=_register_ops)

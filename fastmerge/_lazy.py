@@ -1,5 +1,5 @@
 """Module attributes loaded on first use (PEP 562), so importing a package does not import
-torch (``fastmerge merge`` runs without it: fastmerge/engine/native.py)."""
+torch (``fastmerge merge`` runs without it: fastmerge/pipeline/native.py)."""
 from __future__ import annotations
 
 import importlib

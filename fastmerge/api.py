@@ -5,12 +5,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import rng
 from .backends import Backend, get_backend
-from .methods import METHODS, canonical_method, resolve_spec
-from .ops import SCORE_MAGNITUDE
-from .plan import TensorPlan, plan_tensor
-from .selection import Chunk, level0, select
+from .backends.ops import SCORE_MAGNITUDE
+from .methods import METHODS, canonical_method, resolve_spec, rng
+from .planning.plan import TensorPlan, plan_tensor
+from .planning.selection import Chunk, level0, select
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -14,9 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import rng
-from .methods import MergeSpec, band_counts, top_k_count
-from .second_moments import finite_non_negative
+from .methods import MergeSpec, band_counts, rng, top_k_count
+from .methods.moments import finite_non_negative
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:

@@ -20,7 +20,7 @@ def backend_device(name: str) -> str:
     if name == "cuda":
         return "cuda"
     if name == "triton":
-        from fastmerge import triton_kernels
+        from fastmerge.backends import triton as triton_kernels
         return triton_kernels.default_device()
     return "cpu"
 

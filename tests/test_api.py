@@ -1,14 +1,13 @@
 """The public API: validation messages, dispatch, torch.library registration."""
 import pytest
 import torch
+from helpers import make_finetunes
 
 import fastmerge as fm
-from fastmerge import ops
-from fastmerge.backends import get_backend
-from fastmerge.plan import plan_tensor
+from fastmerge.backends import get_backend, ops
 from fastmerge.methods import resolve_spec
-from fastmerge.selection import Chunk
-from helpers import make_finetunes
+from fastmerge.planning.plan import plan_tensor
+from fastmerge.planning.selection import Chunk
 
 
 @pytest.fixture

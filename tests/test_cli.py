@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from engine_util import index_of, load_dir
 
 from fastmerge.cli import main
-from fastmerge.demo import make_synthetic_checkpoints
-from engine_util import index_of, load_dir
+from fastmerge.cli.demo import make_synthetic_checkpoints
 
 # mergekit's examples/ties.yml, bio-merge.yml and linear.yml, model paths replaced
 TIES_YML = """\
@@ -119,7 +119,7 @@ def test_progress_bar_and_overwrite(ckpts, tmp_path, capsys):
 
 
 def test_engine_demo_runs(capsys):
-    from fastmerge.demo import run_engine_demo
+    from fastmerge.cli.demo import run_engine_demo
     res = run_engine_demo(backend="torch")
     out = capsys.readouterr().out
     assert "fastmerge: ties merged" in out and res.shards > 1

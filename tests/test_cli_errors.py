@@ -117,7 +117,7 @@ def _boom(*args, **kwargs):
 
 
 def test_unexpected_exceptions_are_internal_errors(ckpts, tmp_path, capsys, monkeypatch):
-    import fastmerge.engine.native as native
+    import fastmerge.pipeline.native as native
     monkeypatch.setattr(native, "merge", _boom)
     cfg = write_config(tmp_path, ckpts)
     assert main(["merge", str(cfg), str(tmp_path / "o"), "--quiet"]) == 1
@@ -141,7 +141,7 @@ def test_every_command_reports_one_line(capsys, monkeypatch):
     assert "internal error" in one_error_line(capsys)
     assert main(["demo"]) == 1
     assert "internal error" in one_error_line(capsys)
-    import fastmerge.second_moments as sm
+    import fastmerge.cli.second_moments as sm
     monkeypatch.setattr(sm, "main", _boom)
     assert main(["--debug", "extract-second-moments", "x"]) == 1
     assert "Traceback" in capsys.readouterr().err

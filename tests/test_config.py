@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastmerge.engine.config import ConfigError, ParameterResolver, evaluate_setting, \
-    parse_config
+from fastmerge.recipe.config import ConfigError, ParameterResolver, evaluate_setting, parse_config
 
 NAMES = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(5)] + \
     ["model.embed_tokens.weight", "lm_head.weight"]

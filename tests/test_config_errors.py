@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastmerge.engine.config import ConfigError, load_config, parse_config, supported_methods
 from fastmerge.methods import ALIASES, METHODS
+from fastmerge.recipe.config import ConfigError, load_config, parse_config, supported_methods
 
 
 def full(**over) -> dict:

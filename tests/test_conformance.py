@@ -2,11 +2,11 @@
 identical. Runs once per available backend (torch always; cpu/cuda/triton where built)."""
 import pytest
 import torch
+from conftest import backend_device
+from helpers import DTYPES, make_finetunes
 
 import fastmerge as fm
 from fastmerge.testing import assert_matches_reference, reference_masks
-from helpers import DTYPES, make_finetunes
-from conftest import backend_device
 
 METHOD_PARAMS = {
     "linear": dict(weights=[0.5, 1.0, 2.0]),

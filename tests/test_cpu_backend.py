@@ -6,16 +6,15 @@ import os
 
 import pytest
 import torch
-
-import fastmerge as fm
-from fastmerge import ops, rng
-from fastmerge.backends import availability, get_backend
-from fastmerge.methods import resolve_spec
-from fastmerge.plan import plan_tensor
-from fastmerge.selection import Chunk, level0
-from fastmerge.testing import assert_matches_reference
 from helpers import make_finetunes
 from test_rng import DARE_V2_KAT, DARE_V2_KEEP, KAT_DENSITY
+
+import fastmerge as fm
+from fastmerge.backends import availability, get_backend, ops
+from fastmerge.methods import resolve_spec, rng
+from fastmerge.planning.plan import plan_tensor
+from fastmerge.planning.selection import Chunk, level0
+from fastmerge.testing import assert_matches_reference
 
 ok, why = availability("cpu")
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")

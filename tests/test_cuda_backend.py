@@ -14,14 +14,13 @@ import os
 
 import pytest
 import torch
+from helpers import DTYPES, make_finetunes
 
 import fastmerge as fm
-from fastmerge import ops
-from fastmerge.backends import availability, get_backend
-from fastmerge.plan import plan_tensor
+from fastmerge.backends import availability, get_backend, ops
 from fastmerge.methods import resolve_spec
-from fastmerge.selection import Chunk
-from helpers import DTYPES, make_finetunes
+from fastmerge.planning.plan import plan_tensor
+from fastmerge.planning.selection import Chunk
 
 _OK, _WHY = availability("cuda")
 pytestmark = pytest.mark.skipif(not _OK, reason=f"CUDA backend unavailable here: {_WHY}")

@@ -427,9 +427,9 @@ def test_host_harness_merge_groups(tmp_path):
 
 
 def test_launcher_header_matches_ops():
-    """fm_cuda.h's constants are those of fastmerge/ops.py (the .cu files static_assert them
+    """fm_cuda.h's constants are those of fastmerge/backends/ops.py (the .cu files static_assert them
     against csrc/common as well)."""
-    from fastmerge import ops
+    from fastmerge.backends import ops
     text = open(os.path.join(CUDA_DIR, "fm_cuda.h")).read()
     consts = dict(re.findall(r"#define (FM_CUDA_\w+) (\d+)", text))
     assert int(consts["FM_CUDA_NUM_FPARAMS"]) == ops.NUM_FPARAMS

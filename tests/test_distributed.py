@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_util import write_yaml
 
 import fastmerge
-from fastmerge.demo import make_synthetic_checkpoints
-from fastmerge.engine import parallel
-from engine_util import write_yaml
+from fastmerge.cli.demo import make_synthetic_checkpoints
+from fastmerge.pipeline import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = "10000"      # bytes: embed/lm_head/up/down (12-16 KB) split by rows, the rest whole

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from fastmerge.demo import make_synthetic_checkpoints
-from fastmerge.engine import CheckpointError, ConfigError, native
-from fastmerge.engine.checkpoint_io import SafetensorsFile
 from engine_util import write_yaml
+
+from fastmerge.checkpoint.safetensors_file import SafetensorsFile
+from fastmerge.cli.demo import make_synthetic_checkpoints
+from fastmerge.pipeline import CheckpointError, ConfigError, native
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,13 +5,20 @@ import json
 
 import pytest
 import torch
+from engine_util import (
+    assert_same,
+    check_against_reference,
+    expected_merge,
+    index_of,
+    load_dir,
+    write_yaml,
+)
 from safetensors import safe_open
 
 import fastmerge
 from fastmerge import reference
-from fastmerge.demo import make_synthetic_checkpoints
-from fastmerge.lines import block_index, count_blocks, lines_factor
-from engine_util import assert_same, check_against_reference, expected_merge, index_of, load_dir, write_yaml
+from fastmerge.cli.demo import make_synthetic_checkpoints
+from fastmerge.methods.lines import block_index, count_blocks, lines_factor
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +232,8 @@ def test_mapped_ranges_equal_preadv_reads(tmp_path, monkeypatch):
     reads, for ranges at unaligned offsets, empty ranges and whole tensors, and its tensors
     stay valid (copy-on-write, no file writes) after the file object is closed."""
     from safetensors.torch import save_file
-    from fastmerge.engine.checkpoint_io import SafetensorsFile
+
+    from fastmerge.checkpoint.safetensors_file import SafetensorsFile
     g = torch.Generator().manual_seed(3)
     tensors = {"a": torch.randn(1001, generator=g).to(torch.bfloat16),
                "b": torch.randn(37, 129, generator=g),
@@ -248,7 +256,7 @@ def test_mapped_ranges_equal_preadv_reads(tmp_path, monkeypatch):
         assert torch.equal(got, want)
     assert (tmp_path / "x.safetensors").read_bytes() == before
     # a file system that cannot map files: the same bytes through preadv
-    from fastmerge.engine import checkpoint_io
+    from fastmerge.checkpoint import safetensors_file as checkpoint_io
 
     def no_mmap(*a, **k):
         raise OSError(19, "No such device")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_util import load_dir
 from safetensors.torch import save_file
 
 import fastmerge
-from fastmerge.demo import make_synthetic_checkpoints, save_checkpoint
-from fastmerge.engine import CheckpointError, ConfigError, OutputError
-from engine_util import load_dir
+from fastmerge.cli.demo import make_synthetic_checkpoints, save_checkpoint
+from fastmerge.pipeline import CheckpointError, ConfigError, OutputError
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_nan_in_weights_names_tensor_and_file(tiny):
 
 
 def test_disk_full_while_writing_leaves_nothing(tiny, monkeypatch):
-    from fastmerge.engine.writer import ShardWriter
+    from fastmerge.output.writer import ShardWriter
     calls = {"n": 0}
     real = ShardWriter.pwrite
 
@@ -148,7 +148,7 @@ def test_disk_full_while_writing_leaves_nothing(tiny, monkeypatch):
 
 
 def test_keyboard_interrupt_mid_merge_leaves_nothing(tiny, monkeypatch):
-    from fastmerge.engine.torch_kernels import TorchKernels
+    from fastmerge.pipeline.torch_kernels import TorchKernels
     calls = {"n": 0}
     real = TorchKernels.merge
 

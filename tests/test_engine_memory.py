@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import fastmerge
-from fastmerge.demo import make_synthetic_checkpoints
+from fastmerge.cli.demo import make_synthetic_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = 32 * 2 ** 20
@@ -23,7 +23,7 @@ CHILD = textwrap.dedent("""
     import json, sys
     NATIVE = sys.argv[4] == "native"   # fastmerge merge's torch-free path
     if NATIVE:
-        from fastmerge.engine import load_config, native
+        from fastmerge.pipeline import load_config, native
         merge = lambda cfg, out, **kw: native.merge_natively(load_config(cfg), out, **kw)
     else:
         import torch, fastmerge
@@ -58,7 +58,7 @@ def test_peak_rss_stays_under_the_budget(tmp_path, path):
     ``fastmerge merge`` runs on the CPU, without torch): dare_ties, its statistics pass and
     merge over row chunks of mapped inputs (the keep-bit memo gets an eighth of the budget)."""
     from fastmerge.backends import availability
-    from fastmerge.engine import native
+    from fastmerge.pipeline import native
     backend = "cpu" if availability("cpu")[0] else "torch"
     method = "ties" if backend == "cpu" else "task_arithmetic"
     if path == "native":
@@ -107,6 +107,7 @@ def test_peak_rss_stays_under_the_budget(tmp_path, path):
     with safe_open(str(tmp_path / "out" / idx["weight_map"][name]), "pt") as f:
         got = f.get_tensor(name)
     from engine_util import load_dir
+
     from fastmerge.api import merge_tensors
     want = merge_tensors(load_dir(p["base"])[name], [load_dir(x)[name] for x in p["models"]],
                          method, weights=[0.5, 0.5], density=0.5, normalize=False,

@@ -20,10 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fastmerge
+from fastmerge.checkpoint import safetensors_file as checkpoint_io
+from fastmerge.checkpoint.safetensors_file import Checkpoint, CheckpointError, SafetensorsFile
 from fastmerge.cli import main as cli_main
-from fastmerge.demo import save_checkpoint
-from fastmerge.engine import checkpoint_io
-from fastmerge.engine.checkpoint_io import Checkpoint, CheckpointError, SafetensorsFile
+from fastmerge.cli.demo import save_checkpoint
 
 CASES = int(os.environ.get("FASTMERGE_FUZZ_CASES", "500"))
 SEED = 17

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_util import load_dir
 
 import fastmerge
 from fastmerge.backends import availability
-from fastmerge.demo import make_synthetic_checkpoints, save_checkpoint
-from fastmerge.engine import native
-from engine_util import load_dir
+from fastmerge.cli.demo import make_synthetic_checkpoints, save_checkpoint
+from fastmerge.pipeline import native
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGEN_ENV = "FASTMERGE_REGEN_GOLDEN"
@@ -144,7 +144,7 @@ def test_the_miss_fixture_makes_the_window_miss(miss_ckpts):
     """Guards the window-miss cases: the one-pass kernel reports a miss on MISS."""
     b = load_dir(miss_ckpts["base"])[MISS]
     m = load_dir(miss_ckpts["models"][0])[MISS]
-    import fastmerge.ops  # noqa: F401  (registers torch.ops.fastmerge)
+    import fastmerge.backends.ops  # noqa: F401  (registers torch.ops.fastmerge)
     req = torch.tensor([[0, m.numel() // 3]], dtype=torch.int64)
     bits = torch.ops.fastmerge.topk_window(b, [m], req, False)[0]
     assert int(bits[0]) < 0, "the sampled window did not miss; the miss cases test nothing"

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 import fastmerge
-from fastmerge.demo import save_checkpoint
-from fastmerge.engine import checkpoint_io
-from fastmerge.engine.checkpoint_io import Checkpoint, CheckpointError, SafetensorsFile
-from fastmerge.engine.hub import resolve_model
+from fastmerge.checkpoint import safetensors_file as checkpoint_io
+from fastmerge.checkpoint.hub import resolve_model
+from fastmerge.checkpoint.safetensors_file import Checkpoint, CheckpointError, SafetensorsFile
+from fastmerge.cli.demo import save_checkpoint
 
 F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
@@ -370,7 +370,7 @@ class _Boom:
 
 
 def test_pickles_never_run_code(tmp_path):
-    from fastmerge.second_moments import load_optimizer_state
+    from fastmerge.cli.second_moments import load_optimizer_state
     _Boom.marker = str(tmp_path / "ran")
     d = tmp_path / "m"
     d.mkdir()

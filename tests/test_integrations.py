@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
+from test_peers import close, l1_tie_slack, tie_positions, ulp_of, value_tol
 
 from fastmerge.testing import ambiguous_elements, reference_with_aux
-from test_peers import close, l1_tie_slack, tie_positions, ulp_of, value_tol
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIGMAS = 5.0
@@ -76,10 +76,11 @@ def _config(ckpts, method, dt="fp32", params=None, shared=None):
 
 
 def _run_mergekit(cfg, out, patched, seed=42):
-    import fastmerge.integrations.mergekit as fm_mk
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+
+    import fastmerge.integrations.mergekit as fm_mk
     conf = MergeConfiguration.model_validate(cfg)
     opts = MergeOptions(copy_tokenizer=False, quiet=True, random_seed=seed,
                         write_model_card=False)

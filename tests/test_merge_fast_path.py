@@ -11,8 +11,7 @@ import math
 import pytest
 import torch
 
-from fastmerge import ops
-from fastmerge.backends import availability
+from fastmerge.backends import availability, ops
 
 ok, why = availability("cpu")
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")

@@ -1,4 +1,4 @@
-"""``fastmerge merge`` without torch (fastmerge/engine/native.py, fastmerge._core): every file
+"""``fastmerge merge`` without torch (fastmerge/pipeline/native.py, fastmerge._core): every file
 of the output byte for byte the engine's on backend "cpu" (methods x chunking x dtypes x
 LiNeS x shards x copied tensors), the CLI never importing torch, the per-tensor fall back to
 the radix selection, and the engine's errors with nothing left behind."""
@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_util import load_dir, write_yaml
 
 import fastmerge
 from fastmerge.backends import availability
-from fastmerge.demo import make_synthetic_checkpoints, save_checkpoint
-from fastmerge.engine import CheckpointError, OutputError, load_config
-from fastmerge.engine import native
-from engine_util import load_dir, write_yaml
+from fastmerge.cli.demo import make_synthetic_checkpoints, save_checkpoint
+from fastmerge.pipeline import CheckpointError, OutputError, load_config, native
 
 ok, why = availability("cpu")
 pytestmark = pytest.mark.skipif(not ok or native._core() is None,
@@ -137,7 +136,7 @@ def test_a_window_miss_or_chunked_selection_falls_back_for_that_tensor_only(ckpt
     """A sampled window that missed, or a selection over a tensor split into chunks: that
     tensor's selection runs the radix selection (backend "cpu" on the same bytes); the merge
     goes on, on the same kernels, and its output is the engine's."""
-    from fastmerge.engine import core_kernels
+    from fastmerge.pipeline import core_kernels
     cfg = _cfg(ckpts, "breadcrumbs_ties")
     kw = {"max_chunk_elems": 1000} if why == "chunked" else {}
     if why == "miss":
@@ -198,7 +197,7 @@ def test_truncated_file_is_caught_before_reading(tiny):
 
 
 def test_disk_full_and_interrupt_leave_nothing(tiny, monkeypatch):
-    from fastmerge.engine.writer import ShardWriter
+    from fastmerge.output.writer import ShardWriter
     calls = {"n": 0}
     real = ShardWriter.pwrite
 
@@ -213,7 +212,7 @@ def test_disk_full_and_interrupt_leave_nothing(tiny, monkeypatch):
     nothing_left(tiny["out"])
     monkeypatch.setattr(ShardWriter, "pwrite", staticmethod(real))
 
-    from fastmerge.engine.core_kernels import CoreKernels
+    from fastmerge.pipeline.core_kernels import CoreKernels
     seen = {"n": 0}
     merge_chunk = CoreKernels.merge
 
@@ -239,7 +238,7 @@ def test_existing_output_needs_overwrite(tiny):
 def test_dare_keep_bit_memo_fits_small_budgets(tiny, tmp_path):
     """The memo gets 64 MiB or an eighth of a smaller budget (budget.plan_chunking), so a DARE
     merge runs under a budget below 64 MiB; the output is the same (missing bits are drawn)."""
-    from fastmerge.engine.budget import DARE_BITS_LIMIT, plan_chunking
+    from fastmerge.pipeline.budget import DARE_BITS_LIMIT, plan_chunking
     assert plan_chunking(8 << 30, "cpu", 2, 6, 2, sparsifier="dare").dare_bits == DARE_BITS_LIMIT
     assert plan_chunking(40 << 20, "cpu", 2, 6, 2, sparsifier="dare").dare_bits == 5 << 20
     assert plan_chunking(40 << 20, "cpu", 2, 6, 2, sparsifier="none").dare_bits == 0

@@ -10,10 +10,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fastmerge.cli import main
-from fastmerge.engine import merge_checkpoints
-from fastmerge.engine.config import load_config
-from fastmerge.engine.native import merge_natively
-from fastmerge.engine.report import NonFiniteOutput, NonFiniteOutputWarning, nonfinite_in
+from fastmerge.output.report import NonFiniteOutput, NonFiniteOutputWarning, nonfinite_in
+from fastmerge.pipeline import merge_checkpoints
+from fastmerge.pipeline.native import merge_natively
+from fastmerge.recipe.config import load_config
 
 BIG = "model.layers.0.mlp.weight"
 

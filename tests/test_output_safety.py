@@ -16,16 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_util import index_of
 
 import fastmerge
-from fastmerge.demo import make_synthetic_checkpoints
-from fastmerge.engine import ConfigError, OutputError, load_config
-from fastmerge.engine import libc, writer
-from fastmerge.engine.native import merge_natively
-from fastmerge.engine.writer import (LOCK_NAME, AtomicDirectory, Interrupted,
-                                     copy_model_files, output_dir_at_start,
-                                     remove_dead_leftovers, rename_noreplace)
-from engine_util import index_of
+from fastmerge.checkpoint import libc
+from fastmerge.cli.demo import make_synthetic_checkpoints
+from fastmerge.output import writer
+from fastmerge.output.writer import (
+    LOCK_NAME,
+    AtomicDirectory,
+    Interrupted,
+    copy_model_files,
+    output_dir_at_start,
+    remove_dead_leftovers,
+    rename_noreplace,
+)
+from fastmerge.pipeline import ConfigError, OutputError, load_config
+from fastmerge.pipeline.native import merge_natively
 
 
 @pytest.fixture(params=["renameat2", "fallback"])
@@ -194,7 +201,7 @@ def test_merge_failure_leaves_no_parent_directory(tmp_path, monkeypatch):
     cfg = {"merge_method": "ties", "base_model": str(p["base"]),
            "models": [{"model": str(m), "parameters": {"density": 0.5, "weight": 0.5}}
                       for m in p["models"]]}
-    from fastmerge.engine.writer import ShardWriter
+    from fastmerge.output.writer import ShardWriter
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -387,7 +394,7 @@ def test_extract_second_moments_refuses_an_existing_output(tmp_path, capsys):
 
 
 def test_extract_second_moments_never_writes_over_its_input(tmp_path):
-    from fastmerge.second_moments import extract_exp_avg_sq
+    from fastmerge.cli.second_moments import extract_exp_avg_sq
     opt, names = _optimizer(tmp_path)
     with pytest.raises(ValueError, match="is the input"):
         extract_exp_avg_sq(opt, names, opt, overwrite=True)
@@ -395,7 +402,7 @@ def test_extract_second_moments_never_writes_over_its_input(tmp_path):
 
 
 def test_extract_second_moments_keeps_a_file_that_appears_meanwhile(tmp_path, monkeypatch):
-    from fastmerge import second_moments
+    from fastmerge.cli import second_moments
     opt, names = _optimizer(tmp_path)
     out = tmp_path / "v.safetensors"
     real = second_moments.finite_non_negative

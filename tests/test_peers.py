@@ -17,11 +17,11 @@ import math
 
 import pytest
 import torch
+from conftest import backend_device
+from helpers import DTYPES, make_finetunes
 
 import fastmerge as fm
-from conftest import backend_device
 from fastmerge.testing import ambiguous_elements, reference_masks, reference_with_aux
-from helpers import DTYPES, make_finetunes
 
 SIGMAS = 5.0
 SHAPES = [(37, 53), (4096,)]

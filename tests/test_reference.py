@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers import make_finetunes
 
 import fastmerge as fm
 from fastmerge import reference as R
 from fastmerge.methods import band_counts, resolve_spec, top_k_count
-from helpers import make_finetunes
 
 B = torch.zeros(6)
 M1 = torch.tensor([3.0, -1.0, 0.5, -4.0, 2.0, 0.0])
@@ -162,7 +162,7 @@ def test_thresholds_from_chunks_equal_whole():
     t = (models[0].float() - base.float()).abs()
     assert whole == R.kth_largest(t, top_k_count(0.1, 1001))
     from fastmerge.backends import get_backend
-    from fastmerge.selection import Chunk, level0, select
+    from fastmerge.planning.selection import Chunk, level0, select
     be = get_backend("torch", "cpu")
     src = lambda: [Chunk(base[a:b], [models[0][a:b]], (), a) for a, b in ((0, 3), (3, 700), (700, 1001))]
     hist = level0(be, 1, 0, src)

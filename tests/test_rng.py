@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastmerge import rng
+from fastmerge.methods import rng
 
 # Random123 kat_vectors, "philox4x32 10": counter (4 words), key (2 words) -> output (4 words)
 KAT = [

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 import fastmerge as fm
 from fastmerge.cli import main
-from fastmerge.second_moments import extract_exp_avg_sq
+from fastmerge.cli.second_moments import extract_exp_avg_sq
 
 
 def _trained(tmp_path, seed):

@@ -2,7 +2,7 @@
 each other or a user for OUT_DIR (docs/guarantees.md, "Output" and "Signals and crashes").
 
 The runs wait at a named point through the test hook FASTMERGE_TEST_PAUSE_AT=<stage>
-(fastmerge/engine/writer.py ``pause_point``: "tmp-created", "mid-write", "commit") until the
+(fastmerge/output/writer.py ``pause_point``: "tmp-created", "mid-write", "commit") until the
 file FASTMERGE_TEST_RESUME names exists or a signal is caught."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fastmerge.demo import make_synthetic_checkpoints
 from engine_util import index_of, load_dir, write_yaml
+
+from fastmerge.cli.demo import make_synthetic_checkpoints
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 STAGES = ("tmp-created", "mid-write", "commit")

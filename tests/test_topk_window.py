@@ -5,13 +5,12 @@ and all-zero task vectors, 1 and 2 threads; the miss path (a window that does no
 and the planner's fall back to the radix selection; NaN/Inf errors; opcheck."""
 import pytest
 import torch
-
-from fastmerge import ops
-from fastmerge.backends import availability, get_backend
-from fastmerge.methods import resolve_spec
-from fastmerge.plan import plan_tensor
-from fastmerge.selection import Chunk
 from helpers import make_finetunes
+
+from fastmerge.backends import availability, get_backend, ops
+from fastmerge.methods import resolve_spec
+from fastmerge.planning.plan import plan_tensor
+from fastmerge.planning.selection import Chunk
 
 ok, why = availability("cpu")
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
-
-import fastmerge as fm
-from fastmerge import ops, rng
-from fastmerge.backends import availability, get_backend
-from fastmerge.selection import Chunk
 from helpers import make_finetunes
 from test_rng import DARE_V2_KAT, DARE_V2_KEEP, KAT_DENSITY
+
+import fastmerge as fm
+from fastmerge.backends import availability, get_backend, ops
+from fastmerge.methods import rng
+from fastmerge.planning.selection import Chunk
 
 ok, why = availability("triton")
 pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable here: {why}")
@@ -27,7 +27,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 
 
 def _tk():
-    from fastmerge import triton_kernels
+    from fastmerge.backends import triton as triton_kernels
     return triton_kernels
 
 
@@ -151,7 +151,7 @@ def test_histogram_aggregated_path_exact(monkeypatch):
     """The GPU default for level 0 (sort + segmented scans, one atomic per distinct bin) gives
     the plain-atomic counts exactly; run on small blocks here (the interpreter is slow at
     sort/scan)."""
-    from fastmerge.triton_kernels import _registry
+    from fastmerge.backends.triton import _registry
     base, models, vs = _inputs((300,), 2, seed=6)
     models[1][:40] = base[:40]          # zeros: a crowded bin
     for score, level in ((ops.SCORE_MAGNITUDE, 0), (ops.SCORE_FISHER, 0),
@@ -273,7 +273,7 @@ def test_chunked_equals_whole(method, params):
     """Merging a tensor chunk by chunk (global offsets for the DARE counters, thresholds and
     statistics planned over the chunk stream) gives exactly the whole-tensor merge."""
     from fastmerge.methods import resolve_spec
-    from fastmerge.plan import plan_tensor
+    from fastmerge.planning.plan import plan_tensor
     base, models, vs = _inputs((3001,), 3, seed=4)
     spec = resolve_spec(method, 3, **params)
     be = get_backend("triton", DEV)
@@ -330,10 +330,10 @@ def test_many_models_and_every_dtype():
 
 
 def test_imports_without_triton():
-    """fastmerge (and fastmerge.triton_kernels) import with triton absent; availability says why."""
+    """fastmerge (and fastmerge.backends.triton) import without triton; availability says why."""
     code = ("import sys; sys.modules['triton'] = None\n"
             "import fastmerge\n"
-            "from fastmerge import triton_kernels as tk\n"
+            "from fastmerge.backends import triton as tk\n"
             "from fastmerge.backends import availability, available_backends\n"
             "ok, why = availability('triton'); assert not ok and 'triton' in why, why\n"
             "assert not tk.availability()[0]\n"
@@ -363,7 +363,7 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     # --fp-fusion: triton's default contraction on (what a launch that drops the
     # enable_fp_fusion=False option, e.g. under torch.compile, would get): the kernels' own
     # mul.rn / div_rn must still keep every float32 operation rounded on its own
-    res = subprocess.run([sys.executable, "-m", "fastmerge.triton_kernels.compile_check",
+    res = subprocess.run([sys.executable, "-m", "fastmerge.backends.triton.compile_check",
                           "--fp-fusion", "--ptx", str(ptx)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
@@ -403,7 +403,7 @@ def test_fisher_histogram_sums_are_exact():
 def test_launches_check_and_guard_the_device(monkeypatch):
     """Every op checks that its tensors share one device (a clear error naming the tensor) and
     launches under that device (torch.cuda.device for CUDA tensors), not the current one."""
-    from fastmerge.triton_kernels import _registry
+    from fastmerge.backends.triton import _registry
     cpu = torch.zeros(3)
     with pytest.raises(ValueError, match=r"models\[1\] is on meta but base is on cpu"):
         _registry._one_device("triton_fused_merge",
@@ -447,7 +447,7 @@ def test_model_stats_are_block_order_free(monkeypatch):
 def test_many_models_cap_registers(monkeypatch):
     """Above 16 models the compiled merge is launched with at most 128 registers a thread
     (two resident blocks instead of one); the interpreter gets no option."""
-    from fastmerge.triton_kernels import _registry
+    from fastmerge.backends.triton import _registry
     assert _registry._merge_options(32) == ({} if _tk().interpreting() else {"maxnreg": 128})
     monkeypatch.setattr(_registry, "interpreting", lambda: False)
     assert _registry._merge_options(8) == {}

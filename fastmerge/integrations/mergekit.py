@@ -295,8 +295,9 @@ def uninstall() -> None:
     with _State.lock:
         if not _State.installed:
             return
-        from mergekit.merge_methods.generalized_task_arithmetic import \
-            GeneralizedTaskArithmeticMerge
+        from mergekit.merge_methods.generalized_task_arithmetic import (
+            GeneralizedTaskArithmeticMerge,
+        )
         GeneralizedTaskArithmeticMerge.merge_group = _State.orig_merge_group
         _State.linear_method.implementation = _State.orig_linear_impl
         _State.installed = False

@@ -1,0 +1,1 @@
+"""Backend "torch": the plain-torch kernels (kernels.py), on any device."""

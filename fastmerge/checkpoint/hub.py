@@ -1,0 +1,81 @@
+"""Model references: a local directory, or a Hugging Face hub id ``org/name[@revision]``
+resolved through huggingface_hub's cache (downloads only the files a merge reads; honours
+HF_HUB_OFFLINE / HF_HUB_CACHE like every other HF tool)."""
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Optional
+
+from .safetensors_file import CheckpointError, quote
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# what a merge reads from a hub repo: weights, index, config, tokenizer, generation config
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt",
+                  "vocab.txt", "*.jinja", "*.txt"]
+
+
+def split_reference(ref: str) -> tuple[str, Optional[str]]:
+    """'org/name@rev' -> ('org/name', 'rev'); a path -> (path, None)."""
+    if "@" in ref and not os.path.exists(ref):
+        name, rev = ref.rsplit("@", 1)
+        return name, (rev or None)
+    return ref, None
+
+
+def resolve_model(ref, config_dir: Optional[Path] = None) -> Path:
+    """The local directory holding model ``ref`` (downloading it to the HF cache if needed)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise CheckpointError(f"a model reference must be a path or hub id, got {quote(ref)}")
+    if "\0" in ref:
+        raise CheckpointError(f"model {quote(ref)}: a path cannot hold a NUL character")
+    if "+" in ref and not os.path.exists(ref):
+        raise CheckpointError(f"model {quote(ref)}: mergekit's 'model+lora' references are not "
+                              f"supported; merge the LoRA into the model first")
+    p = Path(os.path.expanduser(ref))
+    candidates = [p] if p.is_absolute() else [p] + ([config_dir / p] if config_dir else [])
+    for c in candidates:
+        kind = _kind(c, ref)
+        if kind == "dir":
+            return c.resolve()
+        if kind == "other":
+            raise CheckpointError(f"model {quote(ref)}: {quote(str(c))} is a file, not a model "
+                                  f"directory")
+    name, rev = split_reference(ref)
+    looks_local = ref.startswith((".", "/", "~")) or not HUB_ID.match(name)
+    if looks_local:
+        raise CheckpointError(f"model {quote(ref)}: no such directory (and not a hub id "
+                              f"org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover
+        raise CheckpointError(f"model {quote(ref)}: not a local directory and huggingface_hub is "
+                              f"not installed") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        path = snapshot_download(repo_id=name, revision=rev, allow_patterns=ALLOW_PATTERNS,
+                                 local_files_only=offline)
+    except Exception as exc:  # the hub raises many kinds; all mean "cannot get it"
+        mode = "offline (HF_HUB_OFFLINE is set) and not in the cache" if offline else \
+            "could not be found or downloaded"
+        raise CheckpointError(f"model {quote(ref)}: not a local directory, and as a hub id it "
+                              f"{mode}: {type(exc).__name__}: {str(exc)[:300]}") from None
+    return Path(path)
+
+
+def _kind(path: Path, ref: str) -> str:
+    """"dir", "missing" or "other" (a file, a FIFO...); one line for a path the OS refuses to
+    look at (too long, no permission)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            raise CheckpointError(f"model {quote(ref)}: {quote(str(path))} is a symlink to "
+                                  f"{quote(os.readlink(path))}, which does not exist") from None
+        return "missing"
+    except OSError as exc:
+        raise CheckpointError(f"model {quote(ref)}: cannot look at {quote(str(path))} "
+                              f"({exc.strerror})") from None
+    return "dir" if stat.S_ISDIR(st.st_mode) else "other"

@@ -1,0 +1,226 @@
+"""The pipeline's kernels without torch: chunks are read-only views of the mapped safetensors
+bytes, and the C++ CPU kernels run on them through fastmerge._core (pybind11): the one-pass
+top-k (csrc/cpu/select.cpp), the statistics pass, the fused merge into two reused output
+buffers. Same kernels, parameters and chunk offsets as backend "cpu": the output is byte for
+byte the torch backends' (tests/test_golden_outputs.py).
+
+What _core does not bind is delegated, for that step only, to backend "cpu" on torch tensors
+over the same bytes (torch is imported then, once): the radix selection (a sampled top-k
+window that missed, a selection over a tensor of several chunks, ``scope: model``) and the
+float32 merge of LiNeS ``alpha: auto``. Second moments (ffg, ota) are not bound at all; those
+methods take TorchKernels (native.why_not).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from ..checkpoint.safetensors_file import ST_SIZES
+from ..methods.kernel_params import SCORE_MAGNITUDE, pack_rows
+from ..output.report import nonfinite_in
+from ..planning.thresholds import one_pass
+from .driver import SingleProcess
+
+DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}   # DTYPE_* of csrc/common/fastmerge_params.h
+
+
+def core():
+    """fastmerge._core, or None where it is not built."""
+    # Idle OpenMP workers sleep instead of spinning (unless the user chose): the kernels'
+    # workers spun on the 2 cores the reader and writer threads need (0.47B task_arithmetic:
+    # user time 1.0-1.5 -> 0.3-0.45 s, wall 0.93-1.75 -> 0.72-1.6 s; ties no slower). Read
+    # when libgomp starts, i.e. here, unless something loaded it before.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        from .. import _core
+        return _core
+    except ImportError:
+        return None
+
+
+def threads() -> int:
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+
+
+@dataclass
+class BytesChunk:
+    """Elements [offset, offset + numel) of one tensor: views of the base (or None) and of
+    the models, with their safetensors dtype codes."""
+    base: Optional[memoryview]
+    models: list
+    base_st: Optional[str]
+    model_sts: list
+    offset: int
+    numel: int
+
+    @property
+    def reference(self) -> memoryview:
+        return self.base if self.base is not None else self.models[0]
+
+
+class CoreKernels:
+    name = chunking_name = device = "cpu"
+    merge_pass_label = "merge (without torch: fastmerge._core)"
+    dist = SingleProcess()
+
+    def __init__(self):
+        self.core = core()
+        self.nthreads = threads()
+        self.buffers: list = [None, None]
+        self.inputs = None
+        self.bits0 = None
+        self._torch = None
+
+    def bind(self, inputs) -> None:
+        self.inputs = inputs
+
+    def configure(self, chunking, out_chunk_bytes: int) -> None:
+        if chunking.dare_bits:
+            self.bits0 = self.core.set_dare_bits_limit(chunking.dare_bits)
+
+    def start(self) -> None:
+        pass
+
+    def peak_gpu(self):
+        return None
+
+    def close(self) -> None:
+        if self.bits0 is not None:
+            self.core.set_dare_bits_limit(self.bits0)
+            self.bits0 = None
+        self.buffers = [None, None]
+        if self._torch is not None:
+            self._torch.close()
+
+    # --- reading
+    def load(self, name, start, stop, only_reference=False) -> BytesChunk:
+        r = self.inputs
+        if only_reference:
+            ref = r.reference
+            return BytesChunk(ref.view(name, start, stop), [], ref.info(name).st, [], start,
+                              stop - start)
+        return BytesChunk(
+            r.base.view(name, start, stop) if r.base is not None else None,
+            [m.view(name, start, stop) for m in r.models],
+            r.base.info(name).st if r.base is not None else None,
+            [m.info(name).st for m in r.models], start, stop - start)
+
+    @staticmethod
+    def _codes(ch: BytesChunk):
+        return (DTYPE_CODES[ch.base_st] if ch.base is not None else 0,
+                [DTYPE_CODES[s] for s in ch.model_sts])
+
+    # --- the planner's kernels
+    def one_pass(self, source, requests, n_models, numel, score, names, l1):
+        chunks = source()
+        if score != SCORE_MAGNITUDE or not isinstance(chunks, list) or len(chunks) != 1 or \
+                chunks[0].offset != 0:
+            return None
+        ch = chunks[0]
+        base_code, codes = self._codes(ch)
+
+        def kernel(rows, l1):
+            req = struct.pack(f"<{2 * len(rows)}q", *[x for r in rows for x in r])
+            return self.core.topk_window(ch.base, base_code, ch.models, codes, req, l1, numel,
+                                         self.nthreads)
+        return one_pass(requests, numel, n_models, l1, names, kernel)
+
+    def radix(self, source, requests, n_models, score, names, reduce, l1, hist=None):
+        return self.torch().radix(self.as_torch(source), requests, n_models, score, names,
+                                  reduce, l1, hist)
+
+    def level0(self, source, n_models, score, names):
+        return self.torch().level0(self.as_torch(source), n_models, score, names)
+
+    def stats(self, source, score, frows, irows, power, reduce):
+        fp, ip = pack_rows(frows, irows)
+        n = len(frows)
+        out = [[0.0, 0.0, 0.0] for _ in range(n)]
+        for ch in source():
+            base_code, codes = self._codes(ch)
+            st = self.core.model_stats(ch.base, base_code, ch.models, codes, fp, ip,
+                                       float(power), ch.offset, ch.numel, self.nthreads)
+            for i in range(n):
+                for j in range(3):
+                    out[i][j] += st[3 * i + j]
+            del ch
+        return out
+
+    # --- the fused pass
+    def merge(self, ch: BytesChunk, plan, out_st: str, slot: int):
+        packed = plan.compiled.get("core")
+        if packed is None:
+            packed = plan.compiled["core"] = pack_rows(plan.frows, plan.irows)
+        fp, ip = packed
+        nbytes = ch.numel * ST_SIZES[out_st]
+        if self.buffers[slot] is None or len(self.buffers[slot]) < nbytes:
+            self.buffers[slot] = None
+            self.buffers[slot] = bytearray(nbytes)
+        out = memoryview(self.buffers[slot])[:nbytes]
+        ids, spec = plan.ids, plan.spec
+        base_code, codes = self._codes(ch)
+        bad = self.core.fused_merge(
+            ch.base, base_code, ch.models, codes, fp, ip, ids["combine"], ids["score"],
+            ids["elect"], ids["elect_on"], ids["normalize"], spec.consensus_k,
+            float(spec.scale), float(spec.power), float(spec.eps), ch.offset, ch.numel, out,
+            DTYPE_CODES[out_st], self.nthreads)
+        return out, bad
+
+    @staticmethod
+    def chunk_numel(ch: BytesChunk) -> int:
+        return ch.numel
+
+    @staticmethod
+    def nonfinite_of(out, out_st: str):
+        return nonfinite_in(out, out_st)
+
+    def write(self, writer, name, offset, out) -> None:
+        writer.write_bytes(name, offset, out)
+
+    def write_copy(self, writer, name, offset, ch: BytesChunk) -> None:
+        writer.write_bytes(name, offset, ch.reference)
+
+    # --- LiNeS alpha="auto"
+    def lines_sums(self, ch: BytesChunk, plan) -> tuple[float, float]:
+        return self.torch().lines_sums(self.to_torch(ch), plan)
+
+    def reduce_floats(self, values: list) -> list:
+        return values
+
+    # --- the steps delegated to backend "cpu" on torch tensors over the same bytes
+    def torch(self):
+        """TorchKernels on backend "cpu" (imports torch, once)."""
+        if self._torch is None:
+            from ..backends import get_backend
+            from .torch_kernels import TorchKernels
+            self._torch = TorchKernels(get_backend("cpu", "cpu"), "cpu", SingleProcess())
+        return self._torch
+
+    def to_torch(self, ch: BytesChunk):
+        import torch
+
+        from ..checkpoint.safetensors_file import torch_dtypes
+        from ..planning.selection import Chunk
+
+        def tensor(mv, st):
+            with warnings.catch_warnings():   # read-only views: the kernels only read them
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.frombuffer(mv, dtype=torch.uint8).view(torch_dtypes()[st])
+        base = tensor(ch.base, ch.base_st) if ch.base is not None else None
+        return Chunk(base, [tensor(m, s) for m, s in zip(ch.models, ch.model_sts)], [],
+                     ch.offset)
+
+    def as_torch(self, source):
+        def chunks():
+            got = source()
+            if isinstance(got, list):
+                return [self.to_torch(c) for c in got]
+            return (self.to_torch(c) for c in got)
+        return chunks

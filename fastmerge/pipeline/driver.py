@@ -1,0 +1,499 @@
+"""The one checkpoint-merge pipeline: every whole-checkpoint path (``fastmerge merge``,
+``merge_checkpoints``, torchrun, the integrations) runs ``merge`` here, parametrised by a
+kernels object (``torch_kernels.TorchKernels`` over a torch backend, ``core_kernels.
+CoreKernels`` over mapped bytes without torch). The module itself never imports torch.
+
+``resolve`` does everything that needs no weight: settings, the inputs opened and checked
+(config, index, headers), every tensor's parameters, the chunk size, this rank's tensors;
+``fastmerge merge --dry-run`` prints what it resolved (``describe_plan``). Then the passes,
+each streaming tensor by tensor, chunk by chunk, through one loader with one-ahead prefetch:
+1. scope="model" with a top-k/band/FFG sparsifier: level-0 histograms of every tensor, added
+   into one per-model histogram, then one level-1 pass over the whole model.
+2. LiNeS alpha="auto": the merge at lambda = 1, L = 1 in float32, accumulating
+   ||sum_i t_i||_1 and ||merged||_1 over the whole model; alpha = the first / (N * second).
+   The per-tensor plans of this pass are kept and reused by the merge pass.
+3. The merge: per tensor, the plan's own pre-passes (planner.py: selection, statistics) over
+   its chunks, then the fused pass, each output chunk written at its offset in the shard by a
+   writer thread while the next one is computed (two outputs in flight).
+
+What a kernels object provides (both classes implement all of it):
+- ``name``, ``device``, ``chunking_name`` (the cost model of budget.plan_chunking),
+  ``merge_pass_label``, ``dist`` (the process-group seam: parallel.py, or ``SingleProcess``);
+- ``bind(inputs)``, ``configure(chunking, out_chunk_bytes)``, ``start()``, ``close()``,
+  ``peak_gpu()``;
+- ``load(name, start, stop, only_reference)`` -> a chunk with ``.offset``;
+- the planner's ``one_pass``, ``radix``, ``stats`` (planner.py) and ``level0``;
+- ``merge(chunk, plan, out_st, slot)`` -> (output, per-model NaN/Inf counts): the fused pass
+  of a planner.RowPlan into output ``slot`` (0 or 1: a buffer whose write has finished);
+- ``write(writer, name, offset, output)``, ``write_copy(writer, name, offset, chunk)``,
+  ``chunk_numel(chunk)``, ``nonfinite_of(output, out_st)`` (report.nonfinite_in's answer);
+- ``lines_sums(chunk, plan)`` -> (||sum_i t_i||_1, ||merged - base||_1) of one chunk;
+- ``reduce_floats(values)``: summed over ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from ..checkpoint.safetensors_file import NAME_TO_ST, ST_SIZES, CheckpointError
+from ..methods import METHODS
+from ..methods.kernel_params import pass_ids
+from ..output.report import (
+    MergeResult,
+    NonFiniteCheck,
+    NonFiniteOutput,
+    apply_lines,
+    default_budget,
+    describe,
+    peak_rss_bytes,
+    progress_factory,
+    write_extras,
+)
+from ..output.writer import AtomicDirectory, ShardLayout, ShardWriter
+from ..planning.planner import SELECTING, RowPlan, plan_rows, select_thresholds
+from ..planning.thresholds import nonfinite_error
+from ..recipe.config import ConfigError, MergeConfig, ParameterResolver, load_config
+from .budget import (
+    Chunking,
+    element_ranges,
+    plan_chunking,
+    release_freed_memory_promptly,
+    trim_freed_memory,
+)
+from .inputs import Inputs, merge_settings, name_files, open_inputs
+
+
+# ----------------------------------------------------------------------------- one process
+@dataclass
+class Partition:
+    names: list                                  # this rank's tensors, in merge order
+    rows: dict = field(default_factory=dict)     # split tensor -> this rank's (row0, row1)
+
+
+class SingleProcess:
+    """parallel.py's seam for one process, without torch."""
+
+    @staticmethod
+    def world():
+        return 0, 1
+
+    @staticmethod
+    def partition(names, sizes, shapes, rank, world_size):
+        return Partition(list(names))
+
+    @staticmethod
+    def local_ranges(shape, chunk_elems, rows):
+        return element_ranges(shape, chunk_elems)
+
+    @staticmethod
+    def reducer():
+        return None
+
+    @staticmethod
+    def allreduce_histograms(hist, n_models=None):
+        return hist
+
+    @staticmethod
+    def output_directory(target, overwrite=False):
+        return AtomicDirectory(target, overwrite)
+
+    @staticmethod
+    def shard_writer(layout, directory):
+        return ShardWriter(layout, directory)
+
+    @staticmethod
+    def is_index_writer(rank):
+        return True
+
+    @staticmethod
+    def shutdown():
+        pass
+
+
+# ----------------------------------------------------------------------------- streaming
+def prefetched(items: Sequence, load: Callable, pool: ThreadPoolExecutor) -> Iterator:
+    """Yield load(item) for each item, loading the next one in ``pool`` meanwhile."""
+    if not items:
+        return
+    fut: Optional[Future] = pool.submit(load, items[0])
+    try:
+        for k in range(len(items)):
+            cur = fut.result()
+            fut = pool.submit(load, items[k + 1]) if k + 1 < len(items) else None
+            yield cur
+            del cur
+    finally:
+        if fut is not None:
+            fut.cancel()
+            try:
+                fut.result()
+            except BaseException:
+                pass
+
+
+class _Writes:
+    """A writer thread with two output slots: a slot is handed out once its last write has
+    finished, so at most two outputs are in flight (one written, one computed)."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write")
+        # the NaN/Inf check of the outputs needs numpy (~0.2 s to import): imported by the idle
+        # writer thread while the first tensors merge, instead of before the first write
+        self.pool.submit(importlib.import_module, "numpy")
+        self.pending: list = [None, None]
+        self.turn = 0
+
+    def slot(self) -> int:
+        k = self.turn
+        self.turn ^= 1
+        if self.pending[k] is not None:
+            f, self.pending[k] = self.pending[k], None
+            f.result()
+        return k
+
+    def submit(self, k: int, fn, *args) -> None:
+        self.pending[k] = self.pool.submit(fn, *args)
+
+    def flush(self) -> None:
+        for k in (0, 1):
+            if self.pending[k] is not None:
+                f, self.pending[k] = self.pending[k], None
+                f.result()
+
+    def close(self) -> None:
+        # on failure too: no write may still run when the caller closes the shard files
+        wait([f for f in self.pending if f is not None])
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- resolution
+@dataclass
+class Resolved:
+    """Everything a merge resolves before reading any weight."""
+    cfg: MergeConfig
+    inputs: Inputs
+    out_dir: Path
+    shard_bytes: int
+    resolver: ParameterResolver
+    base_specs: dict               # merged tensor -> MergeSpec (before LiNeS)
+    out_st: dict                   # tensor -> output safetensors dtype code
+    chunking: Chunking
+    mine: list                     # this rank's tensors, in output order
+    rows: dict                     # tensor split over ranks -> this rank's rows
+    rank: int = 0
+
+    @property
+    def my_merged(self) -> list:
+        return [x for x in self.mine if x in self.base_specs]
+
+    @property
+    def alpha_auto(self) -> bool:
+        return self.cfg.lines is not None and self.cfg.lines.alpha == "auto"
+
+    @property
+    def model_scope(self) -> bool:
+        spec0 = next(iter(self.base_specs.values()), None)
+        return self.cfg.scope == "model" and spec0 is not None and \
+            spec0.sparsifier in SELECTING
+
+
+def resolve(cfg: MergeConfig, inputs: Inputs, *, chunking_name: str, device: str, dist,
+            budget: int, out_dir: Path, shard_bytes: int, seed=None, lines_pattern=None,
+            max_chunk_elems=None) -> Resolved:
+    """Every tensor's parameters, the output dtypes, the chunk size and this rank's tensors:
+    config errors come here, before any weight is read."""
+    rank, world_size = dist.world()
+    resolver = ParameterResolver(cfg, inputs.order, seed=seed, pattern=lines_pattern)
+    merged, ref, n = inputs.merged, inputs.reference, len(inputs.models)
+    base_specs = {x: resolver.spec_for(x) for x in merged}
+    out_st = {x: NAME_TO_ST[cfg.output_dtype] if cfg.output_dtype else ref.info(x).st
+              for x in merged}
+    out_st.update({x: ref.info(x).st for x in inputs.copied})
+    info = METHODS[cfg.method]
+    in_item = max([ref.info(x).itemsize for x in merged] or [2])
+    in_per_elem = (n + (1 if inputs.base is not None else 0)) * in_item + \
+        (n * 4 if info.needs_second_moments else 0)
+    alpha_auto = cfg.lines is not None and cfg.lines.alpha == "auto"
+    chunking = plan_chunking(budget, chunking_name, n, in_per_elem,
+                             max([ST_SIZES[out_st[x]] for x in merged] or [4]),
+                             extra_work=12 if alpha_auto else 0, device=str(device),
+                             sparsifier=info.sparsifier)
+    if max_chunk_elems is not None:
+        chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
+    part = dist.partition(inputs.order, {x: ref.info(x).nbytes for x in inputs.order},
+                          {x: ref.info(x).shape for x in inputs.order}, rank, world_size)
+    res = Resolved(cfg, inputs, out_dir, shard_bytes, resolver, base_specs, out_st, chunking,
+                   part.names, part.rows, rank)
+    if res.model_scope:
+        spec0 = base_specs[merged[0]]
+        for x in merged:
+            s = base_specs[x]
+            if s.densities != spec0.densities or s.gammas != spec0.gammas:
+                raise ConfigError(f"scope: model needs one density (and gamma) per model "
+                                  f"over the whole model, but tensor {x!r} resolves to "
+                                  f"density {list(s.densities)} vs {list(spec0.densities)}")
+    return res
+
+
+# ----------------------------------------------------------------------------- the passes
+class _Passes:
+    def __init__(self, r: Resolved, kernels, progress, nonfinite: NonFiniteCheck):
+        self.r, self.k, self.progress, self.nonfinite = r, kernels, progress, nonfinite
+        self.inputs = r.inputs
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-read")
+        self.plans: dict = {}
+        self.passes: list = []
+
+    def close(self):
+        self.reader.shutdown(wait=True, cancel_futures=True)
+
+    def units(self, name):
+        shape = self.inputs.reference.info(name).shape
+        return [(name, s, e) for s, e in
+                self.k.dist.local_ranges(shape, self.r.chunking.chunk_elems,
+                                         self.r.rows.get(name))]
+
+    def reduce(self, name):
+        """The planner's reduce for a tensor split over ranks, else None."""
+        return self.k.dist.reducer() if name in self.r.rows else None
+
+    def load(self, unit, only_reference=False):
+        name, s, e = unit
+        return self.k.load(name, s, e, only_reference)
+
+    def source(self, units, only_reference=False):
+        return lambda: prefetched(units, lambda u: self.load(u, only_reference), self.reader)
+
+    def numel(self, name):
+        return self.inputs.reference.info(name).numel
+
+    def in_bytes(self, name):
+        n = self.inputs.in_bytes(name)
+        if name in self.r.rows:            # this rank's rows of a tensor split over ranks
+            r0, r1 = self.r.rows[name]
+            n = n * (r1 - r0) // max(1, int(self.inputs.reference.info(name).shape[0]))
+        return n
+
+    # --- pass 1: model-wide thresholds
+    def model_thresholds(self, spec0, names):
+        n = spec0.n_models
+        score = pass_ids(spec0)["score"]
+        hist = None
+        bar = self.progress("scope=model: histograms", sum(self.in_bytes(x) for x in names))
+        try:
+            for name in names:
+                try:
+                    h = self.k.level0(self.source(self.units(name)), n, score, (name,))
+                except CheckpointError:
+                    raise
+                except ValueError as exc:
+                    raise name_files(exc, self.inputs, name) from None
+                hist = h if hist is None else hist.add(h)
+                bar.update(self.in_bytes(name))
+        finally:
+            bar.close()
+        hist = self.k.dist.allreduce_histograms(hist, n)
+        total = sum(self.numel(x) for x in self.inputs.merged)
+        all_units = [u for x in names for u in self.units(x)]
+        thr, _, _, _ = select_thresholds(spec0, total, self.k, self.source(all_units), names,
+                                         self.k.dist.reducer(), l1=False, hist=hist)
+        self.passes += ["scope=model level-0 histograms", "scope=model level-1 selection"]
+        return [tuple(t) for t in thr], total
+
+    # --- pass 2: LiNeS alpha = ||sum_i t_i||_1 / (N ||merged||_1)
+    def lines_alpha(self, names, thresholds):
+        n = len(self.inputs.models)
+        sums = [0.0, 0.0]
+        bar = self.progress("LiNeS alpha=auto", sum(self.in_bytes(x) for x in names))
+        try:
+            for name in names:
+                spec = dataclasses.replace(self.r.resolver.spec_for(name), lambda_=1.0,
+                                           lines_factor=1.0)
+                src = self.source(self.units(name))
+                try:
+                    plan = plan_rows(spec, self.numel(name), name, self.k, src, thresholds,
+                                     self.reduce(name))
+                    self.plans[name] = plan
+                    for ch in src():
+                        task, merged = self.k.lines_sums(ch, plan)
+                        sums[1] += merged
+                        sums[0] += task
+                        del ch
+                except CheckpointError:
+                    raise
+                except ValueError as exc:
+                    raise name_files(exc, self.inputs, name) from None
+                bar.update(self.in_bytes(name))
+        finally:
+            bar.close()
+        sums = self.k.reduce_floats(sums)
+        self.passes.append("LiNeS alpha=auto statistics (merge at lambda=1, L=1)")
+        if sums[1] == 0:
+            return 1.0, sums
+        return sums[0] / (n * sums[1]), sums
+
+    # --- pass 3: the merge
+    def merge(self, order, specs, writer, thresholds, bar):
+        k = self.k
+        writes = _Writes()
+        merged = set(specs)
+        jobs = [(name, self.units(name)) for name in order]
+
+        def submit(j):
+            if j < len(jobs) and len(jobs[j][1]) == 1:
+                return self.reader.submit(self.load, jobs[j][1][0], jobs[j][0] not in merged)
+            return None
+        fut = submit(0)
+        try:
+            for j, (name, units) in enumerate(jobs):
+                is_merged = name in merged
+                if len(units) == 1:
+                    chunk = fut.result() if fut is not None else self.load(units[0], not is_merged)
+                    fut = submit(j + 1)
+                    src = (lambda c: (lambda: [c]))(chunk)
+                    del chunk
+                else:
+                    src = self.source(units, not is_merged)
+                if not is_merged:
+                    for ch in src():
+                        slot = writes.slot()
+                        writes.submit(slot, k.write_copy, writer, name, ch.offset, ch)
+                        del ch
+                else:
+                    try:
+                        self.merge_tensor(name, specs[name], src, writer, writes, thresholds)
+                    except (CheckpointError, NonFiniteOutput):
+                        raise
+                    except ValueError as exc:
+                        raise name_files(exc, self.inputs, name) from None
+                del src
+                bar.update(self.in_bytes(name))
+                bar.set_postfix_str(f"{j + 1}/{len(jobs)} tensors", refresh=False)
+            writes.flush()
+        finally:
+            if fut is not None:
+                fut.cancel()
+            writes.close()
+        self.passes.append(k.merge_pass_label)
+
+    def merge_tensor(self, name, spec, src, writer, writes, thresholds):
+        k = self.k
+        plan: Optional[RowPlan] = self.plans.pop(name, None)
+        if plan is None:
+            plan = plan_rows(spec, self.numel(name), name, k, src, thresholds,
+                             self.reduce(name))
+        else:   # the alpha=auto pass's plan, with this spec's LiNeS factor
+            plan = dataclasses.replace(plan, spec=spec, compiled={})
+        st = self.r.out_st[name]
+        for ch in src():
+            off, stop = ch.offset, ch.offset + k.chunk_numel(ch)
+            slot = writes.slot()
+            out, bad = k.merge(ch, plan, st, slot)
+            del ch
+            for i, c in enumerate(bad):
+                if c:
+                    raise nonfinite_error(i, int(c), (name,))
+            writes.submit(slot, self.write_checked, writer, name, off, stop, st, out)
+            del out
+
+    def write_checked(self, writer, name, start, stop, st, out):
+        """In the writer thread: finite inputs can still overflow the output dtype, so each
+        merged chunk is checked for NaN/Inf (while the next one merges), then written."""
+        self.nonfinite.found_in(name, start, stop, self.numel(name), st,
+                                self.k.nonfinite_of(out, st))
+        self.k.write(writer, name, start, out)
+
+
+# ----------------------------------------------------------------------------- the driver
+def merge(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_size="5GB",
+          seed: Optional[int] = None, overwrite: bool = False, quiet: bool = True,
+          lines_pattern: Optional[str] = None, max_chunk_elems: Optional[int] = None,
+          allow_nonfinite: bool = False, local_world_size: int = 1,
+          t0: Optional[float] = None) -> MergeResult:
+    """Merge whole checkpoints as ``config`` says into ``out_dir`` with the kernels
+    ``make_kernels()`` returns (called after the settings are checked); the arguments are
+    ``merge_checkpoints``'."""
+    t0 = time.perf_counter() if t0 is None else t0
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    out_dir, budget, shard_bytes = merge_settings(cfg, out_dir, overwrite, memory_budget,
+                                                  shard_size, lines_pattern,
+                                                  default_budget() // local_world_size)
+    k = make_kernels()
+    try:
+        release_freed_memory_promptly()
+        inputs = open_inputs(cfg, METHODS[cfg.method].needs_second_moments)
+        try:
+            k.bind(inputs)
+            r = resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
+                        dist=k.dist, budget=budget, out_dir=out_dir, shard_bytes=shard_bytes,
+                        seed=seed, lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
+            res = _run(r, k, overwrite, quiet, t0, NonFiniteCheck(allow_nonfinite))
+            k.dist.shutdown()
+            return res
+        finally:
+            for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
+                if c is not None:
+                    c.close()
+    finally:
+        k.close()
+        trim_freed_memory()
+
+
+def _run(r: Resolved, k, overwrite: bool, quiet: bool, t0: float,
+         nonfinite: NonFiniteCheck) -> MergeResult:
+    cfg, inputs = r.cfg, r.inputs
+    merged, ref = inputs.merged, inputs.reference
+    k.configure(r.chunking, r.chunking.chunk_elems *
+                max([ST_SIZES[r.out_st[x]] for x in merged] or [4]))
+    progress = progress_factory(quiet or r.rank != 0)
+    eng = _Passes(r, k, progress, nonfinite)
+    k.start()
+    try:
+        # ---- pass 1: model-wide thresholds
+        thresholds, model_info = None, {}
+        if r.model_scope:
+            thresholds, total = eng.model_thresholds(r.base_specs[merged[0]], r.my_merged)
+            model_info = {"model_thresholds": [list(t) for t in thresholds],
+                          "model_elements": total}
+        # ---- pass 2: LiNeS alpha
+        alpha, auto_info = cfg.lines.alpha if cfg.lines is not None else None, {}
+        if r.alpha_auto:
+            alpha, sums = eng.lines_alpha(r.my_merged, thresholds)
+            auto_info = {"alpha_auto_l1": {"sum_task_vectors": sums[0], "merged": sums[1]}}
+        specs, lines_info = apply_lines(cfg, inputs.order, merged, r.base_specs, alpha)
+        # ---- output layout and metadata (known only now: alpha, model thresholds)
+        lines_info = {**auto_info, **lines_info}
+        resolved, per_tensor, config_text, st_meta = describe(
+            cfg, inputs, k.name, str(k.device), specs,
+            {**model_info, **({"lines": lines_info} if lines_info else {})})
+        layout = ShardLayout([(x, ref.info(x).shape, r.out_st[x]) for x in inputs.order],
+                             r.shard_bytes, st_meta)
+        with k.dist.output_directory(r.out_dir, overwrite) as adir:
+            writer = k.dist.shard_writer(layout, adir.tmp)
+            try:
+                bar = progress("merging", sum(eng.in_bytes(x) for x in r.mine))
+                try:
+                    eng.merge(r.mine, {x: specs[x] for x in r.my_merged}, writer, thresholds,
+                              bar)
+                finally:
+                    bar.close()
+                writer.close(check=True)
+            finally:
+                writer.close()
+            if k.dist.is_index_writer(r.rank):
+                write_extras(adir.tmp, layout, cfg, inputs, resolved, per_tensor, config_text)
+            final = adir.commit()
+        nonfinite.warn()
+    finally:
+        eng.close()
+    return MergeResult(
+        output_dir=final, method=cfg.method, backend=k.name, device=str(k.device),
+        tensors=len(r.mine), shards=layout.count, bytes_in=sum(eng.in_bytes(x) for x in r.mine),
+        bytes_out=layout.total_size, seconds=time.perf_counter() - t0,
+        peak_rss=peak_rss_bytes(), peak_gpu=k.peak_gpu(), chunk_elems=r.chunking.chunk_elems,
+        passes=eng.passes, resolved=resolved, nonfinite=nonfinite.found)

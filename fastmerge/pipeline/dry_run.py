@@ -1,0 +1,140 @@
+"""``fastmerge merge --dry-run``: everything a merge resolves before it reads a weight, shown.
+
+The pipeline's own ``resolve`` runs (settings, every input's config, index and safetensors
+headers opened and checked against each other, every tensor's parameters, the chunk size), on
+the kernels the merge would take, and the plan is printed: each output tensor with its dtype,
+parameter set and read passes, the passes over the whole model, the bytes read and written,
+and the memory the merge needs. No weight is read (headers only) and nothing is written.
+
+Hub ids are resolved from the local Hugging Face cache only (HF_HUB_OFFLINE for this call):
+a model not cached yet fails the dry run instead of being downloaded. (Checking a hub model
+from its config.json, index and safetensors headers alone, by HTTP range requests, is left to
+do: hub.py downloads whole snapshots.)
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+from ..checkpoint.safetensors_file import ST_SIZES
+from ..methods import METHODS
+from ..methods.kernel_params import needs_l1
+from ..output.report import apply_lines, default_budget, resolved_parameters
+from ..planning.planner import SELECTING
+from ..recipe.config import MergeConfig, load_config
+from .budget import element_ranges
+from .driver import Resolved, resolve
+from .inputs import merge_settings, open_inputs
+
+
+@contextmanager
+def _hub_cache_only():
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_size="5GB",
+            seed: Optional[int] = None, overwrite: bool = False,
+            lines_pattern: Optional[str] = None, max_chunk_elems: Optional[int] = None,
+            local_world_size: int = 1) -> str:
+    """The plan of ``pipeline.merge`` with the same arguments, as text; reads no weight."""
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    out_dir, budget, shard_bytes = merge_settings(cfg, out_dir, overwrite, memory_budget,
+                                                  shard_size, lines_pattern,
+                                                  default_budget() // local_world_size)
+    k = make_kernels()
+    try:
+        with _hub_cache_only():
+            inputs = open_inputs(cfg, METHODS[cfg.method].needs_second_moments)
+        try:
+            k.bind(inputs)
+            r = resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
+                        dist=k.dist, budget=budget, out_dir=out_dir, shard_bytes=shard_bytes,
+                        seed=seed, lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
+            return describe_plan(r, k, budget)
+        finally:
+            for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
+                if c is not None:
+                    c.close()
+    finally:
+        k.close()
+
+
+def _read_passes(r: Resolved, k, name: str, spec) -> list[str]:
+    """The read passes one tensor's plan makes before its merge pass."""
+    out = []
+    one_chunk = len(element_ranges(r.inputs.reference.info(name).shape,
+                                   r.chunking.chunk_elems)) == 1
+    if spec.sparsifier in SELECTING and not r.model_scope:
+        window = one_chunk and spec.score != "fisher" and k.chunking_name == "cpu"
+        out.append("top-k window (radix on a miss)" if window else "radix selection x2")
+        if spec.rescale == "l1":
+            return out
+    if needs_l1(spec) or (spec.combine == "ota" and spec.ota_normalize == "global"):
+        out.append("statistics")
+    return out
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def describe_plan(r: Resolved, k, budget: int) -> str:
+    cfg, inputs = r.cfg, r.inputs
+    ref = inputs.reference
+    alpha = cfg.lines.alpha if cfg.lines is not None else None
+    specs, _ = apply_lines(cfg, inputs.order, inputs.merged, r.base_specs,
+                           1.0 if r.alpha_auto else alpha)
+    distinct, index = resolved_parameters(specs)
+    read_all = sum(inputs.in_bytes(x) for x in r.mine)
+    passes, read = [], 0
+    if r.model_scope:
+        passes += ["scope=model level-0 histograms", "scope=model level-1 selection"]
+        read += 2 * sum(inputs.in_bytes(x) for x in r.my_merged)
+    if r.alpha_auto:
+        passes.append("LiNeS alpha=auto statistics (merge at lambda=1, L=1)")
+    lines, per_tensor_reads = [], 0
+    for x in r.mine:
+        info = ref.info(x)
+        if x in specs:
+            pre = _read_passes(r, k, x, specs[x])
+            reads = sum(2 if p.startswith("radix") else 1 for p in pre)
+            per_tensor_reads += reads * inputs.in_bytes(x)
+            what = f"{cfg.method} params #{index.get(x, 0)}" + \
+                (f" [{', '.join(pre)}]" if pre else "")
+        else:
+            what = "copied from the reference model"
+        lines.append(f"  {x}  {list(info.shape)}  {info.st}->{r.out_st[x]}  {what}")
+    read += per_tensor_reads + read_all + (read_all if r.alpha_auto else 0)
+    passes.append(k.merge_pass_label)
+    written = sum(ref.info(x).numel * ST_SIZES[r.out_st[x]] for x in r.mine)
+    largest = max((ref.info(x).numel for x in r.mine), default=0)
+    need = r.chunking.fixed + min(largest, r.chunking.chunk_elems) * r.chunking.bytes_per_elem
+    head = [
+        f"fastmerge: dry run of {cfg.method_as_written} ({len(inputs.models)} models"
+        f"{', base ' + cfg.base_model if cfg.base_model and inputs.base is not None else ''})"
+        f" -> {r.out_dir}",
+        f"kernels: {k.name} on {k.device} ({k.merge_pass_label}); "
+        f"{r.chunking.describe()}",
+        f"tensors: {len(r.my_merged)} merged, {len(r.mine) - len(r.my_merged)} copied; "
+        f"passes: {'; '.join(passes)}",
+        f"bytes: {_size(read)} read (weights {_size(read_all)}), {_size(written)} written; "
+        f"memory: {need / 2 ** 20:.0f} MiB needed of a {budget / 2 ** 20:.0f} MiB budget",
+    ]
+    if r.alpha_auto:
+        head.append("LiNeS alpha: auto (computed by its pre-pass; parameters below at "
+                    "alpha = 1)")
+    if r.model_scope:
+        head.append("scope: model: one threshold per model over the whole model (its pre-pass)")
+    params = [f"  params #{i}: " + ", ".join(f"{key}={v}" for key, v in d.items()
+                                            if key not in ("method", "n_models"))
+              for i, d in enumerate(distinct)]
+    return "\n".join(head + ["parameter sets:"] + params + ["output tensors:"] + lines)

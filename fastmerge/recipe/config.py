@@ -1,0 +1,497 @@
+"""Merge configs: mergekit-style YAML (plus fastmerge's own keys) -> a per-tensor MergeSpec.
+
+mergekit's option names and value syntax keep their meaning (see SPEC.md "Reading mergekit
+configs"): ``rescale: true`` is ``rescale: l1``; a list of numbers is a gradient interpolated
+piecewise-linearly over block depth ``t = i / (D - 1)`` (tensors outside blocks use t = 0;
+with a single block t = 1, as mergekit does); a list of ``{filter, value}`` conditions picks
+the first whose filter is a substring of the tensor name (``*`` or no filter matches all).
+For mergekit's method names the mergekit defaults apply (normalize true for ties only,
+linear normalizes, rescale l1 for dare_*), unless ``defaults: fastmerge``.
+
+Choices where mergekit and the issue are silent or where we differ on purpose:
+- ``dtype`` / ``out_dtype``: the output dtype (out_dtype wins). mergekit also casts the inputs
+  to ``dtype`` before computing; fastmerge always computes in float32 from the stored inputs
+  (SPEC.md) and rounds once to the output dtype.
+- ``weight`` defaults to 1 (mergekit requires it for most methods).
+- ``int8_mask`` is accepted and has no effect (it only changes mergekit's memory use).
+- Parameters set per model may only be per-model ones (weight, density, gamma,
+  consensus_lambda); shared ones (lambda, normalize, rescale, seed, ...) go under the
+  top-level ``parameters``. Both levels take gradients and filter conditions; a per-model
+  setting whose conditions match nothing falls back to the global one, then the default.
+- fastmerge's own keys: ``scope: tensor|model``, ``lines: {alpha, beta, outside, pattern}``,
+  ``defaults: mergekit|fastmerge``, per-model ``preconditioner_path`` (ffg/ota), and the
+  fastmerge parameters election, elect_on, seed, consensus_k, consensus_lambda, ffg_metric,
+  power, ota_normalize, eps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..methods import (
+    ALIASES,
+    ELECT_ON,
+    ELECTIONS,
+    FFG_METRICS,
+    METHODS,
+    NORMALIZES,
+    OTA_NORMALIZES,
+    RESCALES,
+    MergeSpec,
+    canonical_method,
+    resolve_spec,
+)
+from ..methods.lines import DEFAULT_BLOCK_PATTERN, block_index, count_blocks
+
+
+class ConfigError(ValueError):
+    """A merge config that cannot be run, with what is supported."""
+
+
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "scope", "lines", "defaults", "name")
+UNSUPPORTED_TOP = {
+    "slices": "layer slices (passthrough / frankenmerges) are not supported; list whole "
+              "models under 'models'",
+    "modules": "per-module definitions are not supported; list whole models under 'models'",
+    "tokenizer": "tokenizer surgery is not supported; use 'tokenizer_source: base'",
+    "chat_template": "chat_template is not supported; the base model's tokenizer files "
+                     "are copied as they are",
+}
+# mergekit 0.1.5's method names: only the wording of an error for one fastmerge lacks (what
+# is supported always comes from the registry, fastmerge.methods.METHODS)
+MERGEKIT_NAMES = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                  "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "multislerp",
+                  "karcher", "model_stock", "passthrough", "sce", "nearswap", "arcee_fusion",
+                  "ranked_ties", "ram", "ramplus_tl", "task_adapter")
+# mergekit's names with mergekit's defaults
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                    "breadcrumbs", "breadcrumbs_ties")
+
+# per-model parameters (may also be given globally): config name -> resolve_spec argument
+MODEL_PARAMS = {"weight": "weights", "density": "density", "gamma": "gamma",
+                "consensus_lambda": "consensus_lambda"}
+MODEL_DEFAULTS = {"weight": 1.0, "gamma": 0.01, "consensus_lambda": 0.6}
+# shared parameters: config name -> resolve_spec argument (None: accepted, no effect here)
+SHARED_PARAMS = {"lambda": "lambda_", "normalize": "normalize", "rescale": "rescale",
+                 "int8_mask": None, "election": "election", "consensus_method": "election",
+                 "elect_on": "elect_on", "seed": "seed", "consensus_k": "consensus_k",
+                 "ffg_metric": "ffg_metric", "power": "power", "ota_normalize": "ota_normalize",
+                 "eps": "eps"}
+MODEL_KEYS = ("model", "parameters", "preconditioner_path")
+# dtype spellings -> the canonical name the config keeps (torch's, without "torch.")
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16", "half": "float16", "float32": "float32",
+          "fp32": "float32", "float": "float32"}
+LINES_KEYS = ("alpha", "beta", "outside", "pattern")
+
+
+def supported_methods() -> str:
+    """The method names a config may use, from the method registry (fastmerge.methods)."""
+    return ", ".join(sorted(list(METHODS) + list(ALIASES)))
+
+
+def _unsupported_method(method) -> ConfigError:
+    import difflib
+    if method in MERGEKIT_NAMES:
+        return ConfigError(f"merge_method {method!r} is a mergekit method fastmerge does not "
+                           f"implement; supported: {supported_methods()}")
+    close = difflib.get_close_matches(str(method), list(METHODS) + list(ALIASES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown merge_method {method!r}{hint}; supported: "
+                       f"{supported_methods()}")
+
+
+def _kind(value) -> str:
+    return "nothing" if value is None else f"a {type(value).__name__} ({value!r:.60})"
+
+
+@dataclass
+class ModelEntry:
+    ref: str
+    parameters: dict = field(default_factory=dict)
+    preconditioner_path: Optional[str] = None
+
+
+@dataclass
+class LinesConfig:
+    alpha: Union[float, str]
+    beta: float
+    outside: str = "alpha"
+    pattern: str = DEFAULT_BLOCK_PATTERN
+
+
+@dataclass
+class MergeConfig:
+    method: str                      # canonical fastmerge method name
+    method_as_written: str
+    base_model: Optional[str]
+    models: list
+    parameters: dict
+    dtype: Optional[str] = None      # "bfloat16", "float16" or "float32"
+    out_dtype: Optional[str] = None
+    scope: str = "tensor"
+    lines: Optional[LinesConfig] = None
+    defaults: str = "mergekit"
+    tokenizer_source: Optional[str] = None
+    raw: dict = field(default_factory=dict)
+    base_dir: Optional[Path] = None
+
+    @property
+    def output_dtype(self) -> Optional[str]:
+        return self.out_dtype or self.dtype
+
+    @property
+    def needs_base(self) -> bool:
+        return METHODS[self.method].needs_base
+
+    @property
+    def uses_mergekit_defaults(self) -> bool:
+        return self.defaults == "mergekit" and self.method_as_written in MERGEKIT_METHODS
+
+
+# ----------------------------------------------------------------------------- value syntax
+def _is_scalar(x) -> bool:
+    return x is None or isinstance(x, (bool, int, float, str))
+
+
+# What each parameter's values must be, checked where the config is read so that an error names
+# the key path: numbers (True: whole numbers) or one of the choices. Ranges are checked per
+# tensor by resolve_spec (the error names the tensor a gradient or condition gave the value).
+_NUMBER_RULES = {"weight": False, "density": False, "gamma": False, "consensus_lambda": False,
+                 "lambda": False, "power": False, "eps": False, "consensus_k": True,
+                 "seed": True}
+_CHOICE_RULES = {"normalize": NORMALIZES, "rescale": RESCALES + (True, False, "none", "None"),
+                 "election": ELECTIONS, "consensus_method": ELECTIONS, "elect_on": ELECT_ON,
+                 "ffg_metric": FFG_METRICS, "ota_normalize": OTA_NORMALIZES,
+                 "int8_mask": (True, False)}
+
+
+def _check_leaf(where: str, key: str, value) -> None:
+    """One value of parameter ``key`` (a scalar, one element of a gradient or a condition)."""
+    if key in _NUMBER_RULES:
+        whole = _NUMBER_RULES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be finite, got {value!r}")
+        if whole and value != int(value):
+            raise ConfigError(f"{where}: must be a whole number, got {value!r}")
+    elif key in _CHOICE_RULES:
+        allowed = _CHOICE_RULES[key]
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise ConfigError(f"{where}: must be one of "
+                              f"{', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def _check_setting(where: str, setting, key: Optional[str] = None) -> None:
+    """Reject a malformed value early: scalar, non-empty list of scalars (a gradient), or
+    non-empty list of {filter, value} conditions; with ``key``, each value is also checked as
+    that parameter's value (a number in range, or one of its choices)."""
+    if _is_scalar(setting):
+        if setting is None and key in _NUMBER_RULES:
+            raise ConfigError(f"{where}: no value given")
+        if setting is not None:
+            _check_leaf(where, key, setting)
+        return
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        raise ConfigError(f"{where}: expected a value, a list of numbers (gradient) or a list "
+                          f"of {{filter, value}} conditions; got {setting!r}")
+    if not setting:
+        raise ConfigError(f"{where}: an empty list (give a value, a gradient or conditions)")
+    if all(_is_scalar(e) for e in setting):
+        for i, e in enumerate(setting):
+            if e is None:
+                raise ConfigError(f"{where}[{i}]: no value given")
+            _check_leaf(f"{where}[{i}]", key, e)
+        return
+    for i, cond in enumerate(setting):
+        if not isinstance(cond, dict) or not set(cond) <= {"filter", "value"} or \
+                "value" not in cond:
+            raise ConfigError(f"{where}[{i}]: a list that is not a gradient of numbers must "
+                              f"hold {{filter, value}} conditions; got {cond!r}")
+        if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+            raise ConfigError(f"{where}[{i}].filter: must be a string, got {cond['filter']!r}")
+        _check_setting(f"{where}[{i}].value", cond["value"], key)
+
+
+def evaluate_setting(tensor_name: str, setting, t: float):
+    """mergekit's evaluation: scalars as they are, numeric lists interpolated over t,
+    conditions matched by substring (first match wins); None when no condition matches."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if _is_scalar(setting):
+        return setting
+    if not setting:
+        return None
+    if all(_is_scalar(e) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        f = cond.get("filter")
+        if f is None or f == "*" or (tensor_name and f in tensor_name):
+            return evaluate_setting(tensor_name, cond.get("value"), t)
+    return None
+
+
+# ----------------------------------------------------------------------------- parsing
+def _dtype(where: str, value) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in DTYPES:
+        raise ConfigError(f"{where}: unsupported dtype {value!r}; use one of "
+                          f"{', '.join(DTYPES)}")
+    return DTYPES[value]
+
+
+def _check_params(where: str, params, allowed: dict) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: must be a mapping of parameter names to values, got "
+                          f"{_kind(params)}")
+    for k, v in params.items():
+        if k not in allowed:
+            if where.startswith("models[") and k in SHARED_PARAMS:
+                raise ConfigError(f"{where}: {k!r} is shared by all models; set it under the "
+                                  f"top-level 'parameters'")
+            raise ConfigError(f"{where}: unknown parameter {k!r}; supported: "
+                              f"{', '.join(sorted(allowed))}")
+        _check_setting(f"{where}.{k}", v, k)
+    return dict(params)
+
+
+def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
+    """Validate a config mapping (parsed YAML) and return a MergeConfig."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a merge config must be a YAML mapping (key: value lines), got "
+                          f"{'an empty file' if raw is None else _kind(raw)}")
+    for k in raw:
+        if k in UNSUPPORTED_TOP:
+            raise ConfigError(f"config key {k!r}: {UNSUPPORTED_TOP[k]}")
+        if k not in TOP_KEYS:
+            raise ConfigError(f"unknown config key {k!r}; supported keys: {', '.join(TOP_KEYS)}")
+    method = raw.get("merge_method")
+    if method is None:
+        raise ConfigError(f"the config needs 'merge_method' (one of {supported_methods()})")
+    try:
+        canon = canonical_method(method)
+    except ValueError:
+        raise _unsupported_method(method) from None
+    defaults = raw.get("defaults", "mergekit")
+    if defaults not in ("mergekit", "fastmerge"):
+        raise ConfigError(f"defaults must be 'mergekit' or 'fastmerge', got {defaults!r}")
+    if "models" not in raw:
+        raise ConfigError("the config needs a 'models' list")
+    models_raw = raw["models"]
+    if not isinstance(models_raw, list):
+        raise ConfigError(f"models: must be a list of models, got {_kind(models_raw)}")
+    if not models_raw:
+        raise ConfigError("models: an empty list (list the models to merge)")
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"base_model must be a path or hub id, got {base!r}")
+    allowed_global = {**{k: v for k, v in MODEL_PARAMS.items()}, **SHARED_PARAMS}
+    params = _check_params("parameters", raw.get("parameters"), allowed_global)
+    models = []
+    for i, m in enumerate(models_raw):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"models[{i}]: must be a path or a mapping with a 'model' key, "
+                              f"got {_kind(m)}")
+        for k in m:
+            if k not in MODEL_KEYS:
+                raise ConfigError(f"models[{i}]: unknown key {k!r}; supported: "
+                                  f"{', '.join(MODEL_KEYS)}")
+        if not isinstance(m["model"], str):
+            raise ConfigError(f"models[{i}].model must be a path or hub id, got {m['model']!r}")
+        mp = _check_params(f"models[{i}].parameters", m.get("parameters"), MODEL_PARAMS)
+        pre = m.get("preconditioner_path")
+        if pre is not None and not isinstance(pre, str):
+            raise ConfigError(f"models[{i}].preconditioner_path must be a path")
+        models.append(ModelEntry(m["model"], mp, pre))
+    if METHODS[canon].needs_base:
+        if base is None:
+            raise ConfigError(f"merge_method {method!r} needs a base_model")
+        # mergekit: the base model may also be listed among the models; it is the base there
+        models = [m for m in models if m.ref != base]
+        if not models:
+            raise ConfigError("the config lists no model other than the base_model")
+    scope = raw.get("scope", "tensor")
+    if scope not in ("tensor", "model"):
+        raise ConfigError(f"scope must be 'tensor' or 'model', got {scope!r}")
+    tok = raw.get("tokenizer_source")
+    if tok not in (None, "base"):
+        raise ConfigError(f"tokenizer_source {tok!r} is not supported; use 'base' (the base "
+                          f"model's tokenizer files are copied)")
+    lines = None
+    if raw.get("lines") is not None:
+        lr = raw["lines"]
+        if not isinstance(lr, dict):
+            raise ConfigError("lines must be a mapping {alpha, beta, outside, pattern}")
+        for k in lr:
+            if k not in LINES_KEYS:
+                raise ConfigError(f"lines: unknown key {k!r}; supported: {', '.join(LINES_KEYS)}")
+        if "beta" not in lr:
+            raise ConfigError("lines needs 'beta' (the paper tunes it on 0.1 .. 1.0; there is "
+                              "no universal default)")
+        alpha = lr.get("alpha", 1.0)
+        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                or not math.isfinite(alpha)):
+            raise ConfigError(f"lines.alpha must be a number or 'auto', got {alpha!r}")
+        beta = lr["beta"]
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or \
+                not math.isfinite(beta):
+            raise ConfigError(f"lines.beta must be a number, got {beta!r}")
+        outside = lr.get("outside", "alpha")
+        if outside not in ("alpha", "ends"):
+            raise ConfigError(f"lines.outside must be 'alpha' or 'ends', got {outside!r}")
+        pattern = lr.get("pattern", DEFAULT_BLOCK_PATTERN)
+        try:
+            import re
+            rx = re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"lines.pattern is not a valid regex: {exc}") from None
+        if rx.groups < 1:
+            raise ConfigError("lines.pattern needs a capture group for the block index, "
+                              "e.g. '(^|\\.)layers\\.(\\d+)\\.'")
+        if METHODS[canon].combine == "linear":
+            raise ConfigError("LiNeS scales task vectors; it does not apply to 'linear'")
+        lines = LinesConfig(alpha if alpha == "auto" else float(alpha), float(beta), outside,
+                            pattern)
+    return MergeConfig(
+        method=canon, method_as_written=method, base_model=base, models=models,
+        parameters=params, dtype=_dtype("dtype", raw.get("dtype")),
+        out_dtype=_dtype("out_dtype", raw.get("out_dtype")), scope=scope, lines=lines,
+        defaults=defaults, tokenizer_source=tok, raw=raw, base_dir=base_dir)
+
+
+def _yaml_problem(exc) -> str:
+    """One line from a PyYAML error (its str() spans several lines with a source excerpt)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+
+
+def _read_config_file(p: Path) -> str:
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory, not a YAML file")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start}); is it a YAML "
+                          f"file?") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+
+
+def load_config(source) -> MergeConfig:
+    """A MergeConfig from a YAML file path, a YAML string or a mapping; errors name the file."""
+    import yaml
+    base_dir = None
+    if isinstance(source, dict):
+        return parse_config(source)
+    if isinstance(source, Path) or isinstance(source, str) and "\n" not in source:
+        p = Path(source)
+        text, base_dir, label = _read_config_file(p), p.parent.resolve(), f"config {p}"
+    elif isinstance(source, str):
+        text, label = source, "config"
+    else:
+        raise ConfigError(f"a config is a YAML file path, a YAML string or a mapping, got "
+                          f"{type(source).__name__}")
+    try:
+        raw = yaml.safe_load(text)   # safe_load: no python tags, no code from a config
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{label} is nested too deeply to be a merge config") from None
+    try:
+        return parse_config(raw, base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- per tensor
+class ParameterResolver:
+    """Evaluates the config's settings for each tensor name into a MergeSpec."""
+
+    def __init__(self, cfg: MergeConfig, names, seed: Optional[int] = None,
+                 pattern: Optional[str] = None):
+        self.cfg = cfg
+        self.pattern = pattern or (cfg.lines.pattern if cfg.lines else DEFAULT_BLOCK_PATTERN)
+        self.num_blocks = count_blocks(names, self.pattern)
+        self.seed = seed
+        self._cache: dict = {}
+
+    def t_of(self, name: str) -> float:
+        i = block_index(name, self.pattern)
+        if i is None:
+            return 0.0
+        return i / (self.num_blocks - 1) if self.num_blocks > 1 else 1.0
+
+    def _value(self, name: str, t: float, key: str, model: Optional[ModelEntry]):
+        for source in ([model.parameters] if model is not None else []) + [self.cfg.parameters]:
+            if key in source:
+                v = evaluate_setting(name, source[key], t)
+                if v is not None:
+                    return v
+        return None
+
+    def kwargs_for(self, name: str) -> dict:
+        cfg, t = self.cfg, self.t_of(name)
+        mk = cfg.uses_mergekit_defaults
+        kw: dict[str, Any] = {}
+        for key, arg in MODEL_PARAMS.items():
+            vals = []
+            for m in cfg.models:
+                v = self._value(name, t, key, m)
+                if v is None:
+                    v = 1.0 if key == "density" and mk else (
+                        METHODS[cfg.method].density if key == "density" else MODEL_DEFAULTS[key])
+                vals.append(v)
+            kw[arg] = vals
+        for key, arg in SHARED_PARAMS.items():
+            v = self._value(name, t, key, None)
+            if arg is None or v is None:
+                continue
+            kw[arg] = v
+        if mk:
+            kw.setdefault("normalize", cfg.method in ("ties", "linear"))
+            kw.setdefault("rescale", "l1" if cfg.method in ("dare_ties", "dare_linear") else None)
+        if kw.get("rescale") in ("none", "None"):
+            kw["rescale"] = None
+        if self.seed is not None:
+            kw["seed"] = self.seed
+        if isinstance(kw.get("seed"), float) and kw["seed"].is_integer():
+            kw["seed"] = int(kw["seed"])
+        if isinstance(kw.get("consensus_k"), float) and kw["consensus_k"].is_integer():
+            kw["consensus_k"] = int(kw["consensus_k"])
+        kw["scope"] = cfg.scope
+        return kw
+
+    def spec_for(self, name: str, lines_factor: float = 1.0) -> MergeSpec:
+        kw = self.kwargs_for(name)
+        key = (repr(sorted(kw.items())), lines_factor)
+        spec = self._cache.get(key)
+        if spec is None:
+            try:
+                spec = resolve_spec(self.cfg.method, len(self.cfg.models),
+                                    lines_factor=lines_factor, **kw)
+            except ValueError as exc:
+                raise ConfigError(f"config parameters for tensor {name!r}: {exc}") from None
+            self._cache[key] = spec
+        return spec
