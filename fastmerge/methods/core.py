@@ -9,8 +9,9 @@ mergekit and the streaming pipeline will reproduce chunk by chunk.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from .schema import MethodSchema
 class Chunk:
     """Elements ``offset .. offset+len`` of one tensor, float32, flat, from every input."""
     offset: int
-    base: Optional[torch.Tensor]
+    base: torch.Tensor | None
     models: list[torch.Tensor]
 
     @property
@@ -89,9 +90,9 @@ class Method:
             return None, list(models)
         return base, list(models)
 
-    def merge(self, base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
-              params: Optional[dict] = None, *, name: str = "tensor", seed: int = 0,
-              chunk_elems: Optional[int] = None) -> torch.Tensor:
+    def merge(self, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+              params: dict | None = None, *, name: str = "tensor", seed: int = 0,
+              chunk_elems: int | None = None) -> torch.Tensor:
         """The merged tensor in float32, from inputs of any float dtype.
 
         ``models`` are the non-base inputs in config order. ``chunk_elems`` splits the tensor
@@ -123,7 +124,7 @@ class Method:
         return (torch.cat(out) if out else torch.zeros(0)).reshape(shape)
 
 
-def split_chunks(base, models, align: int, chunk_elems: Optional[int]) -> list[Chunk]:
+def split_chunks(base, models, align: int, chunk_elems: int | None) -> list[Chunk]:
     """Contiguous chunks of about ``chunk_elems`` elements, boundaries on multiples of align."""
     n = (models[0] if models else base).numel()
     step = n if not chunk_elems else max(align, (chunk_elems // max(align, 1)) * align)

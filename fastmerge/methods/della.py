@@ -20,6 +20,8 @@ Defined where mergekit is fragile (docs/semantics.md):
   the same, and its negative-epsilon probabilities above 1 crash torch.bernoulli);
   eps = 0 draws every element with p = density (DARE's mask drawn per element).
 - ties in |d| rank by column (a stable sort; mergekit's argsort order is unspecified).
+- a tensor of 3 or more dims ranks within each dim-0 slice, flattened (mergekit ranks along
+  dim 1 alone; LLM weights have at most 2).
 - a row of length 1 gets p = density (mergekit divides 0 by 0 and crashes).
 - ranks are exact (mergekit ranks bf16 inputs in bf16, where ranks above 256 round).
 - the L1 rescale is skipped only when the kept L1 norm is 0 (DARE's rule in fastmerge;
@@ -35,7 +37,7 @@ from .schema import MethodSchema, Param
 
 
 def _check_della(params: dict, n: int) -> None:
-    for i, (d, e) in enumerate(zip(params["density"], params["epsilon"])):
+    for i, (d, e) in enumerate(zip(params["density"], params["epsilon"], strict=True)):
         if 0 < d < 1 and not (d - abs(e) > 0 and d + abs(e) < 1):
             raise ValueError(f"della: epsilon[{i}] = {e} must keep density +- epsilon inside "
                              f"(0, 1) for density {d}")

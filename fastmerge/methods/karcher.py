@@ -85,7 +85,7 @@ class Karcher(Method):
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         if stats is None:
             return chunk.models[0]  # one input: returned as it is
-        return sum(float(c) * x for c, x in zip(stats, chunk.models))
+        return sum(float(c) * x for c, x in zip(stats, chunk.models, strict=True))
 
 
 KARCHER = Karcher()

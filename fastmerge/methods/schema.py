@@ -7,8 +7,9 @@ per input for ``input`` scope). Errors are one line naming the method and the pa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 REQUIRED = object()  # the default of a parameter the user must give
 SCOPES = ("global", "per_model", "per_input")  # per_model: each non-base model
@@ -21,8 +22,8 @@ class Param:
     kind: type                       # float, int or bool
     default: Any = REQUIRED
     scope: str = "global"
-    lo: Optional[float] = None       # inclusive bounds, unless open_lo / open_hi
-    hi: Optional[float] = None
+    lo: float | None = None       # inclusive bounds, unless open_lo / open_hi
+    hi: float | None = None
     open_lo: bool = False
     open_hi: bool = False
     nullable: bool = False           # None is a valid value (passthrough's scale)
@@ -59,10 +60,10 @@ class MethodSchema:
     params: tuple[Param, ...]
     base: str                          # one of BASES
     min_models: int = 1                # non-base models (all inputs when base is "input")
-    max_models: Optional[int] = None
+    max_models: int | None = None
     random: bool = False               # draws from fastmerge.rng (needs seed and tensor name)
     paper: str = ""
-    check: Optional[Callable[[dict, int], None]] = None  # cross-parameter rules
+    check: Callable[[dict, int], None] | None = None  # cross-parameter rules
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -78,7 +79,7 @@ class MethodSchema:
         if self.max_models is not None and n > self.max_models:
             raise ValueError(f"{self.name} takes at most {self.max_models} {what}, got {n}")
 
-    def resolve(self, params: Optional[Mapping[str, Any]], n_models: int) -> dict:
+    def resolve(self, params: Mapping[str, Any] | None, n_models: int) -> dict:
         """Defaults filled in and values checked; per-model values become ``n_models`` tuples."""
         params = dict(params or {})
         unknown = sorted(set(params) - {p.name for p in self.params})

@@ -67,7 +67,9 @@ class Slerp(Method):
     reductions = "|base|^2, |model|^2, base.model over the whole tensor (3 float64 sums)"
 
     def reduce(self, job: Job, chunks) -> tuple[float, float]:
-        s = sum((pair_sums(c.base, c.models[0]) for c in chunks), torch.zeros(3, dtype=torch.float64))
+        s = torch.zeros(3, dtype=torch.float64)
+        for c in chunks:
+            s += pair_sums(c.base, c.models[0])
         n0, n1 = s[0].sqrt(), s[1].sqrt()
         n0 = torch.where(n0 > SLERP_NORM_EPS, n0, torch.ones_like(n0))
         n1 = torch.where(n1 > SLERP_NORM_EPS, n1, torch.ones_like(n1))
@@ -213,7 +215,7 @@ class MultiSlerp(Method):
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         if stats is None:
             return chunk.models[0]  # one model: returned as it is
-        out = sum(float(c) * x for c, x in zip(stats, self._vectors(chunk)))
+        out = sum(float(c) * x for c, x in zip(stats, self._vectors(chunk), strict=True))
         return out if chunk.base is None else chunk.base + out
 
 
