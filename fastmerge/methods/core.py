@@ -1,0 +1,133 @@
+"""The shape every mergekit-method reference takes: a reduction pre-pass, then a per-element pass.
+
+A tensor is read as flat float32 chunks (contiguous ranges of its row-major elements). A method
+first gathers what it needs from the whole tensor (``reduce``: norms, dot products, Gram
+matrices, counts, thresholds), then maps each chunk on its own (``apply``). ``merge`` runs
+both over one tensor, in one chunk or many, which is the reference the tests compare against
+mergekit and the streaming pipeline will reproduce chunk by chunk.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .schema import MethodSchema
+
+
+@dataclass
+class Chunk:
+    """Elements ``offset .. offset+len`` of one tensor, float32, flat, from every input."""
+    offset: int
+    base: torch.Tensor | None
+    models: list[torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return (self.models[0] if self.models else self.base).numel()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: its shape, resolved parameters, name (errors, random keys), seed."""
+    shape: tuple[int, ...]
+    params: dict
+    name: str = "tensor"
+    seed: int = 0
+    has_base: bool = False
+    n_models: int = 0    # non-base inputs (all inputs for karcher)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def check_finite(x: torch.Tensor, name: str, which: str) -> None:
+    """NaN/Inf inputs stop the merge with one line naming the tensor and the input."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"tensor {name!r}: {which} contains {bad} NaN/Inf value(s); "
+                         f"fastmerge refuses to merge them")
+
+
+def rows_view(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, row length) of the vectors along the last dim; a 0-d or 1-D tensor is one row."""
+    if len(shape) == 0:
+        return 1, 1
+    cols = shape[-1]
+    return (math.prod(shape) // cols if cols else 0), cols
+
+
+class Method:
+    """A mergekit method's float32 reference as ``reduce`` (over all chunks) + ``apply``."""
+    schema: MethodSchema
+    passes = 1           # how many times ``reduce`` reads the chunks
+    reductions = "none"  # what the pre-pass gathers, for the streaming pipeline
+
+    @property
+    def name(self) -> str:
+        return self.schema.name
+
+    def align(self, job: Job) -> int:
+        """Chunk boundaries must fall on multiples of this many elements (a row, for row math)."""
+        return 1
+
+    def reduce(self, job: Job, chunks: Iterable[Chunk]) -> Any:
+        """Statistics of the whole tensor; ``chunks`` is re-iterable when ``passes`` > 1."""
+        return None
+
+    def apply(self, job: Job, chunk: Chunk, stats: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inputs(self, base, models):
+        """(base, models) as the math sees them; karcher folds the base into the inputs."""
+        if self.schema.base == "input" and base is not None:
+            return None, list(models) + [base]
+        if self.schema.base == "ignored":
+            return None, list(models)
+        return base, list(models)
+
+    def merge(self, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+              params: dict | None = None, *, name: str = "tensor", seed: int = 0,
+              chunk_elems: int | None = None) -> torch.Tensor:
+        """The merged tensor in float32, from inputs of any float dtype.
+
+        ``models`` are the non-base inputs in config order. ``chunk_elems`` splits the tensor
+        into chunks of about that many elements (rounded to ``align``) to show that chunked
+        application equals whole-tensor application."""
+        models = list(models)
+        self.schema.check_inputs(base is not None, len(models))
+        base, models = self.inputs(base, models)
+        shape = tuple((models[0] if models else base).shape)
+        for i, m in enumerate([base] + models if base is not None else models):
+            if tuple(m.shape) != shape:
+                raise ValueError(f"tensor {name!r}: input {i} has shape {tuple(m.shape)}, "
+                                 f"input 0 {shape}")
+            if not m.is_floating_point():
+                raise ValueError(f"tensor {name!r}: {self.name} needs floating-point inputs, "
+                                 f"input {i} is {m.dtype}")
+        params = self.schema.resolve(params, len(models))
+        job = Job(shape, params, name, seed, base is not None, len(models))
+        flat_base = None
+        if base is not None:
+            flat_base = base.reshape(-1).float()
+            check_finite(flat_base, name, "the base model")
+        flat = [m.reshape(-1).float() for m in models]
+        for i, m in enumerate(flat):
+            check_finite(m, name, f"model {i}")
+        chunks = split_chunks(flat_base, flat, self.align(job), chunk_elems)
+        stats = self.reduce(job, chunks)
+        out = [self.apply(job, c, stats) for c in chunks]
+        return (torch.cat(out) if out else torch.zeros(0)).reshape(shape)
+
+
+def split_chunks(base, models, align: int, chunk_elems: int | None) -> list[Chunk]:
+    """Contiguous chunks of about ``chunk_elems`` elements, boundaries on multiples of align."""
+    n = (models[0] if models else base).numel()
+    step = n if not chunk_elems else max(align, (chunk_elems // max(align, 1)) * align)
+    starts = range(0, n, max(step, 1)) if n else [0]
+    return [Chunk(s, None if base is None else base[s:s + step], [m[s:s + step] for m in models])
+            for s in starts]
