@@ -9,11 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastmerge.backends import availability
+from fastmerge.backends import REGISTRY, availability
 
-# Every concrete backend; each test that takes ``backend`` runs once per backend and is
+# Every registered backend; each test that takes ``backend`` runs once per backend and is
 # skipped, with the reason, where that backend cannot run on this machine.
-ALL_BACKENDS = ("torch", "cpu", "cuda", "triton")
+ALL_BACKENDS = tuple(REGISTRY)
 
 
 def backend_device(name: str) -> str:

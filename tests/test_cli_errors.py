@@ -171,3 +171,20 @@ def test_errors_do_not_import_torch(ckpts, tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_backends_command_lists_the_registry(capsys):
+    """`fastmerge backends`: one line per registered backend with its devices and state, and
+    `--backend` accepts exactly the registry's names (plus auto)."""
+    from fastmerge.backends import BACKEND_NAMES, REGISTRY, available_backends
+    from fastmerge.cli import build_parser
+    assert main(["backends"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    states = available_backends()
+    assert [ln.split()[0] for ln in lines] == list(REGISTRY)
+    for ln, (name, spec) in zip(lines, REGISTRY.items()):
+        assert ln.split()[1] == ",".join(spec.devices)
+        assert ln.split(None, 2)[2] == states[name]
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]
+    backend = next(a for a in merge._actions if a.dest == "backend")
+    assert tuple(backend.choices) == BACKEND_NAMES

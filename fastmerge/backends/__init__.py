@@ -1,15 +1,14 @@
-"""The one dispatch point: ``backend="auto"|"torch"|"cpu"|"cuda"|"triton"``.
+"""The backend registry: one table, name -> (availability, device types, loader), read by
+``get_backend`` / ``auto``, the CLI (``--backend``, ``fastmerge backends``) and the tests.
 
-A backend is three primitives with the signatures of the ``fastmerge::`` ops (ops.py):
-``score_histogram``, ``model_stats`` and ``fused_merge``, and optionally ``topk_window``. The selection and planning code
-(selection.py, plan.py) is shared; only these kernels differ per backend.
+A backend provides the primitives of the ``fastmerge::`` ops (ops.py): ``score_histogram``,
+``model_stats`` and ``fused_merge``, and optionally ``topk_window``, as a ``Backend``
+(primitives.py). Selection and planning (fastmerge/planning) are shared; only these kernels
+differ per backend. Each backend lives in its own folder (pytorch/, cpu/, cuda/, triton/) and
+none of them imports this module back.
 
-- ``torch``: the plain-torch kernels of ops.py (reference semantics, any device).
-- ``cpu``: the C++ extension (fastmerge._C), registered for the CPU dispatch key.
-- ``cuda``: the CUDA extension (fastmerge._cuda), registered for the CUDA dispatch key.
-- ``triton``: the Triton kernels (fastmerge.backends.triton); GPU, or CPU under TRITON_INTERPRET=1.
-- ``auto``: the first available backend of ``AUTO_PREFERENCE`` for the tensors' device
-  (``FASTMERGE_BACKEND`` overrides it).
+This module imports neither torch nor a backend: ``fastmerge merge`` reads the registry on the
+torch-free path, and a backend is loaded only when asked for.
 """
 from __future__ import annotations
 
@@ -17,155 +16,136 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
+from .. import _lazy
 
-from .. import _ext
-from ..planning.selection import Chunk, ChunkSource
-from . import ops
 
-BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "triton")
+@dataclass(frozen=True)
+class BackendSpec:
+    """One row of the registry."""
+    name: str
+    devices: tuple[str, ...]                      # device types it can run on at all
+    availability: Callable[[], tuple[bool, str]]  # (usable here, why not)
+    load: Callable[[], object]                    # the Backend (imports its kernels)
+    # narrower than ``devices`` at run time (Triton runs CPU tensors only when interpreting)
+    supports: Optional[Callable[[str], bool]] = None
+
+    def runs_on(self, device_type: str) -> bool:
+        if device_type not in self.devices:
+            return False
+        return self.supports(device_type) if self.supports is not None else True
+
+
+def _torch_availability():
+    return True, ""
+
+
+def _load_torch():
+    from .pytorch import backend
+    return backend()
+
+
+def _cpu_availability():
+    from .cpu import availability
+    return availability()
+
+
+def _load_cpu():
+    from .cpu import backend
+    return backend()
+
+
+def _cuda_availability():
+    from .cuda import availability
+    return availability()
+
+
+def _load_cuda():
+    from .cuda import backend
+    return backend()
+
+
+def _triton_availability():
+    from .triton import availability
+    return availability()
+
+
+def _load_triton():
+    from .triton import backend
+    return backend()
+
+
+def _triton_supports(device_type: str) -> bool:
+    from .triton import supports_device
+    return supports_device(device_type)
+
+
+REGISTRY: dict[str, BackendSpec] = {spec.name: spec for spec in (
+    BackendSpec("torch", ("cpu", "cuda"), _torch_availability, _load_torch),
+    BackendSpec("cpu", ("cpu",), _cpu_availability, _load_cpu),
+    BackendSpec("cuda", ("cuda",), _cuda_availability, _load_cuda),
+    BackendSpec("triton", ("cuda", "cpu"), _triton_availability, _load_triton,
+                _triton_supports),
+)}
+BACKEND_NAMES = ("auto",) + tuple(REGISTRY)
 # Filled only from measurements (benchmarks/gpu.py prints the table it measured). No GPU has
 # run them yet, so for CUDA tensors auto prefers the GPU backend whose kernels the conformance
 # tests have executed (Triton, run in CI under TRITON_INTERPRET=1) over the CUDA kernels, which
 # CI only compiles. On CPU the C++ kernels are measured (README) and executed by the tests.
 AUTO_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-
-@dataclass
-class Backend:
-    name: str
-    score_histogram: Callable
-    model_stats: Callable
-    fused_merge: Callable
-    # one-pass exact top-k of one chunk (fastmerge::topk_window); only the CPU kernels have a
-    # fast one, elsewhere the radix selection (two histogram passes) runs
-    topk_window: Optional[Callable] = None
-
-    # The shared planning code calls these wrappers.
-    def histogram_into(self, chunk: Chunk, score: int, targets: torch.Tensor, level: int,
-                       counts: torch.Tensor, sums: torch.Tensor) -> None:
-        """Add one chunk's histograms into ``counts``/``sums`` (on the chunk's device)."""
-        self.score_histogram(chunk.base, list(chunk.models), list(chunk.second_moments), score,
-                             targets, level, counts, sums)
-
-    def stats(self, source: ChunkSource, score: int, fparams, iparams, power: float):
-        out = None
-        for chunk in source():
-            dev = chunk.models[0].device
-            part = torch.zeros(len(chunk.models), 3, dtype=torch.float64, device=dev)
-            self.model_stats(chunk.base, list(chunk.models), list(chunk.second_moments), score,
-                             fparams.to(dev), iparams.to(dev), float(power), chunk.offset, part)
-            out = part.cpu() if out is None else out + part.cpu()
-        return out
-
-    def merge(self, chunk: Chunk, plan, out_dtype: torch.dtype):
-        dev = chunk.models[0].device
-        plan = plan.on(dev)
-        nonfinite = torch.zeros(len(chunk.models), dtype=torch.int64, device=dev)
-        out = self.fused_merge(chunk.base, list(chunk.models), list(chunk.second_moments),
-                               plan.fparams, plan.iparams, *plan.op_args(), chunk.offset,
-                               out_dtype, nonfinite)
-        return out, nonfinite.cpu()
+# The Backend class needs torch: loaded on first use
+__getattr__, __dir__ = _lazy.attributes(__name__, {"Backend": "primitives"}, globals())
 
 
-def _torch_backend() -> Backend:
-    return Backend("torch", ops.score_histogram_torch, ops.model_stats_torch,
-                   ops.fused_merge_torch)
-
-
-def _dispatcher_backend(name: str) -> Backend:
-    o = torch.ops.fastmerge
-    return Backend(name, o.score_histogram, o.model_stats, o.fused_merge,
-                   o.topk_window if name == "cpu" else None)
+def _spec(name: str) -> BackendSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    return REGISTRY[name]
 
 
 def availability(name: str) -> tuple[bool, str]:
     """(available, why not) for a concrete backend name."""
-    if name == "torch":
-        return True, ""
-    if name == "cpu":
-        return _ext.load("_C")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            return False, "no CUDA device is visible to torch"
-        return _ext.load("_cuda")
-    if name == "triton":
-        try:
-            from . import triton as triton_kernels
-        except ImportError as exc:
-            return False, f"triton backend unavailable: {exc}"
-        return triton_kernels.availability()
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    return _spec(name).availability()
 
 
 def available_backends() -> dict[str, str]:
     """Each concrete backend and "ok" or the reason it cannot run here."""
     out = {}
-    for name in BACKEND_NAMES[1:]:
+    for name in REGISTRY:
         ok, why = availability(name)
         out[name] = "ok" if ok else why
     return out
 
 
 def _device_type(device) -> str:
+    import torch
     return torch.device(device).type
 
 
-def get_backend(name: str, device) -> Backend:
-    """The backend to run on ``device``; raises ValueError saying why one cannot run."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+def resolve_name(name: str, device) -> str:
+    """The concrete backend ``name`` means on ``device`` ("auto": ``FASTMERGE_BACKEND``, else
+    the first available of ``AUTO_PREFERENCE`` that runs there)."""
+    if name != "auto":
+        _spec(name)
+        return name
+    name = os.environ.get("FASTMERGE_BACKEND", "auto")
+    if name != "auto":
+        return resolve_name(name, device)
     dev = _device_type(device)
-    if name == "auto":
-        name = os.environ.get("FASTMERGE_BACKEND", "auto")
-        if name == "auto":
-            for cand in AUTO_PREFERENCE.get(dev, ("torch",)):
-                if availability(cand)[0] and _supports(cand, dev):
-                    name = cand
-                    break
-        return get_backend(name, device)
-    ok, why = availability(name)
+    for cand in AUTO_PREFERENCE.get(dev, ("torch",)):
+        if availability(cand)[0] and REGISTRY[cand].runs_on(dev):
+            return cand
+    return "torch"
+
+
+def get_backend(name: str, device):
+    """The Backend to run on ``device``; raises ValueError saying why one cannot run."""
+    name = resolve_name(name, device)
+    spec, dev = REGISTRY[name], _device_type(device)
+    ok, why = spec.availability()
     if not ok:
         raise ValueError(f"backend {name!r} is not available: {why}")
-    if not _supports(name, dev):
+    if not spec.runs_on(dev):
         raise ValueError(f"backend {name!r} cannot run on {dev} tensors; move the tensors or "
                          f"pick another backend ({', '.join(BACKEND_NAMES)})")
-    if name == "torch":
-        return _torch_backend()
-    if name == "triton":
-        from . import triton as triton_kernels
-        return triton_kernels.backend()
-    return _dispatcher_backend(name)
-
-
-def _supports(name: str, dev: str) -> bool:
-    if name == "torch":
-        return True
-    if name == "cpu":
-        return dev == "cpu"
-    if name == "cuda":
-        return dev == "cuda"
-    if name == "triton":
-        from . import triton as triton_kernels
-        return triton_kernels.supports_device(dev)
-    return False
-
-
-def output_cache_limit(backend: Backend, nbytes: int) -> int:
-    """CPU backend: bytes of freed ``fused_merge`` outputs kept for reuse (a fresh 32 MiB
-    output costs ~10 ms of page faults here; see csrc/cpu/output_cache.h). Returns the previous
-    limit; a no-op returning 0 for the other backends."""
-    return _cpu_limit(backend, "set_output_cache_limit", nbytes)
-
-
-def dare_bits_limit(backend: Backend, nbytes: int) -> int:
-    """CPU backend: bytes of DARE keep bits the statistics pass may leave for the merge
-    (csrc/cpu/dare_bits.h). Returns the previous limit; 0 and nothing done elsewhere."""
-    return _cpu_limit(backend, "set_dare_bits_limit", nbytes)
-
-
-def _cpu_limit(backend: Backend, setter: str, nbytes: int) -> int:
-    if backend.name != "cpu":
-        return 0
-    from .. import _C
-    return int(getattr(_C, setter)(int(nbytes)))
+    return spec.load()

@@ -49,6 +49,7 @@ def _device_arg(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..backends import BACKEND_NAMES  # the registry (torch-free)
     p = _Parser(prog="fastmerge", description="Fused, memory-frugal model merging")
     p.add_argument("--debug", action="store_true",
                    help=f"show the full traceback of an error (also {DEBUG_ENV}=1)")
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", default="5GB", type=_size_arg("shard size"),
                    help="output shard size (default: 5GB)")
     m.add_argument("--backend", default="auto",
-                   choices=["auto", "torch", "cpu", "cuda", "triton"],
+                   choices=list(BACKEND_NAMES),
                    help="kernel backend (default: auto)")
     m.add_argument("--seed", type=_seed_arg, default=None,
                    help="DARE seed (overrides the config)")
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="merge tiny synthetic models, in memory and as checkpoints "
                                     "through the engine (no network)")
     d.add_argument("--backend", action="append", help="backend(s) to time (default: all here)")
-    b = sub.add_parser("backends", help="list the backends and whether each can run here")
+    b = sub.add_parser("backends", help="list the backends, the devices each runs on and "
+                                        "whether it can run here (or why not)")
     for s in (m, d, b):   # --debug after the command too; SUPPRESS keeps the global one's value
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _merge(args) -> int:
-    # without torch where the method allows (engine/native.py), else the engine
+    # without torch where the method allows (pipeline/native.py), else on a torch backend
     from ..pipeline.native import dry_run, merge
     if args.dry_run:    # the plan, without reading a weight
         print(dry_run(args.config, args.out_dir, device=args.device,
@@ -134,9 +136,9 @@ def _dispatch(argv: list) -> int:
         run_engine_demo(backend=(args.backend or here)[0])
         return 0
     if args.command == "backends":
-        from ..backends import available_backends
+        from ..backends import REGISTRY, available_backends
         for name, state in available_backends().items():
-            print(f"{name:<7} {state}")
+            print(f"{name:<7} {','.join(REGISTRY[name].devices):<9} {state}")
         return 0
     return USAGE  # pragma: no cover
 

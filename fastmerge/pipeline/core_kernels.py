@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from ..backends.cpu import core
 from ..checkpoint.safetensors_file import ST_SIZES
 from ..methods.kernel_params import SCORE_MAGNITUDE, pack_rows
 from ..output.report import nonfinite_in
@@ -25,20 +26,6 @@ from ..planning.thresholds import one_pass
 from .driver import SingleProcess
 
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}   # DTYPE_* of csrc/common/fastmerge_params.h
-
-
-def core():
-    """fastmerge._core, or None where it is not built."""
-    # Idle OpenMP workers sleep instead of spinning (unless the user chose): the kernels'
-    # workers spun on the 2 cores the reader and writer threads need (0.47B task_arithmetic:
-    # user time 1.0-1.5 -> 0.3-0.45 s, wall 0.93-1.75 -> 0.72-1.6 s; ties no slower). Read
-    # when libgomp starts, i.e. here, unless something loaded it before.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        from .. import _core
-        return _core
-    except ImportError:
-        return None
 
 
 def threads() -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import dare_bits_limit, output_cache_limit
+from ..backends.cpu import dare_bits_limit, output_cache_limit
 from ..checkpoint.safetensors_file import Checkpoint, CheckpointError, torch_dtypes
 from ..methods.moments import finite_non_negative
 from ..output.report import nonfinite_in

@@ -34,16 +34,14 @@ functions fall back (with a RuntimeWarning) to the plain-torch kernels on the sa
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
+from ._mode import interpreting, mark_loaded
+
+__all__ = ["MAX_MODELS", "availability", "backend", "default_device", "interpreting", "kernels",
+           "supports_device"]
+
 MAX_MODELS = 32
-
-_interpret_at_import: Optional[bool] = None
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_error() -> Optional[str]:
@@ -53,13 +51,6 @@ def _triton_error() -> Optional[str]:
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable ({type(exc).__name__}: {exc})"
     return None
-
-
-def interpreting() -> bool:
-    """Whether the kernels run in the Triton interpreter (fixed when they were first loaded)."""
-    if _interpret_at_import is not None:
-        return _interpret_at_import
-    return _interpret_env()
 
 
 def availability() -> tuple[bool, str]:
@@ -92,16 +83,14 @@ def default_device() -> str:
 
 def _ops():
     """Load triton, the kernels and the torch.library registrations (once)."""
-    global _interpret_at_import
-    if _interpret_at_import is None:
-        _interpret_at_import = _interpret_env()
+    mark_loaded()
     from . import _registry as ops_mod
     return ops_mod
 
 
 def backend():
-    """The ``fastmerge.backends.Backend`` whose three functions run the Triton kernels."""
-    from .. import Backend
+    """The ``Backend`` whose three functions run the Triton kernels."""
+    from ..primitives import Backend
     o = _ops()
     return Backend("triton", o.score_histogram, o.model_stats, o.fused_merge)
 

@@ -22,8 +22,9 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from .. import ops
-from . import MAX_MODELS, interpreting
 from . import _kernels as K
+from ._kernels import MAX_MODELS
+from ._mode import interpreting
 
 # Elements per program and warps. The interpreter runs one numpy step per program, so big
 # blocks are much faster there. On a GPU (sm_90 ptxas, no spills): the fused kernel keeps
