@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .abi import SCORE_MAGNITUDE
 from .backends import Backend, get_backend
-from .backends.ops import SCORE_MAGNITUDE
 from .methods import METHODS, canonical_method, resolve_spec, rng
 from .planning.plan import TensorPlan, plan_tensor
 from .planning.selection import Chunk, level0, select

@@ -38,7 +38,7 @@ for _base in BASE:
 # What `fastmerge merge` imports on the CPU before it knows it needs torch (it never does for
 # the methods _core binds): none of these may import torch at module level.
 TORCH_FREE = [
-    "__init__", "_lazy", "_version", "_ext",
+    "__init__", "_lazy", "_version", "_ext", "abi",
     "methods/__init__", "methods/lines", "methods/rng", "methods/kernel_params",
     "planning/__init__", "planning/planner", "planning/thresholds",
     "backends/__init__", "backends/cpu/__init__",

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import torch
 
-# Enumerations shared with csrc/common/fastmerge_params.h (defined in params.py, torch-free)
-from ..methods.kernel_params import (  # noqa: F401
-    COMBINE_IDS,
+# The kernel ABI (generated from csrc/common/fastmerge_params.h), re-exported for the kernels
+from ..abi import (  # noqa: F401
     ELECT_COUNT,
     ELECT_SUM,
     ELECT_UNWEIGHTED,
@@ -56,6 +55,7 @@ from ..methods.kernel_params import (  # noqa: F401
     SCORE_FISHER,
     SCORE_MAGNITUDE,
 )
+from ..methods.kernel_params import COMBINE_IDS  # noqa: F401
 
 LIB = torch.library.Library("fastmerge", "DEF")
 LIB.define("score_histogram(Tensor? base, Tensor[] models, Tensor[] second_moments, int score, "

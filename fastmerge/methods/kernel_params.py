@@ -1,25 +1,46 @@
-"""The packed per-model parameters of the fused pass, without torch: the enumerations shared
-with csrc/common/fastmerge_params.h (tests check they agree) and the rows of ``fparams`` /
-``iparams`` that plan.py turns into tensors and engine/native.py packs as bytes."""
+"""The packed per-model parameters of the fused pass, without torch: the rows of ``fparams`` /
+``iparams`` for a spec (their layout and enumerations come from fastmerge.abi, generated from
+csrc/common/fastmerge_params.h), which plan.py turns into tensors and core_kernels.py packs as
+bytes."""
 from __future__ import annotations
 
 import struct
 from typing import Optional, Sequence
 
+from ..abi import (  # noqa: F401
+    ELECT_COUNT,
+    ELECT_SUM,
+    ELECT_UNWEIGHTED,
+    ELECT_WEIGHTED,
+    F_CONSENSUS_LAMBDA,
+    F_HI,
+    F_LO,
+    F_OTA_SCALE,
+    F_RESCALE,
+    F_WEIGHT,
+    I_DARE_KEY,
+    I_DARE_THRESHOLD,
+    I_MODE,
+    MODE_BAND,
+    MODE_DARE,
+    MODE_KEEP_ALL,
+    MODE_KEEP_NONE,
+    NONFINITE_BIN,
+    NORMALIZE_COUNT,
+    NORMALIZE_NONE,
+    NORMALIZE_WEIGHTS,
+    NUM_BINS,
+    NUM_FPARAMS,
+    NUM_IPARAMS,
+    RADIX_BITS,
+    SCORE_FISHER,
+    SCORE_MAGNITUDE,
+)
 from . import COMBINES, MergeSpec, rng
 
-MODE_KEEP_ALL, MODE_BAND, MODE_KEEP_NONE, MODE_DARE = 0, 1, 2, 3
-SCORE_MAGNITUDE, SCORE_FISHER = 0, 1
-COMBINE_IDS = {name: i for i, name in enumerate(COMBINES)}  # linear=0 sum=1 ties=2 ...
-ELECT_SUM, ELECT_COUNT = 0, 1
-ELECT_WEIGHTED, ELECT_UNWEIGHTED = 0, 1
-NORMALIZE_NONE, NORMALIZE_WEIGHTS, NORMALIZE_COUNT = 0, 1, 2
-F_WEIGHT, F_RESCALE, F_LO, F_HI, F_CONSENSUS_LAMBDA, F_OTA_SCALE = range(6)
-I_MODE, I_DARE_KEY, I_DARE_THRESHOLD = range(3)
-NUM_FPARAMS, NUM_IPARAMS = 6, 3
-RADIX_BITS = 16
-NUM_BINS = 1 << RADIX_BITS
-NONFINITE_BIN = 0x7F80  # level-0 bins >= this hold Inf/NaN scores
+# combine name -> the kernels' COMBINE_* id: its index in COMBINES (tests/test_abi.py checks
+# the order against abi.COMBINE_LINEAR, COMBINE_SUM, ...)
+COMBINE_IDS = {name: i for i, name in enumerate(COMBINES)}
 
 INF = float("inf")
 

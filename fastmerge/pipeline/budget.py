@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..abi import NUM_BINS
 from ..checkpoint import libc
-from ..methods.kernel_params import NUM_BINS
 from ..recipe.config import ConfigError
 
 MIN_CHUNK_ELEMS = 4096

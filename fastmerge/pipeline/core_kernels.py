@@ -18,14 +18,17 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from .. import abi
+from ..abi import SCORE_MAGNITUDE
 from ..backends.cpu import core
 from ..checkpoint.safetensors_file import ST_SIZES
-from ..methods.kernel_params import SCORE_MAGNITUDE, pack_rows
+from ..methods.kernel_params import pack_rows
 from ..output.report import nonfinite_in
 from ..planning.thresholds import one_pass
 from .driver import SingleProcess
 
-DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}   # DTYPE_* of csrc/common/fastmerge_params.h
+# safetensors dtype -> the kernels' raw-pointer dtype code
+DTYPE_CODES = {"F32": abi.DTYPE_FLOAT32, "F16": abi.DTYPE_FLOAT16, "BF16": abi.DTYPE_BFLOAT16}
 
 
 def threads() -> int:

@@ -152,7 +152,7 @@ def allreduce_histograms(hist, n_models: Optional[int] = None):
     """Sum a selection.Histograms over ranks (in place). A rank with nothing to histogram
     passes None and ``n_models``: it contributes zeros."""
     if hist is None:
-        from ..backends.ops import NUM_BINS
+        from ..abi import NUM_BINS
         from ..planning.selection import Histograms
         if n_models is None:
             raise ValueError("allreduce_histograms(None) needs n_models")

@@ -22,17 +22,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ..abi import F_HI, F_LO, F_OTA_SCALE, F_RESCALE
 from ..methods import MergeSpec
-from ..methods.kernel_params import (
-    F_HI,
-    F_LO,
-    F_OTA_SCALE,
-    F_RESCALE,
-    keep_rows,
-    needs_l1,
-    pass_ids,
-    rescale_factors,
-)
+from ..methods.kernel_params import keep_rows, needs_l1, pass_ids, rescale_factors
 from .thresholds import per_model, selection_requests
 
 SELECTING = ("topk", "fisher", "band")

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..methods.kernel_params import NONFINITE_BIN, NUM_BINS, RADIX_BITS, SCORE_MAGNITUDE
+from ..abi import NONFINITE_BIN, NUM_BINS, RADIX_BITS, SCORE_MAGNITUDE
 from .thresholds import Selection, bits_to_floats, nonfinite_error, one_pass, unselected  # noqa: F401
 
 

@@ -7,9 +7,7 @@ from typing import Optional
 
 import torch
 
-from ...methods import COMBINES, MergeSpec, rng
-from ...methods.kernel_params import (
-    COMBINE_IDS,
+from ...abi import (
     F_CONSENSUS_LAMBDA,
     F_HI,
     F_LO,
@@ -27,6 +25,8 @@ from ...methods.kernel_params import (
     SCORE_FISHER,
     SCORE_MAGNITUDE,
 )
+from ...methods import COMBINES, MergeSpec, rng
+from ...methods.kernel_params import COMBINE_IDS
 
 
 def _task_vectors(base, models) -> torch.Tensor:

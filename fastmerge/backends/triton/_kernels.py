@@ -28,7 +28,39 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-MAX_MODELS = 32
+from ... import abi
+
+MAX_MODELS = abi.MAX_MODELS
+
+# The kernel ABI (fastmerge.abi, generated from csrc/common/fastmerge_params.h) as constexprs:
+# a module global that a @triton.jit function reads must be one.
+MODE_KEEP_ALL = tl.constexpr(abi.MODE_KEEP_ALL)
+MODE_BAND = tl.constexpr(abi.MODE_BAND)
+MODE_DARE = tl.constexpr(abi.MODE_DARE)
+SCORE_FISHER = tl.constexpr(abi.SCORE_FISHER)
+COMBINE_LINEAR = tl.constexpr(abi.COMBINE_LINEAR)
+COMBINE_SUM = tl.constexpr(abi.COMBINE_SUM)
+COMBINE_CONSENSUS_SUM = tl.constexpr(abi.COMBINE_CONSENSUS_SUM)
+COMBINE_CONSENSUS_TIES = tl.constexpr(abi.COMBINE_CONSENSUS_TIES)
+COMBINE_OTA = tl.constexpr(abi.COMBINE_OTA)
+ELECT_SUM = tl.constexpr(abi.ELECT_SUM)
+ELECT_WEIGHTED = tl.constexpr(abi.ELECT_WEIGHTED)
+NORMALIZE_NONE = tl.constexpr(abi.NORMALIZE_NONE)
+NORMALIZE_WEIGHTS = tl.constexpr(abi.NORMALIZE_WEIGHTS)
+NORMALIZE_COUNT = tl.constexpr(abi.NORMALIZE_COUNT)
+F_WEIGHT = tl.constexpr(abi.F_WEIGHT)
+F_RESCALE = tl.constexpr(abi.F_RESCALE)
+F_LO = tl.constexpr(abi.F_LO)
+F_HI = tl.constexpr(abi.F_HI)
+F_CONSENSUS_LAMBDA = tl.constexpr(abi.F_CONSENSUS_LAMBDA)
+F_OTA_SCALE = tl.constexpr(abi.F_OTA_SCALE)
+NUM_FPARAMS = tl.constexpr(abi.NUM_FPARAMS)
+I_MODE = tl.constexpr(abi.I_MODE)
+I_DARE_KEY = tl.constexpr(abi.I_DARE_KEY)
+I_DARE_THRESHOLD = tl.constexpr(abi.I_DARE_THRESHOLD)
+NUM_IPARAMS = tl.constexpr(abi.NUM_IPARAMS)
+RADIX_BITS = tl.constexpr(abi.RADIX_BITS)
+NUM_BINS = tl.constexpr(abi.NUM_BINS)
 
 # Philox4x32-10 constants (Salmon et al. 2011), as in fastmerge/methods/rng.py.
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -113,7 +145,7 @@ def _finite(x):
 @triton.jit
 def _score(t, v, SCORE: tl.constexpr):
     """The float32 selection score with the sign bit cleared: |t| or t*t*v."""
-    if SCORE == 1:
+    if SCORE == SCORE_FISHER:
         s = (t * t) * v
     else:
         s = t
@@ -157,21 +189,21 @@ def _vpow(v, power, INTERP: tl.constexpr):
 def _keep(t, v, j, i, fp, ip, SCORE: tl.constexpr):
     """Keep mask of model i (mode of iparams[i]): 0 all, 1 band lo <= score < hi, 2 none,
     3 DARE philox_dare_word(j, key) < threshold (SPEC v2: word j & 3 of counter j >> 2)."""
-    mode = tl.load(ip + i * 3)
-    if mode == 1:
+    mode = tl.load(ip + i * NUM_IPARAMS + I_MODE)
+    if mode == MODE_BAND:
         bits = _score(t, v, SCORE)
         s = bits.to(tl.float32, bitcast=True)
-        lo = tl.load(fp + i * 6 + 2)
-        hi = tl.load(fp + i * 6 + 3)
+        lo = tl.load(fp + i * NUM_FPARAMS + F_LO)
+        hi = tl.load(fp + i * NUM_FPARAMS + F_HI)
         hi_inf = hi.to(tl.int32, bitcast=True) == 0x7F800000
         keep = (s >= lo) & ((s < hi) | hi_inf)
-    elif mode == 3:
-        key = tl.load(ip + i * 3 + 1)
-        thr = tl.load(ip + i * 3 + 2)
+    elif mode == MODE_DARE:
+        key = tl.load(ip + i * NUM_IPARAMS + I_DARE_KEY)
+        thr = tl.load(ip + i * NUM_IPARAMS + I_DARE_THRESHOLD)
         r = philox_dare_word(j, key)
         keep = r.to(tl.int64) < thr
     else:
-        keep = (j >= 0) & (mode == 0)
+        keep = (j >= 0) & (mode == MODE_KEEP_ALL)
     return keep
 
 
@@ -255,12 +287,12 @@ def _histogram_add(counts, sums, limbs, row, bins, mag, sel, BLOCK: tl.constexpr
     bin share their exponent and 7 mantissa bits; level-1 bins hold one value), so they do
     not depend on the order of the additions (up to 2^29 elements per bin)."""
     if LIMBS:
-        dst = row * 65536 + bins.to(tl.int64)
+        dst = row * NUM_BINS + bins.to(tl.int64)
         tl.atomic_add(counts + dst, tl.full([BLOCK], 1, tl.int64), mask=sel)
         _add_limbs(limbs, sums, dst, mag, sel)
     elif AGGREGATE:
         magbits = mag.to(tl.int32, bitcast=True).to(tl.int64)
-        key = (tl.where(sel, bins, 65536).to(tl.int64) << 32) | magbits
+        key = (tl.where(sel, bins, NUM_BINS).to(tl.int64) << 32) | magbits
         ks = tl.sort(key)
         b = (ks >> 32).to(tl.int32)
         m = (ks & 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
@@ -270,12 +302,12 @@ def _histogram_add(counts, sums, limbs, row, bins, mag, sel, BLOCK: tl.constexpr
         # forward scan of the flipped block (not reverse=True: with a non-commutative combine
         # that depends on the order in which Triton's version applies it)
         _, rest = tl.associative_scan((tl.flip(b, 0), one), 0, _segment_count)
-        last = (tl.flip(rest, 0) == 1) & (b < 65536)
-        dst = row * 65536 + b.to(tl.int64)
+        last = (tl.flip(rest, 0) == 1) & (b < NUM_BINS)
+        dst = row * NUM_BINS + b.to(tl.int64)
         tl.atomic_add(counts + dst, cnt, mask=last)
         tl.atomic_add(sums + dst, tot, mask=last)
     else:
-        dst = row * 65536 + bins.to(tl.int64)
+        dst = row * NUM_BINS + bins.to(tl.int64)
         tl.atomic_add(counts + dst, tl.full([BLOCK], 1, tl.int64), mask=sel)
         tl.atomic_add(sums + dst, mag.to(tl.float64), mask=sel)
 
@@ -314,11 +346,11 @@ def _score_histogram_kernel(
             bits = _score(t, v, SCORE)
             mag = tl.abs(t)
     if LEVEL == 0:
-        bins = bits >> 16
+        bins = bits >> RADIX_BITS
         sel = msk
     else:
-        bins = bits & 0xFFFF
-        sel = msk & ((bits >> 16).to(tl.int64) == prefix)
+        bins = bits & (NUM_BINS - 1)
+        sel = msk & ((bits >> RADIX_BITS).to(tl.int64) == prefix)
     _histogram_add(counts, sums, limbs, row, bins, mag, sel, BLOCK, AGGREGATE, LIMBS)
 
 
@@ -365,8 +397,8 @@ def _sparsified(base, ms, vs, offs, msk, j, i, fp, ip, HAS_BASE: tl.constexpr,
     t = _load_t(base, ms[i], offs, msk, HAS_BASE)
     v = _load_v(vs[i], offs, msk, HAS_V)
     keep = _keep(t, v, j, i, fp, ip, SCORE)
-    w = tl.load(fp + i * 6 + 0)
-    r = tl.load(fp + i * 6 + 1)
+    w = tl.load(fp + i * NUM_FPARAMS + F_WEIGHT)
+    r = tl.load(fp + i * NUM_FPARAMS + F_RESCALE)
     s = _mul(t * keep.to(tl.float32), r, INTERP)
     return t, v, s, w
 
@@ -397,17 +429,17 @@ def _fused_merge_kernel(
     j = offs + offset
     zero = tl.zeros([BLOCK], tl.float32)
 
-    if COMBINE == 0:
+    if COMBINE == COMBINE_LINEAR:
         # linear: sum w_i m_i / (sum w_i if normalize else 1); the base is not read.
         acc = zero
         wsum = _mul(tl.load(fp), 0.0, INTERP)
         for i in tl.static_range(N):
             x = tl.load(ms[i] + offs, mask=msk, other=0.0).to(tl.float32)
             _count_nonfinite(x, msk, nonfinite, i)
-            w = tl.load(fp + i * 6 + 0)
+            w = tl.load(fp + i * NUM_FPARAMS + F_WEIGHT)
             acc += _mul(w, x, INTERP)
             wsum += w
-        if NORMALIZE != 0:
+        if NORMALIZE != NORMALIZE_NONE:
             wsum = tl.where(wsum == 0.0, 1.0, wsum)
             res = tl.div_rn(acc, wsum)
         else:
@@ -426,29 +458,29 @@ def _fused_merge_kernel(
                                      SCORE, INTERP)
             _count_nonfinite(t, msk, nonfinite, i)
             u = _mul(w, s, INTERP)
-            if COMBINE == 5:
-                pscale = tl.load(fp + i * 6 + 5)
+            if COMBINE == COMBINE_OTA:
+                pscale = tl.load(fp + i * NUM_FPARAMS + F_OTA_SCALE)
                 big_w = _mul(w, _mul(_vpow(v, power, INTERP), pscale, INTERP) + eps, INTERP)
                 acc += _mul(big_w, s, INTERP)
                 den += big_w
             else:
                 acc += u
                 wsum += w
-                if ELECT_ON == 0:
+                if ELECT_ON == ELECT_WEIGHTED:
                     e = u
                 else:
                     e = s
-                if ELECT == 0:
+                if ELECT == ELECT_SUM:
                     vote += e
                 else:
                     vote += _sign(e)
 
-        if COMBINE == 5:
+        if COMBINE == COMBINE_OTA:
             merged = tl.div_rn(acc, den)
-        elif COMBINE == 1 or COMBINE == 3:
-            if NORMALIZE == 1:
+        elif COMBINE == COMBINE_SUM or COMBINE == COMBINE_CONSENSUS_SUM:
+            if NORMALIZE == NORMALIZE_WEIGHTS:
                 div = wsum
-            elif NORMALIZE == 2:
+            elif NORMALIZE == NORMALIZE_COUNT:
                 div = _mul(wsum, 0.0, INTERP) + N
             else:
                 div = _mul(wsum, 0.0, INTERP) + 1.0
@@ -464,7 +496,7 @@ def _fused_merge_kernel(
                 t, v, s, w = _sparsified(base, ms, vs, offs, msk, j, i, fp, ip, HAS_BASE,
                                          HAS_V, SCORE, INTERP)
                 u = _mul(w, s, INTERP)
-                if ELECT_ON == 0:
+                if ELECT_ON == ELECT_WEIGHTED:
                     e = u
                 else:
                     e = s
@@ -472,21 +504,21 @@ def _fused_merge_kernel(
                 merged += tl.where(agree, u, 0.0)
                 agree_w += tl.where(agree, w, 0.0)
                 agree_n += agree.to(tl.float32)
-            if NORMALIZE == 1:
+            if NORMALIZE == NORMALIZE_WEIGHTS:
                 div = agree_w
-            elif NORMALIZE == 2:
+            elif NORMALIZE == NORMALIZE_COUNT:
                 div = tl.maximum(agree_n, 1.0)
             else:
                 div = zero + 1.0
             div = tl.where(div == 0.0, 1.0, div)
             merged = tl.div_rn(merged, div)
 
-        if COMBINE == 3 or COMBINE == 4:
+        if COMBINE == COMBINE_CONSENSUS_SUM or COMBINE == COMBINE_CONSENSUS_TIES:
             # TALL masks on the raw task vectors: M_i = |t_i| > l_i |t_mtl - t_i|
             votes = tl.zeros([BLOCK], tl.int32)
             for i in tl.static_range(N):
                 t = _load_t(base, ms[i], offs, msk, HAS_BASE)
-                lam = tl.load(fp + i * 6 + 4)
+                lam = tl.load(fp + i * NUM_FPARAMS + F_CONSENSUS_LAMBDA)
                 votes += (tl.abs(t) > lam * tl.abs(merged - t)).to(tl.int32)
             merged = tl.where(votes >= consensus_k, merged, 0.0)
         res = b + _mul(scale, merged, INTERP)

@@ -21,7 +21,9 @@ from typing import List, Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
-from .. import ops
+from ... import abi
+from .. import ops  # noqa: F401  (the fastmerge:: library these ops join)
+from ..pytorch import kernels as plain
 from . import _kernels as K
 from ._kernels import MAX_MODELS
 from ._mode import interpreting
@@ -182,7 +184,7 @@ def triton_score_histogram(base: Optional[torch.Tensor], models: List[torch.Tens
     if aggregate and not os.environ.get("FASTMERGE_TRITON_BLOCK"):
         block, warps = _HIST_AGG_BLOCK, 8
     tg = targets.to(torch.int64).contiguous()
-    acc = (torch.zeros(rows, ops.NUM_BINS, K.NUM_LIMBS.value, dtype=torch.int64, device=dev)
+    acc = (torch.zeros(rows, abi.NUM_BINS, K.NUM_LIMBS.value, dtype=torch.int64, device=dev)
            if limbs else counts)
     with _device_guard(dev):
         _launcher(K._score_histogram_kernel, (_grid_1d(numel, block), rows))(
@@ -251,7 +253,7 @@ def triton_fused_merge(base: Optional[torch.Tensor], models: List[torch.Tensor],
 
 # The Backend functions: the same signatures as ops.score_histogram_torch & co. More models
 # than the kernels have slots (MAX_MODELS) fall back, with a warning, to the plain-torch
-# kernels of ops.py on the same device, so backend="auto" on a GPU never refuses a merge.
+# kernels (backends/pytorch) on the same device, so backend="auto" on a GPU never refuses a merge.
 def _too_many(models) -> bool:
     if len(models) <= MAX_MODELS:
         return False
@@ -263,7 +265,7 @@ def _too_many(models) -> bool:
 
 def score_histogram(base, models, second_moments, score, targets, level, counts, sums):
     if _too_many(models):
-        return ops.score_histogram_torch(base, models, second_moments, score, targets, level,
+        return plain.score_histogram_torch(base, models, second_moments, score, targets, level,
                                          counts, sums)
     torch.ops.fastmerge.triton_score_histogram(base, list(models), list(second_moments),
                                                int(score), targets, int(level), counts, sums)
@@ -271,7 +273,7 @@ def score_histogram(base, models, second_moments, score, targets, level, counts,
 
 def model_stats(base, models, second_moments, score, fparams, iparams, power, offset, out):
     if _too_many(models):
-        return ops.model_stats_torch(base, models, second_moments, score, fparams, iparams,
+        return plain.model_stats_torch(base, models, second_moments, score, fparams, iparams,
                                      power, offset, out)
     torch.ops.fastmerge.triton_model_stats(base, list(models), list(second_moments), int(score),
                                            fparams, iparams, float(power), int(offset), out)
@@ -281,7 +283,7 @@ def fused_merge(base, models, second_moments, fparams, iparams, combine, score, 
                 elect_on, normalize, consensus_k, scale, power, eps, offset, out_dtype,
                 nonfinite):
     if _too_many(models):
-        return ops.fused_merge_torch(base, models, second_moments, fparams, iparams, combine,
+        return plain.fused_merge_torch(base, models, second_moments, fparams, iparams, combine,
                                      score, elect, elect_on, normalize, consensus_k, scale,
                                      power, eps, offset, out_dtype, nonfinite)
     return torch.ops.fastmerge.triton_fused_merge(
