@@ -139,9 +139,8 @@ def _torch_at_module_level(name: str) -> bool:
     return False
 
 
-# Violations being removed (each one's commit deletes its entry): the plain-torch backend still
-# calls the reference.
-KNOWN = {"backends.pytorch.kernels"}
+# Violations being removed (each one's commit deletes its entry); none left.
+KNOWN: set = set()
 
 
 def _being_removed(what: str):

@@ -1,6 +1,7 @@
 """The plain-torch kernels of the ``fastmerge::`` ops (backend "torch"): any device, registered
 as the ops' CompositeExplicitAutograd fallback by fastmerge/backends/ops.py. Their semantics are
-the ops' documentation there."""
+the ops' documentation there. They share no code with fastmerge/reference.py, the oracle that
+checks them (tests/test_ops.py, tests/test_layers.py)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,6 +9,8 @@ from typing import Optional
 import torch
 
 from ...abi import (
+    ELECT_SUM,
+    ELECT_WEIGHTED,
     F_CONSENSUS_LAMBDA,
     F_HI,
     F_LO,
@@ -25,7 +28,7 @@ from ...abi import (
     SCORE_FISHER,
     SCORE_MAGNITUDE,
 )
-from ...methods import COMBINES, MergeSpec, rng
+from ...methods import rng
 from ...methods.kernel_params import COMBINE_IDS
 
 
@@ -91,37 +94,78 @@ def model_stats_torch(base, models, second_moments, score, fparams, iparams, pow
         out[:, 2] += p.to(torch.float64).reshape(len(models), -1).sum(1).to(out.device)
 
 
-def packed_spec(n, fparams, combine, elect, elect_on, normalize, consensus_k, scale, power, eps):
-    """A MergeSpec carrying only what the element-wise combine reads (weights, flags)."""
-    return MergeSpec(
-        method="packed", n_models=n, sparsifier="none", combine=COMBINES[combine],
-        weights=tuple(fparams[:, F_WEIGHT].tolist()), densities=(1.0,) * n, gammas=(0.0,) * n,
-        lambda_=scale, normalize={NORMALIZE_NONE: False, NORMALIZE_WEIGHTS: True,
-                                  NORMALIZE_COUNT: "count"}[normalize],
-        election=("sum", "count")[elect], elect_on=("weighted", "unweighted")[elect_on],
-        consensus_lambdas=tuple(fparams[:, F_CONSENSUS_LAMBDA].tolist()),
-        consensus_k=consensus_k, power=power, eps=eps)
+def _weighted_sum(u, w, normalize: int, n: int):
+    """sum_i u_i, divided by sum w_i (NORMALIZE_WEIGHTS) or n (NORMALIZE_COUNT); a zero divisor
+    divides by 1."""
+    div = 1.0
+    if normalize == NORMALIZE_WEIGHTS:
+        div = w.sum().item()
+    elif normalize == NORMALIZE_COUNT:
+        div = float(n)
+    return u.sum(0) / (div if div != 0 else 1.0)
+
+
+def _elected_sum(u, s, w, elect: int, elect_on: int, normalize: int):
+    """TIES: per element, the sign the votes elect (a tie elects +), then the sum of the terms
+    that agree with it, divided by their weights (or count) where normalize asks."""
+    votes = u if elect_on == ELECT_WEIGHTED else s
+    signs = torch.sign(votes)
+    total = votes.sum(0) if elect == ELECT_SUM else signs.sum(0)
+    agree = signs == torch.where(total >= 0, 1.0, -1.0).to(u.dtype)
+    merged = (u * agree).sum(0)
+    if normalize == NORMALIZE_NONE:
+        return merged / torch.ones_like(merged)
+    div = (w * agree).sum(0) if normalize == NORMALIZE_WEIGHTS else \
+        agree.sum(0).to(u.dtype).clamp(min=1)
+    return merged / torch.where(div == 0, torch.ones_like(div), div)
+
+
+def _curvature_weighted(s, w, second_moments, ota_scale, power: float, eps: float):
+    """OTA: sum_i W_i s_i / sum_i W_i with W_i = w_i (v_i^power * ota_scale_i + eps)."""
+    v = torch.stack([m.to(torch.float32) for m in second_moments]).clamp(min=0) ** power
+    big_w = w * (v * ota_scale + eps)
+    return (big_w * s).sum(0) / big_w.sum(0)
+
+
+def _combine(combine: int, t, s, w, fparams, second_moments, elect, elect_on, normalize,
+             consensus_k, power, eps):
+    """The merged task vector of the sparsified, rescaled task vectors ``s`` [N, *S]."""
+    n, u = t.shape[0], w * s
+    if combine == COMBINE_IDS["sum"]:
+        return _weighted_sum(u, w, normalize, n)
+    if combine == COMBINE_IDS["ties"]:
+        return _elected_sum(u, s, w, elect, elect_on, normalize)
+    if combine in (COMBINE_IDS["consensus_sum"], COMBINE_IDS["consensus_ties"]):
+        mtl = _weighted_sum(u, w, normalize, n) if combine == COMBINE_IDS["consensus_sum"] \
+            else _elected_sum(u, s, w, elect, elect_on, normalize)
+        lam = fparams[:, F_CONSENSUS_LAMBDA].to(torch.float32).reshape(w.shape)
+        # TALL mask: keep where at least k models have |t_i| > lambda_i |mtl - t_i|
+        agreeing = (t.abs() > lam * (mtl - t).abs()).sum(0)
+        return (agreeing >= consensus_k) * mtl
+    if combine == COMBINE_IDS["ota"]:
+        ota_scale = fparams[:, F_OTA_SCALE].to(torch.float32).reshape(w.shape)
+        return _curvature_weighted(s, w, second_moments, ota_scale, power, eps)
+    raise ValueError(f"unknown combine id {combine}")
 
 
 def fused_merge_torch(base, models, second_moments, fparams, iparams, combine, score, elect,
                       elect_on, normalize, consensus_k, scale, power, eps, offset, out_dtype,
                       nonfinite):
-    from ... import reference  # only this fallback needs it (~9 ms off every CLI start)
     n = len(models)
-    spec = packed_spec(n, fparams, combine, elect, elect_on, normalize, consensus_k, scale,
-                       power, eps)
     w = fparams[:, F_WEIGHT].to(torch.float32).reshape((-1,) + (1,) * models[0].dim())
     if combine == COMBINE_IDS["linear"]:
         m = torch.stack([x.to(torch.float32) for x in models])
         nonfinite += (~torch.isfinite(m)).reshape(n, -1).sum(1).to(nonfinite.device)
-        return reference.linear_combine(spec, m, w, {}).to(out_dtype)
+        total = w.sum().item() if normalize != NORMALIZE_NONE else 1.0
+        return ((w * m).sum(0) / (total if total != 0 else 1.0)).to(out_dtype)
     t = _task_vectors(base, models)
     nonfinite += (~torch.isfinite(t)).reshape(n, -1).sum(1).to(nonfinite.device)
     keep = keep_masks_packed(t, second_moments, score, fparams, iparams, offset)
     r = fparams[:, F_RESCALE].to(torch.float32).reshape(w.shape)
-    out = reference.combine(spec, base, t, t * keep * r, w, second_moments,
-                            p_scales=fparams[:, F_OTA_SCALE].tolist())
-    return out.to(out_dtype)
+    merged = _combine(combine, t, t * keep * r, w, fparams, second_moments, elect, elect_on,
+                      normalize, consensus_k, power, eps)
+    b = base.to(torch.float32) if base is not None else torch.zeros_like(merged)
+    return (b + scale * merged).to(out_dtype)
 
 
 def topk_window_torch(base, models, requests, l1):
