@@ -235,12 +235,7 @@ def test_existing_output_needs_overwrite(tiny):
     assert (res.output_dir / "model.safetensors.index.json").exists()
 
 
-def test_dare_keep_bit_memo_fits_small_budgets(tiny, tmp_path):
-    """The memo gets 64 MiB or an eighth of a smaller budget (budget.plan_chunking), so a DARE
-    merge runs under a budget below 64 MiB; the output is the same (missing bits are drawn)."""
-    from fastmerge.pipeline.budget import DARE_BITS_LIMIT, plan_chunking
-    assert plan_chunking(8 << 30, "cpu", 2, 6, 2, sparsifier="dare").dare_bits == DARE_BITS_LIMIT
-    assert plan_chunking(40 << 20, "cpu", 2, 6, 2, sparsifier="dare").dare_bits == 5 << 20
-    assert plan_chunking(40 << 20, "cpu", 2, 6, 2, sparsifier="none").dare_bits == 0
+def test_dare_merge_under_a_small_budget(tiny, tmp_path):
+    """A DARE merge under a 40 MiB budget writes what an unbounded one writes."""
     small = native.merge(tiny["cfg"], tmp_path / "small", memory_budget="40MiB")
     _same_dirs(small.output_dir, native.merge(tiny["cfg"], tmp_path / "big").output_dir)

@@ -42,7 +42,6 @@ def trim_freed_memory() -> None:
 
 
 FIXED_OVERHEAD = 16 * 2 ** 20   # thread stacks, python objects, allocator slack
-DARE_BITS_LIMIT = 64 * 2 ** 20  # the CPU kernels' DARE keep-bit memo (csrc/cpu/dare_bits.h)
 
 
 def work_bytes_per_element(backend_name: str, n_models: int, extra: int = 0,
@@ -63,7 +62,6 @@ class Chunking:
     chunk_elems: int        # elements per chunk (before row alignment)
     bytes_per_elem: int     # what one element of a chunk costs in memory, all buffers
     fixed: int
-    dare_bits: int = 0      # bytes of the CPU kernels' DARE keep-bit memo (set_dare_bits_limit)
 
     def describe(self) -> str:
         return (f"{self.chunk_elems:,} elements per chunk "
@@ -79,9 +77,6 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
     scratch fit in ``budget`` bytes, after the histograms and a fixed allowance."""
     hist = 2 * (n_models + 1) * NUM_BINS * 16
     fixed = FIXED_OVERHEAD + hist
-    with_bits = backend_name == "cpu" and sparsifier == "dare"
-    dare_bits = _dare_bits(budget) if with_bits else 0
-    fixed += dare_bits
     if device == "cpu":
         outs = 4 if backend_name == "cpu" else 3
         per = 3 * in_bytes_per_elem + outs * out_itemsize + \
@@ -91,32 +86,11 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
     avail = budget - fixed
     elems = avail // per if avail > 0 else 0
     if elems < MIN_CHUNK_ELEMS:
-        need = _smallest_budget(fixed - dare_bits + MIN_CHUNK_ELEMS * per, with_bits)
+        need = fixed + MIN_CHUNK_ELEMS * per
         raise ConfigError(f"memory budget {budget} bytes ({budget / 2 ** 20:.1f} MiB) is too "
                           f"small for this merge: it needs at least {need} bytes "
                           f"({need / 2 ** 20:.1f} MiB)")
-    return Chunking(int(elems), per, fixed, dare_bits)
-
-
-def _dare_bits(budget: int) -> int:
-    # keep bits from the statistics pass to the merge: 64 MiB, or an eighth of a smaller
-    # budget (an entry that does not fit is drawn again in the merge: slower, same bits)
-    return min(DARE_BITS_LIMIT, budget // 8)
-
-
-def _smallest_budget(required: int, with_bits: bool) -> int:
-    """The smallest budget b with b - (DARE bits of b) >= required: the figure an error
-    reports is one with which the merge runs (b - bits(b) never decreases as b grows)."""
-    if not with_bits:
-        return required
-    lo, hi = required, required + DARE_BITS_LIMIT
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if mid - _dare_bits(mid) >= required:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    return Chunking(int(elems), per, fixed)
 
 
 def element_ranges(shape: Sequence[int], max_elems: int) -> list[tuple[int, int]]:

@@ -65,15 +65,13 @@ class CoreKernels:
         self.nthreads = threads()
         self.buffers: list = [None, None]
         self.inputs = None
-        self.bits0 = None
         self._torch = None
 
     def bind(self, inputs) -> None:
         self.inputs = inputs
 
     def configure(self, chunking, out_chunk_bytes: int) -> None:
-        if chunking.dare_bits:
-            self.bits0 = self.core.set_dare_bits_limit(chunking.dare_bits)
+        pass
 
     def start(self) -> None:
         pass
@@ -82,9 +80,6 @@ class CoreKernels:
         return None
 
     def close(self) -> None:
-        if self.bits0 is not None:
-            self.core.set_dare_bits_limit(self.bits0)
-            self.bits0 = None
         self.buffers = [None, None]
         if self._torch is not None:
             self._torch.close()

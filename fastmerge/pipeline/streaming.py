@@ -9,7 +9,6 @@ import torch
 
 from ..planning.selection import Chunk
 from .budget import (  # noqa: F401
-    DARE_BITS_LIMIT,
     FIXED_OVERHEAD,
     MIN_CHUNK_ELEMS,
     Chunking,

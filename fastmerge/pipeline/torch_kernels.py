@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.cpu import dare_bits_limit, output_cache_limit
+from ..backends.cpu import output_cache_limit
 from ..checkpoint.safetensors_file import Checkpoint, CheckpointError, torch_dtypes
 from ..methods.moments import finite_non_negative
 from ..output.report import nonfinite_in
@@ -28,7 +28,6 @@ class TorchKernels(BackendKernels):
         self.dist = dist
         self.inputs = self.loader = None
         self.cache0 = output_cache_limit(backend, 0)   # configure sizes it to one output chunk
-        self.bits0 = None
 
     def bind(self, inputs) -> None:
         self.inputs = inputs
@@ -37,8 +36,6 @@ class TorchKernels(BackendKernels):
 
     def configure(self, chunking, out_chunk_bytes: int) -> None:
         output_cache_limit(self.be, out_chunk_bytes)
-        if chunking.dare_bits:
-            self.bits0 = dare_bits_limit(self.be, chunking.dare_bits)
 
     def start(self) -> None:
         if str(self.device).startswith("cuda"):
@@ -48,9 +45,6 @@ class TorchKernels(BackendKernels):
         return torch.cuda.max_memory_allocated() if str(self.device).startswith("cuda") else None
 
     def close(self) -> None:
-        if self.bits0 is not None:
-            dare_bits_limit(self.be, self.bits0)
-            self.bits0 = None
         release_scratch()
         output_cache_limit(self.be, 0)   # give the kept outputs back, then the usual limit
         output_cache_limit(self.be, self.cache0)

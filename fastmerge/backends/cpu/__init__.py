@@ -42,11 +42,3 @@ def output_cache_limit(backend, nbytes: int) -> int:
     from ... import _C
     return int(_C.set_output_cache_limit(int(nbytes)))
 
-
-def dare_bits_limit(backend, nbytes: int) -> int:
-    """CPU backend: bytes of DARE keep bits the statistics pass may leave for the merge.
-    Returns the previous limit; 0 and nothing done elsewhere."""
-    if backend.name != "cpu":
-        return 0
-    from ... import _C
-    return int(_C.set_dare_bits_limit(int(nbytes)))
