@@ -1,7 +1,7 @@
 """CPU-backend specific tests of the C++ kernels (fastmerge._C): the shared header's enums,
 Philox and dtype rounding against Python/torch, thread-count and chunking invariance, DARE masks
 at odd sizes, mixed dtypes, the raw ops against their plain-torch definitions, and opcheck.
-The generic conformance suite (tests/test_conformance.py) also runs against ``cpu``."""
+The generic conformance suite (tests/test_ops.py) also runs against ``cpu``."""
 import os
 
 import pytest

@@ -1,7 +1,7 @@
 """CUDA-specific tests of the fastmerge._cuda kernels (run only where a GPU and the built
 extension are present; skipped with the reason otherwise).
 
-The generic conformance suite (test_conformance.py) already runs every method on the "cuda"
+The generic conformance suite (test_ops.py) already runs every method on the "cuda"
 backend when ``availability("cuda")`` is true; this file adds what is specific to the CUDA
 kernels: torch.library.opcheck of the three ops, bit-exact agreement of the three primitives
 with the plain-torch kernels of ops.py on CUDA tensors (vector and scalar load paths, any

@@ -5,7 +5,7 @@ generic block code it stands in for: byte for byte the same output and the same 
 counts, over combines, normalisations, model counts, keep modes, weights, rescales, scales,
 output dtypes, sizes with and without tails, ties at the threshold, signed zeros, subnormals,
 overflows and NaN/Inf. The generic code is itself checked against the reference by
-tests/test_conformance.py; on a CPU without AVX-512 both runs take the generic code."""
+tests/test_ops.py; on a CPU without AVX-512 both runs take the generic code."""
 import math
 
 import pytest

@@ -1,5 +1,9 @@
-"""Every backend against the float64 reference of SPEC.md: values within its tolerance, masks
-identical. Runs once per available backend (torch always; cpu/cuda/triton where built)."""
+"""The contract tests: every registered backend (tests/conftest.py's ``backend`` fixture reads
+fastmerge.backends.REGISTRY; skipped with the reason where one cannot run) over the same cases
+against the float64 reference (fastmerge/reference.py): every method x n = 1, 3 x shapes
+(incl. one element and odd sizes), input and output dtypes, threshold ties, all-zero and
+all-equal task vectors, density 0 and 1, NaN/Inf inputs. Values within the tolerance of their
+output dtype (TOLERANCE; fastmerge.testing adds the float32 summation term), masks identical."""
 import pytest
 import torch
 from conftest import backend_device
@@ -24,6 +28,11 @@ METHOD_PARAMS = {
     "ota_ffg": dict(density=0.3, power=0.5),
 }
 SHAPES = [(1,), (7,), (33, 17), (3, 5, 7), (1000,)]
+# Relative tolerance per output dtype: one unit in the last place (the reference is rounded
+# once to the output dtype, a backend's float32 result once more), plus, for every dtype, the
+# float32 summation of the terms: 2^-20 of their magnitudes (assert_matches_reference).
+TOLERANCE = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}
+SUMMATION = 2.0 ** -20
 
 
 def _params(method, n):
@@ -101,12 +110,26 @@ def test_all_equal_and_all_zero(backend):
                              tensor_name="model.layers.3.mlp.up_proj.weight")
 
 
-def test_nan_rejected_naming_tensor(backend):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_nonfinite_rejected_naming_tensor(backend, bad):
     base, models, _ = make_finetunes((40,), 2)
-    models[1][3] = float("nan")
+    models[1][3] = bad
     for method in ("ties", "task_arithmetic"):
         with pytest.raises(ValueError, match=r"model 1 .*model.layers.3.mlp.up_proj.weight.*NaN"):
             _run(backend, method, base, models, None, density=0.5)
+
+
+@pytest.mark.parametrize("out_dtype", sorted(TOLERANCE, key=str), ids=str)
+def test_weighted_sum_within_the_dtype_tolerance(backend, out_dtype):
+    """No selection: every element of task_arithmetic is within TOLERANCE[out_dtype] of the
+    float64 reference, relative to the value, plus SUMMATION of the terms' magnitudes."""
+    from fastmerge.testing import reference_with_aux
+    base, models, _ = make_finetunes((129, 5), 3, ("fp32",), seed=11)
+    params = dict(weights=[0.7, 1.0, 0.3], lambda_=0.9)
+    out = _run(backend, "task_arithmetic", base, models, None, out_dtype=out_dtype, **params)
+    _, ref, aux = reference_with_aux(base, models, "task_arithmetic", **params)
+    tol = TOLERANCE[out_dtype] * ref.abs() + SUMMATION * (aux["base_abs"] + aux["term_mag"])
+    assert ((out.to(torch.float64) - ref).abs() <= tol).all()
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
