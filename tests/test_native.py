@@ -112,6 +112,13 @@ def test_import_fastmerge_is_lazy_and_registers_ops_on_use():
     assert r.returncode == 0, r.stderr
 
 
+def test_core_links_no_libtorch():
+    """fastmerge._core (csrc/bindings/core.cpp + the kernels' static library) needs no torch
+    library: none of libtorch*/libc10* is among the shared object's needed libraries."""
+    blob = Path(native._core().__file__).read_bytes()
+    assert b"libtorch" not in blob and b"libc10" not in blob
+
+
 def test_only_second_moments_take_the_engine(ckpts):
     assert "second moments" in native.why_not(load_config(_cfg(ckpts, "ota")))
     for change in (dict(merge_method="ties", scope="model"),

@@ -1,6 +1,8 @@
-// fastmerge CPU backend: the thin torch binding. Registers the fastmerge:: ops (schemas
-// defined in Python by fastmerge/ops.py) for the CPU dispatch key and exposes a few helpers of
-// the shared header to the tests. All the work is in the raw-pointer kernels (fm_cpu.h).
+// fastmerge._C: the CPU kernels (csrc/cpu, the static library both bindings link) bound for
+// torch. Registers the fastmerge:: ops (schemas defined in Python by fastmerge/backends/ops.py)
+// for the CPU dispatch key and exposes a few helpers of the shared header to the tests. This file
+// only turns tensors into the kernels' raw-pointer Inputs; the argument checks are checks.h's,
+// shared with fastmerge._core (core.cpp), and all the work is in the kernels (fm_cpu.h).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -10,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "fm_cpu.h"
 #include "output_cache.h"
 
@@ -17,15 +20,21 @@ namespace fm = fastmerge;
 
 namespace {
 
+// TORCH_CHECK of a checks.h result (RuntimeError "fastmerge (cpu): <message>")
+#define FM_CHECK(expr)                                                     \
+  do {                                                                     \
+    const std::string fm_err_ = (expr);                                    \
+    TORCH_CHECK(fm_err_.empty(), "fastmerge (cpu): ", fm_err_);            \
+  } while (0)
+
 int dtype_code(const at::Tensor& t, const char* what, int64_t index) {
   switch (t.scalar_type()) {
     case at::kFloat: return fm::DTYPE_FLOAT32;
     case at::kHalf: return fm::DTYPE_FLOAT16;
     case at::kBFloat16: return fm::DTYPE_BFLOAT16;
     default:
-      TORCH_CHECK(false, "fastmerge (cpu): ", what, index >= 0 ? "[" + std::to_string(index) + "]"
-                                                               : std::string(),
-                  " has dtype ", t.scalar_type(), "; supported: bfloat16, float16, float32");
+      TORCH_CHECK(false, "fastmerge (cpu): ", fm::checks::name(what, index), " has dtype ",
+                  t.scalar_type(), "; supported: bfloat16, float16, float32");
   }
   return 0;
 }
@@ -47,29 +56,30 @@ void check_cpu(const at::Tensor& t, const char* what) {
               ", the CPU kernels need CPU tensors");
 }
 
+// [rows, cols] of a matrix, [-1, -1] otherwise (for checks::param_rows)
+std::pair<int64_t, int64_t> shape2(const at::Tensor& t) {
+  if (t.dim() != 2) return {-1, -1};
+  return {t.size(0), t.size(1)};
+}
+
 // Contiguous views of the inputs (kept alive in `hold`) and the raw-pointer description.
 fm::cpu::Inputs make_inputs(const std::optional<at::Tensor>& base, at::TensorList models,
                             at::TensorList moments, std::vector<at::Tensor>& hold) {
   const int64_t n = static_cast<int64_t>(models.size());
-  const char* err = fm::fm_check_models(static_cast<int>(n > 1000 ? 1000 : n));
-  TORCH_CHECK(err == nullptr, err, " (got ", n, " models)");
-  TORCH_CHECK(moments.empty() || static_cast<int64_t>(moments.size()) == n,
-              "fastmerge (cpu): second_moments must be empty or one per model (", n, "), got ",
-              moments.size());
+  FM_CHECK(fm::checks::models(n, static_cast<int64_t>(moments.size())));
   fm::cpu::Inputs in;
   in.n = static_cast<int>(n);
   in.numel = models[0].numel();
   auto add = [&](const at::Tensor& t, const char* what, int64_t i) -> const void* {
     check_cpu(t, what);
-    TORCH_CHECK(t.numel() == in.numel, "fastmerge (cpu): ", what, "[", i, "] has ", t.numel(),
-                " elements, models[0] has ", in.numel);
+    FM_CHECK(fm::checks::elements(what, i, t.numel(), in.numel));
     hold.push_back(t.contiguous());
     return hold.back().data_ptr();
   };
   hold.reserve(1 + 2 * n);
   if (base.has_value() && base->defined()) {
     in.base_dtype = dtype_code(*base, "base", -1);
-    in.base = add(*base, "base", 0);
+    in.base = add(*base, "base", -1);
   }
   for (int64_t i = 0; i < n; ++i) {
     in.model_dtypes[i] = dtype_code(models[i], "models", i);
@@ -85,21 +95,12 @@ fm::cpu::Inputs make_inputs(const std::optional<at::Tensor>& base, at::TensorLis
 
 std::vector<fm::FmModel> unpack_models(const at::Tensor& fparams, const at::Tensor& iparams,
                                        int64_t n) {
-  TORCH_CHECK(fparams.dim() == 2 && fparams.size(0) == n && fparams.size(1) == fm::NUM_FPARAMS,
-              "fastmerge (cpu): fparams must be [", n, ", ", fm::NUM_FPARAMS, "], got ",
-              fparams.sizes());
-  TORCH_CHECK(iparams.dim() == 2 && iparams.size(0) == n && iparams.size(1) == fm::NUM_IPARAMS,
-              "fastmerge (cpu): iparams must be [", n, ", ", fm::NUM_IPARAMS, "], got ",
-              iparams.sizes());
+  const auto fs = shape2(fparams), is = shape2(iparams);
+  FM_CHECK(fm::checks::param_rows(fs.first, fs.second, is.first, is.second, n));
   const at::Tensor f = fparams.to(at::kCPU, at::kFloat).contiguous();
   const at::Tensor ip = iparams.to(at::kCPU, at::kLong).contiguous();
-  std::vector<fm::FmModel> out(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = fm::fm_unpack_model(f.data_ptr<float>() + i * fm::NUM_FPARAMS,
-                                 ip.data_ptr<int64_t>() + i * fm::NUM_IPARAMS);
-    TORCH_CHECK(out[i].mode >= fm::MODE_KEEP_ALL && out[i].mode <= fm::MODE_DARE,
-                "fastmerge (cpu): unknown keep mode ", out[i].mode, " for model ", i);
-  }
+  std::vector<fm::FmModel> out;
+  FM_CHECK(fm::checks::unpack_models(f.data_ptr<float>(), ip.data_ptr<int64_t>(), n, out));
   return out;
 }
 
@@ -122,11 +123,6 @@ void score_histogram_cpu(const std::optional<at::Tensor>& base, at::TensorList m
                          at::TensorList second_moments, int64_t score, const at::Tensor& targets,
                          int64_t level, at::Tensor& counts, at::Tensor& sums) {
   TORCH_CHECK(!models.empty(), "fastmerge (cpu): score_histogram needs at least one model");
-  TORCH_CHECK(score == fm::SCORE_MAGNITUDE || score == fm::SCORE_FISHER,
-              "fastmerge (cpu): unknown score ", score);
-  TORCH_CHECK(level == 0 || level == 1, "fastmerge (cpu): level must be 0 or 1, got ", level);
-  TORCH_CHECK(score != fm::SCORE_FISHER || second_moments.size() == models.size(),
-              "fastmerge (cpu): the fisher score needs one second-moment tensor per model");
   TORCH_CHECK(targets.dim() == 2 && targets.size(1) == 2,
               "fastmerge (cpu): targets must be [T, 2], got ", targets.sizes());
   const int64_t T = targets.size(0);
@@ -140,13 +136,8 @@ void score_histogram_cpu(const std::optional<at::Tensor>& base, at::TensorList m
   check_cpu(sums, "sums");
   const at::Tensor tg = targets.to(at::kCPU, at::kLong).contiguous();
   const int64_t* tp = tg.data_ptr<int64_t>();
-  for (int64_t r = 0; r < T; ++r) {
-    TORCH_CHECK(tp[2 * r] >= 0 && tp[2 * r] < static_cast<int64_t>(models.size()),
-                "fastmerge (cpu): target row ", r, " names model ", tp[2 * r], " of ",
-                models.size());
-    TORCH_CHECK(tp[2 * r + 1] >= 0 && tp[2 * r + 1] < fm::NUM_BINS,
-                "fastmerge (cpu): target row ", r, " has prefix ", tp[2 * r + 1]);
-  }
+  FM_CHECK(fm::checks::histogram_args(score, level, tp, T, static_cast<int64_t>(models.size()),
+                                      static_cast<int64_t>(second_moments.size())));
   std::vector<at::Tensor> hold;
   fm::cpu::Inputs in = make_inputs(base, models, second_moments, hold);
   const bool direct = counts.is_contiguous() && sums.is_contiguous();
@@ -174,9 +165,7 @@ void model_stats_cpu(const std::optional<at::Tensor>& base, at::TensorList model
   std::vector<at::Tensor> hold;
   fm::cpu::Inputs in = make_inputs(base, models, second_moments, hold);
   std::vector<fm::FmModel> ms = unpack_models(fparams, iparams, n);
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(!(score == fm::SCORE_FISHER && ms[i].mode == fm::MODE_BAND) || in.has_moments,
-                "fastmerge (cpu): the fisher score needs one second-moment tensor per model");
+  FM_CHECK(fm::checks::moments_needed(-1, score, ms, in.has_moments));
   at::Tensor o = out.is_contiguous() ? out : out.contiguous();
   fm::cpu::model_stats(in, static_cast<int>(score), ms.data(), static_cast<float>(power), offset,
                        o.data_ptr<double>(), threads());
@@ -191,14 +180,7 @@ at::Tensor fused_merge_cpu(const std::optional<at::Tensor>& base, at::TensorList
                            int64_t offset, at::ScalarType out_dtype, at::Tensor& nonfinite) {
   TORCH_CHECK(!models.empty(), "fastmerge (cpu): fused_merge needs at least one model");
   const int64_t n = static_cast<int64_t>(models.size());
-  TORCH_CHECK(combine >= 0 && combine < fm::NUM_COMBINES, "fastmerge (cpu): unknown combine ",
-              combine);
-  TORCH_CHECK(elect == fm::ELECT_SUM || elect == fm::ELECT_COUNT,
-              "fastmerge (cpu): unknown election ", elect);
-  TORCH_CHECK(elect_on == fm::ELECT_WEIGHTED || elect_on == fm::ELECT_UNWEIGHTED,
-              "fastmerge (cpu): unknown elect_on ", elect_on);
-  TORCH_CHECK(normalize >= fm::NORMALIZE_NONE && normalize <= fm::NORMALIZE_COUNT,
-              "fastmerge (cpu): unknown normalize ", normalize);
+  FM_CHECK(fm::checks::merge_enums(combine, score, elect, elect_on, normalize));
   TORCH_CHECK(nonfinite.dim() == 1 && nonfinite.size(0) == n &&
                   nonfinite.scalar_type() == at::kLong,
               "fastmerge (cpu): nonfinite must be int64 [", n, "]");
@@ -207,11 +189,7 @@ at::Tensor fused_merge_cpu(const std::optional<at::Tensor>& base, at::TensorList
   std::vector<at::Tensor> hold;
   fm::cpu::Inputs in = make_inputs(base, models, second_moments, hold);
   std::vector<fm::FmModel> ms = unpack_models(fparams, iparams, n);
-  TORCH_CHECK(combine != fm::COMBINE_OTA || in.has_moments,
-              "fastmerge (cpu): the ota combine needs one second-moment tensor per model");
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(!(score == fm::SCORE_FISHER && ms[i].mode == fm::MODE_BAND) || in.has_moments,
-                "fastmerge (cpu): the fisher score needs one second-moment tensor per model");
+  FM_CHECK(fm::checks::moments_needed(combine, score, ms, in.has_moments));
   const fm::FmMergeConfig cfg = fm::fm_make_config(
       static_cast<int>(n), ms.data(), static_cast<int>(combine), static_cast<int>(score),
       static_cast<int>(elect), static_cast<int>(elect_on), static_cast<int>(normalize),
@@ -236,15 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_window_impl(
   fm::cpu::Inputs in = make_inputs(base, models, {}, hold);
   const at::Tensor rq = requests.to(at::kCPU, at::kLong).contiguous();
   const int64_t R = rq.size(0);
-  std::vector<int64_t> model(static_cast<size_t>(R)), k(static_cast<size_t>(R));
-  for (int64_t r = 0; r < R; ++r) {
-    model[r] = rq.data_ptr<int64_t>()[2 * r];
-    k[r] = rq.data_ptr<int64_t>()[2 * r + 1];
-    TORCH_CHECK(model[r] >= 0 && model[r] < in.n, "fastmerge (cpu): request ", r,
-                " names model ", model[r], " of ", in.n);
-    TORCH_CHECK(k[r] >= 1 && k[r] <= in.numel, "fastmerge (cpu): request ", r, " has k = ",
-                k[r], "; need 1 <= k <= ", in.numel);
-  }
+  std::vector<int64_t> model, k;
+  FM_CHECK(fm::checks::requests(rq.data_ptr<int64_t>(), R, in.n, in.numel, model, k));
   at::Tensor thr = at::empty({R}, at::kLong);
   at::Tensor kept = at::zeros({R}, at::kDouble);
   at::Tensor total = at::zeros({in.n}, at::kDouble);

@@ -1,9 +1,10 @@
-// fastmerge._core: the CPU kernels (csrc/cpu, the same sources as fastmerge._C) bound with
+// fastmerge._core: the CPU kernels (csrc/cpu, the static library both bindings link) bound with
 // pybind11 over Python buffers, without torch. `fastmerge merge` runs on it on the CPU
-// (fastmerge/engine/native.py): importing torch took ~1 s of a 1.2 s whole-command 0.2B
-// task_arithmetic merge here. Buffers are anything with the buffer protocol
-// (mmap slices of the safetensors files, bytearrays); sizes are checked against numel and the
-// dtype codes of fastmerge_params.h. The kernels run with the GIL released.
+// (fastmerge/pipeline/core_kernels.py): importing torch took ~1 s of a 1.2 s whole-command 0.2B
+// task_arithmetic merge here. Buffers are anything with the buffer protocol (mmap slices of the
+// safetensors files, bytearrays); their sizes, the dtype codes of fastmerge_params.h and the
+// other arguments are checked by checks.h, the same checks as fastmerge._C's (torch_cpu.cpp).
+// The kernels run with the GIL released.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "fm_cpu.h"
 
 namespace py = pybind11;
@@ -20,14 +22,9 @@ namespace fm = fastmerge;
 
 namespace {
 
-int64_t itemsize(int dtype, const char* what) {
-  switch (dtype) {
-    case fm::DTYPE_FLOAT32: return 4;
-    case fm::DTYPE_FLOAT16:
-    case fm::DTYPE_BFLOAT16: return 2;
-    default: throw py::value_error(std::string("fastmerge._core: ") + what +
-                                   " has an unknown dtype code " + std::to_string(dtype));
-  }
+// ValueError "fastmerge._core: <message>" of a checks.h result
+void check(const std::string& err) {
+  if (!err.empty()) throw py::value_error("fastmerge._core: " + err);
 }
 
 // Views of the input buffers (held in `views` while the kernel runs) as kernel Inputs.
@@ -37,14 +34,9 @@ struct Views {
 };
 
 const void* view(Views& v, const py::object& obj, int dtype, int64_t numel, const char* what,
-                 bool writable = false) {
+                 int64_t index, bool writable = false) {
   py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request(writable);
-  const int64_t need = numel * itemsize(dtype, what);
-  const int64_t have = info.size * info.itemsize;
-  if (have < need)
-    throw py::value_error(std::string("fastmerge._core: ") + what + " holds " +
-                          std::to_string(have) + " bytes, " + std::to_string(need) +
-                          " are needed");
+  check(fm::checks::bytes(what, index, info.size * info.itemsize, numel, dtype));
   const void* p = info.ptr;
   v.views.push_back(std::move(info));
   return p;
@@ -52,41 +44,39 @@ const void* view(Views& v, const py::object& obj, int dtype, int64_t numel, cons
 
 void make_inputs(Views& v, const py::object& base, int base_dtype, const py::list& models,
                  const std::vector<int>& model_dtypes, int64_t numel) {
-  const int n = static_cast<int>(models.size());
-  const char* err = fm::fm_check_models(n);
-  if (err != nullptr) throw py::value_error(err);
-  if (static_cast<int>(model_dtypes.size()) != n)
-    throw py::value_error("fastmerge._core: one dtype code per model is needed");
+  const int64_t n = static_cast<int64_t>(models.size());
+  check(fm::checks::models(n, 0));
+  if (static_cast<int64_t>(model_dtypes.size()) != n)
+    check("one dtype code per model is needed");
   v.views.reserve(static_cast<size_t>(n) + 3);
-  v.in.n = n;
+  v.in.n = static_cast<int>(n);
   v.in.numel = numel;
   if (!base.is_none()) {
     v.in.base_dtype = base_dtype;
-    v.in.base = view(v, base, base_dtype, numel, "base");
+    v.in.base = view(v, base, base_dtype, numel, "base", -1);
   }
-  for (int i = 0; i < n; ++i) {
-    v.in.model_dtypes[i] = model_dtypes[static_cast<size_t>(i)];
-    v.in.models[i] = view(v, models[static_cast<size_t>(i)], model_dtypes[static_cast<size_t>(i)],
-                          numel, "a model");
+  for (int64_t i = 0; i < n; ++i) {
+    const int dt = model_dtypes[static_cast<size_t>(i)];
+    v.in.model_dtypes[i] = dt;
+    v.in.models[i] = view(v, models[static_cast<size_t>(i)], dt, numel, "models", i);
   }
 }
 
-std::vector<fm::FmModel> unpack(const py::bytes& fparams, const py::bytes& iparams, int n) {
+// the parameter rows (float32 / int64 row-major bytes, fastmerge/methods/kernel_params.py)
+std::vector<fm::FmModel> unpack(const py::bytes& fparams, const py::bytes& iparams, int64_t n) {
   const std::string f = fparams, ip = iparams;
-  if (f.size() != sizeof(float) * fm::NUM_FPARAMS * n ||
-      ip.size() != sizeof(int64_t) * fm::NUM_IPARAMS * n)
-    throw py::value_error("fastmerge._core: fparams / iparams must hold float32 [N, " +
-                          std::to_string(fm::NUM_FPARAMS) + "] / int64 [N, " +
-                          std::to_string(fm::NUM_IPARAMS) + "]");
-  std::vector<fm::FmModel> out(static_cast<size_t>(n));
-  for (int i = 0; i < n; ++i) {
-    out[static_cast<size_t>(i)] = fm::fm_unpack_model(
-        reinterpret_cast<const float*>(f.data()) + i * fm::NUM_FPARAMS,
-        reinterpret_cast<const int64_t*>(ip.data()) + i * fm::NUM_IPARAMS);
-    const int mode = out[static_cast<size_t>(i)].mode;
-    if (mode < fm::MODE_KEEP_ALL || mode > fm::MODE_DARE)
-      throw py::value_error("fastmerge._core: unknown keep mode " + std::to_string(mode));
-  }
+  const size_t frow = sizeof(float) * fm::NUM_FPARAMS, irow = sizeof(int64_t) * fm::NUM_IPARAMS;
+  check(fm::checks::param_rows(f.size() % frow ? -1 : static_cast<int64_t>(f.size() / frow),
+                               fm::NUM_FPARAMS,
+                               ip.size() % irow ? -1 : static_cast<int64_t>(ip.size() / irow),
+                               fm::NUM_IPARAMS, n));
+  // copies: the bytes' storage carries no alignment promise for float / int64
+  std::vector<float> fv(f.size() / sizeof(float));
+  std::vector<int64_t> iv(ip.size() / sizeof(int64_t));
+  memcpy(fv.data(), f.data(), f.size());
+  memcpy(iv.data(), ip.data(), ip.size());
+  std::vector<fm::FmModel> out;
+  check(fm::checks::unpack_models(fv.data(), iv.data(), n, out));
   return out;
 }
 
@@ -98,14 +88,14 @@ std::vector<int64_t> fused_merge(const py::object& base, int base_dtype, const p
                                  int elect_on, int normalize, int consensus_k, double scale,
                                  double power, double eps, int64_t offset, int64_t numel,
                                  const py::object& out, int out_dtype, int nthreads) {
-  if (combine < 0 || combine >= fm::NUM_COMBINES || combine == fm::COMBINE_OTA ||
-      score != fm::SCORE_MAGNITUDE)
-    throw py::value_error("fastmerge._core: combine " + std::to_string(combine) + " / score " +
-                          std::to_string(score) + " needs second moments (use fastmerge._C)");
+  check(fm::checks::merge_enums(combine, score, elect, elect_on, normalize));
+  if (combine == fm::COMBINE_OTA || score != fm::SCORE_MAGNITUDE)
+    check("combine " + std::to_string(combine) + " / score " + std::to_string(score) +
+          " needs second moments (use fastmerge._C)");
   Views v;
   make_inputs(v, base, base_dtype, models, model_dtypes, numel);
   std::vector<fm::FmModel> ms = unpack(fparams, iparams, v.in.n);
-  void* o = const_cast<void*>(view(v, out, out_dtype, numel, "out", true));
+  void* o = const_cast<void*>(view(v, out, out_dtype, numel, "out", -1, true));
   const fm::FmMergeConfig cfg = fm::fm_make_config(
       v.in.n, ms.data(), combine, score, elect, elect_on, normalize, consensus_k,
       static_cast<float>(scale), static_cast<float>(power), static_cast<float>(eps));
@@ -147,23 +137,16 @@ topk_window(const py::object& base, int base_dtype, const py::list& models,
   Views v;
   make_inputs(v, base, base_dtype, models, model_dtypes, numel);
   const std::string rq = requests;
-  if (rq.size() % (2 * sizeof(int64_t)) != 0)
-    throw py::value_error("fastmerge._core: requests must hold int64 [R, 2]");
-  const int R = static_cast<int>(rq.size() / (2 * sizeof(int64_t)));
-  std::vector<int64_t> model(static_cast<size_t>(R)), k(static_cast<size_t>(R));
-  for (int r = 0; r < R; ++r) {
-    memcpy(&model[static_cast<size_t>(r)], rq.data() + 16 * r, 8);
-    memcpy(&k[static_cast<size_t>(r)], rq.data() + 16 * r + 8, 8);
-    if (model[static_cast<size_t>(r)] < 0 || model[static_cast<size_t>(r)] >= v.in.n ||
-        k[static_cast<size_t>(r)] < 1 || k[static_cast<size_t>(r)] > numel)
-      throw py::value_error("fastmerge._core: request " + std::to_string(r) +
-                            " needs 0 <= model < N and 1 <= k <= numel");
-  }
+  if (rq.size() % (2 * sizeof(int64_t)) != 0) check("requests must hold int64 [R, 2]");
+  const int64_t R = static_cast<int64_t>(rq.size() / (2 * sizeof(int64_t)));
+  std::vector<int64_t> rows(static_cast<size_t>(2 * R)), model, k;
+  memcpy(rows.data(), rq.data(), rq.size());
+  check(fm::checks::requests(rows.data(), R, v.in.n, numel, model, k));
   std::vector<int64_t> thr(static_cast<size_t>(R)), bad(static_cast<size_t>(v.in.n), 0);
   std::vector<double> kept(static_cast<size_t>(R)), total(static_cast<size_t>(v.in.n), 0.0);
   {
     py::gil_scoped_release free_gil;
-    fm::cpu::topk_window(v.in, model.data(), k.data(), R, l1, thr.data(), kept.data(),
+    fm::cpu::topk_window(v.in, model.data(), k.data(), static_cast<int>(R), l1, thr.data(), kept.data(),
                          total.data(), bad.data(), nthreads);
   }
   return {thr, kept, total, bad};
@@ -172,7 +155,7 @@ topk_window(const py::object& base, int base_dtype, const py::list& models,
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "fastmerge's CPU kernels over Python buffers, without torch (see native.py)";
+  m.doc() = "fastmerge's CPU kernels over Python buffers, without torch (see fastmerge/pipeline/core_kernels.py)";
   m.def("fused_merge", &fused_merge);
   m.def("model_stats", &model_stats);
   m.def("topk_window", &topk_window);
