@@ -81,7 +81,7 @@ def test_accepted_mergekit_keys():
     ({"merge_method": "passthrough"}, "passthrough"),
     ({"merge_method": "della"}, "della"),
     ({"merge_method": "frob"}, "unknown merge_method 'frob'; supported: .*breadcrumbs"),
-    ({"slices": []}, "slices.*not supported"),
+    ({"slices": []}, "either .models. or .slices., not both"),
     ({"frobnicate": 1}, "unknown config key 'frobnicate'; supported keys: merge_method"),
     ({"parameters": {"densty": 0.5}}, "unknown parameter 'densty'; supported: .*density"),
     ({"models": [{"model": "/m", "parameters": {"normalize": True}}]}, "shared by all models"),

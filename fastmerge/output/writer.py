@@ -253,21 +253,25 @@ def set_config_dtype(cfg: dict, dtype: str) -> dict:
     return cfg
 
 
-def copy_model_files(src: Path, directory: Path, out_dtype=None) -> list[str]:
+def copy_model_files(src: Path, directory: Path, out_dtype=None, *, tokenizer_src=None,
+                     config_updates: Optional[dict] = None) -> list[str]:
     """config.json (its dtype keys set to ``out_dtype``: a name like "bfloat16" or a torch
-    dtype) and tokenizer files from the base model."""
+    dtype; ``config_updates``' keys set, e.g. a frankenmerge's layer count) from ``src`` and
+    the tokenizer files from ``tokenizer_src`` (default ``src``, the base model)."""
     copied = []
     for fn in COPIED_FILES:
-        s = Path(src) / fn
+        s = Path(src if fn == "config.json" or tokenizer_src is None else tokenizer_src) / fn
         if not s.is_file():
             continue
         d = Path(directory) / fn
         try:
-            if fn == "config.json" and out_dtype is not None:
+            if fn == "config.json" and (out_dtype is not None or config_updates):
                 cfg = json.loads(s.read_text())
                 if not isinstance(cfg, dict):
                     raise ValueError("config.json is not an object")
-                set_config_dtype(cfg, str(out_dtype).replace("torch.", ""))
+                if out_dtype is not None:
+                    set_config_dtype(cfg, str(out_dtype).replace("torch.", ""))
+                cfg.update(config_updates or {})
                 d.write_text(json.dumps(cfg, indent=2) + "\n")
             else:
                 shutil.copyfile(s, d)

@@ -91,11 +91,12 @@ class CoreKernels:
             ref = r.reference
             return BytesChunk(ref.view(name, start, stop), [], ref.info(name).st, [], start,
                               stop - start)
+        base, models = r.sources(name)   # a slice job reads input tensors of other names
         return BytesChunk(
-            r.base.view(name, start, stop) if r.base is not None else None,
-            [m.view(name, start, stop) for m in r.models],
-            r.base.info(name).st if r.base is not None else None,
-            [m.info(name).st for m in r.models], start, stop - start)
+            base[0].view(base[1], start, stop) if base is not None else None,
+            [c.view(n, start, stop) for c, n in models],
+            base[0].info(base[1]).st if base is not None else None,
+            [c.info(n).st for c, n in models], start, stop - start)
 
     @staticmethod
     def _codes(ch: BytesChunk):

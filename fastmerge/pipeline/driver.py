@@ -65,7 +65,8 @@ from .budget import (
     release_freed_memory_promptly,
     trim_freed_memory,
 )
-from .inputs import Inputs, merge_settings, name_files, open_inputs
+from .inputs import Inputs, merge_settings, name_files
+from .sliced import close_inputs, open_merge_inputs
 
 
 # ----------------------------------------------------------------------------- one process
@@ -208,7 +209,8 @@ def resolve(cfg: MergeConfig, inputs: Inputs, *, chunking_name: str, device: str
     """Every tensor's parameters, the output dtypes, the chunk size and this rank's tensors:
     config errors come here, before any weight is read."""
     rank, world_size = dist.world()
-    resolver = ParameterResolver(cfg, inputs.order, seed=seed, pattern=lines_pattern)
+    resolver = inputs.plan.resolver(seed) if inputs.plan is not None else \
+        ParameterResolver(cfg, inputs.order, seed=seed, pattern=lines_pattern)
     merged, ref, n = inputs.merged, inputs.reference, len(inputs.models)
     base_specs = {x: resolver.spec_for(x) for x in merged}
     out_st = {x: NAME_TO_ST[cfg.output_dtype] if cfg.output_dtype else ref.info(x).st
@@ -426,7 +428,7 @@ def merge(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_
     k = make_kernels()
     try:
         release_freed_memory_promptly()
-        inputs = open_inputs(cfg, METHODS[cfg.method].needs_second_moments)
+        inputs = open_merge_inputs(cfg, METHODS[cfg.method].needs_second_moments)
         try:
             k.bind(inputs)
             r = resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
@@ -436,9 +438,7 @@ def merge(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_
             k.dist.shutdown()
             return res
         finally:
-            for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
-                if c is not None:
-                    c.close()
+            close_inputs(inputs)
     finally:
         k.close()
         trim_freed_memory()
@@ -492,7 +492,8 @@ def _run(r: Resolved, k, overwrite: bool, quiet: bool, t0: float,
     finally:
         eng.close()
     return MergeResult(
-        output_dir=final, method=cfg.method, backend=k.name, device=str(k.device),
+        output_dir=final, method=cfg.method_as_written if cfg.passthrough else cfg.method,
+        backend=k.name, device=str(k.device),
         tensors=len(r.mine), shards=layout.count, bytes_in=sum(eng.in_bytes(x) for x in r.mine),
         bytes_out=layout.total_size, seconds=time.perf_counter() - t0,
         peak_rss=peak_rss_bytes(), peak_gpu=k.peak_gpu(), chunk_elems=r.chunking.chunk_elems,

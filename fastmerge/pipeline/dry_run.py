@@ -25,7 +25,8 @@ from ..planning.planner import SELECTING
 from ..recipe.config import MergeConfig, load_config
 from .budget import element_ranges
 from .driver import Resolved, resolve
-from .inputs import merge_settings, open_inputs
+from .inputs import merge_settings
+from .sliced import close_inputs, open_merge_inputs
 
 
 @contextmanager
@@ -53,7 +54,7 @@ def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shar
     k = make_kernels()
     try:
         with _hub_cache_only():
-            inputs = open_inputs(cfg, METHODS[cfg.method].needs_second_moments)
+            inputs = open_merge_inputs(cfg, METHODS[cfg.method].needs_second_moments)
         try:
             k.bind(inputs)
             r = resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
@@ -61,9 +62,7 @@ def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shar
                         seed=seed, lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
             return describe_plan(r, k, budget)
         finally:
-            for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
-                if c is not None:
-                    c.close()
+            close_inputs(inputs)
     finally:
         k.close()
 

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..checkpoint.hub import resolve_model
 from ..checkpoint.safetensors_file import (
@@ -87,11 +87,24 @@ class Inputs:
     copied: list                   # non-float tensors copied from the reference
     order: list                    # all names, output order
     moment_names: dict             # tensor name -> [name in each preconditioner file]
+    # slices (pipeline/sliced.py): output tensor -> (base (checkpoint, input tensor) or None,
+    # [(checkpoint, input tensor)]), recipe.slices.SlicePlan
+    routes: Optional[dict] = None
+    plan: Any = None
+    tokenizer_dir: Optional[Path] = None   # tokenizer files from here (None: the reference's)
+
+    def sources(self, name: str) -> tuple:
+        """(base (checkpoint, tensor) or None, [(checkpoint, tensor)]) that output ``name``
+        reads: the same name in every input, or a slice job's route."""
+        if self.routes is not None:
+            return self.routes[name]
+        return ((self.base, name) if self.base is not None else None,
+                [(m, name) for m in self.models])
 
     def in_bytes(self, name: str) -> int:
         """Bytes of tensor ``name`` in the base and the models (what a merge of it reads)."""
-        n = sum(m.info(name).nbytes for m in self.models)
-        return n + (self.base.info(name).nbytes if self.base is not None else 0)
+        base, models = self.sources(name)
+        return sum(c.info(n).nbytes for c, n in ([base] if base is not None else []) + models)
 
 
 def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
@@ -177,8 +190,9 @@ def name_files(exc: ValueError, inputs: Inputs, name: str) -> CheckpointError:
     msg = str(exc)
     m = MODEL_INDEX.search(msg)
     files = []
-    if m and int(m.group(1)) < len(inputs.models):
-        files.append(str(inputs.models[int(m.group(1))].path_of(name)))
-    if inputs.base is not None:
-        files.append(f"base {inputs.base.path_of(name)}")
+    base, models = inputs.sources(name)
+    if m and int(m.group(1)) < len(models):
+        files.append(str(models[int(m.group(1))][0].path_of(models[int(m.group(1))][1])))
+    if base is not None:
+        files.append(f"base {base[0].path_of(base[1])}")
     return CheckpointError(f"{msg} [files: {', '.join(files)}]")

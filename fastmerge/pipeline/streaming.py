@@ -61,18 +61,24 @@ class ChunkLoader:
         return self._to_device(host)
 
     def load(self, name: str, start: int, stop: int, *, only_reference: bool = False,
-             with_moments: bool = False, moment_names: Optional[list] = None) -> Chunk:
+             with_moments: bool = False, moment_names: Optional[list] = None,
+             route: Optional[tuple] = None) -> Chunk:
+        """``route``: (base (reader, tensor) or None, [(reader, tensor)]) when the inputs of
+        output ``name`` are other tensors (a slice job); else ``name`` in every input."""
+        base_src, model_srcs = route if route is not None else (
+            (self.base, name) if self.base is not None else None,
+            [(m, name) for m in self.models])
         reads = []
-        if self.base is not None:
-            reads.append((self.base, name, start, stop))
-        if not (only_reference and self.base is not None):
-            reads += [(m, name, start, stop) for m in
-                      (self.models[:1] if only_reference else self.models)]
+        if base_src is not None:
+            reads.append((*base_src, start, stop))
+        if not (only_reference and base_src is not None):
+            reads += [(m, n, start, stop) for m, n in
+                      (model_srcs[:1] if only_reference else model_srcs)]
         if with_moments and not only_reference:
             reads += [(p, mn, start, stop) for p, mn in zip(self.pre, moment_names)]
         got = self._read_all(reads)
-        base = got.pop(0) if self.base is not None else None
+        base = got.pop(0) if base_src is not None else None
         if only_reference:
             return Chunk(base, got[:1] if base is None else [base], [], start, name)
-        n = len(self.models)
+        n = len(model_srcs)
         return Chunk(base, got[:n], got[n:], start, name)

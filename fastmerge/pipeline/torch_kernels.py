@@ -55,7 +55,8 @@ class TorchKernels(BackendKernels):
         with_moments = bool(r.preconditioners)
         chunk = self.loader.load(name, start, stop, only_reference=only_reference,
                                  with_moments=with_moments,
-                                 moment_names=r.moment_names.get(name))
+                                 moment_names=r.moment_names.get(name),
+                                 route=r.routes[name] if r.routes is not None else None)
         for i, v in enumerate(chunk.second_moments):
             if not finite_non_negative(v):
                 pre = r.preconditioners[i]

@@ -51,12 +51,9 @@ class ConfigError(ValueError):
 
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "scope", "lines", "defaults", "name")
+            "tokenizer_source", "scope", "lines", "defaults", "name", "slices", "tokenizer")
 UNSUPPORTED_TOP = {
-    "slices": "layer slices (passthrough / frankenmerges) are not supported; list whole "
-              "models under 'models'",
     "modules": "per-module definitions are not supported; list whole models under 'models'",
-    "tokenizer": "tokenizer surgery is not supported; use 'tokenizer_source: base'",
     "chat_template": "chat_template is not supported; the base model's tokenizer files "
                      "are copied as they are",
 }
@@ -135,9 +132,20 @@ class MergeConfig:
     scope: str = "tensor"
     lines: Optional[LinesConfig] = None
     defaults: str = "mergekit"
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: Optional[str] = None   # None, "base" or "model:<path or hub id>"
     raw: dict = field(default_factory=dict)
     base_dir: Optional[Path] = None
+    slices: Optional[list] = None            # OutputSlice per entry of ``slices:``
+
+    @property
+    def tokenizer_model(self) -> Optional[str]:
+        """The model whose tokenizer files are copied, when the config names one."""
+        tok = self.tokenizer_source or ""
+        return tok[len("model:"):] if tok.startswith("model:") else None
+
+    @property
+    def passthrough(self) -> bool:
+        return self.method_as_written == "passthrough"
 
     @property
     def output_dtype(self) -> Optional[str]:
@@ -261,7 +269,7 @@ def _check_params(where: str, params, allowed: dict) -> dict:
                           f"{_kind(params)}")
     for k, v in params.items():
         if k not in allowed:
-            if where.startswith("models[") and k in SHARED_PARAMS:
+            if (where.startswith("models[") or ".sources[" in where) and k in SHARED_PARAMS:
                 raise ConfigError(f"{where}: {k!r} is shared by all models; set it under the "
                                   f"top-level 'parameters'")
             raise ConfigError(f"{where}: unknown parameter {k!r}; supported: "
@@ -283,15 +291,23 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
     method = raw.get("merge_method")
     if method is None:
         raise ConfigError(f"the config needs 'merge_method' (one of {supported_methods()})")
+    if "slices" in raw and "models" in raw:
+        raise ConfigError("give either 'models' or 'slices', not both (mergekit takes exactly "
+                          "one of them)")
     try:
-        canon = canonical_method(method)
+        # slices: passthrough copies one source, which is a one-model linear merge
+        # (weight = scale, no normalisation) where it cannot be a plain copy
+        canon = "linear" if method == "passthrough" and "slices" in raw else \
+            canonical_method(method)
     except ValueError:
         raise _unsupported_method(method) from None
     defaults = raw.get("defaults", "mergekit")
     if defaults not in ("mergekit", "fastmerge"):
         raise ConfigError(f"defaults must be 'mergekit' or 'fastmerge', got {defaults!r}")
+    if "slices" in raw:
+        return _parse_sliced(raw, canon, method, defaults, base_dir)
     if "models" not in raw:
-        raise ConfigError("the config needs a 'models' list")
+        raise ConfigError("the config needs a 'models' list (or 'slices')")
     models_raw = raw["models"]
     if not isinstance(models_raw, list):
         raise ConfigError(f"models: must be a list of models, got {_kind(models_raw)}")
@@ -330,10 +346,7 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
     scope = raw.get("scope", "tensor")
     if scope not in ("tensor", "model"):
         raise ConfigError(f"scope must be 'tensor' or 'model', got {scope!r}")
-    tok = raw.get("tokenizer_source")
-    if tok not in (None, "base"):
-        raise ConfigError(f"tokenizer_source {tok!r} is not supported; use 'base' (the base "
-                          f"model's tokenizer files are copied)")
+    tok = _tokenizer_source(raw)
     lines = None
     if raw.get("lines") is not None:
         lr = raw["lines"]
@@ -374,6 +387,175 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
         parameters=params, dtype=_dtype("dtype", raw.get("dtype")),
         out_dtype=_dtype("out_dtype", raw.get("out_dtype")), scope=scope, lines=lines,
         defaults=defaults, tokenizer_source=tok, raw=raw, base_dir=base_dir)
+
+
+# ----------------------------------------------------------------------------- slices, tokenizer
+SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+
+
+@dataclass
+class SliceSource:
+    model: str
+    layer_range: tuple               # [start, stop) of this model's layers
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass
+class OutputSlice:
+    sources: list                    # SliceSource, in config order
+    base_model: Optional[str] = None  # the slice's own base_model (else the top-level one)
+    parameters: dict = field(default_factory=dict)
+
+
+def _layer_range(where: str, value) -> tuple:
+    if value is None:
+        raise ConfigError(f"{where}: missing; give the half-open layer range [start, end), "
+                          f"e.g. [0, 16]")
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"{where}: must be two layer indices [start, end), got {_kind(value)}")
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or x != int(x)
+           for x in value):
+        raise ConfigError(f"{where}: layer indices must be whole numbers, got {list(value)!r}")
+    a, b = int(value[0]), int(value[1])
+    if a < 0:
+        raise ConfigError(f"{where}: layer index {a} is negative")
+    if b < a:
+        raise ConfigError(f"{where}: [{a}, {b}) is reversed (start after end)")
+    if b == a:
+        raise ConfigError(f"{where}: [{a}, {b}) is empty (the range is half-open: [start, end))")
+    return a, b
+
+
+def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
+                 shared: dict) -> OutputSlice:
+    where = f"slices[{i}]"
+    if not isinstance(sl, dict):
+        raise ConfigError(f"{where}: must be a mapping with 'sources', got {_kind(sl)}")
+    for k in sl:
+        if k not in SLICE_KEYS:
+            raise ConfigError(f"{where}: unknown key {k!r}; supported: {', '.join(SLICE_KEYS)}")
+    srcs = sl.get("sources")
+    if not isinstance(srcs, list) or not srcs:
+        raise ConfigError(f"{where}.sources: must be a non-empty list of {{model, layer_range}}, "
+                          f"got {_kind(srcs)}")
+    sbase = sl.get("base_model")
+    if sbase is not None and not isinstance(sbase, str):
+        raise ConfigError(f"{where}.base_model must be a path or hub id, got {sbase!r}")
+    rw = sl.get("residual_weight")   # mergekit 0.1.5 accepts it and reads it nowhere
+    if rw is not None and (isinstance(rw, bool) or not isinstance(rw, (int, float))):
+        raise ConfigError(f"{where}.residual_weight: must be a number, got {rw!r}")
+    params = _check_params(f"{where}.parameters", sl.get("parameters"), shared)
+    sources: list = []
+    for j, src in enumerate(srcs):
+        w = f"{where}.sources[{j}]"
+        if not isinstance(src, dict):
+            raise ConfigError(f"{w}: must be a mapping {{model, layer_range}}, got {_kind(src)}")
+        for k in src:
+            if k not in SOURCE_KEYS:
+                raise ConfigError(f"{w}: unknown key {k!r}; supported: {', '.join(SOURCE_KEYS)}")
+        if not isinstance(src.get("model"), str):
+            raise ConfigError(f"{w}.model must be a path or hub id, got {_kind(src.get('model'))}")
+        rng = _layer_range(f"{w}.layer_range", src.get("layer_range"))
+        if any(s.model == src["model"] for s in sources):
+            raise ConfigError(f"{w}.model: {src['model']!r} is listed twice in this slice (an "
+                              f"input of a merge is a model); put the layers in two slices")
+        sources.append(SliceSource(src["model"], rng,
+                                   _check_params(f"{w}.parameters", src.get("parameters"),
+                                                 per_source)))
+        if sources[-1].length != sources[0].length:
+            raise ConfigError(f"{w}.layer_range: {list(rng)} holds {sources[-1].length} layers "
+                              f"but {where}.sources[0].layer_range "
+                              f"{list(sources[0].layer_range)} holds {sources[0].length}; every "
+                              f"source of a slice needs the same number of layers")
+    slice_base = sbase or base
+    if method == "passthrough":
+        if len(sources) != 1:
+            raise ConfigError(f"{where}.sources: passthrough copies exactly one source per "
+                              f"slice, got {len(sources)}")
+    elif METHODS[canon].needs_base:
+        if slice_base is None:
+            raise ConfigError(f"{where}: merge_method {method!r} needs a base_model (top-level "
+                              f"or {where}.base_model)")
+        if all(s.model != slice_base for s in sources):
+            raise ConfigError(f"{where}.sources: the base model {slice_base!r} must be one of "
+                              f"the slice's sources (with the layer_range it contributes)")
+        if len(sources) < 2:
+            raise ConfigError(f"{where}.sources: only the base model; merge_method {method!r} "
+                              f"needs another source")
+    return OutputSlice(sources, sbase, params)
+
+
+def _parse_sliced(raw: dict, canon: str, method: str, defaults: str,
+                  base_dir: Optional[Path]) -> MergeConfig:
+    """A config with ``slices:`` (mergekit's frankenmerge form): the slices checked here; the
+    layers they name are checked against each model by recipe/slices.py."""
+    # passthrough's one parameter is the per-source 'scale'; the other methods take the
+    # parameters of a 'models:' config at the same levels
+    per_source = {"scale": None} if method == "passthrough" else MODEL_PARAMS
+    shared = {"scale": None} if method == "passthrough" else {**MODEL_PARAMS, **SHARED_PARAMS}
+    if raw.get("lines") is not None:
+        raise ConfigError("lines: LiNeS is not supported with 'slices' (use 'models')")
+    if raw.get("scope", "tensor") != "tensor":
+        raise ConfigError("scope: only 'tensor' is supported with 'slices'")
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"base_model must be a path or hub id, got {base!r}")
+    params = _check_params("parameters", raw.get("parameters"), shared)
+    slices_raw = raw["slices"]
+    if not isinstance(slices_raw, list) or not slices_raw:
+        raise ConfigError(f"slices: must be a non-empty list of slices, got {_kind(slices_raw)}")
+    slices = [_parse_slice(i, sl, method, canon, base, per_source, shared)
+              for i, sl in enumerate(slices_raw)]
+    refs: list = []
+    for sl in slices:
+        for r in [s.model for s in sl.sources] + [sl.base_model or base]:
+            if r is not None and r not in refs:
+                refs.append(r)
+    return MergeConfig(
+        method=canon, method_as_written=method, base_model=base,
+        models=[ModelEntry(r) for r in refs], parameters=params,
+        dtype=_dtype("dtype", raw.get("dtype")),
+        out_dtype=_dtype("out_dtype", raw.get("out_dtype")), defaults=defaults,
+        tokenizer_source=_tokenizer_source(raw), raw=raw, base_dir=base_dir, slices=slices)
+
+
+def _tokenizer_source(raw: dict) -> Optional[str]:
+    """None, "base" or "model:<ref>" from ``tokenizer_source`` or a ``tokenizer:`` block (its
+    ``source``); what needs a merged vocabulary is refused naming the key."""
+    tok, block, key = raw.get("tokenizer_source"), raw.get("tokenizer"), "tokenizer_source"
+    if tok is not None and block is not None:
+        raise ConfigError("give 'tokenizer_source' or a 'tokenizer' block, not both")
+    if block is not None:
+        if not isinstance(block, dict):
+            raise ConfigError(f"tokenizer: must be a mapping {{source, tokens, "
+                              f"pad_to_multiple_of}}, got {_kind(block)}")
+        for k in block:
+            if k not in TOKENIZER_KEYS:
+                raise ConfigError(f"tokenizer: unknown key {k!r}; supported: "
+                                  f"{', '.join(TOKENIZER_KEYS)}")
+        for k in ("tokens", "pad_to_multiple_of"):
+            if block.get(k) is not None:
+                raise ConfigError(f"tokenizer.{k}: not supported yet (it needs embedding rows "
+                                  f"rebuilt, which comes with tokenizer source 'union')")
+        tok, key = block.get("source", "union"), "tokenizer.source"
+    if tok is None:
+        return None
+    if not isinstance(tok, str) or tok in ("", "model:"):
+        raise ConfigError(f"{key}: must be 'base', 'union' or 'model:<path or hub id>', got "
+                          f"{_kind(tok)}")
+    if tok == "union":
+        raise ConfigError(f"{key}: 'union' (a merged vocabulary) is not supported yet; use "
+                          f"'base' or 'model:<path>' (that model's tokenizer files are copied)")
+    if tok == "base":
+        return "base"
+    # mergekit names the model directly; 'model:' is accepted as a prefix
+    return "model:" + (tok[len("model:"):] if tok.startswith("model:") else tok)
 
 
 def _yaml_problem(exc) -> str:

@@ -1,0 +1,164 @@
+"""The inputs of a merge, ``slices:`` included: every model a sliced config names opened once,
+recipe/slices.py's jobs turned into routes (output tensor -> the input tensors it reads) and
+checked like a 'models:' merge; the tokenizer source of either form; torch-free."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ..checkpoint.hub import resolve_model
+from ..checkpoint.safetensors_file import (
+    MERGEABLE_ST,
+    NAME_TO_ST,
+    Checkpoint,
+    CheckpointError,
+    dtype_label,
+)
+from ..recipe.config import ConfigError, MergeConfig
+from ..recipe.slices import ModelLayout, plan_slices
+from .inputs import Inputs, open_inputs
+
+
+class RoutedCheckpoint:
+    """Output tensor names read from (checkpoint, input tensor name): the reference of a sliced
+    merge (shapes, dtypes, the copied tensors), with a model's directory for config.json."""
+
+    def __init__(self, table: dict, directory: Path, label: str):
+        self.table, self.dir, self.label = table, Path(directory), label
+
+    @property
+    def names(self) -> list:
+        return list(self.table)
+
+    def info(self, name):
+        c, n = self.table[name]
+        return c.info(n)
+
+    def view(self, name, start=0, stop=None):
+        c, n = self.table[name]
+        return c.view(n, start, stop)
+
+    def map(self, name, start=0, stop=None):
+        c, n = self.table[name]
+        return c.map(n, start, stop)
+
+    def read(self, name, start=0, stop=None, out=None):
+        c, n = self.table[name]
+        return c.read(n, start, stop, out=out)
+
+    def path_of(self, name):
+        c, n = self.table[name]
+        return c.path_of(n)
+
+    def close(self):
+        pass
+
+
+def open_merge_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
+    """open_inputs, or the sliced inputs for a ``slices:`` config; with the tokenizer source
+    found (before any work: a missing one is an error now, not after the merge)."""
+    inputs = open_sliced(cfg) if cfg.slices is not None else open_inputs(cfg, needs_moments)
+    try:
+        inputs.tokenizer_dir = tokenizer_dir(cfg, inputs)
+    except BaseException:
+        close_inputs(inputs)
+        raise
+    return inputs
+
+
+def close_inputs(inputs: Inputs) -> None:
+    for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
+        if c is not None:
+            c.close()
+
+
+def tokenizer_dir(cfg: MergeConfig, inputs: Inputs) -> Optional[Path]:
+    """Where the tokenizer files are copied from: None for the reference model's (the
+    default), the base for "base", the named model for "model:<ref>"."""
+    ref = cfg.tokenizer_model
+    if ref is None and cfg.tokenizer_source == "base" and cfg.base_model is not None:
+        ref = cfg.base_model
+    if ref is None:
+        return None
+    try:
+        return Path(resolve_model(ref, cfg.base_dir))
+    except CheckpointError as exc:
+        key = "tokenizer_source" if "tokenizer_source" in cfg.raw else "tokenizer.source"
+        raise CheckpointError(f"{key}: {exc}") from None
+
+
+def _read_config(c: Checkpoint, where: str) -> dict:
+    p = c.dir / "config.json"
+    if not p.is_file():
+        return {}
+    try:
+        got = json.loads(p.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: {p} is not readable JSON ({exc})") from None
+    return got if isinstance(got, dict) else {}
+
+
+def open_sliced(cfg: MergeConfig) -> Inputs:
+    opened: dict = {}
+    try:
+        return _open_sliced(cfg, opened)
+    except BaseException:
+        for c in opened.values():
+            c.close()
+        raise
+
+
+def _open_sliced(cfg: MergeConfig, opened: dict) -> Inputs:
+    layouts = {}
+    for i, sl in enumerate(cfg.slices):
+        for j, s in enumerate(sl.sources):
+            if s.model in opened:
+                continue
+            where = f"slices[{i}].sources[{j}].model"
+            try:
+                c = Checkpoint(resolve_model(s.model, cfg.base_dir), label=s.model)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{where}: {exc}") from None
+            opened[s.model] = c
+            layouts[s.model] = ModelLayout(c.names, _read_config(c, where))
+    if cfg.base_model is not None and cfg.base_model not in opened:
+        try:   # only its config.json: the output's is made from the base's (as mergekit does)
+            c = Checkpoint(resolve_model(cfg.base_model, cfg.base_dir), label=cfg.base_model)
+        except CheckpointError as exc:
+            raise CheckpointError(f"base_model: {exc}") from None
+        opened[cfg.base_model] = c
+        layouts[cfg.base_model] = ModelLayout([], _read_config(c, "base_model"))
+    plan = plan_slices(cfg, layouts)
+    out_st = NAME_TO_ST.get(cfg.output_dtype) if cfg.output_dtype else None
+    routes, ref_table, merged, copied = {}, {}, [], []
+    for job in plan.jobs:
+        base = (opened[job.base[0]], job.base[1]) if job.base is not None else None
+        models = [(opened[m], n) for m, n in job.models]
+        ref = base if base is not None else models[0]
+        routes[job.name] = (base, models)
+        ref_table[job.name] = ref
+        ri = ref[0].info(ref[1])
+        float_ref = ri.st in MERGEABLE_ST
+        for c, n in ([base] if base is not None else []) + models:
+            ci = c.info(n)
+            if ci.shape != ri.shape:
+                raise CheckpointError(f"output tensor {job.name!r}: shape {list(ci.shape)} of "
+                                      f"{n!r} in {c.path_of(n)} but {list(ri.shape)} of "
+                                      f"{ref[1]!r} in {ref[0].path_of(ref[1])}")
+            if float_ref and ci.st not in MERGEABLE_ST or not float_ref and ci.st != ri.st:
+                raise CheckpointError(f"output tensor {job.name!r}: dtype {dtype_label(ci.st)} "
+                                      f"of {n!r} in {c.path_of(n)} does not match "
+                                      f"{dtype_label(ri.st)} of {ref[1]!r} in "
+                                      f"{ref[0].path_of(ref[1])}")
+        if job.copy and float_ref and out_st is not None and ri.st != out_st:
+            job.copy, job.scale = False, 1.0   # another dtype: rounded, not copied
+        (merged if float_ref and not job.copy else copied).append(job.name)
+    if len(routes) != len(plan.jobs):
+        dup = next(j.name for k, j in enumerate(plan.jobs)
+                   if j.name in {x.name for x in plan.jobs[:k]})
+        raise ConfigError(f"slices: two output tensors are both named {dup!r}")
+    config_dir = opened[plan.config_model].dir
+    reference = RoutedCheckpoint(ref_table, config_dir, "slices")
+    return Inputs(None, list(opened.values()), [], reference, merged, copied,
+                  [j.name for j in plan.jobs], {}, routes=routes, plan=plan)
