@@ -43,10 +43,10 @@ TORCH_FREE = [
     "planning/__init__", "planning/planner", "planning/thresholds",
     "backends/__init__", "backends/cpu/__init__",
     "checkpoint/__init__", "checkpoint/safetensors_file", "checkpoint/hub", "checkpoint/libc",
-    "recipe/__init__", "recipe/config",
+    "recipe/__init__", "recipe/config", "recipe/slices",
     "output/__init__", "output/writer", "output/report", "output/model_card",
     "pipeline/__init__", "pipeline/native", "pipeline/driver", "pipeline/core_kernels",
-    "pipeline/inputs", "pipeline/budget", "pipeline/dry_run",
+    "pipeline/inputs", "pipeline/budget", "pipeline/dry_run", "pipeline/sliced",
     "cli/__init__",
 ]
 
