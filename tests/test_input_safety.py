@@ -375,8 +375,11 @@ def test_pickles_never_run_code(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     torch.save({"w": _Boom()}, d / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="only safetensors is supported"):
+    with pytest.raises(CheckpointError, match="reads .safetensors and pytorch_model.*bin"):
         Checkpoint(d)
+    from fastmerge.checkpoint.sources import open_model
+    with pytest.raises(CheckpointError, match="refused: the pickle needs more than tensors"):
+        open_model(str(d))
     torch.save({"state": {0: _Boom()}, "param_groups": []}, tmp_path / "optimizer.pt")
     with pytest.raises(ValueError, match="weights_only=True"):
         load_optimizer_state(tmp_path / "optimizer.pt")

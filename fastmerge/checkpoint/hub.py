@@ -15,6 +15,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # what a merge reads from a hub repo: weights, index, config, tokenizer, generation config
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt",
                   "vocab.txt", "*.jinja", "*.txt"]
+# fetched only when a repo has no safetensors weights (many hold both formats)
+BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin"]
 
 
 def split_reference(ref: str) -> tuple[str, Optional[str]]:
@@ -31,9 +33,6 @@ def resolve_model(ref, config_dir: Optional[Path] = None) -> Path:
         raise CheckpointError(f"a model reference must be a path or hub id, got {quote(ref)}")
     if "\0" in ref:
         raise CheckpointError(f"model {quote(ref)}: a path cannot hold a NUL character")
-    if "+" in ref and not os.path.exists(ref):
-        raise CheckpointError(f"model {quote(ref)}: mergekit's 'model+lora' references are not "
-                              f"supported; merge the LoRA into the model first")
     p = Path(os.path.expanduser(ref))
     candidates = [p] if p.is_absolute() else [p] + ([config_dir / p] if config_dir else [])
     for c in candidates:
@@ -57,6 +56,9 @@ def resolve_model(ref, config_dir: Optional[Path] = None) -> Path:
     try:
         path = snapshot_download(repo_id=name, revision=rev, allow_patterns=ALLOW_PATTERNS,
                                  local_files_only=offline)
+        if not any(Path(path).glob("*.safetensors")):   # a repo of .bin weights only
+            path = snapshot_download(repo_id=name, revision=rev, allow_patterns=BIN_PATTERNS,
+                                     local_files_only=offline)
     except Exception as exc:  # the hub raises many kinds; all mean "cannot get it"
         mode = "offline (HF_HUB_OFFLINE is set) and not in the cache" if offline else \
             "could not be found or downloaded"

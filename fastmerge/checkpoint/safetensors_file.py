@@ -540,8 +540,8 @@ class Checkpoint:
                                       f"({exc.strerror})") from None
         if not files:
             other = [p.name for p in self.dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
-            hint = f" (found {', '.join(other[:3])}: only safetensors is supported)" \
-                if other else ""
+            hint = f" (found {', '.join(other[:3])}: fastmerge reads *.safetensors and " \
+                f"pytorch_model*.bin)" if other else ""
             raise CheckpointError(f"model {quote(self.label)}: no .safetensors files in "
                                   f"{self.dir}{hint}")
         self.files: dict[str, SafetensorsFile] = {}
@@ -572,7 +572,7 @@ class Checkpoint:
 
     def _read_index(self, index: Path) -> dict:
         """The index's weight_map: tensor name -> shard file name, checked."""
-        self.inside(WEIGHT_INDEX, None)
+        self.inside(index.name, None)
         with open_regular(index, "index") as f:
             raw = f.read()
         try:

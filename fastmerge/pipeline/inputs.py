@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..checkpoint.hub import resolve_model
 from ..checkpoint.safetensors_file import (
     MERGEABLE_ST,
     Checkpoint,
@@ -16,6 +15,7 @@ from ..checkpoint.safetensors_file import (
     SafetensorsFile,
     dtype_label,
 )
+from ..checkpoint.sources import local_paths, open_model
 from ..output.writer import output_dir_at_start, parse_size
 from ..recipe.config import ConfigError, MergeConfig
 
@@ -46,9 +46,11 @@ def input_paths(cfg: MergeConfig) -> list:
     found = []
 
     def add(what, ref):
-        p = Path(os.path.expanduser(str(ref)))
-        candidates = [p] if p.is_absolute() or cfg.base_dir is None else [p, cfg.base_dir / p]
-        found.extend((what, c) for c in candidates if c.exists())
+        for part in local_paths(ref, cfg.base_dir):   # both sides of 'base+adapter'
+            p = Path(os.path.expanduser(str(part)))
+            candidates = [p] if p.is_absolute() or cfg.base_dir is None else \
+                [p, cfg.base_dir / p]
+            found.extend((what, c) for c in candidates if c.exists())
     if cfg.base_model:
         add("base_model", cfg.base_model)
     for i, m in enumerate(cfg.models):
@@ -110,7 +112,7 @@ class Inputs:
 def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
     def open_ckpt(ref, what):
         try:
-            return Checkpoint(resolve_model(ref, cfg.base_dir), label=ref)
+            return open_model(ref, cfg.base_dir)
         except CheckpointError as exc:
             raise CheckpointError(f"{what}: {exc}") from None
     base = open_ckpt(cfg.base_model, "base_model") if cfg.needs_base else None
