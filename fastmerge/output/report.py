@@ -203,9 +203,11 @@ def write_extras(directory: Path, layout, cfg, inputs, resolved: dict, per_tenso
     beside the shards."""
     write_index(layout, directory, {"fastmerge_version": __version__, "merge_config": cfg.raw,
                                     "resolved": resolved, "tensor_parameters": per_tensor})
-    copied_files = copy_model_files(
-        inputs.reference.dir, directory, cfg.output_dtype, tokenizer_src=inputs.tokenizer_dir,
-        config_updates=inputs.plan.config_updates if inputs.plan is not None else None)
+    updates = {**(inputs.plan.config_updates if inputs.plan is not None else {}),
+               **(inputs.config_overrides or {})}
+    copied_files = copy_model_files(inputs.reference.dir, directory, cfg.output_dtype,
+                                    tokenizer_src=inputs.tokenizer_dir,
+                                    config_updates=updates or None)
     (directory / "README.md").write_text(model_card(cfg, resolved, config_text, copied_files))
     with open(directory / "fastmerge_config.yml", "w") as f:
         f.write(config_text)

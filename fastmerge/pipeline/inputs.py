@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..checkpoint.embeddings import reconcile_tied_heads, vocab_hint
 from ..checkpoint.safetensors_file import (
     MERGEABLE_ST,
     Checkpoint,
@@ -94,6 +95,7 @@ class Inputs:
     routes: Optional[dict] = None
     plan: Any = None
     tokenizer_dir: Optional[Path] = None   # tokenizer files from here (None: the reference's)
+    config_overrides: Optional[dict] = None  # keys set in the output config.json (tied heads)
 
     def sources(self, name: str) -> tuple:
         """(base (checkpoint, tensor) or None, [(checkpoint, tensor)]) that output ``name``
@@ -117,6 +119,8 @@ def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
             raise CheckpointError(f"{what}: {exc}") from None
     base = open_ckpt(cfg.base_model, "base_model") if cfg.needs_base else None
     models = [open_ckpt(m.ref, f"models[{i}]") for i, m in enumerate(cfg.models)]
+    srcs, overrides = reconcile_tied_heads([x for x in [base, *models] if x is not None])
+    base, models = (srcs[0], srcs[1:]) if base is not None else (None, srcs)
     ref = base if base is not None else models[0]
     names = ref.names
     others = [("model", i, m) for i, m in enumerate(models)]
@@ -144,8 +148,10 @@ def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
                 continue
             mi = m.info(n)
             if mi.shape != ri.shape:
+                hint = vocab_hint(n, mi.shape, ri.shape)
                 raise CheckpointError(f"tensor {n!r}: shape {list(mi.shape)} in "
-                                      f"{m.path_of(n)} but {list(ri.shape)} in {ref.path_of(n)}")
+                                      f"{m.path_of(n)} but {list(ri.shape)} in {ref.path_of(n)}"
+                                      + (f": {hint}" if hint else ""))
             if float_ref and mi.st not in MERGEABLE_ST or not float_ref and mi.st != ri.st:
                 raise CheckpointError(f"tensor {n!r}: dtype {dtype_label(mi.st)} in {m.path_of(n)} "
                                       f"does not match {dtype_label(ri.st)} in {ref.path_of(n)}")
@@ -181,7 +187,8 @@ def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
                                           f"bf16/fp16/fp32, got {dtype_label(vi.st)}")
                 row.append(mn)
             moment_names[n] = row
-    return Inputs(base, models, pre, ref, merged, copied, names, moment_names)
+    return Inputs(base, models, pre, ref, merged, copied, names, moment_names,
+                  config_overrides=overrides)
 
 
 MODEL_INDEX = re.compile(r"model (\d+)")
