@@ -48,9 +48,9 @@ def bin_files_in(directory: Path) -> list:
 def _refusal(exc: Exception) -> str:
     """The one line of torch's weights-only complaint that says what was refused."""
     for line in str(exc).splitlines():
-        line = line.strip()
+        line = line.strip().removeprefix("WeightsUnpickler error: ")
         if line.startswith(("Unsupported", "Trying to", "Can only")):
-            return quote(line, 160)[1:-1]
+            return quote(line.split(". ")[0], 120)[1:-1]
     return "it is not a plain dict of tensors"
 
 
