@@ -176,7 +176,8 @@ def test_peak_rss_stays_under_the_budget_with_a_lora_input(tmp_path):
     cfg = write_config(tmp_path / "c.yml", b, [f"{b}+{ad}", m1])
     small = {"model.layers.0.mlp.up_proj.weight": torch.randn(48, 32, generator=g).bfloat16()}
     sb = write_safetensors(tmp_path / "sb", small)
-    warm = write_config(tmp_path / "w.yml", sb, [f"{sb}+{write_adapter(tmp_path / 'sa', small, ['up_proj'])}", sb])
+    sa = write_adapter(tmp_path / "sa", small, ["up_proj"])
+    warm = write_config(tmp_path / "w.yml", sb, [f"{sb}+{sa}", sb])
     m = peak_rss_growth(tmp_path, cfg, warm, budget, "native")
     print(f"peak RSS growth {m['grew'] / 2 ** 20:.1f} MiB")
     assert m["grew"] <= budget, f"peak RSS grew {m['grew'] / 2 ** 20:.1f} MiB"
