@@ -108,5 +108,6 @@ def vocab_hint(name: str, shape_a, shape_b) -> Optional[str]:
     if name not in VOCAB_TENSORS and not name.endswith(tuple(VOCAB_TENSORS)):
         return None
     return (f"the inputs have different vocabularies ({shape_a[0]} vs {shape_b[0]} tokens); "
-            f"mergekit merges those with tokenizer_source: union or model:<path>, which "
-            f"fastmerge does not support yet: resize the models to one tokenizer first")
+            f"mergekit merges those with tokenizer_source: union, which fastmerge does not "
+            f"support yet (its tokenizer_source copies tokenizer files, rows are not "
+            f"re-ordered): resize the models to one tokenizer first")
