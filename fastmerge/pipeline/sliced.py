@@ -15,6 +15,7 @@ from ..checkpoint.safetensors_file import (
     CheckpointError,
     dtype_label,
 )
+from ..checkpoint.sources import open_model
 from ..recipe.config import ConfigError, MergeConfig
 from ..recipe.slices import ModelLayout, plan_slices
 from .inputs import Inputs, open_inputs
@@ -117,14 +118,14 @@ def _open_sliced(cfg: MergeConfig, opened: dict) -> Inputs:
                 continue
             where = f"slices[{i}].sources[{j}].model"
             try:
-                c = Checkpoint(resolve_model(s.model, cfg.base_dir), label=s.model)
+                c = open_model(s.model, cfg.base_dir)
             except CheckpointError as exc:
                 raise CheckpointError(f"{where}: {exc}") from None
             opened[s.model] = c
             layouts[s.model] = ModelLayout(c.names, _read_config(c, where))
     if cfg.base_model is not None and cfg.base_model not in opened:
         try:   # only its config.json: the output's is made from the base's (as mergekit does)
-            c = Checkpoint(resolve_model(cfg.base_model, cfg.base_dir), label=cfg.base_model)
+            c = open_model(cfg.base_model, cfg.base_dir)
         except CheckpointError as exc:
             raise CheckpointError(f"base_model: {exc}") from None
         opened[cfg.base_model] = c
