@@ -23,13 +23,10 @@ inline std::string name(const char* what, int64_t i) {
 // bytes per element of a dtype code, 0 for an unknown code
 inline int64_t itemsize(int dtype) {
   switch (dtype) {
-    case DTYPE_FLOAT32:
-      return 4;
+    case DTYPE_FLOAT32: return 4;
     case DTYPE_FLOAT16:
-    case DTYPE_BFLOAT16:
-      return 2;
-    default:
-      return 0;
+    case DTYPE_BFLOAT16: return 2;
+    default: return 0;
   }
 }
 
@@ -78,8 +75,8 @@ inline std::string param_rows(int64_t f_rows, int64_t f_cols, int64_t i_rows, in
   return "fparams / iparams must be float32 [" + std::to_string(n) + ", " +
          std::to_string(NUM_FPARAMS) + "] / int64 [" + std::to_string(n) + ", " +
          std::to_string(NUM_IPARAMS) + "], got [" + std::to_string(f_rows) + ", " +
-         std::to_string(f_cols) + "] / [" + std::to_string(i_rows) + ", " +
-         std::to_string(i_cols) + "]";
+         std::to_string(f_cols) + "] / [" + std::to_string(i_rows) + ", " + std::to_string(i_cols) +
+         "]";
 }
 
 // Unpacks n parameter rows into `out` (resized to n); checks each keep mode.
@@ -112,7 +109,8 @@ inline std::string merge_enums(int64_t combine, int64_t score, int64_t elect, in
   if (combine < 0 || combine >= NUM_COMBINES) return "unknown combine " + std::to_string(combine);
   if (score != SCORE_MAGNITUDE && score != SCORE_FISHER)
     return "unknown score " + std::to_string(score);
-  if (elect != ELECT_SUM && elect != ELECT_COUNT) return "unknown election " + std::to_string(elect);
+  if (elect != ELECT_SUM && elect != ELECT_COUNT)
+    return "unknown election " + std::to_string(elect);
   if (elect_on != ELECT_WEIGHTED && elect_on != ELECT_UNWEIGHTED)
     return "unknown elect_on " + std::to_string(elect_on);
   if (normalize < NORMALIZE_NONE || normalize > NORMALIZE_COUNT)
@@ -133,7 +131,8 @@ inline std::string histogram_args(int64_t score, int64_t level, const int64_t* t
       return "target row " + std::to_string(r) + " names model " + std::to_string(targets[2 * r]) +
              " of " + std::to_string(n);
     if (targets[2 * r + 1] < 0 || targets[2 * r + 1] >= NUM_BINS)
-      return "target row " + std::to_string(r) + " has prefix " + std::to_string(targets[2 * r + 1]);
+      return "target row " + std::to_string(r) + " has prefix " +
+             std::to_string(targets[2 * r + 1]);
   }
   return {};
 }

@@ -46,8 +46,7 @@ void make_inputs(Views& v, const py::object& base, int base_dtype, const py::lis
                  const std::vector<int>& model_dtypes, int64_t numel) {
   const int64_t n = static_cast<int64_t>(models.size());
   check(fm::checks::models(n, 0));
-  if (static_cast<int64_t>(model_dtypes.size()) != n)
-    check("one dtype code per model is needed");
+  if (static_cast<int64_t>(model_dtypes.size()) != n) check("one dtype code per model is needed");
   v.views.reserve(static_cast<size_t>(n) + 3);
   v.in.n = static_cast<int>(n);
   v.in.numel = numel;
@@ -66,10 +65,9 @@ void make_inputs(Views& v, const py::object& base, int base_dtype, const py::lis
 std::vector<fm::FmModel> unpack(const py::bytes& fparams, const py::bytes& iparams, int64_t n) {
   const std::string f = fparams, ip = iparams;
   const size_t frow = sizeof(float) * fm::NUM_FPARAMS, irow = sizeof(int64_t) * fm::NUM_IPARAMS;
-  check(fm::checks::param_rows(f.size() % frow ? -1 : static_cast<int64_t>(f.size() / frow),
-                               fm::NUM_FPARAMS,
-                               ip.size() % irow ? -1 : static_cast<int64_t>(ip.size() / irow),
-                               fm::NUM_IPARAMS, n));
+  check(fm::checks::param_rows(
+      f.size() % frow ? -1 : static_cast<int64_t>(f.size() / frow), fm::NUM_FPARAMS,
+      ip.size() % irow ? -1 : static_cast<int64_t>(ip.size() / irow), fm::NUM_IPARAMS, n));
   // copies: the bytes' storage carries no alignment promise for float / int64
   std::vector<float> fv(f.size() / sizeof(float));
   std::vector<int64_t> iv(ip.size() / sizeof(int64_t));
@@ -132,8 +130,8 @@ std::vector<double> model_stats(const py::object& base, int base_dtype, const py
 // total L1; per-model NaN/Inf counts), the L1 sums zero unless l1 (select.cpp).
 std::tuple<std::vector<int64_t>, std::vector<double>, std::vector<double>, std::vector<int64_t>>
 topk_window(const py::object& base, int base_dtype, const py::list& models,
-            const std::vector<int>& model_dtypes, const py::bytes& requests, bool l1,
-            int64_t numel, int nthreads) {
+            const std::vector<int>& model_dtypes, const py::bytes& requests, bool l1, int64_t numel,
+            int nthreads) {
   Views v;
   make_inputs(v, base, base_dtype, models, model_dtypes, numel);
   const std::string rq = requests;
@@ -146,8 +144,8 @@ topk_window(const py::object& base, int base_dtype, const py::list& models,
   std::vector<double> kept(static_cast<size_t>(R)), total(static_cast<size_t>(v.in.n), 0.0);
   {
     py::gil_scoped_release free_gil;
-    fm::cpu::topk_window(v.in, model.data(), k.data(), static_cast<int>(R), l1, thr.data(), kept.data(),
-                         total.data(), bad.data(), nthreads);
+    fm::cpu::topk_window(v.in, model.data(), k.data(), static_cast<int>(R), l1, thr.data(),
+                         kept.data(), total.data(), bad.data(), nthreads);
   }
   return {thr, kept, total, bad};
 }
@@ -155,13 +153,16 @@ topk_window(const py::object& base, int base_dtype, const py::list& models,
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "fastmerge's CPU kernels over Python buffers, without torch (see fastmerge/pipeline/core_kernels.py)";
+  m.doc() =
+      "fastmerge's CPU kernels over Python buffers, without torch (see "
+      "fastmerge/pipeline/core_kernels.py)";
   m.def("fused_merge", &fused_merge);
   m.def("model_stats", &model_stats);
   m.def("topk_window", &topk_window);
   // the DARE keep-bit memo is gone (each pass draws its masks, csrc/cpu/merge.cpp); kept as a
   // no-op returning 0 so callers that still set a limit need no change
-  m.def("set_dare_bits_limit", [](size_t) { return size_t{0}; },
-        "no-op (DARE masks are drawn in each pass); returns 0");
+  m.def(
+      "set_dare_bits_limit", [](size_t) { return size_t{0}; },
+      "no-op (DARE masks are drawn in each pass); returns 0");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
 }

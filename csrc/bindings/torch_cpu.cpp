@@ -21,10 +21,10 @@ namespace fm = fastmerge;
 namespace {
 
 // TORCH_CHECK of a checks.h result (RuntimeError "fastmerge (cpu): <message>")
-#define FM_CHECK(expr)                                                     \
-  do {                                                                     \
-    const std::string fm_err_ = (expr);                                    \
-    TORCH_CHECK(fm_err_.empty(), "fastmerge (cpu): ", fm_err_);            \
+#define FM_CHECK(expr)                                          \
+  do {                                                          \
+    const std::string fm_err_ = (expr);                         \
+    TORCH_CHECK(fm_err_.empty(), "fastmerge (cpu): ", fm_err_); \
   } while (0)
 
 int dtype_code(const at::Tensor& t, const char* what, int64_t index) {
@@ -114,8 +114,9 @@ at::Tensor new_output(at::IntArrayRef sizes, at::ScalarType dtype) {
   const size_t bytes = static_cast<size_t>(numel) * at::elementSize(dtype);
   void* p = fm::cpu::output_acquire(bytes);
   if (p == nullptr) return at::empty(sizes, at::TensorOptions().dtype(dtype));
-  return at::from_blob(p, sizes, [bytes](void* q) { fm::cpu::output_release(q, bytes); },
-                       at::TensorOptions().dtype(dtype));
+  return at::from_blob(
+      p, sizes, [bytes](void* q) { fm::cpu::output_release(q, bytes); },
+      at::TensorOptions().dtype(dtype));
 }
 
 // --------------------------------------------------------------------- the ops
@@ -158,9 +159,9 @@ void model_stats_cpu(const std::optional<at::Tensor>& base, at::TensorList model
                      const at::Tensor& iparams, double power, int64_t offset, at::Tensor& out) {
   TORCH_CHECK(!models.empty(), "fastmerge (cpu): model_stats needs at least one model");
   const int64_t n = static_cast<int64_t>(models.size());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == n && out.size(1) == 3 &&
-                  out.scalar_type() == at::kDouble,
-              "fastmerge (cpu): out must be float64 [", n, ", 3], got ", out.sizes());
+  TORCH_CHECK(
+      out.dim() == 2 && out.size(0) == n && out.size(1) == 3 && out.scalar_type() == at::kDouble,
+      "fastmerge (cpu): out must be float64 [", n, ", 3], got ", out.sizes());
   check_cpu(out, "out");
   std::vector<at::Tensor> hold;
   fm::cpu::Inputs in = make_inputs(base, models, second_moments, hold);
@@ -174,16 +175,16 @@ void model_stats_cpu(const std::optional<at::Tensor>& base, at::TensorList model
 
 at::Tensor fused_merge_cpu(const std::optional<at::Tensor>& base, at::TensorList models,
                            at::TensorList second_moments, const at::Tensor& fparams,
-                           const at::Tensor& iparams, int64_t combine, int64_t score,
-                           int64_t elect, int64_t elect_on, int64_t normalize,
-                           int64_t consensus_k, double scale, double power, double eps,
-                           int64_t offset, at::ScalarType out_dtype, at::Tensor& nonfinite) {
+                           const at::Tensor& iparams, int64_t combine, int64_t score, int64_t elect,
+                           int64_t elect_on, int64_t normalize, int64_t consensus_k, double scale,
+                           double power, double eps, int64_t offset, at::ScalarType out_dtype,
+                           at::Tensor& nonfinite) {
   TORCH_CHECK(!models.empty(), "fastmerge (cpu): fused_merge needs at least one model");
   const int64_t n = static_cast<int64_t>(models.size());
   FM_CHECK(fm::checks::merge_enums(combine, score, elect, elect_on, normalize));
-  TORCH_CHECK(nonfinite.dim() == 1 && nonfinite.size(0) == n &&
-                  nonfinite.scalar_type() == at::kLong,
-              "fastmerge (cpu): nonfinite must be int64 [", n, "]");
+  TORCH_CHECK(
+      nonfinite.dim() == 1 && nonfinite.size(0) == n && nonfinite.scalar_type() == at::kLong,
+      "fastmerge (cpu): nonfinite must be int64 [", n, "]");
   check_cpu(nonfinite, "nonfinite");
   const int oc = out_code(out_dtype);
   std::vector<at::Tensor> hold;
@@ -197,8 +198,8 @@ at::Tensor fused_merge_cpu(const std::optional<at::Tensor>& base, at::TensorList
       static_cast<float>(scale), static_cast<float>(power), static_cast<float>(eps));
   at::Tensor out = new_output(models[0].sizes(), out_dtype);
   int64_t nf[FM_MAX_MODELS] = {};
-  const bool ok = fm::cpu::fused_merge(in, cfg, ms.data(), offset, out.data_ptr(), oc, nf,
-                                       threads());
+  const bool ok =
+      fm::cpu::fused_merge(in, cfg, ms.data(), offset, out.data_ptr(), oc, nf, threads());
   TORCH_CHECK(ok, "fastmerge (cpu): could not allocate the merge work buffers");
   nonfinite.add_(at::from_blob(nf, {n}, at::kLong));
   return out;
@@ -220,10 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_window_impl(
   at::Tensor kept = at::zeros({R}, at::kDouble);
   at::Tensor total = at::zeros({in.n}, at::kDouble);
   at::Tensor bad = at::zeros({in.n}, at::kLong);
-  fm::cpu::topk_window(in, model.data(), k.data(), static_cast<int>(R), l1,
-                       thr.data_ptr<int64_t>(), kept.data_ptr<double>(),
-                       total.data_ptr<double>(), bad.data_ptr<int64_t>(), threads(), margin_sd,
-                       static_cast<int>(isa));
+  fm::cpu::topk_window(in, model.data(), k.data(), static_cast<int>(R), l1, thr.data_ptr<int64_t>(),
+                       kept.data_ptr<double>(), total.data_ptr<double>(), bad.data_ptr<int64_t>(),
+                       threads(), margin_sd, static_cast<int>(isa));
   return {thr, kept, total, bad};
 }
 
@@ -243,17 +243,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_window_test(
 pybind11::dict enums() {
   pybind11::dict d;
 #define FM_ENUM(name) d[#name] = fm::name
-  FM_ENUM(MODE_KEEP_ALL); FM_ENUM(MODE_BAND); FM_ENUM(MODE_KEEP_NONE); FM_ENUM(MODE_DARE);
-  FM_ENUM(SCORE_MAGNITUDE); FM_ENUM(SCORE_FISHER);
-  FM_ENUM(COMBINE_LINEAR); FM_ENUM(COMBINE_SUM); FM_ENUM(COMBINE_TIES);
-  FM_ENUM(COMBINE_CONSENSUS_SUM); FM_ENUM(COMBINE_CONSENSUS_TIES); FM_ENUM(COMBINE_OTA);
+  FM_ENUM(MODE_KEEP_ALL);
+  FM_ENUM(MODE_BAND);
+  FM_ENUM(MODE_KEEP_NONE);
+  FM_ENUM(MODE_DARE);
+  FM_ENUM(SCORE_MAGNITUDE);
+  FM_ENUM(SCORE_FISHER);
+  FM_ENUM(COMBINE_LINEAR);
+  FM_ENUM(COMBINE_SUM);
+  FM_ENUM(COMBINE_TIES);
+  FM_ENUM(COMBINE_CONSENSUS_SUM);
+  FM_ENUM(COMBINE_CONSENSUS_TIES);
+  FM_ENUM(COMBINE_OTA);
   FM_ENUM(NUM_COMBINES);
-  FM_ENUM(ELECT_SUM); FM_ENUM(ELECT_COUNT); FM_ENUM(ELECT_WEIGHTED); FM_ENUM(ELECT_UNWEIGHTED);
-  FM_ENUM(NORMALIZE_NONE); FM_ENUM(NORMALIZE_WEIGHTS); FM_ENUM(NORMALIZE_COUNT);
-  FM_ENUM(F_WEIGHT); FM_ENUM(F_RESCALE); FM_ENUM(F_LO); FM_ENUM(F_HI);
-  FM_ENUM(F_CONSENSUS_LAMBDA); FM_ENUM(F_OTA_SCALE); FM_ENUM(NUM_FPARAMS);
-  FM_ENUM(I_MODE); FM_ENUM(I_DARE_KEY); FM_ENUM(I_DARE_THRESHOLD); FM_ENUM(NUM_IPARAMS);
-  FM_ENUM(RADIX_BITS); FM_ENUM(NUM_BINS); FM_ENUM(NONFINITE_BIN);
+  FM_ENUM(ELECT_SUM);
+  FM_ENUM(ELECT_COUNT);
+  FM_ENUM(ELECT_WEIGHTED);
+  FM_ENUM(ELECT_UNWEIGHTED);
+  FM_ENUM(NORMALIZE_NONE);
+  FM_ENUM(NORMALIZE_WEIGHTS);
+  FM_ENUM(NORMALIZE_COUNT);
+  FM_ENUM(F_WEIGHT);
+  FM_ENUM(F_RESCALE);
+  FM_ENUM(F_LO);
+  FM_ENUM(F_HI);
+  FM_ENUM(F_CONSENSUS_LAMBDA);
+  FM_ENUM(F_OTA_SCALE);
+  FM_ENUM(NUM_FPARAMS);
+  FM_ENUM(I_MODE);
+  FM_ENUM(I_DARE_KEY);
+  FM_ENUM(I_DARE_THRESHOLD);
+  FM_ENUM(NUM_IPARAMS);
+  FM_ENUM(RADIX_BITS);
+  FM_ENUM(NUM_BINS);
+  FM_ENUM(NONFINITE_BIN);
 #undef FM_ENUM
   d["FM_MAX_MODELS"] = FM_MAX_MODELS;
   return d;
@@ -277,12 +300,10 @@ at::Tensor dare_words(uint64_t key, uint64_t start, int64_t count) {
 
 // the same through the SIMD block path (isa: 0 scalar, 1 AVX2, 2 AVX-512 or the best below it
 // this CPU has); returns (words, path used)
-std::tuple<at::Tensor, int> dare_words_block(uint64_t key, uint64_t start, int64_t count,
-                                             int isa) {
+std::tuple<at::Tensor, int> dare_words_block(uint64_t key, uint64_t start, int64_t count, int isa) {
   std::vector<uint32_t> w(static_cast<size_t>(count));
-  const int used = fm::cpu::philox_dare_isa(static_cast<uint32_t>(key),
-                                            static_cast<uint32_t>(key >> 32), start, count,
-                                            w.data(), isa);
+  const int used = fm::cpu::philox_dare_isa(
+      static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32), start, count, w.data(), isa);
   at::Tensor out = at::empty({count}, at::kLong);
   int64_t* p = out.data_ptr<int64_t>();
   for (int64_t k = 0; k < count; ++k) p[k] = w[static_cast<size_t>(k)];
@@ -334,13 +355,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("load_float", &load_float, "bf16/fp16/fp32 -> float32 by the header's loads");
   mod.def("topk_window", &topk_window_test,
           "topk_window with the window margin and the scan path chosen (for tests)");
-  mod.def("set_output_cache_limit", [](size_t bytes) { return fm::cpu::output_cache_limit(bytes); },
-          "bytes of freed fused_merge outputs kept for reuse (returns the previous limit)");
+  mod.def(
+      "set_output_cache_limit", [](size_t bytes) { return fm::cpu::output_cache_limit(bytes); },
+      "bytes of freed fused_merge outputs kept for reuse (returns the previous limit)");
   mod.def("output_cache_bytes", &fm::cpu::output_cache_bytes, "bytes the output cache holds");
   // the DARE keep-bit memo is gone (each pass draws its masks, csrc/cpu/merge.cpp); kept as a
   // no-op returning 0 so callers that still set a limit need no change
-  mod.def("set_dare_bits_limit", [](size_t) { return size_t{0}; },
-          "no-op (DARE masks are drawn in each pass); returns 0");
+  mod.def(
+      "set_dare_bits_limit", [](size_t) { return size_t{0}; },
+      "no-op (DARE masks are drawn in each pass); returns 0");
   mod.def("set_merge_fast_path", &fm::cpu::set_merge_fast_path,
           "fused_merge's AVX-512 block path on/off (returns the previous setting; for tests)");
   mod.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");

@@ -10,9 +10,9 @@
 // the explicitly rounded intrinsics (__fmul_rn, __fadd_rn, ...), which nvcc never contracts.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include <math.h>
 
 #if defined(__CUDACC__)
 #define FM_HD __host__ __device__
@@ -97,9 +97,7 @@ FM_HD FM_FORCE_INLINE float fm_div(float a, float b) {
 FM_HD FM_FORCE_INLINE float fm_abs(float x) { return fm_u2f(fm_f2u(x) & 0x7FFFFFFFu); }
 
 // finite iff the exponent field is not all ones
-FM_HD FM_FORCE_INLINE bool fm_isfinite(float x) {
-  return (fm_f2u(x) & 0x7F800000u) != 0x7F800000u;
-}
+FM_HD FM_FORCE_INLINE bool fm_isfinite(float x) { return (fm_f2u(x) & 0x7F800000u) != 0x7F800000u; }
 
 FM_HD FM_FORCE_INLINE float fm_inf() { return fm_u2f(0x7F800000u); }
 

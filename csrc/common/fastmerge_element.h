@@ -55,7 +55,7 @@ FM_HD FM_FORCE_INLINE uint16_t fm_float_to_half(float f) {
   const uint32_t a = x & 0x7FFFFFFFu;
   if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
   if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520: Inf
-  if (a >= 0x38800000u) {                                               // normal half
+  if (a >= 0x38800000u) {                                              // normal half
     const uint32_t r = a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u);
     return static_cast<uint16_t>(sign | (r >> 13));
   }
@@ -63,7 +63,7 @@ FM_HD FM_FORCE_INLINE uint16_t fm_float_to_half(float f) {
   const uint32_t e = a >> 23;
   if (e < 102u) return static_cast<uint16_t>(sign);  // < 2^-25: rounds to zero
   const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
-  const uint32_t shift = 126u - e;                   // 14 .. 24
+  const uint32_t shift = 126u - e;  // 14 .. 24
   uint32_t q = m >> shift;
   const uint32_t rem = m & ((1u << shift) - 1u);
   const uint32_t half = 1u << (shift - 1u);
@@ -107,8 +107,7 @@ FM_HD FM_FORCE_INLINE bool fm_band_keep(float score, float lo, float hi) {
 // The keep decision of one model for a keep mode known at compile time (CPU loops hoist the
 // mode out of the element loop with this), and for the model's own mode (fm_keep).
 template <int MODE>
-FM_HD FM_FORCE_INLINE bool fm_keep_mode(const FmModel& m, float t, float v, int score,
-                                        uint64_t j) {
+FM_HD FM_FORCE_INLINE bool fm_keep_mode(const FmModel& m, float t, float v, int score, uint64_t j) {
   if (MODE == MODE_KEEP_ALL) return true;
   if (MODE == MODE_BAND) return fm_band_keep(fm_score(t, v, score), m.lo, m.hi);
   if (MODE == MODE_DARE) return fm_dare_keep(m.key_lo, m.key_hi, m.dare_threshold, j);
@@ -118,14 +117,10 @@ FM_HD FM_FORCE_INLINE bool fm_keep_mode(const FmModel& m, float t, float v, int 
 // The keep decision of one model at global element index j (DARE counter = j).
 FM_HD FM_FORCE_INLINE bool fm_keep(const FmModel& m, float t, float v, int score, uint64_t j) {
   switch (m.mode) {
-    case MODE_KEEP_ALL:
-      return fm_keep_mode<MODE_KEEP_ALL>(m, t, v, score, j);
-    case MODE_BAND:
-      return fm_keep_mode<MODE_BAND>(m, t, v, score, j);
-    case MODE_DARE:
-      return fm_keep_mode<MODE_DARE>(m, t, v, score, j);
-    default:
-      return fm_keep_mode<MODE_KEEP_NONE>(m, t, v, score, j);
+    case MODE_KEEP_ALL: return fm_keep_mode<MODE_KEEP_ALL>(m, t, v, score, j);
+    case MODE_BAND: return fm_keep_mode<MODE_BAND>(m, t, v, score, j);
+    case MODE_DARE: return fm_keep_mode<MODE_DARE>(m, t, v, score, j);
+    default: return fm_keep_mode<MODE_KEEP_NONE>(m, t, v, score, j);
   }
 }
 
@@ -149,8 +144,7 @@ FM_HD FM_FORCE_INLINE float fm_ota_weight(const FmModel& m, float p, float eps) 
 // vectorises: agree_i <=> S * e_i > 0 (S = +-1) is "same sign as S, and not zero".
 // (sign(e) of the count election is (e > 0) - (e < 0); it differs from torch.sign only for NaN,
 // which the kernels report as an error anyway.)
-FM_HD FM_FORCE_INLINE float fm_ties(const FmMergeConfig& c, const FmModel* models,
-                                    const float* s) {
+FM_HD FM_FORCE_INLINE float fm_ties(const FmMergeConfig& c, const FmModel* models, const float* s) {
   const int n = c.n;
   const bool unweighted = c.elect_on == ELECT_UNWEIGHTED;
   const bool count_vote = c.elect == ELECT_COUNT;
@@ -172,8 +166,8 @@ FM_HD FM_FORCE_INLINE float fm_ties(const FmMergeConfig& c, const FmModel* model
     count = fm_add(count, agree ? 1.0f : 0.0f);
   }
   const float count1 = count > 1.0f ? count : 1.0f;
-  float divisor = c.normalize == NORMALIZE_WEIGHTS ? wsum
-                  : (c.normalize == NORMALIZE_COUNT ? count1 : 1.0f);
+  float divisor =
+      c.normalize == NORMALIZE_WEIGHTS ? wsum : (c.normalize == NORMALIZE_COUNT ? count1 : 1.0f);
   divisor = divisor == 0.0f ? 1.0f : divisor;
   return fm_div(merged, divisor);
 }
@@ -181,13 +175,13 @@ FM_HD FM_FORCE_INLINE float fm_ties(const FmMergeConfig& c, const FmModel* model
 // The divisor of the weighted sum: the same for every element (sum of weights, N or 1; 1 where
 // that is 0).
 FM_HD FM_FORCE_INLINE float fm_sum_divisor(const FmMergeConfig& c) {
-  const float divisor = c.normalize == NORMALIZE_WEIGHTS ? c.sum_weights
-                        : (c.normalize == NORMALIZE_COUNT ? static_cast<float>(c.n) : 1.0f);
+  const float divisor = c.normalize == NORMALIZE_WEIGHTS
+                            ? c.sum_weights
+                            : (c.normalize == NORMALIZE_COUNT ? static_cast<float>(c.n) : 1.0f);
   return divisor == 0.0f ? 1.0f : divisor;
 }
 
-FM_HD FM_FORCE_INLINE float fm_sum(const FmMergeConfig& c, const FmModel* models,
-                                   const float* s) {
+FM_HD FM_FORCE_INLINE float fm_sum(const FmMergeConfig& c, const FmModel* models, const float* s) {
   float merged = 0.0f;
   for (int i = 0; i < c.n; ++i) merged = fm_add(merged, fm_mul(models[i].weight, s[i]));
   return fm_div(merged, fm_sum_divisor(c));
@@ -200,8 +194,7 @@ FM_HD FM_FORCE_INLINE float fm_sum(const FmMergeConfig& c, const FmModel* models
 // base: b (0 without a base). Returns the output value b + scale * merged in float32
 // (linear: sum w_i m_i / sum w_i), before the dtype rounding.
 FM_HD FM_FORCE_INLINE float fm_combine(const FmMergeConfig& c, const FmModel* models,
-                                       const float* t, const float* s, const float* v,
-                                       float base) {
+                                       const float* t, const float* s, const float* v, float base) {
   const int n = c.n;
   float merged;
   switch (c.combine) {
@@ -212,16 +205,12 @@ FM_HD FM_FORCE_INLINE float fm_combine(const FmMergeConfig& c, const FmModel* mo
       if (total == 0.0f) total = 1.0f;
       return fm_div(acc, total);
     }
-    case COMBINE_SUM:
-      merged = fm_sum(c, models, s);
-      break;
-    case COMBINE_TIES:
-      merged = fm_ties(c, models, s);
-      break;
+    case COMBINE_SUM: merged = fm_sum(c, models, s); break;
+    case COMBINE_TIES: merged = fm_ties(c, models, s); break;
     case COMBINE_CONSENSUS_SUM:
     case COMBINE_CONSENSUS_TIES: {
-      const float mtl = c.combine == COMBINE_CONSENSUS_SUM ? fm_sum(c, models, s)
-                                                           : fm_ties(c, models, s);
+      const float mtl =
+          c.combine == COMBINE_CONSENSUS_SUM ? fm_sum(c, models, s) : fm_ties(c, models, s);
       int votes = 0;  // TALL masks: |t_i| > l_i * |t_mtl - t_i| (strict)
       for (int i = 0; i < n; ++i) {
         const float rhs = fm_mul(models[i].consensus_lambda, fm_abs(fm_sub(mtl, t[i])));

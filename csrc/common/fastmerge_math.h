@@ -9,6 +9,6 @@
 #pragma once
 
 #include "fastmerge_config.h"
+#include "fastmerge_element.h"
 #include "fastmerge_params.h"
 #include "fastmerge_rng.h"
-#include "fastmerge_element.h"

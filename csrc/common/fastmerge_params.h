@@ -109,8 +109,8 @@ struct FmMergeConfig {
 };
 
 FM_HD inline FmMergeConfig fm_make_config(int n, const FmModel* models, int combine, int score,
-                                          int elect, int elect_on, int normalize,
-                                          int consensus_k, float scale, float power, float eps) {
+                                          int elect, int elect_on, int normalize, int consensus_k,
+                                          float scale, float power, float eps) {
   FmMergeConfig c;
   c.n = n;
   c.combine = combine;

@@ -76,8 +76,7 @@ FM_HD FM_FORCE_INLINE void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32
 // key (key_lo, key_hi)) with c = j >> 2, so one Philox call serves four consecutive elements
 // (the CPU block code draws each counter once; a per-element caller such as a GPU thread
 // draws it for its own element only).
-FM_HD FM_FORCE_INLINE uint32_t fm_philox_dare_word(uint32_t key_lo, uint32_t key_hi,
-                                                   uint64_t j) {
+FM_HD FM_FORCE_INLINE uint32_t fm_philox_dare_word(uint32_t key_lo, uint32_t key_hi, uint64_t j) {
   const uint64_t c = j >> 2;
   uint32_t w[4] = {static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, 0u};
   fm_philox4x32_10(w, key_lo, key_hi);

@@ -27,8 +27,8 @@ struct Inputs {
 // Radix digit histograms of the score bits for T targets (model, prefix), accumulated into
 // counts[T][NUM_BINS] (int64) and sums[T][NUM_BINS] (float64 sums of |t|). False if a work
 // buffer could not be allocated (the outputs are then incomplete).
-bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets,
-                     int level, int64_t* counts, double* sums, int nthreads);
+bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets, int level,
+                     int64_t* counts, double* sums, int nthreads);
 
 // Exact k-th largest |t_i| for R requests (model req_model[r], k = req_k[r], 1 <= k <= numel)
 // in one read pass over a window chosen from a sample (select.cpp). thr_bits[r] = the float32
@@ -37,25 +37,24 @@ bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
 // nonfinite[i] += the count of NaN/Inf task-vector values. margin_sd: the window's half-width
 // in standard deviations of the sample rank (5 by default; 0 for tests of the miss path);
 // isa: 0 the portable scan, 2 the best this CPU has (for tests).
-void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_k, int R,
-                 bool l1, int64_t* thr_bits, double* kept_l1, double* total_l1,
-                 int64_t* nonfinite, int nthreads, double margin_sd = 5.0, int isa = 2);
+void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_k, int R, bool l1,
+                 int64_t* thr_bits, double* kept_l1, double* total_l1, int64_t* nonfinite,
+                 int nthreads, double margin_sd = 5.0, int isa = 2);
 
 // out[N][3] += (sum |t_i|, sum |t_i| over kept elements, sum max(v_i, 0)^power).
-void model_stats(const Inputs& in, int score, const FmModel* models, float power,
-                 int64_t offset, double* out, int nthreads);
+void model_stats(const Inputs& in, int score, const FmModel* models, float power, int64_t offset,
+                 double* out, int nthreads);
 
 // The fused one-pass merge: writes numel elements of out_dtype to out and adds the per-model
 // counts of non-finite task-vector values to nonfinite[N]. False if a work buffer could not be
 // allocated (the output is then incomplete).
-bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models,
-                 int64_t offset, void* out, int out_dtype, int64_t* nonfinite, int nthreads);
+bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models, int64_t offset,
+                 void* out, int out_dtype, int64_t* nonfinite, int nthreads);
 
 // out[k] = the DARE word of element j0 + k for k < len (SPEC v2: word j & 3 of Philox4x32-10
 // of counter j >> 2, so one call per four elements), on the widest SIMD unit the CPU has
 // (philox_block.cpp); bit-identical to fm_philox_dare_word.
-void philox_dare_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len,
-                       uint32_t* out);
+void philox_dare_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, uint32_t* out);
 // The same on a chosen path (0 scalar, 1 AVX2, 2 AVX-512, or the best below it this CPU has);
 // returns the path used. For tests.
 int philox_dare_isa(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, uint32_t* out,

@@ -174,8 +174,8 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
 // Adds one thread's tables into the outputs and clears them (called under a critical section).
 // Only each row's touched bins [ranges[2r], ranges[2r+1]] are visited (a few thousand of the
 // 65536 for real task vectors), and the ranges are reset.
-void flush(const HistCtx& c, uint64_t* table, double* sums, int64_t* counts_out,
-           double* sums_out, uint32_t* ranges) {
+void flush(const HistCtx& c, uint64_t* table, double* sums, int64_t* counts_out, double* sums_out,
+           uint32_t* ranges) {
   for (int r = 0; r < c.n_targets; ++r) {
     uint64_t* tab = table + static_cast<size_t>(r) * NUM_BINS;
     int64_t* co = counts_out + static_cast<size_t>(r) * NUM_BINS;
@@ -197,14 +197,13 @@ void flush(const HistCtx& c, uint64_t* table, double* sums, int64_t* counts_out,
         if (sums != nullptr) {
           so[b] += sums[static_cast<size_t>(r) * NUM_BINS + b];
         } else {  // level 1, magnitude: every element of the bin has the same value
-          so[b] += static_cast<double>(x) *
-                   static_cast<double>(fm_u2f((prefix << RADIX_BITS) | b));
+          so[b] += static_cast<double>(x) * static_cast<double>(fm_u2f((prefix << RADIX_BITS) | b));
         }
       }
     }
     memset(tab + lo, 0, sizeof(uint64_t) * (hi - lo + 1));
-    if (sums != nullptr) memset(sums + static_cast<size_t>(r) * NUM_BINS + lo, 0,
-                                sizeof(double) * (hi - lo + 1));
+    if (sums != nullptr)
+      memset(sums + static_cast<size_t>(r) * NUM_BINS + lo, 0, sizeof(double) * (hi - lo + 1));
   }
 }
 
@@ -261,8 +260,8 @@ thread_local ThreadTables tls_tables;
 
 }  // namespace
 
-bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets,
-                     int level, int64_t* counts, double* sums, int nthreads) {
+bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets, int level,
+                     int64_t* counts, double* sums, int nthreads) {
   if (in.numel == 0 || n_targets == 0) return true;
   HistCtx c{&in, score, targets, n_targets, level, level == 0 && score == SCORE_MAGNITUDE};
   const bool fisher = score == SCORE_FISHER;

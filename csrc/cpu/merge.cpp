@@ -30,20 +30,13 @@ namespace {
 
 using detail::MergeCtx;
 
-void merge_range(const MergeCtx& ctx, int64_t begin, int64_t end, int64_t* nonfinite,
-                 bool* done) {
+void merge_range(const MergeCtx& ctx, int64_t begin, int64_t end, int64_t* nonfinite, bool* done) {
   switch (ctx.cfg.combine) {
     case COMBINE_LINEAR:
-    case COMBINE_SUM:
-      detail::merge_range_linear_sum(ctx, begin, end, nonfinite, done);
-      break;
+    case COMBINE_SUM: detail::merge_range_linear_sum(ctx, begin, end, nonfinite, done); break;
     case COMBINE_TIES:
-    case COMBINE_OTA:
-      detail::merge_range_ties_ota(ctx, begin, end, nonfinite, done);
-      break;
-    default:
-      detail::merge_range_consensus(ctx, begin, end, nonfinite, done);
-      break;
+    case COMBINE_OTA: detail::merge_range_ties_ota(ctx, begin, end, nonfinite, done); break;
+    default: detail::merge_range_consensus(ctx, begin, end, nonfinite, done); break;
   }
 }
 
@@ -125,8 +118,8 @@ void stats_range(const StatsCtx& c, int64_t begin, int64_t end, double* acc) {
 
 }  // namespace
 
-bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models,
-                 int64_t offset, void* out, int out_dtype, int64_t* nonfinite, int nthreads) {
+bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models, int64_t offset,
+                 void* out, int out_dtype, int64_t* nonfinite, int nthreads) {
   if (in.numel == 0) return true;
   bool need_v = false;
   if (cfg.combine != COMBINE_LINEAR && in.has_moments) {
@@ -169,8 +162,8 @@ bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* mode
   return ok;
 }
 
-void model_stats(const Inputs& in, int score, const FmModel* models, float power,
-                 int64_t offset, double* out, int nthreads) {
+void model_stats(const Inputs& in, int score, const FmModel* models, float power, int64_t offset,
+                 double* out, int nthreads) {
   if (in.numel == 0) return;
   StatsCtx c{&in, score, models, power, offset};
   const int nt = effective_threads(in.numel, nthreads, int64_t{1} << 15);
@@ -198,8 +191,7 @@ void model_stats(const Inputs& in, int score, const FmModel* models, float power
 }
 
 const char* isa_name() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(FASTMERGE_NO_CLONES)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTMERGE_NO_CLONES)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
   if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";

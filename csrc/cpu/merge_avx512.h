@@ -65,18 +65,18 @@ FM_AVX512_INLINE void widen_even_odd(const uint16_t* p, __m512* even, __m512* od
 // dw: the DARE words of the block in element order (FAST_DARE only), taken in the same
 // even/odd order as the values.
 template <int KIND, bool HAS_BASE, bool MUL_R, bool MUL_W, bool FIRST, bool STORE>
-FM_AVX512_INLINE uint32_t
-fast_model(const uint16_t* __restrict m, const float* __restrict bb, int len, const FmModel& p,
-           const uint32_t* __restrict dw, float* __restrict u, float* __restrict vote) {
+FM_AVX512_INLINE uint32_t fast_model(const uint16_t* __restrict m, const float* __restrict bb,
+                                     int len, const FmModel& p, const uint32_t* __restrict dw,
+                                     float* __restrict u, float* __restrict vote) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512 zero = _mm512_setzero_ps();
   const __m512 lo = _mm512_set1_ps(p.lo), hi = _mm512_set1_ps(p.hi);
   const __m512 r = _mm512_set1_ps(p.rescale), w = _mm512_set1_ps(p.weight);
   const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.dare_threshold & 0xFFFFFFFFu));
-  const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                             28, 30);
-  const __m512i odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
-                                            29, 31);
+  const __m512i even_idx =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_idx =
+      _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   __m512i amax = _mm512_setzero_si512();
   for (int g = 0; g < len; g += 32) {
     __m512 t[2];
@@ -117,32 +117,32 @@ fast_model(const uint16_t* __restrict m, const float* __restrict bb, int len, co
 }
 
 template <bool HAS_BASE, bool FIRST, bool STORE>
-FM_AVX512_INLINE uint32_t
-fast_model_kind(const uint16_t* m, const float* bb, int len, const FmModel& p,
-                const uint32_t* dw, float* u, float* vote) {
+FM_AVX512_INLINE uint32_t fast_model_kind(const uint16_t* m, const float* bb, int len,
+                                          const FmModel& p, const uint32_t* dw, float* u,
+                                          float* vote) {
   const bool mul_r = p.rescale != 1.0f, mul_w = p.weight != 1.0f;
   int kind = FAST_NONE;
   if (p.mode == MODE_KEEP_ALL) kind = FAST_ALL;
   if (p.mode == MODE_BAND) kind = p.hi == fm_inf() ? FAST_BAND_INF : FAST_BAND;
   if (p.mode == MODE_DARE) {  // a threshold of 2^32 or more keeps all, 0 none (w < thr)
-    kind = p.dare_threshold == 0 ? FAST_NONE
-           : p.dare_threshold > 0xFFFFFFFFull ? FAST_ALL : FAST_DARE;
+    kind = p.dare_threshold == 0              ? FAST_NONE
+           : p.dare_threshold > 0xFFFFFFFFull ? FAST_ALL
+                                              : FAST_DARE;
   }
 #define FM_FAST_ARGS m, bb, len, p, dw, u, vote
-#define FM_FAST_CASE(K)                                                               \
-  case K:                                                                             \
-    if (mul_r)                                                                        \
-      return mul_w ? fast_model<K, HAS_BASE, true, true, FIRST, STORE>(FM_FAST_ARGS) \
+#define FM_FAST_CASE(K)                                                                \
+  case K:                                                                              \
+    if (mul_r)                                                                         \
+      return mul_w ? fast_model<K, HAS_BASE, true, true, FIRST, STORE>(FM_FAST_ARGS)   \
                    : fast_model<K, HAS_BASE, true, false, FIRST, STORE>(FM_FAST_ARGS); \
-    return mul_w ? fast_model<K, HAS_BASE, false, true, FIRST, STORE>(FM_FAST_ARGS)   \
+    return mul_w ? fast_model<K, HAS_BASE, false, true, FIRST, STORE>(FM_FAST_ARGS)    \
                  : fast_model<K, HAS_BASE, false, false, FIRST, STORE>(FM_FAST_ARGS);
   switch (kind) {
     FM_FAST_CASE(FAST_BAND_INF)
     FM_FAST_CASE(FAST_BAND)
     FM_FAST_CASE(FAST_ALL)
     FM_FAST_CASE(FAST_DARE)
-    default:
-      FM_FAST_CASE(FAST_NONE)
+    default: FM_FAST_CASE(FAST_NONE)
   }
 #undef FM_FAST_CASE
 #undef FM_FAST_ARGS
@@ -152,9 +152,9 @@ fast_model_kind(const uint16_t* m, const float* bb, int len, const FmModel& p,
 // their vote: TIES = fm_ties with the default election (sum over weighted values), SUM =
 // fm_sum (its sum is the vote itself).
 template <int COMBINE, int NS>
-FM_AVX512_INLINE void
-fast_combine(const FmMergeConfig& cfg, const FmModel* models, const float (*uu)[kBlock],
-             const float* __restrict vote, int len, float* __restrict q) {
+FM_AVX512_INLINE void fast_combine(const FmMergeConfig& cfg, const FmModel* models,
+                                   const float (*uu)[kBlock], const float* __restrict vote, int len,
+                                   float* __restrict q) {
   const int n = NS > 0 ? NS : cfg.n;
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   if (COMBINE == COMBINE_SUM) {
@@ -218,15 +218,16 @@ FM_AVX512_INLINE __m512i fast_round_bf16(__m512 o) {
 // out = b + scale * q, rounded to the output dtype and stored in element order: bf16 packed
 // straight from the even/odd halves, other dtypes through a float32 block.
 template <bool HAS_BASE>
-FM_AVX512_INLINE void fast_store(const float* __restrict q, const float* __restrict bb,
-                                 float scale, int len, void* out, int out_dtype, int64_t s0) {
+FM_AVX512_INLINE void fast_store(const float* __restrict q, const float* __restrict bb, float scale,
+                                 int len, void* out, int out_dtype, int64_t s0) {
   const __m512 vs = _mm512_set1_ps(scale);
   const bool mul = scale != 1.0f;
   if (out_dtype == DTYPE_BFLOAT16) {
     const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     uint16_t* dst = static_cast<uint16_t*>(out) + s0;
     for (int g = 0; g < len; g += 32) {
-      const __m512i e = _mm512_srli_epi32(fast_round_bf16(fast_value<HAS_BASE>(q, bb, vs, mul, g)), 16);
+      const __m512i e =
+          _mm512_srli_epi32(fast_round_bf16(fast_value<HAS_BASE>(q, bb, vs, mul, g)), 16);
       const __m512i o = fast_round_bf16(fast_value<HAS_BASE>(q, bb, vs, mul, g + 16));
       // e | (o & 0xFFFF0000)
       _mm512_storeu_si512(dst + g, _mm512_ternarylogic_epi32(e, o, odd_mask, 0xF8));
@@ -235,8 +236,8 @@ FM_AVX512_INLINE void fast_store(const float* __restrict q, const float* __restr
   }
   alignas(64) float ob[kBlock];
   const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15,
-                                       31);
+  const __m512i i1 =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int g = 0; g < len; g += 32) {
     const __m512 e = fast_value<HAS_BASE>(q, bb, vs, mul, g);
     const __m512 o = fast_value<HAS_BASE>(q, bb, vs, mul, g + 16);
@@ -273,12 +274,11 @@ FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t
   for (int i = 0; i < n; ++i) {
     const uint16_t* m = static_cast<const uint16_t*>(in.models[i]) + s0;
     if (models[i].mode == MODE_DARE)
-      philox_dare_block(models[i].key_lo, models[i].key_hi,
-                        static_cast<uint64_t>(ctx.offset + s0), len, dw);
+      philox_dare_block(models[i].key_lo, models[i].key_hi, static_cast<uint64_t>(ctx.offset + s0),
+                        len, dw);
     const uint32_t a =
-        i == 0
-            ? fast_model_kind<HAS_BASE, true, kStore>(m, bb, len, models[i], dw, uu[i], vote)
-            : fast_model_kind<HAS_BASE, false, kStore>(m, bb, len, models[i], dw, uu[i], vote);
+        i == 0 ? fast_model_kind<HAS_BASE, true, kStore>(m, bb, len, models[i], dw, uu[i], vote)
+               : fast_model_kind<HAS_BASE, false, kStore>(m, bb, len, models[i], dw, uu[i], vote);
     amax = a > amax ? a : amax;
   }
   if (amax >= 0x7F800000u) return false;

@@ -1,4 +1,5 @@
-// fastmerge CPU backend: fused-merge instances for the consensus_sum and consensus_ties combine(s) (see merge_impl.h).
+// fastmerge CPU backend: fused-merge instances for the consensus_sum and consensus_ties combine(s)
+// (see merge_impl.h).
 #include "merge_impl.h"
 
 namespace fastmerge {

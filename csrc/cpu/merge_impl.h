@@ -68,18 +68,10 @@ FM_FORCE_INLINE void sparsify_block(const FmModel& m, const float* __restrict t,
 FM_FORCE_INLINE void sparsify_model(const FmModel& m, const float* t, const float* v, int score,
                                     uint64_t j0, int len, float* s) {
   switch (m.mode) {
-    case MODE_KEEP_ALL:
-      sparsify_block<MODE_KEEP_ALL>(m, t, v, score, j0, len, s);
-      break;
-    case MODE_BAND:
-      sparsify_block<MODE_BAND>(m, t, v, score, j0, len, s);
-      break;
-    case MODE_DARE:
-      sparsify_block<MODE_DARE>(m, t, v, score, j0, len, s);
-      break;
-    default:
-      sparsify_block<MODE_KEEP_NONE>(m, t, v, score, j0, len, s);
-      break;
+    case MODE_KEEP_ALL: sparsify_block<MODE_KEEP_ALL>(m, t, v, score, j0, len, s); break;
+    case MODE_BAND: sparsify_block<MODE_BAND>(m, t, v, score, j0, len, s); break;
+    case MODE_DARE: sparsify_block<MODE_DARE>(m, t, v, score, j0, len, s); break;
+    default: sparsify_block<MODE_KEEP_NONE>(m, t, v, score, j0, len, s); break;
   }
 }
 
@@ -90,9 +82,8 @@ FM_FORCE_INLINE void sparsify_model(const FmModel& m, const float* t, const floa
 // bf16 bits (SRC_BF16) or float32. t is stored only where the combine reads it (STORE_T).
 template <int MODE, bool HI_INF, bool HAS_BASE, bool SRC_BF16, bool STORE_T>
 FM_FORCE_INLINE int32_t task_sparsify_loop(const FmModel& m, const void* src,
-                                           const float* __restrict bb,
-                                           const uint32_t* __restrict w, int len,
-                                           float* __restrict t_out, float* __restrict s) {
+                                           const float* __restrict bb, const uint32_t* __restrict w,
+                                           int len, float* __restrict t_out, float* __restrict s) {
   const uint16_t* __restrict h = static_cast<const uint16_t*>(src);
   const float* __restrict f = static_cast<const float*>(src);
   const float r = m.rescale;
@@ -129,23 +120,21 @@ template <int MODE, bool HAS_BASE, bool SRC_BF16>
 FM_FORCE_INLINE int32_t task_sparsify_t(const FmModel& m, const void* src, const float* bb,
                                         const uint32_t* w, int len, float* t_out, float* s) {
   if (MODE == MODE_BAND && m.hi == fm_inf()) {
-    return t_out != nullptr
-               ? task_sparsify_loop<MODE, true, HAS_BASE, SRC_BF16, true>(m, src, bb, w, len,
-                                                                          t_out, s)
-               : task_sparsify_loop<MODE, true, HAS_BASE, SRC_BF16, false>(m, src, bb, w, len,
-                                                                           t_out, s);
+    return t_out != nullptr ? task_sparsify_loop<MODE, true, HAS_BASE, SRC_BF16, true>(
+                                  m, src, bb, w, len, t_out, s)
+                            : task_sparsify_loop<MODE, true, HAS_BASE, SRC_BF16, false>(
+                                  m, src, bb, w, len, t_out, s);
   }
-  return t_out != nullptr
-             ? task_sparsify_loop<MODE, false, HAS_BASE, SRC_BF16, true>(m, src, bb, w, len,
-                                                                         t_out, s)
-             : task_sparsify_loop<MODE, false, HAS_BASE, SRC_BF16, false>(m, src, bb, w, len,
-                                                                          t_out, s);
+  return t_out != nullptr ? task_sparsify_loop<MODE, false, HAS_BASE, SRC_BF16, true>(m, src, bb, w,
+                                                                                      len, t_out, s)
+                          : task_sparsify_loop<MODE, false, HAS_BASE, SRC_BF16, false>(
+                                m, src, bb, w, len, t_out, s);
 }
 
 template <int MODE>
 FM_FORCE_INLINE int32_t task_sparsify_m(const FmModel& m, const void* src, bool src_bf16,
-                                        const float* bb, const uint32_t* w, int len,
-                                        float* t_out, float* s) {
+                                        const float* bb, const uint32_t* w, int len, float* t_out,
+                                        float* s) {
   if (bb != nullptr) {
     return src_bf16 ? task_sparsify_t<MODE, true, true>(m, src, bb, w, len, t_out, s)
                     : task_sparsify_t<MODE, true, false>(m, src, bb, w, len, t_out, s);
@@ -199,14 +188,16 @@ FM_FORCE_INLINE void combine_loop(const FmMergeConfig& cfg, const FmModel* model
 // The merge of [begin, end) for a combine id and model count known at compile time
 // (NS = 0: any n up to FM_MAX_MODELS).
 template <int COMBINE, int NS>
-__attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
-    const MergeCtx& ctx, int64_t begin, int64_t end, int64_t* nonfinite, bool* done) {
+__attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(const MergeCtx& ctx,
+                                                                     int64_t begin, int64_t end,
+                                                                     int64_t* nonfinite,
+                                                                     bool* done) {
   constexpr int CAP = NS > 0 ? NS : FM_MAX_MODELS;
   constexpr bool kLinear = COMBINE == COMBINE_LINEAR;
   // the combines that read the task vectors t themselves (the others read s and v only)
   constexpr bool kTiesVote = COMBINE == COMBINE_TIES || COMBINE == COMBINE_CONSENSUS_TIES;
-  constexpr bool kNeedT = kLinear || COMBINE == COMBINE_CONSENSUS_SUM ||
-                          COMBINE == COMBINE_CONSENSUS_TIES;
+  constexpr bool kNeedT =
+      kLinear || COMBINE == COMBINE_CONSENSUS_SUM || COMBINE == COMBINE_CONSENSUS_TIES;
   const Inputs& in = *ctx.in;
   FmMergeConfig cfg = ctx.cfg;
   cfg.combine = COMBINE;
@@ -221,9 +212,9 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
   // per-model block buffers on the heap (up to 3 * 32 * 2 KiB), the rest on the stack
   float* work = static_cast<float*>(aligned_alloc(64, sizeof(float) * 3 * CAP * kBlock));
   if (work == nullptr) return;  // the caller counts unprocessed ranges as a failure
-  float(*tt)[kBlock] = reinterpret_cast<float(*)[kBlock]>(work);
-  float(*ss)[kBlock] = reinterpret_cast<float(*)[kBlock]>(work + CAP * kBlock);
-  float(*vv)[kBlock] = reinterpret_cast<float(*)[kBlock]>(work + 2 * CAP * kBlock);
+  float (*tt)[kBlock] = reinterpret_cast<float (*)[kBlock]>(work);
+  float (*ss)[kBlock] = reinterpret_cast<float (*)[kBlock]>(work + CAP * kBlock);
+  float (*vv)[kBlock] = reinterpret_cast<float (*)[kBlock]>(work + 2 * CAP * kBlock);
   alignas(64) float bb[kBlock];
   alignas(64) float ob[kBlock];
   alignas(64) float mf[kBlock];  // a float16 / float32 model block as float32
@@ -256,8 +247,7 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
     }
 #ifdef FM_MERGE_AVX512
     if constexpr (kFastCombine) {
-      if (fast && len % 32 == 0 && fast_block_any<COMBINE, NS>(ctx, models, s0, len, tt))
-        continue;
+      if (fast && len % 32 == 0 && fast_block_any<COMBINE, NS>(ctx, models, s0, len, tt)) continue;
     }
 #endif
     if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
@@ -274,8 +264,8 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(
           load_block(in.models[i], in.model_dtypes[i], s0, len, mf);
           mb = mf;
         }
-        nonfinite[i] += task_sparsify_block(models[i], mb, bf16, has_base ? bb : nullptr, j0,
-                                            len, kNeedT ? tt[i] : nullptr, ss[kLinear ? 0 : i]);
+        nonfinite[i] += task_sparsify_block(models[i], mb, bf16, has_base ? bb : nullptr, j0, len,
+                                            kNeedT ? tt[i] : nullptr, ss[kLinear ? 0 : i]);
         continue;
       }
       load_task_block(in.models[i], in.model_dtypes[i], s0, len, bb, has_base, tt[i]);

@@ -1,4 +1,5 @@
-// fastmerge CPU backend: fused-merge instances for the linear and sum combine(s) (see merge_impl.h).
+// fastmerge CPU backend: fused-merge instances for the linear and sum combine(s) (see
+// merge_impl.h).
 #include "merge_impl.h"
 
 namespace fastmerge {

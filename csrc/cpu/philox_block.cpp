@@ -135,10 +135,9 @@ FM_AVX512 void philox16x2(__m512i* a, __m512i* b, const __m512i* kv) {
 // the four words of 16 counters (w[q] lane l = word q of counter l) to 64 elements in order
 FM_AVX512 void store_words16(const __m512i* w, uint32_t* out) {
   // (word 0, word 1) and (word 2, word 3) pairs of counters 0-7 / 8-15, then pairs of pairs
-  const __m512i pair_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
-                                            23);
-  const __m512i pair_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
-                                            30, 15, 31);
+  const __m512i pair_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i pair_hi =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512i quad_lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
   const __m512i quad_hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   const __m512i a_lo = _mm512_permutex2var_epi32(w[0], pair_lo, w[1]);
@@ -159,8 +158,8 @@ FM_AVX512 void counters16(uint64_t c, __m512i* st) {
   st[3] = _mm512_setzero_si512();
 }
 
-__attribute__((target("avx512f"))) void words_avx512(uint32_t key_lo, uint32_t key_hi,
-                                                     uint64_t j0, int64_t len, uint32_t* out) {
+__attribute__((target("avx512f"))) void words_avx512(uint32_t key_lo, uint32_t key_hi, uint64_t j0,
+                                                     int64_t len, uint32_t* out) {
   __m512i kv[20];
   for (int r = 0; r < 10; ++r) {
     kv[2 * r] = _mm512_set1_epi32(static_cast<int>(key_lo + static_cast<uint32_t>(r) * PHILOX_W0));
@@ -204,8 +203,7 @@ WordsFn pick(int isa) {
 
 }  // namespace
 
-void philox_dare_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len,
-                       uint32_t* out) {
+void philox_dare_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, uint32_t* out) {
   static const WordsFn fn = pick(2);
   fn(key_lo, key_hi, j0, len, out);
 }

@@ -46,8 +46,8 @@ namespace cpu {
 namespace {
 
 constexpr uint32_t kNonFinite = 0x7F800000u;  // score bits >= this: Inf or NaN
-constexpr int kRun = 64;                       // sampled run length (two 64-byte bf16 lines)
-constexpr int kPrefetchRuns = 8;               // runs whose lines are requested ahead
+constexpr int kRun = 64;                      // sampled run length (two 64-byte bf16 lines)
+constexpr int kPrefetchRuns = 8;              // runs whose lines are requested ahead
 constexpr int64_t kMaxSample = 65536;
 // Frequent values: counted by equality, not copied. A value is frequent when it holds at
 // least 1/256 of the sample (~0.4% of the tensor): copying it would cost more than the
@@ -55,12 +55,13 @@ constexpr int64_t kMaxSample = 65536;
 constexpr int kHeavy = 4;
 constexpr int64_t kHeavyShare = 256;
 constexpr uint32_t kSelectBins = 4096;
-constexpr int64_t kSelectAhead = int64_t{kBlock} * FM_SELECT_AHEAD;  // bins of the window when picking among the copies
+constexpr int64_t kSelectAhead =
+    int64_t{kBlock} * FM_SELECT_AHEAD;  // bins of the window when picking among the copies
 
 // Per work item and request: what the pass found (the candidate list is this item's part).
 struct Found {
-  int64_t above = 0;   // scores > hi
-  int64_t inside = 0;  // scores in [lo, hi] that are not frequent values (copied)
+  int64_t above = 0;           // scores > hi
+  int64_t inside = 0;          // scores in [lo, hi] that are not frequent values (copied)
   int64_t heavy[kHeavy] = {};  // count of each frequent value
   double above_l1 = 0.0;
   uint32_t* cand = nullptr;  // scores in [lo, hi], in element order (when stored)
@@ -71,7 +72,7 @@ struct Window {
   int model;
   int64_t k;
   uint32_t lo, hi;
-  int nheavy;               // frequent values inside [lo, hi], counted by equality
+  int nheavy;  // frequent values inside [lo, hi], counted by equality
   uint32_t heavy[kHeavy];
 };
 
@@ -180,9 +181,8 @@ FM_FORCE_INLINE void with_heavy_count(int nheavy, F&& f) {
 
 void scan_portable(const uint32_t* __restrict bits, int len, const Window& w, bool l1,
                    uint32_t* __restrict dst, ScanAcc* acc) {
-  with_heavy_count(w.nheavy, [&](auto nh) {
-    scan_portable_n<decltype(nh)::value>(bits, len, w, l1, dst, acc);
-  });
+  with_heavy_count(
+      w.nheavy, [&](auto nh) { scan_portable_n<decltype(nh)::value>(bits, len, w, l1, dst, acc); });
 }
 
 #ifdef FM_SELECT_AVX512
@@ -191,9 +191,10 @@ void scan_portable(const uint32_t* __restrict bits, int len, const Window& w, bo
 // values counted in per-lane vector counters (NH fixed at compile time, so they stay in
 // registers); sums in 16 float64 lanes. dst needs 16 values of slack.
 template <int NH>
-__attribute__((target("avx512f,avx,popcnt"))) void scan_avx512_n(
-    const uint32_t* __restrict bits, int len, const Window& w, bool l1,
-    uint32_t* __restrict dst, ScanAcc* acc) {
+__attribute__((target("avx512f,avx,popcnt"))) void scan_avx512_n(const uint32_t* __restrict bits,
+                                                                 int len, const Window& w, bool l1,
+                                                                 uint32_t* __restrict dst,
+                                                                 ScanAcc* acc) {
   const uint32_t lo = w.lo, hi = w.hi;
   __m512i hv[NH > 0 ? NH : 1], hc[NH > 0 ? NH : 1];
   for (int j = 0; j < NH; ++j) {
@@ -218,8 +219,7 @@ __attribute__((target("avx512f,avx,popcnt"))) void scan_avx512_n(
       in = static_cast<__mmask16>(in & ~eq);
     }
     above += _mm_popcnt_u32(gt);
-    if (dst != nullptr)
-      _mm512_storeu_si512(dst + inside, _mm512_maskz_compress_epi32(in, b));
+    if (dst != nullptr) _mm512_storeu_si512(dst + inside, _mm512_maskz_compress_epi32(in, b));
     inside += _mm_popcnt_u32(in);
     if (l1) {  // the scores as floats, reloaded in halves (cheaper than lane extracts)
       const __m256 f0 = _mm256_loadu_ps(reinterpret_cast<const float*>(bits + k));
@@ -238,9 +238,8 @@ __attribute__((target("avx512f,avx,popcnt"))) void scan_avx512_n(
 
 void scan_avx512(const uint32_t* __restrict bits, int len, const Window& w, bool l1,
                  uint32_t* __restrict dst, ScanAcc* acc) {
-  with_heavy_count(w.nheavy, [&](auto nh) {
-    scan_avx512_n<decltype(nh)::value>(bits, len, w, l1, dst, acc);
-  });
+  with_heavy_count(
+      w.nheavy, [&](auto nh) { scan_avx512_n<decltype(nh)::value>(bits, len, w, l1, dst, acc); });
 }
 #endif
 
@@ -271,9 +270,9 @@ uint32_t score_block_generic(const void* m, int dtype, int64_t s0, const float* 
 #ifdef FM_SELECT_AVX512
 // The same in one loop for bf16 models: widen, subtract the base block, clear the sign. The
 // float32 subtraction is the one fm_sub does (no contraction); same bits as the generic code.
-__attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t score_block_avx512(
-    const void* m, int dtype, int64_t s0, const float* bb, int len, bool l1,
-    uint32_t* __restrict bits, double* __restrict tot) {
+__attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t
+score_block_avx512(const void* m, int dtype, int64_t s0, const float* bb, int len, bool l1,
+                   uint32_t* __restrict bits, double* __restrict tot) {
   if (dtype != DTYPE_BFLOAT16 || len != kBlock)
     return score_block_generic(m, dtype, s0, bb, len, l1, bits, tot);
   const uint16_t* h = static_cast<const uint16_t*>(m) + s0;
@@ -312,9 +311,9 @@ __attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t score_block_avx5
 // largest score bits (>= kNonFinite: a NaN/Inf is present; the caller counts them). With l1,
 // tot[0..7] += |t| and acc->above_l1 as in scan_avx512_n. len is a multiple of 16.
 template <int NH, bool HAS_BASE, bool L1>
-__attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t fused_bf16_n(
-    const uint16_t* __restrict m, const uint16_t* __restrict b, int len, const Window& w,
-    uint32_t* __restrict dst, ScanAcc* acc, double* __restrict tot) {
+__attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t
+fused_bf16_n(const uint16_t* __restrict m, const uint16_t* __restrict b, int len, const Window& w,
+             uint32_t* __restrict dst, ScanAcc* acc, double* __restrict tot) {
   __m512i hv[NH > 0 ? NH : 1], hc[NH > 0 ? NH : 1];
   for (int j = 0; j < NH; ++j) {
     hv[j] = _mm512_set1_epi32(static_cast<int>(w.heavy[j]));
@@ -333,10 +332,10 @@ __attribute__((target("avx512f,avx512dq,avx,popcnt"))) uint32_t fused_bf16_n(
     __m512 t = _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + k))), 16));
     if (HAS_BASE)
-      t = _mm512_sub_ps(t, _mm512_castsi512_ps(_mm512_slli_epi32(
-                               _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                   reinterpret_cast<const __m256i*>(b + k))),
-                               16)));
+      t = _mm512_sub_ps(
+          t, _mm512_castsi512_ps(_mm512_slli_epi32(
+                 _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k))),
+                 16)));
     const __m512i s = _mm512_and_si512(_mm512_castps_si512(t), abs_mask);
     mx = _mm512_max_epu32(mx, s);
     const __mmask16 gt = _mm512_cmpgt_epu32_mask(s, vhi);
@@ -464,8 +463,8 @@ void window_range(const PassCtx& c, int64_t begin, int64_t end, Found* found, do
   };
   auto count_nonfinite_block = [&](int i, int64_t s0, int len) {
     if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
-    score_block_generic(in.models[i], in.model_dtypes[i], s0, has_base ? bb : nullptr, len,
-                        false, bits, nullptr);
+    score_block_generic(in.models[i], in.model_dtypes[i], s0, has_base ? bb : nullptr, len, false,
+                        bits, nullptr);
     int32_t nb = 0;
     for (int k = 0; k < len; ++k) nb += bits[k] >= kNonFinite ? 1 : 0;
     nonfinite[i] += nb;
@@ -549,8 +548,8 @@ std::vector<uint32_t> sample_scores(const Inputs& in, int i) {
   std::vector<uint32_t> out;
   auto take = [&](int64_t j0, int len, uint32_t* dst) {  // len <= kBlock scores from j0
     if (has_base) load_block(in.base, in.base_dtype, j0, len, bb);
-    score_block_generic(in.models[i], in.model_dtypes[i], j0, has_base ? bb : nullptr, len,
-                        false, dst, nullptr);
+    score_block_generic(in.models[i], in.model_dtypes[i], j0, has_base ? bb : nullptr, len, false,
+                        dst, nullptr);
   };
   if (n <= kMaxSample) {
     out.resize(static_cast<size_t>(n));
@@ -623,17 +622,16 @@ Window window_for(int model, int64_t k, int64_t n, const std::vector<uint32_t>& 
   } else {
     const double q = static_cast<double>(k) / static_cast<double>(n);
     const double r = q * static_cast<double>(S);
-    const double m = margin_sd * sqrt(static_cast<double>(S) * q * (1.0 - q)) +
-                     (margin_sd > 0.0 ? 32.0 : 0.0);
+    const double m =
+        margin_sd * sqrt(static_cast<double>(S) * q * (1.0 - q)) + (margin_sd > 0.0 ? 32.0 : 0.0);
     a = static_cast<int64_t>(floor(r - m)) - 1;  // ranks 0-based, descending
     b = static_cast<int64_t>(ceil(r + m)) - 1;
   }
   // ranks outside the sample: the window is open on that side
   const bool open_hi = a < 0 || a >= S, open_lo = b < 0 || b >= S;
-  const int64_t ra = open_hi ? (open_lo ? 0 : std::min<int64_t>(std::max<int64_t>(a, 0), b))
-                             : a;
-  const int64_t rb = open_lo ? (open_hi ? 0 : std::max<int64_t>(std::min<int64_t>(b, S - 1), ra))
-                             : b;
+  const int64_t ra = open_hi ? (open_lo ? 0 : std::min<int64_t>(std::max<int64_t>(a, 0), b)) : a;
+  const int64_t rb =
+      open_lo ? (open_hi ? 0 : std::max<int64_t>(std::min<int64_t>(b, S - 1), ra)) : b;
   std::vector<uint32_t> near;
   const auto got = sample_ranks(sample, ra, rb, near);
   uint32_t hi = open_hi ? 0xFFFFFFFFu : got.first;
@@ -707,8 +705,8 @@ void release_large() {
 // the frequent values of the window that fall in the range, and returns the bin holding the
 // rank-th largest (rank becomes the rank inside it). consistent turns false if the counts do
 // not add up (a miss: the caller leaves the request to the radix selection).
-size_t bin_of_rank(int64_t* cnt, size_t nb, const Window& w, const int64_t* heavy,
-                   uint32_t from, int sh, int64_t& rank, bool& consistent) {
+size_t bin_of_rank(int64_t* cnt, size_t nb, const Window& w, const int64_t* heavy, uint32_t from,
+                   int sh, int64_t& rank, bool& consistent) {
   for (size_t b = 0; b < nb; ++b) cnt[b] += cnt[nb + b] + cnt[2 * nb + b] + cnt[3 * nb + b];
   for (int j = 0; j < w.nheavy; ++j) {
     const uint32_t d = w.heavy[j] - from;
@@ -722,9 +720,9 @@ size_t bin_of_rank(int64_t* cnt, size_t nb, const Window& w, const int64_t* heav
 
 }  // namespace
 
-void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_k, int R,
-                 bool l1, int64_t* thr_bits, double* kept_l1, double* total_l1,
-                 int64_t* nonfinite, int nthreads, double margin_sd, int isa) {
+void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_k, int R, bool l1,
+                 int64_t* thr_bits, double* kept_l1, double* total_l1, int64_t* nonfinite,
+                 int nthreads, double margin_sd, int isa) {
   const int64_t n = in.numel;
   for (int r = 0; r < R; ++r) {
     thr_bits[r] = -1;
@@ -766,9 +764,16 @@ void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_
   }
   static const ScanFn best = pick_scan(2);
   static const ScoreFn best_score = pick_score(2);
-  PassCtx c{&in, win.data(), R, l1, isa >= 2 ? best : pick_scan(isa),
-            isa >= 2 ? best_score : pick_score(isa), stored.data(), store_cap.data(),
-            overflow.data(), isa >= 2 && best_score != score_block_generic};
+  PassCtx c{&in,
+            win.data(),
+            R,
+            l1,
+            isa >= 2 ? best : pick_scan(isa),
+            isa >= 2 ? best_score : pick_score(isa),
+            stored.data(),
+            store_cap.data(),
+            overflow.data(),
+            isa >= 2 && best_score != score_block_generic};
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t q = 0; q < items; ++q) {
     const int64_t begin = q * kChunk;

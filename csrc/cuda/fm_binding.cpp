@@ -31,8 +31,8 @@ int32_t dtype_code(at::ScalarType t) {
 // Inputs as the kernels read them: contiguous, on `device`, of a supported element type
 // (float64 and the like are converted to float32, which is what the math uses anyway).
 Tensor prepare(const Tensor& x, const at::Device& device, const char* what) {
-  TORCH_CHECK(x.device() == device, "fastmerge cuda: ", what, " is on ", x.device(),
-              ", expected ", device);
+  TORCH_CHECK(x.device() == device, "fastmerge cuda: ", what, " is on ", x.device(), ", expected ",
+              device);
   Tensor y = dtype_code(x.scalar_type()) < 0 ? x.to(at::kFloat) : x;
   return y.contiguous();
 }
@@ -55,9 +55,8 @@ struct Prepared {
 Prepared prepare_inputs(const c10::optional<Tensor>& base, at::TensorList models,
                         at::TensorList second_moments) {
   TORCH_CHECK(!models.empty(), "fastmerge cuda: at least one model tensor is required");
-  TORCH_CHECK(static_cast<int64_t>(models.size()) <= FM_CUDA_MAX_MODELS,
-              "fastmerge cuda: at most ", FM_CUDA_MAX_MODELS, " models per call, got ",
-              models.size());
+  TORCH_CHECK(static_cast<int64_t>(models.size()) <= FM_CUDA_MAX_MODELS, "fastmerge cuda: at most ",
+              FM_CUDA_MAX_MODELS, " models per call, got ", models.size());
   TORCH_CHECK(second_moments.empty() || second_moments.size() == models.size(),
               "fastmerge cuda: second_moments must be empty or one per model");
   const at::Device device = models[0].device();
@@ -79,15 +78,15 @@ Prepared prepare_inputs(const c10::optional<Tensor>& base, at::TensorList models
     p.in.base_dtype = FM_CUDA_F32;
   }
   for (size_t i = 0; i < models.size(); ++i) {
-    TORCH_CHECK(models[i].numel() == numel, "fastmerge cuda: model ", i, " has ",
-                models[i].numel(), " elements, model 0 has ", numel);
+    TORCH_CHECK(models[i].numel() == numel, "fastmerge cuda: model ", i, " has ", models[i].numel(),
+                " elements, model 0 has ", numel);
     Tensor m = prepare(models[i], device, "a model tensor");
     p.in.models[i] = m.data_ptr();
     p.in.model_dtype[i] = dtype_code(m.scalar_type());
     p.keep.push_back(m);
     if (p.in.has_moments) {
-      TORCH_CHECK(second_moments[i].numel() == numel, "fastmerge cuda: second moments of model ",
-                  i, " have ", second_moments[i].numel(), " elements, the weights ", numel);
+      TORCH_CHECK(second_moments[i].numel() == numel, "fastmerge cuda: second moments of model ", i,
+                  " have ", second_moments[i].numel(), " elements, the weights ", numel);
       Tensor v = prepare(second_moments[i], device, "a second-moment tensor");
       p.in.moments[i] = v.data_ptr();
       p.in.moment_dtype[i] = dtype_code(v.scalar_type());
@@ -107,8 +106,8 @@ cudaStream_t current_stream(const at::Device& device) {
 }
 
 void check(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastmerge cuda: ", op, " launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "fastmerge cuda: ", op,
+              " launch failed: ", cudaGetErrorString(err));
 }
 
 void score_histogram_cuda(const c10::optional<Tensor>& base, at::TensorList models,
@@ -118,7 +117,8 @@ void score_histogram_cuda(const c10::optional<Tensor>& base, at::TensorList mode
   const at::Device device = models[0].device();
   c10::cuda::CUDAGuard guard(device);
   TORCH_CHECK(level == 0 || level == 1, "fastmerge cuda: level must be 0 or 1, got ", level);
-  TORCH_CHECK(score == 0 || p.in.has_moments, "fastmerge cuda: the fisher score needs "
+  TORCH_CHECK(score == 0 || p.in.has_moments,
+              "fastmerge cuda: the fisher score needs "
               "second moments");
   Tensor tg = targets.to(device, at::kLong).contiguous();
   TORCH_CHECK(tg.dim() == 2 && tg.size(1) == 2, "fastmerge cuda: targets must be [T, 2]");
@@ -132,13 +132,12 @@ void score_histogram_cuda(const c10::optional<Tensor>& base, at::TensorList mode
   // once, in a fixed order (fm_cuda.h).
   Tensor limbs;
   if (score == 1)
-    limbs = at::zeros({rows, FM_CUDA_NUM_BINS, FM_CUDA_HIST_LIMBS},
-                      counts.options().dtype(at::kLong));
-  check(fm_cuda_score_histogram(&p.in, static_cast<int32_t>(score), tg.data_ptr<int64_t>(),
-                                static_cast<int32_t>(rows), static_cast<int32_t>(level),
-                                counts.data_ptr<int64_t>(), sums.data_ptr<double>(),
-                                limbs.defined() ? limbs.data_ptr<int64_t>() : nullptr,
-                                current_stream(device)),
+    limbs =
+        at::zeros({rows, FM_CUDA_NUM_BINS, FM_CUDA_HIST_LIMBS}, counts.options().dtype(at::kLong));
+  check(fm_cuda_score_histogram(
+            &p.in, static_cast<int32_t>(score), tg.data_ptr<int64_t>(), static_cast<int32_t>(rows),
+            static_cast<int32_t>(level), counts.data_ptr<int64_t>(), sums.data_ptr<double>(),
+            limbs.defined() ? limbs.data_ptr<int64_t>() : nullptr, current_stream(device)),
         "score_histogram");
   if (limbs.defined()) {
     Tensor scales = at::exp2(at::arange(FM_CUDA_HIST_LIMBS, sums.options()) * 28.0 - 149.0);
@@ -170,11 +169,10 @@ void model_stats_cuda(const c10::optional<Tensor>& base, at::TensorList models,
 }
 
 Tensor fused_merge_cuda(const c10::optional<Tensor>& base, at::TensorList models,
-                        at::TensorList second_moments, const Tensor& fparams,
-                        const Tensor& iparams, int64_t combine, int64_t score, int64_t elect,
-                        int64_t elect_on, int64_t normalize, int64_t consensus_k, double scale,
-                        double power, double eps, int64_t offset, at::ScalarType out_dtype,
-                        Tensor& nonfinite) {
+                        at::TensorList second_moments, const Tensor& fparams, const Tensor& iparams,
+                        int64_t combine, int64_t score, int64_t elect, int64_t elect_on,
+                        int64_t normalize, int64_t consensus_k, double scale, double power,
+                        double eps, int64_t offset, at::ScalarType out_dtype, Tensor& nonfinite) {
   Prepared p = prepare_inputs(base, models, second_moments);
   const at::Device device = models[0].device();
   c10::cuda::CUDAGuard guard(device);
@@ -187,8 +185,8 @@ Tensor fused_merge_cuda(const c10::optional<Tensor>& base, at::TensorList models
   TORCH_CHECK(nonfinite.numel() == n, "fastmerge cuda: nonfinite must have N elements");
   // The kernel writes float32/float16/bfloat16; any other requested dtype is one cast after.
   const bool direct = dtype_code(out_dtype) >= 0;
-  Tensor out = at::empty(models[0].sizes(),
-                         models[0].options().dtype(direct ? out_dtype : at::kFloat));
+  Tensor out =
+      at::empty(models[0].sizes(), models[0].options().dtype(direct ? out_dtype : at::kFloat));
   if (p.in.numel == 0) return direct ? out : out.to(out_dtype);
   FmCudaMergeArgs a{};
   a.combine = static_cast<int32_t>(combine);
@@ -202,9 +200,8 @@ Tensor fused_merge_cuda(const c10::optional<Tensor>& base, at::TensorList models
   a.eps = static_cast<float>(eps);
   a.offset = offset;
   a.out_dtype = dtype_code(out.scalar_type());
-  check(fm_cuda_fused_merge(&p.in, fp.data_ptr<float>(), ip.data_ptr<int64_t>(), &a,
-                            out.data_ptr(), nonfinite.data_ptr<int64_t>(),
-                            current_stream(device)),
+  check(fm_cuda_fused_merge(&p.in, fp.data_ptr<float>(), ip.data_ptr<int64_t>(), &a, out.data_ptr(),
+                            nonfinite.data_ptr<int64_t>(), current_stream(device)),
         "fused_merge");
   return direct ? out : out.to(out_dtype);
 }
@@ -221,10 +218,16 @@ TORCH_LIBRARY_IMPL(fastmerge, CUDA, m) {
 // schemas themselves are defined in Python (fastmerge/ops.py), so import fastmerge first.
 extern "C" {
 PyMODINIT_FUNC PyInit__cuda(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cuda",
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
+                                          "_cuda",
                                           "fastmerge CUDA kernels (registers the fastmerge:: "
                                           "ops for the CUDA dispatch key)",
-                                          -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+                                          -1,
+                                          nullptr,
+                                          nullptr,
+                                          nullptr,
+                                          nullptr,
+                                          nullptr};
   return PyModule_Create(&module_def);
 }
 }

@@ -12,11 +12,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#define FM_CUDA_MAX_MODELS 32  // models per call (pointer arrays travel by value)
-#define FM_CUDA_NUM_FPARAMS 6  // fastmerge.ops.NUM_FPARAMS
-#define FM_CUDA_NUM_IPARAMS 3  // fastmerge.ops.NUM_IPARAMS
-#define FM_CUDA_NUM_BINS 65536 // fastmerge.ops.NUM_BINS
-#define FM_CUDA_HIST_LIMBS 10  // 28-bit limbs of the Fisher histograms' exact |t| sums
+#define FM_CUDA_MAX_MODELS 32   // models per call (pointer arrays travel by value)
+#define FM_CUDA_NUM_FPARAMS 6   // fastmerge.ops.NUM_FPARAMS
+#define FM_CUDA_NUM_IPARAMS 3   // fastmerge.ops.NUM_IPARAMS
+#define FM_CUDA_NUM_BINS 65536  // fastmerge.ops.NUM_BINS
+#define FM_CUDA_HIST_LIMBS 10   // 28-bit limbs of the Fisher histograms' exact |t| sums
 
 // Element types of the inputs and the output (any mix).
 enum FmCudaDType : int32_t { FM_CUDA_F32 = 0, FM_CUDA_F16 = 1, FM_CUDA_BF16 = 2 };
@@ -24,9 +24,9 @@ enum FmCudaDType : int32_t { FM_CUDA_F32 = 0, FM_CUDA_F16 = 1, FM_CUDA_BF16 = 2 
 // The tensors of one call: base (optional), N models, N second moments (optional), all with
 // `numel` contiguous elements. Passed to the kernels by value (~800 bytes of kernel parameters).
 struct FmCudaInputs {
-  const void* base;                                // nullptr: the models are task vectors
+  const void* base;  // nullptr: the models are task vectors
   const void* models[FM_CUDA_MAX_MODELS];
-  const void* moments[FM_CUDA_MAX_MODELS];         // all nullptr when has_moments == 0
+  const void* moments[FM_CUDA_MAX_MODELS];  // all nullptr when has_moments == 0
   int32_t base_dtype;
   int32_t model_dtype[FM_CUDA_MAX_MODELS];
   int32_t moment_dtype[FM_CUDA_MAX_MODELS];

@@ -48,14 +48,24 @@ __host__ __device__ FM_FORCE_INLINE void ld_bytes(const void* p, uint32_t* w) {
   if constexpr (BYTES == 32) {
     const uint4 a = ldg(static_cast<const uint4*>(p));
     const uint4 b = ldg(static_cast<const uint4*>(p) + 1);
-    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
-    w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+    w[0] = a.x;
+    w[1] = a.y;
+    w[2] = a.z;
+    w[3] = a.w;
+    w[4] = b.x;
+    w[5] = b.y;
+    w[6] = b.z;
+    w[7] = b.w;
   } else if constexpr (BYTES == 16) {
     const uint4 a = ldg(static_cast<const uint4*>(p));
-    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+    w[0] = a.x;
+    w[1] = a.y;
+    w[2] = a.z;
+    w[3] = a.w;
   } else if constexpr (BYTES == 8) {
     const uint2 a = ldg(static_cast<const uint2*>(p));
-    w[0] = a.x; w[1] = a.y;
+    w[0] = a.x;
+    w[1] = a.y;
   } else if constexpr (BYTES == 4) {
     w[0] = ldg(static_cast<const unsigned int*>(p));
   } else {
@@ -70,8 +80,9 @@ __host__ __device__ FM_FORCE_INLINE void ld_bytes(const void* p, uint32_t* w) {
 // every input is 16-bit). `full` (the group is inside the tensor and every pointer is aligned
 // to the group's bytes) selects one vector load; otherwise element loads with bounds.
 template <int EPT, int WORDS>
-__host__ __device__ FM_FORCE_INLINE void load_group(const void* p, int dtype, int64_t i0, int64_t numel,
-                                           bool full, uint32_t (&w)[WORDS]) {
+__host__ __device__ FM_FORCE_INLINE void load_group(const void* p, int dtype, int64_t i0,
+                                                    int64_t numel, bool full,
+                                                    uint32_t (&w)[WORDS]) {
   constexpr bool kAllowF32 = WORDS >= EPT;
 #pragma unroll
   for (int q = 0; q < WORDS; ++q) w[q] = 0u;
@@ -93,8 +104,7 @@ __host__ __device__ FM_FORCE_INLINE void load_group(const void* p, int dtype, in
     } else {
 #pragma unroll
       for (int e = 0; e < EPT; ++e)
-        if (i0 + e < numel)
-          w[e >> 1] |= static_cast<uint32_t>(ldg(h + e)) << ((e & 1) * 16);
+        if (i0 + e < numel) w[e >> 1] |= static_cast<uint32_t>(ldg(h + e)) << ((e & 1) * 16);
     }
   }
 }
@@ -104,8 +114,8 @@ template <int EPT, int WORDS>
 __host__ __device__ FM_FORCE_INLINE float decode(const uint32_t (&w)[WORDS], int dtype, int e) {
   constexpr bool kAllowF32 = WORDS >= EPT;
   if (kAllowF32 && dtype == DTYPE_FLOAT32) return fm_u2f(w[e < WORDS ? e : WORDS - 1]);
-  const uint16_t h = static_cast<uint16_t>(w[(e >> 1) < WORDS ? (e >> 1) : WORDS - 1] >>
-                                           ((e & 1) * 16));
+  const uint16_t h =
+      static_cast<uint16_t>(w[(e >> 1) < WORDS ? (e >> 1) : WORDS - 1] >> ((e & 1) * 16));
   return dtype == DTYPE_BFLOAT16 ? fm_bf16_to_float(h) : fm_half_to_float(h);
 }
 
@@ -163,16 +173,17 @@ __host__ __device__ FM_FORCE_INLINE void push_back(uint32_t (&o)[EPT], int dtype
 
 // Store a full output queue (vectorised when `full`, element by element otherwise).
 template <int EPT>
-__host__ __device__ FM_FORCE_INLINE void store_queue(void* out, int dtype, int64_t i0, int64_t numel,
-                                            bool full, const uint32_t (&o)[EPT]) {
+__host__ __device__ FM_FORCE_INLINE void store_queue(void* out, int dtype, int64_t i0,
+                                                     int64_t numel, bool full,
+                                                     const uint32_t (&o)[EPT]) {
   if (dtype == DTYPE_FLOAT32) {
     uint32_t* p = static_cast<uint32_t*>(out) + i0;
     if (full) {
       if constexpr (EPT % 4 == 0) {
 #pragma unroll
         for (int q = 0; q < EPT / 4; ++q)
-          reinterpret_cast<uint4*>(p)[q] = make_uint4(o[4 * q], o[4 * q + 1], o[4 * q + 2],
-                                                      o[4 * q + 3]);
+          reinterpret_cast<uint4*>(p)[q] =
+              make_uint4(o[4 * q], o[4 * q + 1], o[4 * q + 2], o[4 * q + 3]);
       } else if constexpr (EPT == 2) {
         reinterpret_cast<uint2*>(p)[0] = make_uint2(o[0], o[1]);
       } else {

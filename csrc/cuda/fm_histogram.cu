@@ -27,11 +27,11 @@
 namespace fmcuda {
 namespace {
 
-constexpr int kIpt = 8;                     // elements per thread per group
-constexpr int kWords = kIpt;                // raw words per tensor group (float32 allowed)
-constexpr int kHistThreads = 1024;          // one big block per SM holds the 128 KiB histogram
-constexpr int kLevel0Bins = 1 << 15;        // level-0 digits: the sign bit is cleared
-constexpr uint32_t kNoBin = 0xFFFFFFFFu;    // lanes with nothing to add
+constexpr int kIpt = 8;                   // elements per thread per group
+constexpr int kWords = kIpt;              // raw words per tensor group (float32 allowed)
+constexpr int kHistThreads = 1024;        // one big block per SM holds the 128 KiB histogram
+constexpr int kLevel0Bins = 1 << 15;      // level-0 digits: the sign bit is cleared
+constexpr uint32_t kNoBin = 0xFFFFFFFFu;  // lanes with nothing to add
 constexpr unsigned kFull = 0xFFFFFFFFu;
 constexpr int kLimbBits = 28;
 constexpr int kNumLimbs = FM_CUDA_HIST_LIMBS;
@@ -52,10 +52,11 @@ __device__ FM_FORCE_INLINE void add_limbs(unsigned long long* limbs, int64_t at,
 }
 
 __global__ void __launch_bounds__(kHistThreads)
-score_histogram_kernel(const FmCudaInputs in, const int score, const int64_t* __restrict__ targets,
-                       const int level, unsigned long long* __restrict__ counts,
-                       double* __restrict__ sums, unsigned long long* __restrict__ limbs,
-                       const bool vec_ok, const bool smem) {
+    score_histogram_kernel(const FmCudaInputs in, const int score,
+                           const int64_t* __restrict__ targets, const int level,
+                           unsigned long long* __restrict__ counts, double* __restrict__ sums,
+                           unsigned long long* __restrict__ limbs, const bool vec_ok,
+                           const bool smem) {
   extern __shared__ unsigned int s_hist[];  // kLevel0Bins when level 0 and smem
   const int row = blockIdx.y;
   const int model = static_cast<int>(targets[2 * row]);
@@ -78,8 +79,8 @@ score_histogram_kernel(const FmCudaInputs in, const int score, const int64_t* __
 
   // Warp-uniform loop bounds (the match/reduce intrinsics need every lane of the warp).
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t g0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x - lane;
-       g0 < groups; g0 += stride) {
+  for (int64_t g0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x - lane; g0 < groups;
+       g0 += stride) {
     const int64_t g = g0 + lane;
     const int64_t i0 = g * kIpt;
     const bool in_range = g < groups;
@@ -119,8 +120,10 @@ score_histogram_kernel(const FmCudaInputs in, const int score, const int64_t* __
       const unsigned msum = __reduce_add_sync(peers, mant);
       if (leader && sel) {
         const unsigned cnt = static_cast<unsigned>(__popc(peers));
-        if (private_hist) atomicAdd(s_hist + key, cnt);
-        else atomicAdd(counts + at, static_cast<unsigned long long>(cnt));
+        if (private_hist)
+          atomicAdd(s_hist + key, cnt);
+        else
+          atomicAdd(counts + at, static_cast<unsigned long long>(cnt));
         if (!fisher && msum) {
           const int ex = static_cast<int>(magbits >> 23);
           atomicAdd(sums + at, ldexp(static_cast<double>(msum), (ex > 1 ? ex : 1) - 150));
@@ -139,22 +142,20 @@ score_histogram_kernel(const FmCudaInputs in, const int score, const int64_t* __
 }  // namespace fmcuda
 
 extern "C" cudaError_t fm_cuda_score_histogram(const FmCudaInputs* in, int32_t score,
-                                               const int64_t* targets, int32_t rows,
-                                               int32_t level, int64_t* counts, double* sums,
-                                               int64_t* limbs, cudaStream_t stream) {
+                                               const int64_t* targets, int32_t rows, int32_t level,
+                                               int64_t* counts, double* sums, int64_t* limbs,
+                                               cudaStream_t stream) {
   using namespace fmcuda;
   if (in == nullptr || (level != 0 && level != 1)) return cudaErrorInvalidValue;
   if (fastmerge::fm_check_models(in->n_models) != nullptr) return cudaErrorInvalidValue;
   if (in->numel <= 0 || rows <= 0) return cudaSuccess;
-  if (score == fastmerge::SCORE_FISHER && limbs == nullptr)
-    return cudaErrorInvalidValue;
+  if (score == fastmerge::SCORE_FISHER && limbs == nullptr) return cudaErrorInvalidValue;
   const bool vec_ok = inputs_aligned(*in, kIpt, nullptr, DTYPE_FLOAT32);
   // level 0: the block-private histogram where the device allows 128 KiB per block
   bool smem = false;
   size_t dyn = 0;
   if (level == 0) {
-    smem = cudaFuncSetAttribute(score_histogram_kernel,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+    smem = cudaFuncSetAttribute(score_histogram_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 static_cast<int>(kSmemBytes)) == cudaSuccess;
     if (!smem) (void)cudaGetLastError();  // clear the refused attribute's error
     dyn = smem ? kSmemBytes : 0;

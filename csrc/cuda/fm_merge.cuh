@@ -19,9 +19,9 @@
 namespace fmcuda {
 
 // Group shapes: (elements per thread, raw words per tensor).
-struct MergeShape16 { static constexpr int kEpt = 8, kWords = 4; };   // all inputs 16-bit
-struct MergeShapeMixed { static constexpr int kEpt = 4, kWords = 4; }; // some input float32
-struct MergeShapeAny16 { static constexpr int kEpt = 2, kWords = 1; }; // NT == 0, 16-bit
+struct MergeShape16 { static constexpr int kEpt = 8, kWords = 4; };     // all inputs 16-bit
+struct MergeShapeMixed { static constexpr int kEpt = 4, kWords = 4; };  // some input float32
+struct MergeShapeAny16 { static constexpr int kEpt = 2, kWords = 1; };  // NT == 0, 16-bit
 struct MergeShapeAnyMixed { static constexpr int kEpt = 1, kWords = 1; };
 
 // Where the tensors' pointers and dtypes come from: the by-value kernel parameters when the
@@ -104,9 +104,8 @@ __host__ __device__ FM_FORCE_INLINE void merge_group(
     }
     // v is all zeros without second moments, which the shared code reads exactly like a null
     // v; passing the array unconditionally keeps t and v in registers.
-    const float r = fm_merge_element(cfg, models, t, v, b,
-                                     static_cast<uint64_t>(args.offset) +
-                                         static_cast<uint64_t>(i0 + e));
+    const float r = fm_merge_element(
+        cfg, models, t, v, b, static_cast<uint64_t>(args.offset) + static_cast<uint64_t>(i0 + e));
     push_back<EPT>(oq, args.out_dtype, r);
   }
 
@@ -128,14 +127,16 @@ __host__ __device__ FM_FORCE_INLINE FmMergeConfig merge_config(int n, const FmMo
 // with tests/test_cuda_compile.py on sm_80 and sm_90): every exact-N all-16-bit kernel, and
 // the mixed-dtype ones up to N = 6; the others keep every value in registers at one block.
 template <int NT, int EPT>
-constexpr int merge_min_blocks() { return (NT >= 1 && (EPT == 8 || NT <= 6)) ? 2 : 1; }
+constexpr int merge_min_blocks() {
+  return (NT >= 1 && (EPT == 8 || NT <= 6)) ? 2 : 1;
+}
 
 template <int NT, int EPT, int WORDS>
 __global__ void __launch_bounds__(kBlock, merge_min_blocks<NT, EPT>())
-fused_merge_kernel(const FmCudaInputs in, const float* __restrict__ fparams,
-                   const int64_t* __restrict__ iparams, const FmCudaMergeArgs args,
-                   void* __restrict__ out, unsigned long long* __restrict__ nonfinite,
-                   const bool vec_ok) {
+    fused_merge_kernel(const FmCudaInputs in, const float* __restrict__ fparams,
+                       const int64_t* __restrict__ iparams, const FmCudaMergeArgs args,
+                       void* __restrict__ out, unsigned long long* __restrict__ nonfinite,
+                       const bool vec_ok) {
   constexpr int kMax = NT > 0 ? NT : FM_MAX_MODELS;
   __shared__ FmModel s_models[kMax];
   __shared__ unsigned int s_nonfinite[kMax];
@@ -167,8 +168,8 @@ fused_merge_kernel(const FmCudaInputs in, const float* __restrict__ fparams,
       merge_group<NT, EPT, WORDS>(in, ParamTable{in}, cfg, s_models, args, g, vec_ok, out,
                                   s_nonfinite);
     } else {
-      merge_group<NT, EPT, WORDS>(in, SharedTable{s_ptr, s_dtype}, cfg, s_models, args, g,
-                                  vec_ok, out, s_nonfinite);
+      merge_group<NT, EPT, WORDS>(in, SharedTable{s_ptr, s_dtype}, cfg, s_models, args, g, vec_ok,
+                                  out, s_nonfinite);
     }
   }
 
@@ -179,9 +180,9 @@ fused_merge_kernel(const FmCudaInputs in, const float* __restrict__ fparams,
 
 // Launch one instantiation (grid-stride; grid from the kernel's occupancy).
 template <int NT, typename Shape>
-cudaError_t launch_fused_merge(const FmCudaInputs& in, const float* fparams,
-                               const int64_t* iparams, const FmCudaMergeArgs& args, void* out,
-                               int64_t* nonfinite, cudaStream_t stream) {
+cudaError_t launch_fused_merge(const FmCudaInputs& in, const float* fparams, const int64_t* iparams,
+                               const FmCudaMergeArgs& args, void* out, int64_t* nonfinite,
+                               cudaStream_t stream) {
   constexpr int kEpt = Shape::kEpt;
   auto kernel = fused_merge_kernel<NT, kEpt, Shape::kWords>;
   const bool vec_ok = inputs_aligned(in, kEpt, out, args.out_dtype);
@@ -196,30 +197,30 @@ cudaError_t launch_fused_merge(const FmCudaInputs& in, const float* fparams,
 cudaError_t fused_merge_16(const FmCudaInputs& in, const float* fparams, const int64_t* iparams,
                            const FmCudaMergeArgs& args, void* out, int64_t* nonfinite,
                            cudaStream_t stream);
-cudaError_t fused_merge_mixed(const FmCudaInputs& in, const float* fparams,
-                              const int64_t* iparams, const FmCudaMergeArgs& args, void* out,
-                              int64_t* nonfinite, cudaStream_t stream);
+cudaError_t fused_merge_mixed(const FmCudaInputs& in, const float* fparams, const int64_t* iparams,
+                              const FmCudaMergeArgs& args, void* out, int64_t* nonfinite,
+                              cudaStream_t stream);
 
-#define FM_MERGE_DISPATCH(SHAPE, ANY_SHAPE)                                                   \
-  switch (in.n_models) {                                                                      \
-    case 1: return launch_fused_merge<1, SHAPE>(in, fparams, iparams, args, out, nonfinite,   \
-                                                stream);                                      \
-    case 2: return launch_fused_merge<2, SHAPE>(in, fparams, iparams, args, out, nonfinite,   \
-                                                stream);                                      \
-    case 3: return launch_fused_merge<3, SHAPE>(in, fparams, iparams, args, out, nonfinite,   \
-                                                stream);                                      \
-    case 4: return launch_fused_merge<4, SHAPE>(in, fparams, iparams, args, out, nonfinite,   \
-                                                stream);                                      \
-    case 5: return launch_fused_merge<5, SHAPE>(in, fparams, iparams, args, out, nonfinite,   \
-                                                stream);                                      \
-    case 6: return launch_fused_merge<6, SHAPE>(in, fparams, iparams, args, out, nonfinite,   \
-                                                stream);                                      \
-    case 7: return launch_fused_merge<7, SHAPE>(in, fparams, iparams, args, out, nonfinite,   \
-                                                stream);                                      \
-    case 8: return launch_fused_merge<8, SHAPE>(in, fparams, iparams, args, out, nonfinite,   \
-                                                stream);                                      \
-    default: return launch_fused_merge<0, ANY_SHAPE>(in, fparams, iparams, args, out,         \
-                                                     nonfinite, stream);                      \
+#define FM_MERGE_DISPATCH(SHAPE, ANY_SHAPE)                                                        \
+  switch (in.n_models) {                                                                           \
+    case 1:                                                                                        \
+        return launch_fused_merge<1, SHAPE>(in, fparams, iparams, args, out, nonfinite, stream);   \
+    case 2:                                                                                        \
+        return launch_fused_merge<2, SHAPE>(in, fparams, iparams, args, out, nonfinite, stream);   \
+    case 3:                                                                                        \
+        return launch_fused_merge<3, SHAPE>(in, fparams, iparams, args, out, nonfinite, stream);   \
+    case 4:                                                                                        \
+        return launch_fused_merge<4, SHAPE>(in, fparams, iparams, args, out, nonfinite, stream);   \
+    case 5:                                                                                        \
+        return launch_fused_merge<5, SHAPE>(in, fparams, iparams, args, out, nonfinite, stream);   \
+    case 6:                                                                                        \
+        return launch_fused_merge<6, SHAPE>(in, fparams, iparams, args, out, nonfinite, stream);   \
+    case 7:                                                                                        \
+        return launch_fused_merge<7, SHAPE>(in, fparams, iparams, args, out, nonfinite, stream);   \
+    case 8:                                                                                        \
+        return launch_fused_merge<8, SHAPE>(in, fparams, iparams, args, out, nonfinite, stream);   \
+    default:                                                                                       \
+      return launch_fused_merge<0, ANY_SHAPE>(in, fparams, iparams, args, out, nonfinite, stream); \
   }
 
 #endif  // __CUDACC__

@@ -4,9 +4,9 @@
 
 namespace fmcuda {
 
-cudaError_t fused_merge_mixed(const FmCudaInputs& in, const float* fparams,
-                              const int64_t* iparams, const FmCudaMergeArgs& args, void* out,
-                              int64_t* nonfinite, cudaStream_t stream) {
+cudaError_t fused_merge_mixed(const FmCudaInputs& in, const float* fparams, const int64_t* iparams,
+                              const FmCudaMergeArgs& args, void* out, int64_t* nonfinite,
+                              cudaStream_t stream) {
   FM_MERGE_DISPATCH(MergeShapeMixed, MergeShapeAnyMixed)
 }
 

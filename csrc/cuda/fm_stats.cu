@@ -21,9 +21,9 @@ constexpr int kWords = 8;
 using BlockReduceD = cub::BlockReduce<double, kBlock>;
 
 __global__ void __launch_bounds__(kBlock)
-model_stats_kernel(const FmCudaInputs in, const int score, const float* __restrict__ fparams,
-                   const int64_t* __restrict__ iparams, const float power, const int64_t offset,
-                   double* __restrict__ partial, const bool vec_ok) {
+    model_stats_kernel(const FmCudaInputs in, const int score, const float* __restrict__ fparams,
+                       const int64_t* __restrict__ iparams, const float power, const int64_t offset,
+                       double* __restrict__ partial, const bool vec_ok) {
   __shared__ typename BlockReduceD::TempStorage temp;
   const int i = blockIdx.y;
   const FmModel model = fm_unpack_model(fparams + static_cast<int64_t>(i) * NUM_FPARAMS,
@@ -76,8 +76,8 @@ model_stats_kernel(const FmCudaInputs in, const int score, const float* __restri
 // out[i, s] += sum over the blocks b of partial[i, b, s], in a fixed order (one block per
 // model: each thread sums a fixed stride of blocks, cub::BlockReduce folds them in a fixed tree).
 __global__ void __launch_bounds__(kBlock)
-reduce_partials_kernel(const double* __restrict__ partial, const int blocks,
-                       double* __restrict__ out) {
+    reduce_partials_kernel(const double* __restrict__ partial, const int blocks,
+                           double* __restrict__ out) {
   __shared__ typename BlockReduceD::TempStorage temp;
   const int i = blockIdx.x;
   for (int s = 0; s < 3; ++s) {
@@ -122,7 +122,6 @@ extern "C" cudaError_t fm_cuda_model_stats(const FmCudaInputs* in, int32_t score
                                                   scratch, vec_ok);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  reduce_partials_kernel<<<in->n_models, kBlock, 0, stream>>>(scratch, static_cast<int>(gx),
-                                                              out);
+  reduce_partials_kernel<<<in->n_models, kBlock, 0, stream>>>(scratch, static_cast<int>(gx), out);
   return cudaGetLastError();
 }
