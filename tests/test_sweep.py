@@ -175,3 +175,15 @@ def test_one_point_and_existing_out_dir(ckpts, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "already exists" in err and err.count("\n") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_disk_too_small_is_refused_before_starting(ckpts, tmp_path, monkeypatch):
+    import collections
+
+    import fastmerge.pipeline.sweep as sw
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sw.shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9, 1000))
+    cfg = _config(tmp_path, ckpts, "ties")
+    with pytest.raises(OSError, match="outputs need .* GB free"):
+        sweep(cfg, tmp_path / "out", ["density=0.2,0.5"])
+    assert not (tmp_path / "out").exists()
