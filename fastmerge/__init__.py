@@ -14,11 +14,11 @@ _LAZY = {"merge_tensors": "api", "magnitude_threshold": "api", "dare_mask": "api
          "available_backends": "backends", "BACKEND_NAMES": "backends",
          "block_index": "methods.lines", "lines_factor": "methods.lines",
          "METHODS": "methods", "MergeSpec": "methods", "resolve_spec": "methods",
-         "merge_checkpoints": "pipeline.torch_entry"}
+         "merge_checkpoints": "pipeline.torch_entry", "sweep": "pipeline.sweep"}
 
 __all__ = ["merge_tensors", "magnitude_threshold", "dare_mask", "lines_factor", "block_index",
            "available_backends", "resolve_spec", "merge_checkpoints", "MergeSpec", "METHODS",
-           "BACKEND_NAMES", "__version__"]
+           "BACKEND_NAMES", "sweep", "__version__"]
 
 
 def _register_ops():

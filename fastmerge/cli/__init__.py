@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", action="append", help="backend(s) to time (default: all here)")
     b = sub.add_parser("backends", help="list the backends, the devices each runs on and "
                                         "whether it can run here (or why not)")
-    for s in (m, d, b):   # --debug after the command too; SUPPRESS keeps the global one's value
+    from .sweep import add_parser as add_sweep
+    sw = add_sweep(sub, _size_arg, _seed_arg, _device_arg, BACKEND_NAMES)
+    for s in (m, d, b, sw):   # --debug after the command too (SUPPRESS: the global value)
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
     sub.add_parser("extract-second-moments", add_help=False,
@@ -126,6 +128,9 @@ def _dispatch(argv: list) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "merge":
         return _merge(args)
+    if args.command == "sweep":
+        from .sweep import run as run_sweep
+        return run_sweep(args)
     if args.command == "demo":
         from ..backends import available_backends
         from .demo import run_demo, run_engine_demo

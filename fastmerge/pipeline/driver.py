@@ -444,53 +444,74 @@ def merge(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_
         trim_freed_memory()
 
 
+@dataclass
+class Prepared:
+    """A merge's model-wide results before its merge pass, and its output's layout."""
+    thresholds: Optional[list]     # scope=model thresholds, else None
+    specs: dict                    # merged tensor -> MergeSpec (LiNeS applied)
+    resolved: dict
+    per_tensor: dict
+    config_text: str
+    layout: ShardLayout
+
+
+def prepare(r: Resolved, k, eng: "_Passes") -> Prepared:
+    """Passes 1 and 2 (model-wide thresholds, LiNeS alpha) and the output's layout and
+    metadata, known only after them; the sweep (sweep.py) runs this per point."""
+    cfg, inputs, merged = r.cfg, r.inputs, r.inputs.merged
+    thresholds, model_info = None, {}
+    if r.model_scope:
+        thresholds, total = eng.model_thresholds(r.base_specs[merged[0]], r.my_merged)
+        model_info = {"model_thresholds": [list(t) for t in thresholds],
+                      "model_elements": total}
+    alpha, auto_info = cfg.lines.alpha if cfg.lines is not None else None, {}
+    if r.alpha_auto:
+        alpha, sums = eng.lines_alpha(r.my_merged, thresholds)
+        auto_info = {"alpha_auto_l1": {"sum_task_vectors": sums[0], "merged": sums[1]}}
+    specs, lines_info = apply_lines(cfg, inputs.order, merged, r.base_specs, alpha)
+    lines_info = {**auto_info, **lines_info}
+    resolved, per_tensor, config_text, st_meta = describe(
+        cfg, inputs, k.name, str(k.device), specs,
+        {**model_info, **({"lines": lines_info} if lines_info else {})})
+    layout = ShardLayout([(x, inputs.reference.info(x).shape, r.out_st[x])
+                          for x in inputs.order], r.shard_bytes, st_meta)
+    return Prepared(thresholds, specs, resolved, per_tensor, config_text, layout)
+
+
+def out_chunk_bytes(r: Resolved) -> int:
+    return r.chunking.chunk_elems * max([ST_SIZES[r.out_st[x]] for x in r.inputs.merged] or [4])
+
+
 def _run(r: Resolved, k, overwrite: bool, quiet: bool, t0: float,
          nonfinite: NonFiniteCheck) -> MergeResult:
     cfg, inputs = r.cfg, r.inputs
-    merged, ref = inputs.merged, inputs.reference
-    k.configure(r.chunking, r.chunking.chunk_elems *
-                max([ST_SIZES[r.out_st[x]] for x in merged] or [4]))
+    k.configure(r.chunking, out_chunk_bytes(r))
     progress = progress_factory(quiet or r.rank != 0)
     eng = _Passes(r, k, progress, nonfinite)
     k.start()
     try:
-        # ---- pass 1: model-wide thresholds
-        thresholds, model_info = None, {}
-        if r.model_scope:
-            thresholds, total = eng.model_thresholds(r.base_specs[merged[0]], r.my_merged)
-            model_info = {"model_thresholds": [list(t) for t in thresholds],
-                          "model_elements": total}
-        # ---- pass 2: LiNeS alpha
-        alpha, auto_info = cfg.lines.alpha if cfg.lines is not None else None, {}
-        if r.alpha_auto:
-            alpha, sums = eng.lines_alpha(r.my_merged, thresholds)
-            auto_info = {"alpha_auto_l1": {"sum_task_vectors": sums[0], "merged": sums[1]}}
-        specs, lines_info = apply_lines(cfg, inputs.order, merged, r.base_specs, alpha)
-        # ---- output layout and metadata (known only now: alpha, model thresholds)
-        lines_info = {**auto_info, **lines_info}
-        resolved, per_tensor, config_text, st_meta = describe(
-            cfg, inputs, k.name, str(k.device), specs,
-            {**model_info, **({"lines": lines_info} if lines_info else {})})
-        layout = ShardLayout([(x, ref.info(x).shape, r.out_st[x]) for x in inputs.order],
-                             r.shard_bytes, st_meta)
+        p = prepare(r, k, eng)
+        layout = p.layout
         with k.dist.output_directory(r.out_dir, overwrite) as adir:
             writer = k.dist.shard_writer(layout, adir.tmp)
             try:
                 bar = progress("merging", sum(eng.in_bytes(x) for x in r.mine))
                 try:
-                    eng.merge(r.mine, {x: specs[x] for x in r.my_merged}, writer, thresholds,
-                              bar)
+                    eng.merge(r.mine, {x: p.specs[x] for x in r.my_merged}, writer,
+                              p.thresholds, bar)
                 finally:
                     bar.close()
                 writer.close(check=True)
             finally:
                 writer.close()
             if k.dist.is_index_writer(r.rank):
-                write_extras(adir.tmp, layout, cfg, inputs, resolved, per_tensor, config_text)
+                write_extras(adir.tmp, layout, cfg, inputs, p.resolved, p.per_tensor,
+                             p.config_text)
             final = adir.commit()
         nonfinite.warn()
     finally:
         eng.close()
+    resolved = p.resolved
     return MergeResult(
         output_dir=final, method=cfg.method_as_written if cfg.passthrough else cfg.method,
         backend=k.name, device=str(k.device),

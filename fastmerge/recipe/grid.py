@@ -1,0 +1,144 @@
+"""A sweep's grid: ``KEY=V1,V2,...`` settings over a config, their cartesian product, each
+point's config (the raw mapping with its values set, validated exactly like a config file)
+and a readable directory name per point; torch-free."""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError, MergeConfig, parse_config
+
+# keys that would change what is read: a sweep reads one set of inputs
+INPUT_KEYS = ("base_model", "models", "slices", "tokenizer_source", "tokenizer")
+TOP_LEVEL = ("merge_method", "dtype", "out_dtype", "scope", "defaults")
+_MODEL_KEY = re.compile(r"models\[(\d+)\]\.(?:parameters\.)?(\w+)")
+
+
+@dataclass
+class Point:
+    name: str                 # the directory under OUT_DIR
+    values: dict              # grid key -> value
+    raw: dict                 # the point's config mapping
+    cfg: MergeConfig
+
+
+def parse_value(text: str):
+    """A grid value as YAML reads it (0.5 -> float, ties -> str, true -> bool)."""
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_grid(items) -> list:
+    """[(key, [values])] from ``KEY=V1,V2`` strings or a {key: [values]} mapping."""
+    if isinstance(items, dict):
+        pairs = [(k, list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in items.items()]
+    else:
+        pairs = []
+        for item in items or ():
+            key, eq, vals = str(item).partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"--grid {item!r}: write KEY=V1,V2,... (e.g. density=0.2,0.5)")
+            texts = [v.strip() for v in vals.split(",")]
+            if any(t == "" for t in texts):
+                raise ConfigError(f"--grid {item!r}: an empty value in the list")
+            pairs.append((key.strip(), [parse_value(t) for t in texts]))
+    if not pairs:
+        raise ConfigError("the grid is empty: give at least one --grid KEY=V1,V2,...")
+    seen = set()
+    for key, vals in pairs:
+        if key in seen:
+            raise ConfigError(f"grid key {key!r} is given twice")
+        seen.add(key)
+        if not vals:
+            raise ConfigError(f"grid key {key!r} has no values")
+        check_key(key)
+    return pairs
+
+
+def check_key(key: str) -> None:
+    head = key.split(".")[0].split("[")[0]
+    if head in INPUT_KEYS and not _MODEL_KEY.fullmatch(key):
+        raise ConfigError(f"grid key {key!r} would change the inputs; a sweep reads one set of "
+                          f"inputs (sweep parameters: density, lambda, models[1].weight, "
+                          f"lines.beta, merge_method, ...)")
+
+
+def set_value(raw: dict, key: str, value) -> None:
+    """Set grid ``key`` in a config mapping: a top-level setting, ``lines.X``, a per-model
+    ``models[i].X``, else a parameter applied to every model (the global one, and each model's
+    own where it sets it)."""
+    m = _MODEL_KEY.fullmatch(key)
+    if m:
+        i, name = int(m.group(1)), m.group(2)
+        models = raw.get("models")
+        if not isinstance(models, list) or i >= len(models):
+            n = len(models) if isinstance(models, list) else 0
+            raise ConfigError(f"grid key {key!r}: the config lists {n} models")
+        entry = models[i] if isinstance(models[i], dict) else {"model": models[i]}
+        models[i] = entry
+        params = entry.get("parameters") or {}
+        entry["parameters"] = {**params, name: value}
+        return
+    if key in TOP_LEVEL:
+        raw[key] = value
+        return
+    if key.startswith("lines."):
+        lines = raw.get("lines")
+        raw["lines"] = {**(lines if isinstance(lines, dict) else {}), key[6:]: value}
+        return
+    if "." in key or "[" in key:
+        raise ConfigError(f"unknown grid key {key!r}; use a parameter (density, lambda, ...), "
+                          f"models[i].PARAM, lines.KEY or merge_method")
+    raw["parameters"] = {**(raw.get("parameters") or {}), key: value}
+    for entry in raw.get("models") or ():
+        if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict) and \
+                key in entry["parameters"]:
+            entry["parameters"] = {**entry["parameters"], key: value}
+
+
+def _label(value) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)
+
+
+def point_name(values: dict) -> str:
+    """``density-0.5_lambda-1``: the grid's keys and values, safe as a directory name."""
+    parts = []
+    for k, v in values.items():
+        key = re.sub(r"models\[(\d+)\]\.", r"m\1.", k).replace("merge_method", "method")
+        parts.append(f"{_label(key)}-{_label(v)}")
+    return "_".join(parts)
+
+
+def expand(raw: dict, grid, base_dir: Optional[Path] = None) -> list:
+    """Every point of the grid's cartesian product over ``raw``, each validated like a config
+    file (errors name the key and the point)."""
+    if not isinstance(raw, dict):
+        parse_config(raw, base_dir)   # the config's own error
+    if "slices" in raw:
+        raise ConfigError("a sweep takes a 'models:' config ('slices:' is not supported)")
+    pairs = parse_grid(grid)
+    points, names = [], set()
+    for combo in itertools.product(*[vals for _, vals in pairs]):
+        values = dict(zip([k for k, _ in pairs], combo))
+        name = point_name(values)
+        if name in names:
+            raise ConfigError(f"grid point {name!r} appears twice (repeated values?)")
+        names.add(name)
+        point_raw = copy.deepcopy(raw)
+        where = ", ".join(f"{k}={v}" for k, v in values.items())
+        try:
+            for k, v in values.items():
+                set_value(point_raw, k, v)
+            cfg = parse_config(point_raw, base_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"grid point {where}: {exc}") from None
+        points.append(Point(name, values, point_raw, cfg))
+    return points
