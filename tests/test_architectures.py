@@ -321,3 +321,16 @@ def test_a_tie_flag_in_text_config_is_read(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no tensor 'lm_head.weight'" in err[0], err
     assert "tie_word_embeddings: false" in err[0] and not (tmp_path / "out2").exists()
+
+
+def test_lines_scales_t5s_encoder_and_decoder_each_over_its_own_depth(tmp_path):
+    base, models = _build(ARCHS["t5"], tmp_path)
+    cfg = _config(tmp_path / "c.yml", base, models[:1], "task_arithmetic")
+    raw = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**raw, "lines": {"alpha": 0.5, "beta": 0.5}}))
+    got, b, m = (state_dict_of(d) for d in (_fastmerge(cfg, tmp_path / "out"), base, models[0]))
+    for name, factor in (("encoder.block.1.layer.1.DenseReluDense.wo.weight", 1.0),
+                         ("decoder.block.1.layer.2.DenseReluDense.wo.weight", 0.75),
+                         ("decoder.block.0.layer.2.DenseReluDense.wo.weight", 0.5),
+                         ("shared.weight", 0.5)):
+        torch.testing.assert_close(got[name], b[name] + 0.6 * factor * (m[name] - b[name]))
