@@ -20,14 +20,47 @@ from typing import Optional
 from .safetensors_file import CheckpointError, quote
 
 # (LM head, the input embedding it is tied to), as in mergekit's architecture definitions
-TIED_PAIRS = (("lm_head.weight", "model.embed_tokens.weight"),
-              ("lm_head.weight", "transformer.wte.weight"),
+TIED_PAIRS = (("lm_head.weight", "model.embed_tokens.weight"),      # Llama, Qwen2, Gemma, ...
+              ("lm_head.weight", "transformer.wte.weight"),         # GPT-2
+              ("lm_head.weight", "shared.weight"),                  # T5
+              ("cls.predictions.decoder.weight",                    # BERT masked LM
+               "bert.embeddings.word_embeddings.weight"),
+              ("cls.predictions.decoder.bias", "cls.predictions.bias"),
               ("embed_out.weight", "gpt_neox.embed_in.weight"),
-              ("lm_head.weight", "model.language_model.embed_tokens.weight"))
+              ("lm_head.weight", "model.language_model.embed_tokens.weight"),
+              ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight"))
 TIE_KEY = "tie_word_embeddings"
+# composite models keep the language model's flag in a sub-config; the first one found counts
+SUB_CONFIGS = ("text_config", "language_config", "llm_config", "decoder", "thinker_config")
+# their tie_word_embeddings also switches the decoder output's scaling (d_model ** -0.5), so a
+# tied model's head is not its embedding
+SCALED_WHEN_TIED = ("t5", "mt5", "umt5", "longt5")
 VOCAB_TENSORS = {n for pair in TIED_PAIRS for n in pair} | {"embed_tokens.weight",
                                                               "word_embeddings.weight",
                                                               "shared.weight"}
+
+
+def tie_flag(cfg: dict) -> Optional[bool]:
+    """A config.json's tie_word_embeddings: its own, else a sub-config's (text_config ...);
+    None where none says (transformers' default then applies)."""
+    if isinstance(cfg.get(TIE_KEY), bool):
+        return cfg[TIE_KEY]
+    for key in SUB_CONFIGS:
+        sub = cfg.get(key)
+        if isinstance(sub, dict) and isinstance(sub.get(TIE_KEY), bool):
+            return sub[TIE_KEY]
+    return None
+
+
+def untie_updates(cfg: dict) -> dict:
+    """The config.json keys that untie a model: the flag, and where a sub-config holds one,
+    that sub-config with it false too (transformers reads the language model's from there)."""
+    out: dict = {TIE_KEY: False}
+    for key in SUB_CONFIGS:
+        sub = cfg.get(key)
+        if isinstance(sub, dict) and TIE_KEY in sub:
+            out[key] = {**sub, TIE_KEY: False}
+    return out
 
 
 def model_config(source) -> dict:
@@ -90,14 +123,22 @@ def reconcile_tied_heads(sources: list) -> tuple[list, dict]:
         for i, s in enumerate(sources):
             if holders[i]:
                 continue
-            if model_config(s).get(TIE_KEY) is False:
+            cfg = model_config(s)
+            if cfg.get("model_type") in SCALED_WHEN_TIED:
+                raise CheckpointError(
+                    f"model {quote(s.label)} ({s.dir}) has no tensor {quote(head)} that other "
+                    f"inputs hold; a {cfg['model_type']} model's {TIE_KEY} also scales its "
+                    f"decoder output, so its embedding does not stand in for a head: merge "
+                    f"models that agree on tying")
+            if tie_flag(cfg) is False:
                 raise CheckpointError(
                     f"model {quote(s.label)} ({s.dir}) has no tensor {quote(head)} and its "
                     f"config.json sets {TIE_KEY}: false, so its head is missing, not tied "
                     f"(other inputs hold one)")
             sources[i] = TiedHead(s, head, embed)
-        if model_config(sources[0]).get(TIE_KEY) is not False:
-            overrides[TIE_KEY] = False
+        base_cfg = model_config(sources[0])
+        if tie_flag(base_cfg) is not False:
+            overrides.update(untie_updates(base_cfg))
     return sources, overrides
 
 

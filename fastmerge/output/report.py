@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .._version import __version__
-from ..methods.lines import count_blocks, depth_function, lines_factor
+from ..methods.lines import block_depth, count_blocks, lines_factor, stack_sizes
 from .model_card import model_card
 from .writer import copy_model_files, write_index
 
@@ -168,13 +168,15 @@ def apply_lines(cfg, order: list, merged: list, base_specs: dict, alpha) -> tupl
     if cfg.lines is None:
         return specs, {}
     lc = cfg.lines
-    depth = depth_function(order, lc.outside, lc.pattern)
+    depth = block_depth(order, lc.outside, lc.pattern)   # (depth, D) in its own stack
     num_blocks = count_blocks(order, lc.pattern)
     for x in merged:
+        d, n = depth(x) or (None, num_blocks)
         specs[x] = dataclasses.replace(
-            base_specs[x], lines_factor=lines_factor(depth(x), num_blocks, alpha, lc.beta))
+            base_specs[x], lines_factor=lines_factor(d, n, alpha, lc.beta))
     return specs, dict(alpha=alpha, alpha_as_written=lc.alpha, beta=lc.beta, outside=lc.outside,
-                       pattern=lc.pattern, num_blocks=num_blocks)
+                       pattern=lc.pattern, num_blocks=num_blocks,
+                       stacks=stack_sizes(order, lc.pattern))
 
 
 def describe(cfg, inputs, backend: str, device: str, specs: dict, extra: dict
