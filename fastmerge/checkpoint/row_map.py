@@ -63,6 +63,9 @@ class RowMappedSource:
         if n == 0:
             return dst
         r0, r1 = start // cols, -(-stop // cols)
+        if start % cols == 0 and stop % cols == 0:   # whole rows: gathered in place
+            self._rows(name, r0, r1, cols, dtype, dst.view(r1 - r0, cols))
+            return dst
         rows = self._rows(name, r0, r1, cols, dtype)
         dst.copy_(rows.reshape(-1)[start - r0 * cols:stop - r0 * cols])
         return dst
@@ -86,12 +89,23 @@ class RowMappedSource:
     def _peer_rows(self, i: int, name: str, r0: int, r1: int, cols: int):
         return self.peers[i].read(name, r0 * cols, r1 * cols).reshape(r1 - r0, cols)
 
-    def _rows(self, name: str, r0: int, r1: int, cols: int, dtype):
-        """Output rows [r0, r1) of ``name`` as a [rows, cols] tensor of ``dtype``: runs of
-        consecutive rows of one input are read as one range."""
+    def _read_into(self, i: int, name: str, r0: int, r1: int, cols: int, dst) -> None:
+        """Input i's rows [r0, r1) into ``dst`` (read straight into it when the dtypes agree,
+        so a gathered chunk is its only copy)."""
+        if self.peers[i].info(name).st == self.inner.info(name).st and dst.is_contiguous():
+            import torch
+            self.peers[i].read(name, r0 * cols, r1 * cols,
+                               out=dst.reshape(-1).view(torch.uint8))
+        else:
+            dst.copy_(self._peer_rows(i, name, r0, r1, cols))
+
+    def _rows(self, name: str, r0: int, r1: int, cols: int, dtype, out=None):
+        """Output rows [r0, r1) of ``name`` as a [rows, cols] tensor of ``dtype`` (into
+        ``out`` if given): runs of consecutive rows of one input are read as one range."""
         import torch
         m = self.maps[name]
-        out = torch.empty((r1 - r0, cols), dtype=dtype)
+        if out is None:
+            out = torch.empty((r1 - r0, cols), dtype=dtype)
         t = r0
         while t < r1:
             s, r = int(m.src[t]), int(m.row[t])
@@ -99,7 +113,7 @@ class RowMappedSource:
             if s >= 0:
                 while e < r1 and m.src[e] == s and m.row[e] == r + (e - t):
                     e += 1
-                out[t - r0:e - r0] = self._peer_rows(s, name, r, r + e - t, cols).to(dtype)
+                self._read_into(s, name, r, r + e - t, cols, out[t - r0:e - r0])
             elif s == MEAN:
                 acc = torch.zeros(cols, dtype=torch.float32)
                 count = 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 from typing import Optional, Sequence
 
 from ..checkpoint.embeddings import VOCAB_TENSORS
@@ -147,8 +146,14 @@ def extract_lora(finetune: str, base: str, out_dir, rank: int,
         bs.close()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose complaint is one error line with exit status 2 (a ConfigError)."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import _Parser   # its complaint is fastmerge's one error line
     p = _Parser(prog="fastmerge extract-lora",
                                 description="Extract a peft LoRA adapter (FINETUNE - BASE, "
                                             "truncated SVD per tensor).")

@@ -24,7 +24,7 @@ from typing import Optional
 from ..checkpoint.embeddings import VOCAB_TENSORS, model_config
 from ..checkpoint.row_map import MEAN, PAD, ZERO, RowMap, RowMappedSource
 from ..checkpoint.safetensors_file import CheckpointError, quote
-from ..recipe.config import ConfigError, MergeConfig
+from ..recipe.config import MergeConfig
 
 
 def vocab_tensors(source) -> list:
@@ -201,7 +201,5 @@ def vocabulary_for(cfg: MergeConfig, source_dir: Optional[Path]) -> Optional[Voc
     """The Vocabulary step of a merge whose config sets a tokenizer source, else None."""
     if cfg.tokenizer_source is None:
         return None
-    if cfg.slices is not None and cfg.tokenizer_source == "union":
-        raise ConfigError(f"{source_key(cfg)}: 'union' is not supported with slices: yet")
     return Vocabulary(cfg, source_dir)
 

@@ -540,8 +540,8 @@ def _tokenizer_source(raw: dict) -> Optional[str]:
                 raise ConfigError(f"tokenizer: unknown key {k!r}; supported: "
                                   f"{', '.join(TOKENIZER_KEYS)}")
         if block.get("tokens") is not None:
-            raise ConfigError("tokenizer.tokens: per-token embedding sources are not supported "
-                              "yet; mergekit's default rules apply (docs/semantics.md)")
+            raise ConfigError("tokenizer.tokens: not supported yet (per-token embedding "
+                              "sources); mergekit's default rules apply (docs/semantics.md)")
         pad = block.get("pad_to_multiple_of")
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
             raise ConfigError(f"tokenizer.pad_to_multiple_of: must be a positive integer, got "
@@ -552,6 +552,9 @@ def _tokenizer_source(raw: dict) -> Optional[str]:
     if not isinstance(tok, str) or tok in ("", "model:"):
         raise ConfigError(f"{key}: must be 'base', 'union' or 'model:<path or hub id>', got "
                           f"{_kind(tok)}")
+    if tok == "union" and raw.get("slices") is not None:
+        raise ConfigError(f"{key}: 'union' (a merged vocabulary) is not supported yet with "
+                          f"slices:; use 'base' or 'model:<path>' (tokenizer files copied)")
     if tok in ("base", "union"):
         return tok
     # mergekit names the model directly; 'model:' is accepted as a prefix
