@@ -44,6 +44,7 @@ TORCH_FREE = [
     "backends/__init__", "backends/cpu/__init__",
     "checkpoint/__init__", "checkpoint/safetensors_file", "checkpoint/hub", "checkpoint/libc",
     "checkpoint/sources", "checkpoint/bin_file", "checkpoint/embeddings", "checkpoint/lora",
+    "checkpoint/row_map", "pipeline/vocabulary",
     "recipe/__init__", "recipe/config", "recipe/slices",
     "output/__init__", "output/writer", "output/report", "output/model_card",
     "pipeline/__init__", "pipeline/native", "pipeline/driver", "pipeline/core_kernels",

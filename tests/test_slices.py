@@ -249,10 +249,10 @@ def test_sliced_merge_matches_mergekit(llamas, tmp_path, method, monkeypatch):
 def test_tokenizer_source_model_and_base(llamas, tmp_path):
     p = {k: str(v) for k, v in llamas.items()}
     raw = {"merge_method": "passthrough", "tokenizer_source": f"model:{p['y']}",
-           "slices": [{"sources": [src(p["x"], 0, 2)]}]}
+           "slices": [{"sources": [src(p["x"], 0, 2)]}, {"sources": [src(p["y"], 3, 4)]}]}
     out = _fastmerge(tmp_path, raw)
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "y"}
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
     raw = {"merge_method": "ties", "base_model": p["b"], "tokenizer": {"source": "base"},
            "models": [{"model": p["x"]}, {"model": p["y"]}]}
     out = _fastmerge(tmp_path, raw, "fm2")

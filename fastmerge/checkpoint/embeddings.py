@@ -149,6 +149,5 @@ def vocab_hint(name: str, shape_a, shape_b) -> Optional[str]:
     if name not in VOCAB_TENSORS and not name.endswith(tuple(VOCAB_TENSORS)):
         return None
     return (f"the inputs have different vocabularies ({shape_a[0]} vs {shape_b[0]} tokens); "
-            f"mergekit merges those with tokenizer_source: union, which fastmerge does not "
-            f"support yet (its tokenizer_source copies tokenizer files, rows are not "
-            f"re-ordered): resize the models to one tokenizer first")
+            f"set tokenizer_source: union (or base, or model:<path>) to merge the rows by "
+            f"token (docs/semantics.md)")

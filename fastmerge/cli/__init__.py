@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("extract-second-moments", add_help=False,
                    help="write an optimizer checkpoint's exp_avg_sq as safetensors named like "
                         "the weights (for ffg/ota preconditioner_path)")
+    sub.add_parser("extract-lora", add_help=False,
+                   help="a peft LoRA adapter of a fine-tune over its base (truncated SVD per "
+                        "tensor; see 'fastmerge extract-lora --help')")
     sub.add_parser("mergekit-yaml", add_help=False,
                    help="mergekit's own mergekit-yaml, with fastmerge doing the tensor math "
                         "(same arguments; FASTMERGE_MERGEKIT=0 runs stock mergekit)")
@@ -122,6 +125,9 @@ def _dispatch(argv: list) -> int:
     if argv and argv[0] == "extract-second-moments":
         from .second_moments import main as extract
         return extract(argv[1:])
+    if argv and argv[0] == "extract-lora":
+        from .extract_lora import main as extract_lora
+        return extract_lora(argv[1:])
     if argv and argv[0] == "mergekit-yaml":  # mergekit parses its own options
         from ..integrations.mergekit import main as mergekit_yaml
         return mergekit_yaml(argv[1:])
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     status (2 usage, 1 failure, 130 interrupted), the traceback only with --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    while argv and argv[0] == "--debug":   # before extract-second-moments / mergekit-yaml
+    while argv and argv[0] == "--debug":   # before the commands that parse their own options
         debug, argv = True, argv[1:]
     if argv and argv[0] not in ("extract-second-moments", "mergekit-yaml") and \
             "--debug" in argv[:argv.index("--") if "--" in argv else len(argv)]:

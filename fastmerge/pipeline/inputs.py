@@ -96,6 +96,7 @@ class Inputs:
     plan: Any = None
     tokenizer_dir: Optional[Path] = None   # tokenizer files from here (None: the reference's)
     config_overrides: Optional[dict] = None  # keys set in the output config.json (tied heads)
+    vocabulary: Any = None                 # pipeline/vocabulary.Vocabulary (tokenizer_source)
 
     def sources(self, name: str) -> tuple:
         """(base (checkpoint, tensor) or None, [(checkpoint, tensor)]) that output ``name``
@@ -111,7 +112,9 @@ class Inputs:
         return sum(c.info(n).nbytes for c, n in ([base] if base is not None else []) + models)
 
 
-def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
+def open_inputs(cfg: MergeConfig, needs_moments: bool, adapt=None) -> Inputs:
+    """``adapt(sources, has_base) -> (sources, config keys)``: applied to the opened sources
+    before they are checked against each other (pipeline/vocabulary.py re-orders rows)."""
     def open_ckpt(ref, what):
         try:
             return open_model(ref, cfg.base_dir)
@@ -120,6 +123,9 @@ def open_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
     base = open_ckpt(cfg.base_model, "base_model") if cfg.needs_base else None
     models = [open_ckpt(m.ref, f"models[{i}]") for i, m in enumerate(cfg.models)]
     srcs, overrides = reconcile_tied_heads([x for x in [base, *models] if x is not None])
+    if adapt is not None:
+        srcs, more = adapt(srcs, base is not None)
+        overrides = {**overrides, **more}
     base, models = (srcs[0], srcs[1:]) if base is not None else (None, srcs)
     ref = base if base is not None else models[0]
     names = ref.names

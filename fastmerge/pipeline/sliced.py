@@ -15,10 +15,11 @@ from ..checkpoint.safetensors_file import (
     CheckpointError,
     dtype_label,
 )
-from ..checkpoint.sources import open_model
+from ..checkpoint.sources import open_model, split_lora_reference
 from ..recipe.config import ConfigError, MergeConfig
 from ..recipe.slices import ModelLayout, plan_slices
 from .inputs import Inputs, open_inputs
+from .vocabulary import vocabulary_for
 
 
 class RoutedCheckpoint:
@@ -59,12 +60,18 @@ class RoutedCheckpoint:
 def open_merge_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
     """open_inputs, or the sliced inputs for a ``slices:`` config; with the tokenizer source
     found (before any work: a missing one is an error now, not after the merge)."""
-    inputs = open_sliced(cfg) if cfg.slices is not None else open_inputs(cfg, needs_moments)
+    tok_dir = tokenizer_dir(cfg, None)
+    vocab = vocabulary_for(cfg, tok_dir)
     try:
-        inputs.tokenizer_dir = tokenizer_dir(cfg, inputs)
+        inputs = open_sliced(cfg) if cfg.slices is not None else \
+            open_inputs(cfg, needs_moments, vocab.adapt if vocab is not None else None)
     except BaseException:
-        close_inputs(inputs)
+        if vocab is not None:
+            vocab.cleanup()
         raise
+    inputs.vocabulary = vocab
+    inputs.tokenizer_dir = vocab.tokenizer_dir if vocab is not None and \
+        vocab.tokenizer_dir is not None else tok_dir
     return inputs
 
 
@@ -72,6 +79,8 @@ def close_inputs(inputs: Inputs) -> None:
     for c in [inputs.base, *inputs.models, *inputs.preconditioners]:
         if c is not None:
             c.close()
+    if inputs.vocabulary is not None:
+        inputs.vocabulary.cleanup()
 
 
 def tokenizer_dir(cfg: MergeConfig, inputs: Inputs) -> Optional[Path]:
@@ -82,11 +91,33 @@ def tokenizer_dir(cfg: MergeConfig, inputs: Inputs) -> Optional[Path]:
         ref = cfg.base_model
     if ref is None:
         return None
+    key = "tokenizer_source" if "tokenizer_source" in cfg.raw else "tokenizer.source"
     try:
-        return Path(resolve_model(ref, cfg.base_dir))
+        found = Path(resolve_model(ref, cfg.base_dir))
     except CheckpointError as exc:
-        key = "tokenizer_source" if "tokenizer_source" in cfg.raw else "tokenizer.source"
         raise CheckpointError(f"{key}: {exc}") from None
+    if cfg.tokenizer_model is not None and not _in_merge(cfg, ref, found):
+        raise ConfigError(f"{key}: model {ref!r} is not one of the merge's models; name the "
+                          f"base_model or one of the models")
+    return found
+
+
+def _in_merge(cfg: MergeConfig, ref: str, found: Path) -> bool:
+    """Whether ``ref`` (resolved to ``found``) is the base or a model of the merge."""
+    refs = [cfg.base_model, *(m.ref for m in cfg.models),
+            *(s.model for sl in (cfg.slices or []) for s in sl.sources)]
+    for r in refs:
+        if r is None:
+            continue
+        if r == ref:
+            return True
+        try:
+            if Path(resolve_model(split_lora_reference(r, cfg.base_dir)[0],
+                                  cfg.base_dir)).resolve() == found.resolve():
+                return True
+        except CheckpointError:
+            continue
+    return False
 
 
 def _read_config(c: Checkpoint, where: str) -> dict:

@@ -132,7 +132,7 @@ class MergeConfig:
     scope: str = "tensor"
     lines: Optional[LinesConfig] = None
     defaults: str = "mergekit"
-    tokenizer_source: Optional[str] = None   # None, "base" or "model:<path or hub id>"
+    tokenizer_source: Optional[str] = None   # None, "base", "union" or "model:<ref>"
     raw: dict = field(default_factory=dict)
     base_dir: Optional[Path] = None
     slices: Optional[list] = None            # OutputSlice per entry of ``slices:``
@@ -526,8 +526,8 @@ def _parse_sliced(raw: dict, canon: str, method: str, defaults: str,
 
 
 def _tokenizer_source(raw: dict) -> Optional[str]:
-    """None, "base" or "model:<ref>" from ``tokenizer_source`` or a ``tokenizer:`` block (its
-    ``source``); what needs a merged vocabulary is refused naming the key."""
+    """None, "base", "union" or "model:<ref>" from ``tokenizer_source`` or a ``tokenizer:``
+    block (its ``source``; ``pad_to_multiple_of`` is read from cfg.raw by pipeline/vocabulary)."""
     tok, block, key = raw.get("tokenizer_source"), raw.get("tokenizer"), "tokenizer_source"
     if tok is not None and block is not None:
         raise ConfigError("give 'tokenizer_source' or a 'tokenizer' block, not both")
@@ -539,21 +539,24 @@ def _tokenizer_source(raw: dict) -> Optional[str]:
             if k not in TOKENIZER_KEYS:
                 raise ConfigError(f"tokenizer: unknown key {k!r}; supported: "
                                   f"{', '.join(TOKENIZER_KEYS)}")
-        for k in ("tokens", "pad_to_multiple_of"):
-            if block.get(k) is not None:
-                raise ConfigError(f"tokenizer.{k}: not supported yet (it needs embedding rows "
-                                  f"rebuilt, which comes with tokenizer source 'union')")
+        if block.get("tokens") is not None:
+            raise ConfigError("tokenizer.tokens: not supported yet (per-token embedding "
+                              "sources); mergekit's default rules apply (docs/semantics.md)")
+        pad = block.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise ConfigError(f"tokenizer.pad_to_multiple_of: must be a positive integer, got "
+                              f"{_kind(pad)}")
         tok, key = block.get("source", "union"), "tokenizer.source"
     if tok is None:
         return None
     if not isinstance(tok, str) or tok in ("", "model:"):
         raise ConfigError(f"{key}: must be 'base', 'union' or 'model:<path or hub id>', got "
                           f"{_kind(tok)}")
-    if tok == "union":
-        raise ConfigError(f"{key}: 'union' (a merged vocabulary) is not supported yet; use "
-                          f"'base' or 'model:<path>' (that model's tokenizer files are copied)")
-    if tok == "base":
-        return "base"
+    if tok == "union" and raw.get("slices") is not None:
+        raise ConfigError(f"{key}: 'union' (a merged vocabulary) is not supported yet with "
+                          f"slices:; use 'base' or 'model:<path>' (tokenizer files copied)")
+    if tok in ("base", "union"):
+        return tok
     # mergekit names the model directly; 'model:' is accepted as a prefix
     return "model:" + (tok[len("model:"):] if tok.startswith("model:") else tok)
 
