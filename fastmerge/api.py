@@ -8,10 +8,23 @@ import torch
 from .abi import SCORE_MAGNITUDE
 from .backends import Backend, get_backend
 from .methods import METHODS, canonical_method, resolve_spec, rng
+from .methods.mergekit_methods import MERGEKIT_METHODS
 from .planning.plan import TensorPlan, plan_tensor
 from .planning.selection import Chunk, level0, select
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _merge_mergekit_method(base, models, method, parameters, tensor_name, seed, out_dtype):
+    """A mergekit method on in-memory tensors: its float32 reference over the whole tensor
+    (the same math the checkpoint pipeline streams), on the CPU, returned on the inputs'
+    device."""
+    check_inputs(base, models, None, tensor_name)
+    ref = base if base is not None else models[0]
+    out = MERGEKIT_METHODS[method].merge(
+        None if base is None else base.cpu(), [m.cpu() for m in models], parameters,
+        name=tensor_name or "tensor", seed=0 if seed is None else seed)
+    return out.to(device=ref.device, dtype=out_dtype or ref.dtype)
 
 
 def check_inputs(base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
@@ -45,7 +58,8 @@ def merge_tensors(base: Optional[torch.Tensor], models: Sequence[torch.Tensor], 
                   tensor_name: str = "", lines_factor=None, consensus_lambda=None,
                   consensus_k=None, second_moments=None, power=None, ota_normalize=None,
                   eps=None, ffg_metric=None, thresholds=None, backend: str = "auto",
-                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                  out_dtype: Optional[torch.dtype] = None,
+                  parameters: Optional[dict] = None) -> torch.Tensor:
     """Merge N fine-tuned versions of one tensor.
 
     Args:
@@ -64,9 +78,17 @@ def merge_tensors(base: Optional[torch.Tensor], models: Sequence[torch.Tensor], 
             (the model-wide thresholds of ``scope="model"``).
         backend: "auto", "torch", "cpu", "cuda" or "triton".
         out_dtype: the output dtype (default: the base's, else the first model's).
+        parameters: for mergekit's own methods (slerp, model_stock, della, ...: ``fastmerge
+            methods``), their parameters by mergekit's names, e.g. ``{"t": 0.5}``.
     Returns:
         A tensor of shape S and dtype ``out_dtype`` on the inputs' device.
     """
+    if method in MERGEKIT_METHODS:
+        return _merge_mergekit_method(base, models, method, parameters, tensor_name, seed,
+                                      out_dtype)
+    if parameters is not None:
+        raise ValueError(f"parameters= is for mergekit's own methods; {method!r} takes "
+                         f"keyword arguments")
     name = canonical_method(method)
     needs_v = METHODS[name].needs_second_moments
     check_inputs(base, models, second_moments if needs_v else None, tensor_name)

@@ -11,9 +11,8 @@ has more than 10^6 elements, so its mask there is random.
 """
 from __future__ import annotations
 
-import torch
-
 from .core import Chunk, Job, Method, rows_view
+from .lazy_torch import torch
 from .schema import MethodSchema
 
 SOFTMAX_EPS = 1e-8

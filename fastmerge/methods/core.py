@@ -9,12 +9,11 @@ mergekit and the streaming pipeline will reproduce chunk by chunk.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from .lazy_torch import torch
 from .schema import MethodSchema
 
 
@@ -61,6 +60,18 @@ def rows_view(shape: Sequence[int]) -> tuple[int, int]:
     return (math.prod(shape) // cols if cols else 0), cols
 
 
+@dataclass(frozen=True)
+class Combination:
+    """What a method computes when its output is one linear combination of its inputs per
+    tensor: out = sum_k c_k V_k, V the inputs as ``Method.inputs`` orders them (the non-base
+    models in config order, then the base where the math reads it), c from the float64 Gram
+    matrix of ``gram``: "inputs" (of V), "tasks" (of X_i - B) or None (no reduction).
+    ``coefficients`` takes that Gram matrix (numpy float64, or None) and never needs torch, so
+    the pipeline runs such a method through its fused weighted-sum kernels."""
+    gram: str | None
+    coefficients: Callable[[Any], Sequence[float]]
+
+
 class Method:
     """A mergekit method's float32 reference as ``reduce`` (over all chunks) + ``apply``."""
     schema: MethodSchema
@@ -81,6 +92,11 @@ class Method:
 
     def apply(self, job: Job, chunk: Chunk, stats: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def combination(self, job: Job) -> Combination | None:
+        """The per-tensor linear combination this job reduces to, or None where the output is
+        not one (per-element weights, masks, per-row coefficients)."""
+        return None
 
     def inputs(self, base, models):
         """(base, models) as the math sees them; karcher folds the base into the inputs."""

@@ -29,10 +29,9 @@ Defined where mergekit is fragile (docs/semantics.md):
 """
 from __future__ import annotations
 
-import torch
-
 from . import rng
 from .core import Chunk, Job, Method
+from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 

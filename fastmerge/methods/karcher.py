@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from .core import Chunk, Job, Method
+from .core import Chunk, Combination, Job, Method
+from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 
@@ -63,6 +62,48 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch
     return (alphas * norms).sum() * mean / safe
 
 
+def karcher_coefficients_np(gram, max_iter: int, tol: float) -> list[float]:
+    """``karcher_coefficients`` in numpy float64 (the torch-free path), same steps."""
+    import numpy as np
+    g = np.asarray(gram, dtype=np.float64)
+    n = g.shape[0]
+    norms = np.sqrt(np.clip(np.diag(g), 0, None))
+    alphas = np.full(n, 1.0 / n)
+    valid = norms > tol
+    if not valid.any():
+        return [0.0] * n
+    safe = np.where(valid, norms, 1.0)
+    units = g / safe[:, None] / safe[None, :]
+    weights = np.where(valid, alphas, 0.0)
+    weights = weights / weights.sum()
+
+    def length(c):
+        return math.sqrt(max(float(c @ units @ c), 0.0))
+
+    mean = weights.copy()
+    mean_norm = length(mean)
+    if mean_norm < tol:
+        mean = np.zeros(n)
+        mean[int(np.flatnonzero(valid)[0])] = 1.0
+    else:
+        mean = mean / mean_norm
+    for _ in range(max_iter):
+        dots = np.clip(units @ mean, -1, 1)
+        theta = np.arccos(dots)
+        active = valid & (theta >= tol) & (math.pi - theta >= tol)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(active, weights * theta / np.maximum(np.sin(theta), 1e-300), 0.0)
+        tangent = scale - float(scale @ dots) * mean
+        t_norm = length(tangent)
+        if t_norm < tol:
+            break
+        mean = math.cos(t_norm) * mean + math.sin(t_norm) * tangent / t_norm
+        m_norm = length(mean)
+        if m_norm > tol:
+            mean = mean / m_norm
+    return [float(x) for x in float((alphas * norms).sum()) * mean / safe]
+
+
 class Karcher(Method):
     """out = (mean input norm) * Karcher mean of the unit inputs, equal weights 1/N; the base,
     when given, is one more input (mergekit appends it to the models)."""
@@ -81,6 +122,13 @@ class Karcher(Method):
         if gram.shape[0] == 1:
             return None
         return karcher_coefficients(gram, job.params["max_iter"], job.params["tol"]).float()
+
+    def combination(self, job: Job) -> Combination:
+        if job.n_models == 1:   # one input: returned as it is
+            return Combination(None, lambda g: [1.0])
+        p = job.params
+        return Combination("inputs", lambda g: karcher_coefficients_np(g, p["max_iter"],
+                                                                       p["tol"]))
 
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         if stats is None:

@@ -11,9 +11,10 @@ gives a large |t|; zero deltas give cos = 0, t = 0, out = B.
 """
 from __future__ import annotations
 
-import torch
+import math
 
-from .core import Chunk, Job, Method, rows_view
+from .core import Chunk, Combination, Job, Method, rows_view
+from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 NORM_PRODUCT_FLOOR = 1e-6   # mergekit clamps |d_i| |d_j| to at least this
@@ -31,6 +32,17 @@ def stock_t(gram: torch.Tensor) -> torch.Tensor:
     singular = den.abs() < SINGULAR
     return torch.where(singular, torch.zeros_like(cos),
                        n * cos / torch.where(singular, torch.ones_like(den), den))
+
+
+def stock_t_scalar(gram) -> float:
+    """``stock_t`` of one [N, N] float64 Gram matrix (nested lists or numpy), without torch."""
+    n = len(gram)
+    norms = [math.sqrt(max(float(gram[i][i]), 0.0)) for i in range(n)]
+    cos = [min(1.0, max(-1.0, float(gram[i][j]) / max(norms[i] * norms[j], NORM_PRODUCT_FLOOR)))
+           for i in range(n) for j in range(i + 1, n)]
+    cos = sum(cos) / len(cos)
+    den = 1 + (n - 1) * cos
+    return 0.0 if abs(den) < SINGULAR else n * cos / den
 
 
 class ModelStock(Method):
@@ -55,6 +67,16 @@ class ModelStock(Method):
             d = self._deltas(c).double()
             gram = gram + d @ d.T
         return float(stock_t(gram))
+
+    def combination(self, job: Job) -> Combination | None:
+        if job.params["filter_wise"]:
+            return None   # one t per row
+        n = job.n_models
+
+        def coefficients(g):   # out = t mean(X_i) + (1 - t) B
+            t = stock_t_scalar(g)
+            return [t / n] * n + [1.0 - t]
+        return Combination("tasks", coefficients)
 
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         mean = sum(chunk.models) / len(chunk.models)

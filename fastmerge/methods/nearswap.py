@@ -4,9 +4,8 @@ Per element: w = clamp(t / max(|B - X|, 1e-6), 0, 1), out = w X + (1 - w) B. No 
 """
 from __future__ import annotations
 
-import torch
-
 from .core import Chunk, Job, Method
+from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 DIFF_FLOOR = 1e-6

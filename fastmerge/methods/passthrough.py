@@ -5,9 +5,8 @@ per-model parameter (e.g. 0 for some tensors of a frankenmerge), resolved by the
 """
 from __future__ import annotations
 
-import torch
-
-from .core import Chunk, Job, Method
+from .core import Chunk, Combination, Job, Method
+from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 
@@ -20,6 +19,10 @@ class Passthrough(Method):
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         scale = job.params["scale"][0]
         return chunk.models[0] if scale is None else chunk.models[0] * scale
+
+    def combination(self, job: Job) -> Combination:
+        scale = job.params["scale"][0]
+        return Combination(None, lambda g: [1.0 if scale is None else scale])
 
 
 PASSTHROUGH = Passthrough()

@@ -12,9 +12,8 @@ Defined where mergekit is fragile (docs/semantics.md): a model with no unique el
 """
 from __future__ import annotations
 
-import torch
-
 from .core import Chunk, Job, Method
+from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 

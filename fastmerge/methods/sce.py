@@ -14,9 +14,8 @@ kept (mergekit's topk keeps an arbitrary subset of the ties).
 """
 from __future__ import annotations
 
-import torch
-
 from .core import Chunk, Job, Method
+from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 WEIGHT_SUM_FLOOR = 1e-6

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from .core import Chunk, Job, Method, rows_view
+from .core import Chunk, Combination, Job, Method, rows_view
+from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 SLERP_DOT_THRESHOLD = 0.9995   # mergekit's slerp: |cos| above this interpolates linearly
@@ -54,6 +53,24 @@ def pair_sums(v0: torch.Tensor, v1: torch.Tensor, dim=None) -> torch.Tensor:
     return torch.stack([(a * a).sum(dim), (b * b).sum(dim), (a * b).sum(dim)])
 
 
+def pair_coefficients(s00: float, s11: float, s01: float, t: float, norm_floor: float,
+                      colinear: float, strict: bool) -> tuple[float, float]:
+    """(c0, c1) of the slerp at t from float64 |v0|^2, |v1|^2 and v0.v1, without torch: the
+    scalar form of ``spherical_coefficients``. ``norm_floor``: slerp's (a norm at most it
+    counts as 1) when ``strict``, nuslerp's clamp otherwise; linear where |cos| passes
+    ``colinear`` (> for slerp, >= for nuslerp)."""
+    n0, n1 = math.sqrt(max(s00, 0.0)), math.sqrt(max(s11, 0.0))
+    if strict:
+        n0, n1 = (n0 if n0 > norm_floor else 1.0), (n1 if n1 > norm_floor else 1.0)
+    else:
+        n0, n1 = max(n0, norm_floor), max(n1, norm_floor)
+    cos = min(1.0, max(-1.0, s01 / (n0 * n1)))
+    if (abs(cos) > colinear) if strict else (abs(cos) >= colinear):
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 # --- slerp -----------------------------------------------------------------------------------
 
 class Slerp(Method):
@@ -80,6 +97,13 @@ class Slerp(Method):
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         c0, c1 = stats
         return c0 * chunk.base + c1 * chunk.models[0]
+
+    def combination(self, job: Job) -> Combination:
+        def coefficients(g):   # V = [model, base]
+            c0, c1 = pair_coefficients(g[1][1], g[0][0], g[1][0], job.params["t"],
+                                       SLERP_NORM_EPS, SLERP_DOT_THRESHOLD, strict=True)
+            return [c1, c0]
+        return Combination("inputs", coefficients)
 
 
 # --- nuslerp ---------------------------------------------------------------------------------
@@ -164,6 +188,17 @@ class NuSlerp(Method):
             out = c0 * v0 + c1 * v1
         return out if chunk.base is None else chunk.base + out
 
+    def combination(self, job: Job) -> Combination | None:
+        if self.mode(job) != "flat":
+            return None   # a slerp per row or column: not one combination per tensor
+        t = _nuslerp_t(job.params["weight"])
+
+        def coefficients(g):   # g over the two (task) vectors
+            c0, c1 = pair_coefficients(g[0][0], g[1][1], g[0][1], t, NUSLERP_NORM_EPS,
+                                       NUSLERP_COLINEAR, strict=False)
+            return [c0, c1, 1.0 - c0 - c1] if job.has_base else [c0, c1]
+        return Combination("tasks" if job.has_base else "inputs", coefficients)
+
 
 # --- multislerp ------------------------------------------------------------------------------
 
@@ -211,6 +246,25 @@ class MultiSlerp(Method):
         if mean_norm < job.params["eps"]:
             return w.float()  # the linear fallback: sum_i w_i x_i
         return (a * (w * norms).sum() / mean_norm).float()
+
+    def combination(self, job: Job) -> Combination:
+        n, base = len(job.params["weight"]), [1.0] if job.has_base else []
+        if n == 1:   # one model: returned as it is
+            return Combination(None, lambda g: [1.0] + [0.0] * len(base))
+        w = self._weights(job)
+        eps = job.params["eps"]
+
+        def coefficients(g):   # g over the N (task) vectors
+            import numpy as np
+            g = np.asarray(g, dtype=np.float64)
+            norms = np.sqrt(np.clip(np.diag(g), 0, None))
+            wv = np.asarray(w, dtype=np.float64)
+            a = wv / (norms + eps)
+            mean_norm = math.sqrt(max(float(a @ g @ a), 0.0))
+            c = wv if mean_norm < eps else a * float((wv * norms).sum()) / mean_norm
+            c = [float(x) for x in c]
+            return c + [1.0 - sum(c)] * len(base)
+        return Combination("tasks" if job.has_base else "inputs", coefficients)
 
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         if stats is None:

@@ -8,7 +8,7 @@ from ..methods import METHODS
 
 
 def model_card(cfg, resolved: dict, config_text: str, copied_files) -> str:
-    info = METHODS[cfg.method]
+    info = cfg.info
     base = f"[{cfg.base_model}]" if cfg.base_model else "none"
     lines = [
         "---",

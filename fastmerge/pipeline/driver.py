@@ -66,6 +66,7 @@ from .budget import (
     trim_freed_memory,
 )
 from .inputs import Inputs, merge_settings, name_files
+from .method_pass import merge_tensor as merge_mergekit_tensor
 from .sliced import close_inputs, open_merge_inputs
 
 
@@ -216,7 +217,7 @@ def resolve(cfg: MergeConfig, inputs: Inputs, *, chunking_name: str, device: str
     out_st = {x: NAME_TO_ST[cfg.output_dtype] if cfg.output_dtype else ref.info(x).st
               for x in merged}
     out_st.update({x: ref.info(x).st for x in inputs.copied})
-    info = METHODS[cfg.method]
+    info = cfg.info
     in_item = max([ref.info(x).itemsize for x in merged] or [2])
     in_per_elem = (n + (1 if inputs.base is not None else 0)) * in_item + \
         (n * 4 if info.needs_second_moments else 0)
@@ -227,8 +228,11 @@ def resolve(cfg: MergeConfig, inputs: Inputs, *, chunking_name: str, device: str
                              sparsifier=info.sparsifier)
     if max_chunk_elems is not None:
         chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
+    # a mergekit method's reductions span the whole tensor: its tensors stay whole per rank
+    # (a 0-d shape is never split)
     part = dist.partition(inputs.order, {x: ref.info(x).nbytes for x in inputs.order},
-                          {x: ref.info(x).shape for x in inputs.order}, rank, world_size)
+                          {x: () if cfg.is_mergekit_method else ref.info(x).shape
+                           for x in inputs.order}, rank, world_size)
     res = Resolved(cfg, inputs, out_dir, shard_bytes, resolver, base_specs, out_st, chunking,
                    part.names, part.rows, rank)
     if res.model_scope:
@@ -384,6 +388,8 @@ class _Passes:
         self.passes.append(k.merge_pass_label)
 
     def merge_tensor(self, name, spec, src, writer, writes, thresholds):
+        if self.r.cfg.is_mergekit_method:   # reductions + apply, by what the method declares
+            return merge_mergekit_tensor(self, name, spec, src, self.units(name), writer, writes)
         k = self.k
         plan: Optional[RowPlan] = self.plans.pop(name, None)
         if plan is None:
@@ -428,7 +434,7 @@ def merge(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_
     k = make_kernels()
     try:
         release_freed_memory_promptly()
-        inputs = open_merge_inputs(cfg, METHODS[cfg.method].needs_second_moments)
+        inputs = open_merge_inputs(cfg, cfg.info.needs_second_moments)
         try:
             k.bind(inputs)
             r = resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,

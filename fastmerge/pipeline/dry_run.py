@@ -54,7 +54,7 @@ def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shar
     k = make_kernels()
     try:
         with _hub_cache_only():
-            inputs = open_merge_inputs(cfg, METHODS[cfg.method].needs_second_moments)
+            inputs = open_merge_inputs(cfg, cfg.info.needs_second_moments)
         try:
             k.bind(inputs)
             r = resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,

@@ -26,7 +26,7 @@ _core = core   # tests ask whether fastmerge._core is built
 
 def why_not(cfg: MergeConfig, device: str = "cpu", backend: str = "auto") -> Optional[str]:
     """None if ``cfg`` can merge on CoreKernels (without torch), else the reason it cannot."""
-    info = METHODS[cfg.method]
+    info = cfg.info
     if os.environ.get("FASTMERGE_NATIVE", "1") == "0":
         return "FASTMERGE_NATIVE=0"
     if str(device) != "cpu" or backend not in ("auto", "cpu"):

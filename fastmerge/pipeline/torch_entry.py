@@ -69,4 +69,4 @@ def merge_checkpoints(config, out_dir, *, device: str = "cpu", memory_budget=Non
 
 
 def needs_moments(cfg: MergeConfig) -> bool:
-    return METHODS[cfg.method].needs_second_moments
+    return cfg.info.needs_second_moments

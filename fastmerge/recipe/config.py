@@ -44,6 +44,7 @@ from ..methods import (
     resolve_spec,
 )
 from ..methods.lines import DEFAULT_BLOCK_PATTERN, block_index, count_blocks
+from . import mergekit_params as mk
 
 
 class ConfigError(ValueError):
@@ -86,8 +87,14 @@ LINES_KEYS = ("alpha", "beta", "outside", "pattern")
 
 
 def supported_methods() -> str:
-    """The method names a config may use, from the method registry (fastmerge.methods)."""
-    return ", ".join(sorted(list(METHODS) + list(ALIASES)))
+    """The method names a config may use, from the method registries (fastmerge.methods and
+    fastmerge.methods.mergekit_methods)."""
+    return ", ".join(sorted(list(METHODS) + list(ALIASES) + list(mk.MERGEKIT_METHODS)))
+
+
+def method_info(name: str):
+    """The MethodInfo of a fastmerge method or of a mergekit one (recipe/mergekit_params)."""
+    return mk.info(name) if mk.is_mergekit_method(name) else METHODS[name]
 
 
 def _unsupported_method(method) -> ConfigError:
@@ -152,7 +159,20 @@ class MergeConfig:
         return self.out_dtype or self.dtype
 
     @property
+    def info(self):
+        return method_info(self.method)
+
+    @property
+    def is_mergekit_method(self) -> bool:
+        """A method of fastmerge/methods/mergekit_methods.py (per-tensor reductions + apply)."""
+        return mk.is_mergekit_method(self.method)
+
+    @property
     def needs_base(self) -> bool:
+        """Whether the base checkpoint is read (a mergekit method reads it when given)."""
+        if self.is_mergekit_method:
+            return self.base_model is not None and \
+                mk.MERGEKIT_METHODS[self.method].schema.base != "ignored"
         return METHODS[self.method].needs_base
 
     @property
@@ -261,7 +281,20 @@ def _dtype(where: str, value) -> Optional[str]:
     return DTYPES[value]
 
 
-def _check_params(where: str, params, allowed: dict) -> dict:
+def _mergekit_models(method: str, base, models: list, raw: dict) -> list:
+    """mergekit's inputs: a base listed among the models is the base (not for passthrough,
+    which ignores the base); then the counts the method needs."""
+    reads_base = mk.MERGEKIT_METHODS[method].schema.base != "ignored"
+    if base is not None and reads_base:
+        models = [m for m in models if m.ref != base]
+    try:
+        mk.check_inputs(method, base is not None and reads_base, len(models))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return models
+
+
+def _check_params(where: str, params, allowed: dict, mergekit: Optional[str] = None) -> dict:
     if params is None:
         return {}
     if not isinstance(params, dict):
@@ -273,8 +306,15 @@ def _check_params(where: str, params, allowed: dict) -> dict:
                 raise ConfigError(f"{where}: {k!r} is shared by all models; set it under the "
                                   f"top-level 'parameters'")
             raise ConfigError(f"{where}: unknown parameter {k!r}; supported: "
-                              f"{', '.join(sorted(allowed))}")
-        _check_setting(f"{where}.{k}", v, k)
+                              f"{', '.join(sorted(allowed)) or 'none'}")
+        if mergekit is None:
+            _check_setting(f"{where}.{k}", v, k)
+            continue
+        _check_setting(f"{where}.{k}", v, None)
+        try:
+            mk.check_leaves(mergekit, f"{where}.{k}", k, v)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return dict(params)
 
 
@@ -298,13 +338,18 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
         # slices: passthrough copies one source, which is a one-model linear merge
         # (weight = scale, no normalisation) where it cannot be a plain copy
         canon = "linear" if method == "passthrough" and "slices" in raw else \
-            canonical_method(method)
+            method if mk.is_mergekit_method(method) else canonical_method(method)
     except ValueError:
         raise _unsupported_method(method) from None
+    mergekit = mk.is_mergekit_method(canon)
     defaults = raw.get("defaults", "mergekit")
     if defaults not in ("mergekit", "fastmerge"):
         raise ConfigError(f"defaults must be 'mergekit' or 'fastmerge', got {defaults!r}")
     if "slices" in raw:
+        if mergekit:   # the sliced recipe reads fastmerge's table only, so far
+            raise ConfigError(f"slices: merge_method {method!r} over slices is not supported "
+                              f"yet; list whole models under 'models' (passthrough and "
+                              f"{', '.join(sorted(METHODS))} take slices)")
         return _parse_sliced(raw, canon, method, defaults, base_dir)
     if "models" not in raw:
         raise ConfigError("the config needs a 'models' list (or 'slices')")
@@ -317,7 +362,11 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"base_model must be a path or hub id, got {base!r}")
     allowed_global = {**{k: v for k, v in MODEL_PARAMS.items()}, **SHARED_PARAMS}
-    params = _check_params("parameters", raw.get("parameters"), allowed_global)
+    allowed_model = MODEL_PARAMS
+    if mergekit:
+        allowed_global, allowed_model = mk.allowed(canon, False), mk.allowed(canon, True)
+    params = _check_params("parameters", raw.get("parameters"), allowed_global,
+                           canon if mergekit else None)
     models = []
     for i, m in enumerate(models_raw):
         if isinstance(m, str):
@@ -331,12 +380,15 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
                                   f"{', '.join(MODEL_KEYS)}")
         if not isinstance(m["model"], str):
             raise ConfigError(f"models[{i}].model must be a path or hub id, got {m['model']!r}")
-        mp = _check_params(f"models[{i}].parameters", m.get("parameters"), MODEL_PARAMS)
+        mp = _check_params(f"models[{i}].parameters", m.get("parameters"), allowed_model,
+                           canon if mergekit else None)
         pre = m.get("preconditioner_path")
         if pre is not None and not isinstance(pre, str):
             raise ConfigError(f"models[{i}].preconditioner_path must be a path")
         models.append(ModelEntry(m["model"], mp, pre))
-    if METHODS[canon].needs_base:
+    if mergekit:
+        models = _mergekit_models(canon, base, models, raw)
+    elif METHODS[canon].needs_base:
         if base is None:
             raise ConfigError(f"merge_method {method!r} needs a base_model")
         # mergekit: the base model may also be listed among the models; it is the base there
@@ -347,6 +399,10 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
     if scope not in ("tensor", "model"):
         raise ConfigError(f"scope must be 'tensor' or 'model', got {scope!r}")
     tok = _tokenizer_source(raw)
+    if mergekit and scope != "tensor":
+        raise ConfigError(f"scope: {scope!r} does not apply to merge_method {canon!r}")
+    if mergekit and raw.get("lines") is not None:
+        raise ConfigError(f"lines: LiNeS does not apply to merge_method {canon!r}")
     lines = None
     if raw.get("lines") is not None:
         lr = raw["lines"]
@@ -668,7 +724,19 @@ class ParameterResolver:
         kw["scope"] = cfg.scope
         return kw
 
+    def mergekit_spec_for(self, name: str) -> mk.MergekitSpec:
+        t, models = self.t_of(name), self.cfg.models
+
+        def value(key, i):
+            return self._value(name, t, key, None if i is None else models[i])
+        try:
+            return mk.resolve(self.cfg.method, len(models), value, self.seed)
+        except ValueError as exc:
+            raise ConfigError(f"config parameters for tensor {name!r}: {exc}") from None
+
     def spec_for(self, name: str, lines_factor: float = 1.0) -> MergeSpec:
+        if self.cfg.is_mergekit_method:
+            return self.mergekit_spec_for(name)
         kw = self.kwargs_for(name)
         key = (repr(sorted(kw.items())), lines_factor)
         spec = self._cache.get(key)

@@ -1,0 +1,163 @@
+"""mergekit's own methods end to end: ``fastmerge merge`` (the CLI's pipeline, torch-free where
+the method is a linear combination) against mergekit 0.1.5's merge (what ``mergekit-yaml``
+runs) on tiny float32 llama checkpoints; the fast linear route against the float32 reference;
+config errors. Semantics: docs/semantics.md ("mergekit's own methods")."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from engine_util import load_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RTOL = 2.0 ** -16       # float32 outputs: far below one bf16 ulp (2^-8)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("mkm")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=64, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = {k: v.clone() for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    paths = {}
+    for name in ("base", "ft0", "ft1", "ft2"):
+        sd = {k: v if name == "base" else v + 0.01 * torch.randn(v.shape, generator=g)
+              for k, v in base.items()}
+        model = transformers.LlamaForCausalLM(cfg)
+        model.load_state_dict(sd)
+        model.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+def _config(ckpts, method, models, params=None, per_model=None, base=True):
+    cfg = {"merge_method": method, "dtype": "float32",
+           "models": [{"model": ckpts[m], **({"parameters": per_model[i]} if per_model else {})}
+                      for i, m in enumerate(models)]}
+    if base:
+        cfg["base_model"] = ckpts["base"]
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
+def run_mergekit(cfg, out, seed=0):
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    opts = MergeOptions(copy_tokenizer=False, quiet=True, random_seed=seed,
+                        write_model_card=False)
+    run_merge(MergeConfiguration.model_validate(cfg), str(out), options=opts)
+    return load_dir(out)
+
+
+def run_fastmerge(cfg, out, **kw):
+    from fastmerge.pipeline.native import merge
+    merge(cfg, out, **kw)
+    return load_dir(out)
+
+
+def assert_close(got, want, rtol=RTOL):
+    assert set(got) == set(want), set(got) ^ set(want)
+    for k in want:
+        scale = float(want[k].abs().max()) or 1.0
+        err = float((got[k].float() - want[k].float()).abs().max())
+        assert err <= rtol * scale, (k, err, scale)
+
+
+W2 = [{"weight": 0.7}, {"weight": 0.4}]
+W3 = [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]
+CASES = {
+    "slerp": ("slerp", ["ft0"], {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]},
+                                       {"value": 0.3}]}, None, True),
+    "nuslerp_base": ("nuslerp", ["ft0", "ft1"], None, W2, True),
+    "nuslerp_rows": ("nuslerp", ["ft0", "ft1"], {"nuslerp_flatten": False}, W2, False),
+    "nuslerp_cols": ("nuslerp", ["ft0", "ft1"], {"nuslerp_flatten": False,
+                                                 "nuslerp_row_wise": True}, W2, True),
+    "multislerp": ("multislerp", ["ft0", "ft1", "ft2"], None, W3, True),
+    "karcher": ("karcher", ["ft0", "ft1", "ft2"], {"max_iter": 20}, None, True),
+    "model_stock": ("model_stock", ["ft0", "ft1", "ft2"], None, None, True),
+    "model_stock_fw": ("model_stock", ["ft0", "ft1"], {"filter_wise": True}, None, True),
+    "della_dense": ("della", ["ft0", "ft1"], {"lambda": 0.9}, [{"weight": 0.6, "density": 1.0},
+                                                               {"weight": 0.5}], True),
+    "sce": ("sce", ["ft0", "ft1", "ft2"], {"select_topk": 0.5}, None, True),
+    "nearswap": ("nearswap", ["ft0"], {"t": 0.005}, None, True),
+    "arcee_fusion": ("arcee_fusion", ["ft0"], None, None, True),
+    "ram": ("ram", ["ft0", "ft1"], {"epsilon": 0.008}, None, True),
+    "ramplus_tl": ("ramplus_tl", ["ft0", "ft1"], {"epsilon": 0.008, "r": 0.5}, None, True),
+    "passthrough": ("passthrough", ["ft0"], None,
+                    [{"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.5}]}], False),
+}
+SLOW = {"nuslerp_rows", "nuslerp_cols", "model_stock_fw", "sce", "arcee_fusion", "ramplus_tl",
+        "karcher", "nearswap"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c
+                                  for c in CASES])
+def test_matches_mergekit(ckpts, tmp_path, case):
+    method, models, params, per_model, base = CASES[case]
+    cfg = _config(ckpts, method, models, params, per_model, base)
+    want = run_mergekit(cfg, tmp_path / "mk")
+    got = run_fastmerge(cfg, tmp_path / "fm")
+    assert_close(got, want)
+
+
+def test_della_in_distribution(ckpts, tmp_path):
+    """della's draws are fastmerge's generator: same seed, same output; kept fraction and the
+    L1 rescale as mergekit's, per model."""
+    cfg = _config(ckpts, "della_linear", ["ft0", "ft1"], {"normalize": False},
+                  [{"weight": 1.0, "density": 0.4, "epsilon": 0.1}, {"weight": 0.0}])
+    got = run_fastmerge(cfg, tmp_path / "a", seed=3)
+    again = run_fastmerge(cfg, tmp_path / "b", seed=3)
+    other = run_fastmerge(cfg, tmp_path / "c", seed=4)
+    base, ft0 = load_dir(ckpts["base"]), load_dir(ckpts["ft0"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(got[name], again[name]) and not torch.equal(got[name], other[name])
+    delta, kept = ft0[name] - base[name], got[name] - base[name]
+    frac = float((kept != 0).float().mean())
+    assert abs(frac - 0.4) < 5 * (0.4 * 0.6 / delta.numel()) ** 0.5
+    assert abs(float(kept.abs().sum() / delta.abs().sum()) - 1) < 1e-4   # L1 rescaled
+    mask = kept != 0   # the larger half of each row survives more often (rank-dependent p)
+    big = delta.abs() >= delta.abs().median(dim=1, keepdim=True).values
+    assert float(mask[big].float().mean()) > float(mask[~big].float().mean()) + 0.05
+
+
+def test_linear_route_without_torch(ckpts, tmp_path):
+    """slerp, karcher, model_stock, ... run on fastmerge._core: the CLI imports no torch."""
+    import subprocess
+    import sys
+
+    import yaml
+    from fastmerge.pipeline.native import core
+    if core() is None:
+        pytest.skip("fastmerge._core is not built")
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(_config(ckpts, "model_stock", ["ft0", "ft1", "ft2"])))
+    code = ("import sys; from fastmerge.cli import main; "
+            f"rc = main(['merge', {str(path)!r}, {str(tmp_path / 'o')!r}, '--quiet']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_torch_backend_and_api(ckpts, tmp_path):
+    """merge_checkpoints (TorchKernels) gives the CLI's output; merge_tensors takes the names."""
+    from fastmerge import merge_checkpoints, merge_tensors
+    cfg = _config(ckpts, "slerp", ["ft0"], {"t": 0.4})
+    a = run_fastmerge(cfg, tmp_path / "cli")
+    merge_checkpoints(cfg, tmp_path / "api", backend="torch")
+    b = load_dir(tmp_path / "api")
+    assert_close(b, a, rtol=2.0 ** -22)
+    base, ft0 = load_dir(ckpts["base"]), load_dir(ckpts["ft0"])
+    name = "model.layers.1.self_attn.q_proj.weight"
+    one = merge_tensors(base[name], [ft0[name]], "slerp", parameters={"t": 0.4},
+                        tensor_name=name)
+    assert_close({name: one}, {name: a[name]})
