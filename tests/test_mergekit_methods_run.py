@@ -161,3 +161,134 @@ def test_torch_backend_and_api(ckpts, tmp_path):
     one = merge_tensors(base[name], [ft0[name]], "slerp", parameters={"t": 0.4},
                         tensor_name=name)
     assert_close({name: one}, {name: a[name]})
+
+
+# ----------------------------------------------------------------------------- fast route
+def fast_route(method_name, base, models, params, dtype, seed=0):
+    """The pipeline's linear route on in-memory tensors: the Gram pre-pass (both kernels'
+    forms), the method's coefficients, the fused weighted sum of backend "cpu"."""
+    import types
+
+    import numpy as np
+
+    from fastmerge import merge_tensors
+    from fastmerge.methods.core import Job
+    from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+    from fastmerge.pipeline.method_pass import CoreOps, TorchOps, view_of
+    method = MERGEKIT_METHODS[method_name]
+    has_base, n = view_of(method, base is not None, len(models))
+    with_base = base is not None and method.schema.base != "ignored"
+    job = Job(tuple(models[0].shape), method.schema.resolve(params, n), "t", seed, has_base, n)
+    comb = method.combination(job)
+    assert comb is not None
+    gram = None
+    if comb.gram:
+        ch = types.SimpleNamespace(base=base, models=models, offset=0)
+        gram = TorchOps.gram(ch, comb.gram == "tasks", with_base)
+        st = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+        as_bytes = types.SimpleNamespace(
+            base=None if base is None else memoryview(base.reshape(-1).view(torch.uint8).numpy()),
+            models=[memoryview(m.reshape(-1).view(torch.uint8).numpy()) for m in models],
+            base_st=st, model_sts=[st] * len(models), numel=models[0].numel())
+        np.testing.assert_allclose(CoreOps(None).gram(as_bytes, comb.gram == "tasks", with_base),
+                                   gram, rtol=1e-12, atol=1e-300)
+    coeffs = comb.coefficients(gram)
+    inputs = list(models) + ([base] if with_base else [])
+    return merge_tensors(None, inputs, "linear", weights=coeffs, normalize=False,
+                         backend="cpu", out_dtype=torch.float32)
+
+
+def _edge_inputs(kind, shape, dtype, n, g):
+    base = torch.randn(shape, generator=g)
+    models = [base + 0.3 * torch.randn(shape, generator=g) for _ in range(n)]
+    if kind == "zero_base":
+        base = torch.zeros(shape)
+    elif kind == "zero_models":
+        models = [torch.zeros(shape) for _ in models]
+    elif kind == "antiparallel":
+        models = [-base * (i + 1) for i in range(n)]
+    elif kind == "same":
+        models = [base.clone() for _ in models]
+    elif kind == "antipodal_tasks":
+        d = torch.randn(shape, generator=g)
+        models = [base + d if i % 2 == 0 else base - d for i in range(n)]
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+LINEAR_CASES = [("slerp", 1, {"t": 0.3}), ("slerp", 1, {"t": 1.0}),
+                ("nuslerp", 2, {"weight": [0.6, 0.2]}),
+                ("multislerp", 3, {"weight": [0.5, 0.3, 0.2]}),
+                ("multislerp", 2, {"weight": [1.0, 1.0]}),
+                ("karcher", 3, {}), ("karcher", 2, {"max_iter": 0}),
+                ("model_stock", 3, {}), ("passthrough", 1, {"scale": 0.5})]
+EDGES = ["random", "zero_base", "zero_models", "antiparallel", "same", "antipodal_tasks"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (4, 3, 5)])
+@pytest.mark.parametrize("case", range(len(LINEAR_CASES)))
+def test_fast_route_matches_reference(case, shape, dtype):
+    from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+    name, n, params = LINEAR_CASES[case]
+    g = torch.Generator().manual_seed(case * 100 + len(shape))
+    for edge in EDGES:
+        base, models = _edge_inputs(edge, shape, dtype, n, g)
+        for with_base in ([True, False] if name in ("nuslerp", "multislerp", "karcher")
+                          else [True]):
+            b = base if with_base else None
+            want = MERGEKIT_METHODS[name].merge(b, models, params)
+            got = fast_route(name, b, models, params, dtype)
+            scale = max(float(x.float().abs().max()) for x in [base, *models]) or 1.0
+            err = float((got - want).abs().max())
+            # within a bf16 ulp of the inputs' scale: the route sums c_k V_k where the
+            # reference forms task vectors first, so near-antipodal inputs (large |c_k|)
+            # cancel differently in float32
+            assert err <= 2.0 ** -10 * scale, (name, edge, with_base, err, scale)
+
+
+# ----------------------------------------------------------------------------- config errors
+@pytest.mark.parametrize("text,key", [
+    ("merge_method: slerp\nbase_model: a\nmodels: [b]\nparameters: {t: 1.5}", "parameters.t"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [b]\nparameters: {t: [0, 1.2]}",
+     "parameters.t[1]"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [b]\nparameters: "
+     "{t: [{filter: mlp, value: -0.1}]}", "parameters.t[0].value"),
+    ("merge_method: slerp\nmodels: [a, b]\nparameters: {t: 0.5}", "base_model"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [b, c]\nparameters: {t: 0.5}", "models"),
+    ("merge_method: model_stock\nbase_model: a\nmodels: [b]", "models"),
+    ("merge_method: nuslerp\nmodels: [a, b, c]\nparameters: {weight: 1}", "models"),
+    ("merge_method: della\nmodels: [a, b]\nparameters: {weight: 1}", "base_model"),
+    ("merge_method: nearswap\nbase_model: a\nmodels: [b]\nparameters: {t: -1}", "parameters.t"),
+    ("merge_method: ramplus_tl\nbase_model: a\nmodels: [b]\nparameters: {alpha: -1}",
+     "parameters.alpha"),
+    ("merge_method: sce\nbase_model: a\nmodels: [b]\nparameters: {select_topk: 2}",
+     "parameters.select_topk"),
+    ("merge_method: karcher\nmodels: [a, b]\nparameters: {weight: 1}", "parameters"),
+    ("merge_method: nuslerp\nmodels: [{model: a, parameters: {nuslerp_flatten: false}}, b]",
+     "models[0].parameters"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [b]\nparameters: {t: 0.5}\nscope: model",
+     "scope"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [b]\nparameters: {t: 0.5}\n"
+     "lines: {beta: 1}", "lines"),
+])
+def test_config_errors_name_the_key(text, key):
+    from fastmerge.recipe.config import ConfigError, load_config
+    with pytest.raises(ConfigError) as exc:
+        load_config(text)
+    msg = str(exc.value)
+    assert "\n" not in msg and key in msg, msg
+
+
+@pytest.mark.parametrize("text,key", [
+    ("merge_method: slerp\nbase_model: a\nmodels: [b]", "'t' is required"),
+    ("merge_method: della\nbase_model: a\nmodels: [b]\nparameters: "
+     "{weight: 1, density: 0.5, epsilon: 0.6}", "epsilon"),
+    ("merge_method: multislerp\nmodels: [{model: a, parameters: {weight: 1}}, "
+     "{model: b, parameters: {weight: -1}}]", "weight sums to 0"),
+])
+def test_per_tensor_errors_name_the_tensor(text, key):
+    from fastmerge.recipe.config import ConfigError, ParameterResolver, load_config
+    cfg = load_config(text)
+    with pytest.raises(ConfigError) as exc:
+        ParameterResolver(cfg, ["x.weight"]).spec_for("x.weight")
+    assert key in str(exc.value) and "'x.weight'" in str(exc.value), str(exc.value)

@@ -14,8 +14,10 @@ Defined where mergekit is fragile (docs/semantics.md):
 - multislerp: the tangent-space step is identically zero in exact arithmetic (the weighted
   mean of the units is parallel to its own direction), so out = (sum_i a_i x_i) * sum_i w_i n_i
   / |m| with a_i = w_i / (n_i + eps); mergekit's value differs by float32 rounding only. When
-  |m| < eps, every input count (not only 2, where mergekit does the same) falls back to the
-  linear sum_i w_i x_i (+ base); mergekit raises for 3 or more. Weights summing to 0 with
+  |m| < eps (or below the float64 rounding of its Gram form, 2^-20 sum_i |a_i| |x_i|: an
+  antipodal pair leaves only noise there), every input count (not only 2, where mergekit
+  does the same) falls back to the linear sum_i w_i x_i (+ base); mergekit raises for 3 or
+  more. Weights summing to 0 with
   normalize_weights are an error.
 """
 from __future__ import annotations
@@ -202,6 +204,13 @@ class NuSlerp(Method):
 
 # --- multislerp ------------------------------------------------------------------------------
 
+def multislerp_floor(unit_scale: float, eps: float) -> float:
+    """|m| below which multislerp falls back to linear: eps (mergekit), or the float64 rounding
+    of |m| = sqrt(a G a) from the Gram matrix (2^-20 sum |a_i| |x_i|), where cancelling
+    inputs (an antipodal pair) leave only noise for a direction."""
+    return max(eps, 2.0 ** -20 * unit_scale)
+
+
 def _check_multislerp(params: dict, n: int) -> None:
     if params["normalize_weights"] and n > 1 and sum(params["weight"]) == 0:
         raise ValueError("multislerp: weight sums to 0, so normalize_weights cannot divide by it")
@@ -243,7 +252,7 @@ class MultiSlerp(Method):
         norms = gram.diagonal().clamp(min=0).sqrt()
         a = w / (norms + job.params["eps"])
         mean_norm = (a @ gram @ a).clamp(min=0).sqrt()
-        if mean_norm < job.params["eps"]:
+        if mean_norm < multislerp_floor(float((a.abs() * norms).sum()), job.params["eps"]):
             return w.float()  # the linear fallback: sum_i w_i x_i
         return (a * (w * norms).sum() / mean_norm).float()
 
@@ -261,7 +270,7 @@ class MultiSlerp(Method):
             wv = np.asarray(w, dtype=np.float64)
             a = wv / (norms + eps)
             mean_norm = math.sqrt(max(float(a @ g @ a), 0.0))
-            c = wv if mean_norm < eps else a * float((wv * norms).sum()) / mean_norm
+            c = wv if mean_norm < multislerp_floor(float((abs(a) * norms).sum()), eps) else a * float((wv * norms).sum()) / mean_norm
             c = [float(x) for x in c]
             return c + [1.0 - sum(c)] * len(base)
         return Combination("tasks" if job.has_base else "inputs", coefficients)
