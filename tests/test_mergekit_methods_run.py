@@ -135,6 +135,7 @@ def test_linear_route_without_torch(ckpts, tmp_path):
     import sys
 
     import yaml
+
     from fastmerge.pipeline.native import core
     if core() is None:
         pytest.skip("fastmerge._core is not built")

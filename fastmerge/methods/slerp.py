@@ -270,7 +270,8 @@ class MultiSlerp(Method):
             wv = np.asarray(w, dtype=np.float64)
             a = wv / (norms + eps)
             mean_norm = math.sqrt(max(float(a @ g @ a), 0.0))
-            c = wv if mean_norm < multislerp_floor(float((abs(a) * norms).sum()), eps) else a * float((wv * norms).sum()) / mean_norm
+            floor = multislerp_floor(float((abs(a) * norms).sum()), eps)
+            c = wv if mean_norm < floor else a * float((wv * norms).sum()) / mean_norm
             c = [float(x) for x in c]
             return c + [1.0 - sum(c)] * len(base)
         return Combination("tasks" if job.has_base else "inputs", coefficients)
