@@ -15,16 +15,35 @@ from .planning.selection import Chunk, level0, select
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _merge_mergekit_method(base, models, method, parameters, tensor_name, seed, out_dtype):
-    """A mergekit method on in-memory tensors: its float32 reference over the whole tensor
-    (the same math the checkpoint pipeline streams), on the CPU, returned on the inputs'
-    device."""
+def _merge_mergekit_method(base, models, method, parameters, tensor_name, seed, out_dtype,
+                           backend="auto"):
+    """A mergekit method on in-memory tensors. One linear combination per tensor
+    (``Method.combination``): the float64 Gram matrix, the coefficients, the backend's fused
+    weighted sum (as the checkpoint pipeline); otherwise the float32 reference on the CPU."""
+    from .methods.core import Job, check_finite, gram_matrix
     check_inputs(base, models, None, tensor_name)
+    m = MERGEKIT_METHODS[method]
+    name = tensor_name or "tensor"
     ref = base if base is not None else models[0]
-    out = MERGEKIT_METHODS[method].merge(
-        None if base is None else base.cpu(), [m.cpu() for m in models], parameters,
-        name=tensor_name or "tensor", seed=0 if seed is None else seed)
-    return out.to(device=ref.device, dtype=out_dtype or ref.dtype)
+    out_dtype = out_dtype or ref.dtype
+    m.schema.check_inputs(base is not None, len(models))
+    has_base, n = m.view(base is not None, len(models))
+    with_base = base is not None and m.schema.base != "ignored"
+    job = Job(tuple(ref.shape), m.schema.resolve(parameters, n), name,
+              0 if seed is None else seed, has_base, n)
+    comb = m.combination(job)
+    if comb is None:
+        out = m.merge(None if base is None else base.cpu(), [x.cpu() for x in models],
+                      parameters, name=name, seed=job.seed)
+        return out.to(device=ref.device, dtype=out_dtype)
+    inputs = list(models) + ([base] if with_base else [])
+    for i, x in enumerate(inputs):
+        check_finite(x, name, f"model {i}" if i < len(models) else "the base model")
+    gram = None if comb.gram is None else \
+        gram_matrix(models, base if with_base else None, comb.gram == "tasks")
+    coeffs = [float(c) for c in comb.coefficients(gram)]
+    return merge_tensors(None, inputs, "linear", weights=coeffs, normalize=False,
+                         backend=backend, out_dtype=out_dtype, tensor_name=tensor_name)
 
 
 def check_inputs(base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
@@ -85,7 +104,7 @@ def merge_tensors(base: Optional[torch.Tensor], models: Sequence[torch.Tensor], 
     """
     if method in MERGEKIT_METHODS:
         return _merge_mergekit_method(base, models, method, parameters, tensor_name, seed,
-                                      out_dtype)
+                                      out_dtype, backend)
     if parameters is not None:
         raise ValueError(f"parameters= is for mergekit's own methods; {method!r} takes "
                          f"keyword arguments")

@@ -175,9 +175,9 @@ def fast_route(method_name, base, models, params, dtype, seed=0):
     from fastmerge import merge_tensors
     from fastmerge.methods.core import Job
     from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
-    from fastmerge.pipeline.method_pass import CoreOps, TorchOps, view_of
+    from fastmerge.pipeline.method_pass import CoreOps, TorchOps
     method = MERGEKIT_METHODS[method_name]
-    has_base, n = view_of(method, base is not None, len(models))
+    has_base, n = method.view(base is not None, len(models))
     with_base = base is not None and method.schema.base != "ignored"
     job = Job(tuple(models[0].shape), method.schema.resolve(params, n), "t", seed, has_base, n)
     comb = method.combination(job)
@@ -293,3 +293,35 @@ def test_per_tensor_errors_name_the_tensor(text, key):
     with pytest.raises(ConfigError) as exc:
         ParameterResolver(cfg, ["x.weight"]).spec_for("x.weight")
     assert key in str(exc.value) and "'x.weight'" in str(exc.value), str(exc.value)
+
+
+def test_methods_command_lists_every_method(capsys):
+    from fastmerge.cli import main
+    from fastmerge.methods import METHODS
+    from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in [*METHODS, *MERGEKIT_METHODS]:
+        assert f"\n  {name}" in out, name
+    assert "t                  global     default required  [0, 1]" in out
+
+
+INTEGRATION = ["slerp", "nuslerp_base", "multislerp", "karcher", "model_stock", "della_dense",
+               "sce", "nearswap", "arcee_fusion", "ram", "passthrough"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", INTEGRATION)
+def test_mergekit_integration_routes(ckpts, tmp_path, case):
+    """Inside mergekit's own pipeline (what mergekit-yaml runs), the patched methods run
+    fastmerge's implementation and give mergekit's output."""
+    import fastmerge.integrations.mergekit as fm_mk
+    method, models, params, per_model, base = CASES[case]
+    cfg = _config(ckpts, method, models, params, per_model, base)
+    want = run_mergekit(cfg, tmp_path / "mk")
+    fm_mk.reset_stats()
+    with fm_mk.patched():
+        got = run_mergekit(cfg, tmp_path / "fm")
+    st = fm_mk.stats()
+    assert st and all(k.startswith(f"fastmerge:{method}") for k in st), st
+    assert_close(got, want)

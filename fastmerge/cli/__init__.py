@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "whether it can run here (or why not)")
     from .sweep import add_parser as add_sweep
     sw = add_sweep(sub, _size_arg, _seed_arg, _device_arg, BACKEND_NAMES)
-    for s in (m, d, b, sw):   # --debug after the command too (SUPPRESS: the global value)
+    ls = sub.add_parser("methods", help="list every merge method with its parameters, defaults "
+                                        "and domains")
+    for s in (m, d, b, sw, ls):   # --debug after the command too (SUPPRESS: the global value)
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
     sub.add_parser("extract-second-moments", add_help=False,
@@ -145,6 +147,10 @@ def _dispatch(argv: list) -> int:
         here = [b for b in ("cpu", "torch") if available_backends().get(b) == "ok"][:1]
         run_demo(args.backend or here)
         run_engine_demo(backend=(args.backend or here)[0])
+        return 0
+    if args.command == "methods":
+        from .methods_list import describe_methods
+        print(describe_methods())
         return 0
     if args.command == "backends":
         from ..backends import REGISTRY, available_backends

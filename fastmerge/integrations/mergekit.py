@@ -24,6 +24,12 @@ of one output tensor changes hands, at two seams of mergekit 0.1.5:
   (``della_magprune``) have no fastmerge equivalent and run mergekit's code untouched.
 - the ``implementation`` of mergekit's registered ``linear`` method (a batched kernel over
   ``TensorBatch`` rows).
+- the ``implementation`` of every other registered method fastmerge implements
+  (fastmerge/methods/mergekit_methods.py: slerp, nuslerp, multislerp, karcher, model_stock,
+  sce, nearswap, arcee_fusion, ram, ramplus_tl, passthrough) and della / della_linear's
+  ``merge_group``: ``merge_tensors(..., parameters=...)``, the fused weighted sum where the
+  method is one linear combination per tensor, its float32 reference otherwise. della's draws
+  are fastmerge's (same seed as DARE below), so they match mergekit in distribution.
 
 Anything fastmerge does not accept (float64 working dtype, density/gamma outside [0, 1],
 integer tensors, a weight sum within mergekit's 1e-8 guard, ...) also falls back to mergekit's
@@ -85,6 +91,7 @@ class _State:
     orig_merge_group = None
     orig_linear_impl = None
     linear_method = None
+    orig_impls: dict = {}           # mergekit method name -> its own implementation
     stats: Counter = Counter()      # "fastmerge:<method>" / "fallback:<reason>" -> tensors
     backends_used: set = set()      # resolved fastmerge backend names
 
@@ -227,6 +234,9 @@ def _gta_merge_group(self, group, /, **parameters):
     if any(t.dtype not in _FLOAT_DTYPES for t in tensors):
         _State.stats[f"fallback:dtype {tensors[0].dtype}"] += 1
         return orig(self, group, **parameters)
+    if _mergekit_method(self.method_name) is not None:   # della, della_linear
+        return _group_impl(self.method_name, lambda g, **kw: orig(self, g, **kw))(
+            group, **parameters)
     ids = [e.id for e in entries]
     weights = [float(parameters["weight"][i]) for i in ids]
     method, kw, why = resolve_gta_parameters(self, weights, parameters, ids,
@@ -262,6 +272,104 @@ def _linear_impl(batch, weight, normalize: bool = True):
     return out
 
 
+def _mergekit_method(name):
+    from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+    return MERGEKIT_METHODS.get(name)
+
+
+def _per_model(value, entries):
+    """mergekit's per-input values (a mapping by input id) as one value per entry."""
+    if hasattr(value, "values_for"):
+        return value.values_for(entries)
+    if isinstance(value, dict):
+        return [value[e.id] for e in entries]
+    return value
+
+
+def _fastmerge_params(name: str, parameters: dict, entries) -> dict:
+    schema = _mergekit_method(name).schema
+    known = {p.name for p in schema.params}
+    return {k: _per_model(v, entries) for k, v in parameters.items() if k in known}
+
+
+def _merge_one(name, base, models, params, tensor_name):
+    from fastmerge.api import merge_tensors
+    ref = base if base is not None else models[0]
+    seed = _current_seed() if _mergekit_method(name).schema.random else None
+    return merge_tensors(base, models, name, parameters=params, tensor_name=tensor_name,
+                         seed=seed, backend=_resolve_backend(ref.device), out_dtype=ref.dtype)
+
+
+def _group_impl(name: str, orig):
+    """fastmerge's implementation of a TensorGroup method (mergekit's signature)."""
+    def impl(group, /, **parameters):
+        base = group.base.tensor if group.base is not None else None
+        entries = list(group.non_base)
+        models = [e.tensor for e in entries]
+        if not models or any(t.dtype not in _FLOAT_DTYPES for t in [*models] +
+                             ([base] if base is not None else [])):
+            _State.stats[f"fallback:{name}"] += 1
+            return orig(group, **parameters)
+        try:
+            out = _merge_one(name, base, models, _fastmerge_params(name, parameters, entries),
+                             getattr(group.metadata, "name", None) or "")
+        except ValueError as exc:   # outside fastmerge's domain: mergekit decides
+            _State.stats[f"fallback:{name}: {exc}"] += 1
+            return orig(group, **parameters)
+        _State.stats[f"fastmerge:{name}"] += 1
+        return out
+    impl.__fastmerge_patch__ = True
+    return impl
+
+
+def _batch_impl(name: str, orig):
+    """fastmerge's implementation of a TensorBatch method (rows merged one by one)."""
+    def impl(batch, /, **parameters):
+        first = batch.tensors[0]
+        bi = batch.base_index
+        if first.dtype not in _FLOAT_DTYPES:
+            _State.stats[f"fallback:{name}"] += 1
+            return orig(batch, **parameters)
+        others = [i for i in range(len(batch.tensors)) if i != bi]
+        out = torch.empty_like(first)
+        try:
+            for g in range(first.shape[0]):
+                params = {}
+                for k, v in parameters.items():
+                    v = v[g] if isinstance(v, torch.Tensor) and v.ndim > 0 else v
+                    if isinstance(v, torch.Tensor):   # per input: the non-base ones
+                        v = [float(v[i]) for i in others] if v.ndim else float(v)
+                    params[k] = v
+                params = {k: v for k, v in params.items()
+                          if k in {p.name for p in _mergekit_method(name).schema.params}}
+                out[g] = _merge_one(name, None if bi is None else batch.tensors[bi][g],
+                                    [batch.tensors[i][g] for i in others], params, "")
+        except ValueError as exc:
+            _State.stats[f"fallback:{name}: {exc}"] += 1
+            return orig(batch, **parameters)
+        _State.stats[f"fastmerge:{name}"] += first.shape[0]
+        return out
+    impl.__fastmerge_patch__ = True
+    return impl
+
+
+def _method_seams() -> dict:
+    """mergekit's registered methods fastmerge implements: name -> (method, batched)."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import BatchedMergeMethod
+
+    from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+    out = {}
+    for name in MERGEKIT_METHODS:
+        try:
+            m = registry.get(name)
+        except Exception:  # noqa: BLE001 - not registered in this mergekit
+            continue
+        if callable(getattr(m, "implementation", None)):
+            out[name] = (m, isinstance(m, BatchedMergeMethod))
+    return out
+
+
 _gta_merge_group.__fastmerge_patch__ = True
 _linear_impl.__fastmerge_patch__ = True
 
@@ -286,6 +394,9 @@ def install(backend: str = "auto", seed: Optional[int] = None, strict_version: b
         _State.orig_linear_impl = linear.implementation
         cls.merge_group = _gta_merge_group
         linear.implementation = _linear_impl
+        for name, (m, batched) in _method_seams().items():
+            _State.orig_impls[name] = (m, m.implementation)
+            m.implementation = (_batch_impl if batched else _group_impl)(name, m.implementation)
         _State.installed = True
     log.info("fastmerge patched mergekit %s (backend=%s)", mergekit_version(), backend)
 
@@ -300,6 +411,9 @@ def uninstall() -> None:
         )
         GeneralizedTaskArithmeticMerge.merge_group = _State.orig_merge_group
         _State.linear_method.implementation = _State.orig_linear_impl
+        for m, impl in _State.orig_impls.values():
+            m.implementation = impl
+        _State.orig_impls.clear()
         _State.installed = False
 
 

@@ -98,6 +98,15 @@ class Method:
         not one (per-element weights, masks, per-row coefficients)."""
         return None
 
+    def view(self, has_base: bool, n_models: int) -> tuple[bool, int]:
+        """(base in the math, inputs in the math) for a base (or not) and N non-base models:
+        karcher folds the base into its inputs, passthrough ignores it."""
+        if not has_base or self.schema.base == "ignored":
+            return False, n_models
+        if self.schema.base == "input":
+            return False, n_models + 1
+        return True, n_models
+
     def inputs(self, base, models):
         """(base, models) as the math sees them; karcher folds the base into the inputs."""
         if self.schema.base == "input" and base is not None:
@@ -147,3 +156,20 @@ def split_chunks(base, models, align: int, chunk_elems: int | None) -> list[Chun
     starts = range(0, n, max(step, 1)) if n else [0]
     return [Chunk(s, None if base is None else base[s:s + step], [m[s:s + step] for m in models])
             for s in starts]
+
+
+def gram_matrix(models: Sequence[torch.Tensor], base: torch.Tensor | None, tasks: bool,
+                sub: int = 1 << 20):
+    """float64 Gram matrix (numpy) of the flat float32 ``models`` then ``base`` (``tasks``: of
+    ``models - base``), summed in sub-blocks of ``sub`` elements on the inputs' device."""
+    vecs = [m.reshape(-1) for m in models] + ([] if base is None else [base.reshape(-1)])
+    size = len(vecs) - (1 if tasks else 0)
+    g = torch.zeros(size, size, dtype=torch.float64, device=vecs[0].device)
+    for s in range(0, vecs[0].numel(), sub):
+        xs = [v[s:s + sub].float() for v in vecs]
+        if tasks:
+            b = xs.pop()
+            xs = [x - b for x in xs]
+        a = torch.stack(xs).double()
+        g += a @ a.T
+    return g.cpu().numpy()

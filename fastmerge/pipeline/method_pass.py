@@ -21,23 +21,12 @@ import math
 
 from ..methods import resolve_spec
 from ..methods.core import Chunk as RefChunk
-from ..methods.core import Job, check_finite
+from ..methods.core import Job, check_finite, gram_matrix
 from ..methods.mergekit_methods import MERGEKIT_METHODS
 from ..planning.planner import plan_rows
 from .budget import element_ranges
 
 SUB_ELEMS = 1 << 20   # elements per sub-block: bounds the float32/float64 temporaries
-
-
-def view_of(method, has_base: bool, n_models: int):
-    """(base in the math, inputs in the math): karcher folds the base into its inputs,
-    passthrough ignores it."""
-    kind = method.schema.base
-    if not has_base or kind == "ignored":
-        return False, n_models
-    if kind == "input":
-        return False, n_models + 1
-    return True, n_models
 
 
 def units_for(passes, name: str, method, job: Job, units: list) -> list:
@@ -58,7 +47,7 @@ def merge_tensor(passes, name, spec, src, units, writer, writes) -> None:
     inputs, k = passes.inputs, passes.k
     shape = tuple(int(s) for s in inputs.reference.info(name).shape)
     with_base = inputs.base is not None and method.schema.base != "ignored"
-    has_base, n = view_of(method, inputs.base is not None, len(inputs.models))
+    has_base, n = method.view(inputs.base is not None, len(inputs.models))
     job = Job(shape, spec.params, name, spec.seed, has_base, n)
     mine = units_for(passes, name, method, job, units)
     if mine is not units:
@@ -223,21 +212,7 @@ class TorchOps:
 
     @staticmethod
     def gram(ch, tasks: bool, with_base: bool):
-        import torch
-        vecs = [m.reshape(-1) for m in ch.models]
-        if with_base:
-            vecs.append(ch.base.reshape(-1))
-        numel = vecs[0].numel()
-        size = len(vecs) - (1 if tasks else 0)
-        g = torch.zeros(size, size, dtype=torch.float64, device=vecs[0].device)
-        for s in range(0, numel, SUB_ELEMS):
-            xs = [v[s:s + SUB_ELEMS].float() for v in vecs]
-            if tasks:
-                b = xs.pop()
-                xs = [x - b for x in xs]
-            a = torch.stack(xs).double()
-            g += a @ a.T
-        return g.cpu().numpy()
+        return gram_matrix(ch.models, ch.base if with_base else None, tasks, SUB_ELEMS)
 
     @staticmethod
     def weighted_inputs(ch, with_base: bool):
