@@ -1,0 +1,146 @@
+"""`fastmerge merge` vs `mergekit-yaml` on mergekit's own methods: wall time and peak RSS.
+
+Synthetic Llama-shaped bf16 checkpoints (benchmarks/make_checkpoints.py: base + 2 fine-tunes,
+~0.2B parameters by default) are made once; each method's config then runs through both CLIs,
+each run in a fresh process (its own peak RSS), alternating, ``--repeats`` times (the best
+run counts). A passthrough frankenmerge (``slices:``) is not run: fastmerge reads slices once
+the slices feature lands; a plain passthrough of one model is measured instead, with ``cp``
+of the same files for the speed of copying the bytes.
+
+    python benchmarks/bench_mergekit_methods.py [--workdir /tmp/fm_mkm] [--size 0.2b]
+        [--methods slerp,model_stock,della,passthrough] [--repeats 1]
+        [--out benchmarks/results/mergekit_methods.md] [--plot docs/mergekit_methods.png]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+
+def configs(ck: Path) -> dict:
+    base, ft1, ft2 = str(ck / "base"), str(ck / "ft1"), str(ck / "ft2")
+    return {
+        "slerp": {"merge_method": "slerp", "base_model": base, "models": [{"model": ft1}],
+                  "parameters": {"t": [0.0, 0.5, 1.0]}},
+        "model_stock": {"merge_method": "model_stock", "base_model": base,
+                        "models": [{"model": ft1}, {"model": ft2}]},
+        "della": {"merge_method": "della", "base_model": base,
+                  "models": [{"model": ft1, "parameters": {"weight": 0.6, "density": 0.5,
+                                                           "epsilon": 0.1}},
+                             {"model": ft2, "parameters": {"weight": 0.5, "density": 0.5,
+                                                           "epsilon": 0.1}}]},
+        "passthrough": {"merge_method": "passthrough", "models": [{"model": ft1}]},
+    }
+
+
+def timed(cmd: list, env=None) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of one command in a fresh process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed: {err[-800:]}")
+    return wall, usage.ru_maxrss / 2 ** 20
+
+
+def bin_of(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def run(args) -> list:
+    import yaml
+    from make_checkpoints import make_checkpoints
+    work = Path(args.workdir)
+    ck = work / f"ckpt_{args.size}"
+    if not (ck / "ft2").exists():
+        make_checkpoints(ck, size=args.size, fine_tunes=2)
+    rows = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for method in args.methods:
+        cfg = configs(ck)[method]
+        path = work / f"{method}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        best = {}
+        for _ in range(args.repeats):
+            for tool, cmd in (
+                    ("fastmerge", [sys.executable, "-m", "fastmerge", "merge", str(path),
+                                   str(work / "out_fm"), "--overwrite", "--quiet"]),
+                    ("mergekit", [bin_of("mergekit-yaml"), str(path), str(work / "out_mk"),
+                                  "--no-copy-tokenizer"])):
+                shutil.rmtree(work / "out_mk", ignore_errors=True)
+                wall, rss = timed(cmd, env)
+                if tool not in best or wall < best[tool][0]:
+                    best[tool] = (wall, rss)
+        if method == "passthrough":
+            shutil.rmtree(work / "out_cp", ignore_errors=True)
+            best["cp"] = timed(["cp", "-r", str(ck / "ft1"), str(work / "out_cp")])
+        rows.append((method, best))
+        print(method, {k: f"{v[0]:.2f} s, {v[1]:.2f} GiB" for k, v in best.items()},
+              flush=True)
+    return rows
+
+
+def write(rows, args) -> None:
+    from machine_info import describe
+    lines = [f"# fastmerge merge vs mergekit-yaml: mergekit's own methods ({args.size})", "",
+             f"Machine: {describe()}.", "",
+             f"Synthetic bf16 checkpoints (benchmarks/make_checkpoints.py --size {args.size}, "
+             f"base + 2 fine-tunes); best of {args.repeats} run(s) each, fresh processes, "
+             f"outputs bf16. `python benchmarks/bench_mergekit_methods.py`.", "",
+             "| method | fastmerge s | mergekit s | speed-up | fastmerge RSS GiB | "
+             "mergekit RSS GiB |", "|---|---|---|---|---|---|"]
+    for method, best in rows:
+        fm, mk = best["fastmerge"], best["mergekit"]
+        lines.append(f"| {method} | {fm[0]:.2f} | {mk[0]:.2f} | {mk[0] / fm[0]:.1f}x | "
+                     f"{fm[1]:.2f} | {mk[1]:.2f} |")
+        if "cp" in best:
+            lines.append(f"| (cp of the same files) | {best['cp'][0]:.2f} | | | | |")
+    lines += ["", "A passthrough frankenmerge (`slices:`) is not measured yet: fastmerge reads "
+              "`slices:` once that feature lands; the passthrough row copies one whole model.",
+              ""]
+    Path(args.out).write_text("\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [b["fastmerge"][0] for _, b in rows], 0.4, label="fastmerge")
+    ax.bar([x + 0.2 for x in xs], [b["mergekit"][0] for _, b in rows], 0.4, label="mergekit")
+    ax.set_xticks(list(xs), [m for m, _ in rows])
+    ax.set_ylabel("wall time, s")
+    ax.set_title(f"mergekit's methods, {args.size} bf16 checkpoints")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/tmp/fm_mkm")
+    p.add_argument("--size", default="0.2b")
+    p.add_argument("--methods", default="slerp,model_stock,della,passthrough")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/mergekit_methods.md"))
+    p.add_argument("--plot", default=str(ROOT / "docs/mergekit_methods.png"))
+    args = p.parse_args(argv)
+    args.methods = args.methods.split(",")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    write(run(args), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
