@@ -77,9 +77,10 @@ def test_accepted_mergekit_keys():
 
 
 @pytest.mark.parametrize("raw,match", [
-    ({"merge_method": "slerp"}, "slerp.*mergekit method fastmerge does not implement.*ties"),
-    ({"merge_method": "passthrough"}, "passthrough"),
-    ({"merge_method": "della"}, "della"),
+    ({"merge_method": "ranked_ties"},
+     "ranked_ties.*mergekit method fastmerge does not implement.*ties"),
+    ({"merge_method": "slerp", "parameters": {"t": 2}}, r"parameters\.t: t must be <= 1"),
+    ({"merge_method": "task_adapter"}, "task_adapter"),
     ({"merge_method": "frob"}, "unknown merge_method 'frob'; supported: .*breadcrumbs"),
     ({"slices": []}, "either .models. or .slices., not both"),
     ({"frobnicate": 1}, "unknown config key 'frobnicate'; supported keys: merge_method"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastmerge.methods import ALIASES, METHODS
+from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
 from fastmerge.recipe.config import ConfigError, load_config, parse_config, supported_methods
 
 
@@ -66,19 +67,20 @@ def test_good_values_still_parse():
     assert cfg.models[1].parameters["weight"] == [0, 0.5, 1]
 
 
-@pytest.mark.parametrize("method", ["ramplus_tl", "della", "frob", "tie"])
+@pytest.mark.parametrize("method", ["ranked_ties", "task_adapter", "frob", "tie"])
 def test_unsupported_method_lists_the_registry(method):
     with pytest.raises(ConfigError, match=method) as info:
         parse_config(full(merge_method=method))
     assert str(info.value).endswith("supported: " + supported_methods())
-    assert supported_methods() == ", ".join(sorted(list(METHODS) + list(ALIASES)))
+    assert supported_methods() == ", ".join(sorted(list(METHODS) + list(ALIASES) +
+                                                   list(MERGEKIT_METHODS)))
 
 
 def test_a_method_that_lands_in_the_registry_is_accepted(monkeypatch):
     """The list of mergekit's names only words the error; the registry decides."""
-    monkeypatch.setitem(METHODS, "della", METHODS["ties"])
-    assert parse_config(full(merge_method="della")).method == "della"
-    assert "della" in supported_methods()
+    monkeypatch.setitem(METHODS, "ranked_ties", METHODS["ties"])
+    assert parse_config(full(merge_method="ranked_ties")).method == "ranked_ties"
+    assert "ranked_ties" in supported_methods()
 
 
 @pytest.mark.parametrize("content,match", [

@@ -50,6 +50,12 @@ TORCH_FREE = [
     "pipeline/__init__", "pipeline/native", "pipeline/driver", "pipeline/core_kernels",
     "pipeline/inputs", "pipeline/budget", "pipeline/dry_run", "pipeline/sliced",
     "cli/__init__",
+    # mergekit's methods: schemas and linear-combination coefficients without torch (their
+    # float32 references reach torch through methods/lazy_torch.py, on first use)
+    "methods/lazy_torch", "methods/schema", "methods/core", "methods/mergekit_methods",
+    "methods/slerp", "methods/karcher", "methods/model_stock", "methods/della", "methods/sce",
+    "methods/nearswap", "methods/arcee_fusion", "methods/ram", "methods/passthrough",
+    "recipe/mergekit_params", "pipeline/method_pass",
 ]
 
 

@@ -305,7 +305,8 @@ def _check_params(where: str, params, allowed: dict, mergekit: Optional[str] = N
             if (where.startswith("models[") or ".sources[" in where) and k in SHARED_PARAMS:
                 raise ConfigError(f"{where}: {k!r} is shared by all models; set it under the "
                                   f"top-level 'parameters'")
-            raise ConfigError(f"{where}: unknown parameter {k!r}; supported: "
+            of = f" of merge_method {mergekit!r}" if mergekit else ""
+            raise ConfigError(f"{where}: unknown parameter {k!r}{of}; supported: "
                               f"{', '.join(sorted(allowed)) or 'none'}")
         if mergekit is None:
             _check_setting(f"{where}.{k}", v, k)
