@@ -83,7 +83,8 @@ def test_cuda_without_cuda(ckpts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content,match", [
-    ("merge_method: ramplus_tl\nmodels: [a]\n", "ramplus_tl.*supported: .*ties"),
+    ("merge_method: ranked_ties\nmodels: [a]\n", "ranked_ties.*supported: .*ties"),
+    ("merge_method: ramplus_tl\nmodels: [a]\n", "base_model: merge_method ramplus_tl needs a base"),
     ("- a\n", "a merge config must be a YAML mapping"),
     ("[" * 100_000, "nested too deeply"),
     ("!!python/object/apply:os.system ['true']\n", "not valid YAML"),
