@@ -325,3 +325,25 @@ def test_mergekit_integration_routes(ckpts, tmp_path, case):
     st = fm_mk.stats()
     assert st and all(k.startswith(f"fastmerge:{method}") for k in st), st
     assert_close(got, want)
+
+
+@pytest.mark.slow
+def test_torchrun_keeps_tensors_whole(ckpts, tmp_path):
+    """Under torchrun each tensor of a mergekit method is merged whole by one rank: the output
+    is byte for byte the single-process one (della: same draws for the same seed)."""
+    import subprocess
+    import sys
+
+    import yaml
+    cfg = _config(ckpts, "della", ["ft0", "ft1"], None,
+                  [{"weight": 0.6, "density": 0.5, "epsilon": 0.1}, {"weight": 0.5}])
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "-m", "fastmerge", "merge", str(path), str(tmp_path / "tr"), "--quiet",
+                        "--seed", "5"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    single = run_fastmerge(cfg, tmp_path / "one", seed=5)
+    got = load_dir(tmp_path / "tr")
+    assert set(got) == set(single) and all(torch.equal(got[k], single[k]) for k in got)
