@@ -86,9 +86,18 @@ def _linear(passes, ops, name, job, comb, with_base, src, writer, writes) -> Non
     if not all(math.isfinite(c) for c in coeffs):
         raise ValueError(f"tensor {name!r}: {job_label(job)} gave non-finite coefficients "
                          f"{coeffs}")
+    st = passes.r.out_st[name]
+    if coeffs == [1.0] and not with_base and passes.inputs.models[0].info(name).st == st:
+        for ch in src():   # one input taken whole (passthrough): its bytes are the output
+            off, stop = ch.offset, ch.offset + passes.k.chunk_numel(ch)
+            out = ch.models[0]
+            del ch
+            slot = writes.slot()
+            writes.submit(slot, passes.write_checked, writer, name, off, stop, st, out)
+            del out
+        return
     spec = resolve_spec("linear", len(coeffs), weights=coeffs, normalize=False)
     plan = plan_rows(spec, math.prod(job.shape), name, passes.k, src)
-    st = passes.r.out_st[name]
     for ch in src():
         off, stop = ch.offset, ch.offset + passes.k.chunk_numel(ch)
         slot = writes.slot()
@@ -156,30 +165,32 @@ class CoreOps:
         self.k = k
 
     @staticmethod
-    def _float32(mv, st: str, s: int, e: int):
+    def _into(row, mv, st: str, s: int, e: int) -> None:
+        """Elements [s, e) of a bytes view, converted into the float64 ``row`` in one pass."""
         import numpy as np
-        if st == "F32":
-            return np.frombuffer(mv, dtype=np.float32)[s:e]
-        if st == "F16":
-            return np.frombuffer(mv, dtype=np.float16)[s:e].astype(np.float32)
-        bits = np.frombuffer(mv, dtype=np.uint16)[s:e].astype(np.uint32) << 16
-        return bits.view(np.float32)
+        if st == "BF16":   # bf16 is the top half of a float32
+            row[:] = np.left_shift(np.frombuffer(mv, dtype=np.uint16)[s:e], 16,
+                                   dtype=np.uint32).view(np.float32)
+        else:
+            row[:] = np.frombuffer(mv, dtype=np.float32 if st == "F32" else np.float16)[s:e]
 
     def gram(self, ch, tasks: bool, with_base: bool):
-        """float64 Gram matrix of [models, base] (``tasks``: of models - base) over the chunk."""
+        """float64 Gram matrix of [models, base] (``tasks``: of models - base) over the chunk,
+        in float64 sub-blocks (task values: the float32 difference, as the reference)."""
         import numpy as np
         vecs = list(zip(ch.models, ch.model_sts))
         if with_base:
             vecs.append((ch.base, ch.base_st))
         size = len(vecs) - (1 if tasks else 0)
         g = np.zeros((size, size))
+        buf = np.empty((len(vecs), min(SUB_ELEMS, max(ch.numel, 1))))
         for s in range(0, ch.numel, SUB_ELEMS):
             e = min(ch.numel, s + SUB_ELEMS)
-            xs = [self._float32(mv, st, s, e) for mv, st in vecs]
-            if tasks:
-                b = xs.pop()
-                xs = [x - b for x in xs]
-            a = np.stack(xs).astype(np.float64)
+            a = buf[:, :e - s]
+            for row, (mv, st) in zip(a, vecs):
+                self._into(row, mv, st, s, e)
+            if tasks:   # float32 differences, as the reference computes them
+                a = (a[:-1].astype(np.float32) - a[-1].astype(np.float32)).astype(np.float64)
             g += a @ a.T
         return g
 
