@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 from .._version import __version__
-from ..methods import METHODS
 
 
 def model_card(cfg, resolved: dict, config_text: str, copied_files) -> str:

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from ..checkpoint.safetensors_file import NAME_TO_ST, ST_SIZES, CheckpointError
-from ..methods import METHODS
 from ..methods.kernel_params import pass_ids
 from ..output.report import (
     MergeResult,

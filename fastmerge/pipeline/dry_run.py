@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from typing import Callable, Optional
 
 from ..checkpoint.safetensors_file import ST_SIZES
-from ..methods import METHODS
 from ..methods.kernel_params import needs_l1
 from ..output.report import apply_lines, default_budget, resolved_parameters
 from ..planning.planner import SELECTING

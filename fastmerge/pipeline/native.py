@@ -15,7 +15,6 @@ import os
 import time
 from typing import Optional
 
-from ..methods import METHODS
 from ..output.report import MergeResult
 from ..recipe.config import MergeConfig, load_config
 from .core_kernels import CoreKernels, core

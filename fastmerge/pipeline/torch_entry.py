@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 
 from ..backends import get_backend
-from ..methods import METHODS
 from ..output.report import MergeResult
 from ..recipe.config import ConfigError, MergeConfig
 from . import parallel
