@@ -1,15 +1,17 @@
-"""Counter-based randomness for DARE masks (SPEC.md, "Random masks").
+"""Counter-based randomness for DARE masks (docs/semantics.md, "DARE's random mask").
 
 Everything here is plain integer arithmetic on torch.int64 tensors, written to mirror the
 C++/CUDA header ``csrc/common/fastmerge_rng.h`` line by line, so the masks are bit-identical
 on every backend, chunking and device.
 
-Choices where SPEC.md is silent (also in docs/semantics.md):
+Choices where docs/semantics.md is silent (also in docs/semantics.md):
 - ``i`` in the key formula is the 0-based model index (the position in ``models``).
 - ``splitmix64`` is the standard SplitMix64 step: add the golden gamma, then the finaliser.
 - ``fnv1a64`` hashes the UTF-8 bytes of the tensor name.
 """
 from __future__ import annotations
+
+import contextlib
 
 from typing import TYPE_CHECKING
 
@@ -90,12 +92,31 @@ def philox4x32_10(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, .
     return c0, c1, c2, c3
 
 
+# Set only inside compiled_words(): a compiled generator of the very same words (the pipeline's
+# della pass); the reference tests never set it, so they check the kernels, not themselves.
+_compiled_words = None
+
+
+@contextlib.contextmanager
+def compiled_words(source):
+    """Within the block, CPU calls of ``philox_uniform_u32`` return ``source(key, start,
+    count)`` (an int64 tensor of the same words), ~100x faster than the int64 torch version."""
+    global _compiled_words
+    previous, _compiled_words = _compiled_words, source
+    try:
+        yield
+    finally:
+        _compiled_words = previous
+
+
 def philox_uniform_u32(key: int, start: int, count: int, device=None) -> torch.Tensor:
-    """The DARE words of element indices start .. start+count-1 under a 64-bit key (SPEC v2):
+    """The DARE words of element indices start .. start+count-1 under a 64-bit key (semantics v2):
     for element j, word ``j & 3`` of Philox(counter (lo32(j >> 2), hi32(j >> 2), 0, 0)).
 
     One Philox call per counter serves four consecutive elements; a run that starts or ends
     inside a group of four draws the whole group and keeps its part."""
+    if _compiled_words is not None and (device is None or str(device) == "cpu"):
+        return _compiled_words(key, start, count)
     import torch
     first, last = start >> 2, (start + count + 3) >> 2
     c = torch.arange(first, last, dtype=torch.int64, device=device)
@@ -110,7 +131,7 @@ def dare_mask(shape, density: float, seed: int, tensor_name: str, model_index: i
     """Boolean DARE keep-mask of ``shape`` (elements numbered from ``offset`` in row-major order).
 
     Keep element j iff word ``j & 3`` of Philox(key(seed, name, i), counter=(lo32(j >> 2),
-    hi32(j >> 2), 0, 0)) < floor(d*2^32) (SPEC v2). The same mask on every backend and in any
+    hi32(j >> 2), 0, 0)) < floor(d*2^32) (semantics v2). The same mask on every backend and in any
     chunking, also one that starts inside a group of four: pass the chunk's global ``offset``."""
     import torch
     shape = torch.Size(shape)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..methods import resolve_spec
+from ..methods import resolve_spec, rng
 from ..methods.core import Chunk as RefChunk
 from ..methods.core import Job, check_finite, gram_matrix
 from ..methods.mergekit_methods import MERGEKIT_METHODS
@@ -141,7 +141,24 @@ class _Sub:
             yield from self.of(ch)
 
 
+def _cpu_words():
+    """The CPU kernels' generator of the DARE/della words, or None where they are not built."""
+    from .. import _ext
+    if not _ext.load("_C")[0]:
+        return None
+    from .. import _C
+    return lambda key, start, count: _C.dare_words_block(key, start, count, 2)[0]
+
+
 def _reference(passes, ops, method, name, job, with_base, src, writer, writes) -> None:
+    words = _cpu_words() if method.schema.random else None
+    if words is None:
+        return _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes)
+    with rng.compiled_words(words):
+        return _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes)
+
+
+def _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes) -> None:
     import torch
     n_models = len(passes.inputs.models)
     subs = _Sub(ops, method, job, with_base, src, n_models)
