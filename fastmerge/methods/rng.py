@@ -12,7 +12,6 @@ Choices where docs/semantics.md is silent (also in docs/semantics.md):
 from __future__ import annotations
 
 import contextlib
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the key and threshold helpers run without torch (engine/native.py)
