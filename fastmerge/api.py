@@ -172,6 +172,6 @@ def magnitude_threshold(x: torch.Tensor, k: Optional[int] = None, *, density=Non
 
 def dare_mask(shape, density: float, *, seed: int = 0, tensor_name: str = "",
               model_index: int = 0, offset: int = 0, device=None) -> torch.Tensor:
-    """The DARE keep-mask SPEC.md defines: element j is kept iff word j & 3 of Philox4x32-10
+    """The DARE keep-mask of docs/semantics.md: element j is kept iff word j & 3 of Philox4x32-10
     of counter j >> 2 is below floor(density * 2^32)."""
     return rng.dare_mask(shape, density, seed, tensor_name, model_index, offset, device)

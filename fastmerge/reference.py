@@ -1,8 +1,8 @@
-"""The pure-torch reference: every method of SPEC.md, written to be read, not to be fast.
+"""The pure-torch reference: every method of docs/semantics.md, written to be read, not fast.
 
 Masks (thresholds, bands, DARE, FFG scores) always come from the float32 task vectors, as
-SPEC.md requires; the arithmetic after them runs in ``dtype`` (float32 by default, float64 on
-request, which is what the conformance tests compare every backend against).
+docs/semantics.md requires; the arithmetic after them runs in ``dtype`` (float32 by default,
+float64 on request, which is what the conformance tests compare every backend against).
 
 Shapes: ``base`` is any shape S (or None when the models are task vectors / for ``linear``);
 ``models`` is a list of N tensors of shape S; ``second_moments`` a list of N tensors of shape
@@ -236,8 +236,9 @@ def linear_combine(spec: MergeSpec, m: torch.Tensor, w: torch.Tensor, aux: dict)
 def merge(base: Optional[torch.Tensor], models: Sequence[torch.Tensor], spec: MergeSpec, *,
           tensor_name: str = "", second_moments=None, dtype=torch.float32, out_dtype=None,
           offset: int = 0, thresholds=None, return_aux: bool = False):
-    """Merge one tensor by SPEC.md. ``thresholds`` overrides the per-model (lo, hi) (model scope);
-    ``offset`` is the global index of the first element (DARE counters) when merging a chunk."""
+    """Merge one tensor by docs/semantics.md. ``thresholds`` overrides the per-model (lo, hi)
+    (model scope); ``offset`` is the global index of the first element (DARE counters) when
+    merging a chunk."""
     if len(models) != spec.n_models:
         raise ValueError(f"spec is for {spec.n_models} models, got {len(models)} tensors")
     if out_dtype is None:

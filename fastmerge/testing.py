@@ -1,4 +1,4 @@
-"""Conformance checks of a backend against the float64 reference (SPEC.md tolerances).
+"""Conformance checks of a backend against the float64 reference (docs/semantics.md tolerances).
 
 Used by the test suite for every backend and by the benchmarks for their sanity checks."""
 from __future__ import annotations
@@ -42,16 +42,17 @@ def reference_with_aux(base, models, method, *, second_moments=None, tensor_name
 
 def assert_matches_reference(out: torch.Tensor, base, models, method, *, second_moments=None,
                              tensor_name="", out_dtype=None, **params) -> int:
-    """Assert ``out`` equals the float64 reference within SPEC.md's tolerance, skipping only
-    elements at an election/consensus decision boundary. Returns how many were skipped."""
+    """Assert ``out`` equals the float64 reference within docs/semantics.md's tolerance, skipping
+    only elements at an election/consensus decision boundary. Returns how many were skipped."""
     out_dtype = out_dtype or (base if base is not None else models[0]).dtype
     assert out.dtype == out_dtype, f"output dtype {out.dtype}, expected {out_dtype}"
     spec, ref, aux = reference_with_aux(base, models, method, second_moments=second_moments,
                                         tensor_name=tensor_name, **params)
     ref, got = ref.cpu(), out.cpu().to(torch.float64)
     b = base.cpu().to(torch.float64) if base is not None and spec.combine != "linear" else 0.0
-    # SPEC.md: ulp_out(ref) + 2^-20 (|b| + |ref - b| + |lambda L| sum_i |w_i t_i|), with the
-    # last term taken from the reference's own terms (rescale factors and divisors included).
+    # docs/semantics.md: ulp_out(ref) + 2^-20 (|b| + |ref - b| + |lambda L| sum_i |w_i t_i|),
+    # with the last term taken from the reference's own terms (rescale factors and divisors
+    # included).
     tol = ulp(ref, out_dtype) + 2.0 ** -20 * (aux["base_abs"].cpu() + (ref - b).abs()
                                               + aux["term_mag"].cpu())
     skip = ambiguous_elements(aux)
@@ -60,7 +61,8 @@ def assert_matches_reference(out: torch.Tensor, base, models, method, *, second_
     if bad.any():
         idx = bad.nonzero()[0].tolist()
         raise AssertionError(
-            f"{method}: {int(bad.sum())} of {ref.numel()} elements outside SPEC.md tolerance; "
+            f"{method}: {int(bad.sum())} of {ref.numel()} elements outside the tolerance of "
+            f"docs/semantics.md; "
             f"first at {idx}: got {got[tuple(idx)].item()!r}, reference {ref[tuple(idx)].item()!r},"
             f" tolerance {tol[tuple(idx)].item():.3g}")
     return int(skip.sum())

@@ -26,7 +26,7 @@ def write_yaml(path, cfg: dict) -> Path:
 
 
 def check_against_reference(got: dict, paths, method, params_for, **common) -> None:
-    """Every output tensor equals the float64 per-tensor reference merge within SPEC.md's
+    """Every output tensor equals the float64 per-tensor reference merge within docs/semantics.md's
     tolerance (fastmerge.testing); params_for(name) -> the merge's kwargs for that tensor."""
     from fastmerge.testing import assert_matches_reference
     base = load_dir(paths["base"])

@@ -105,7 +105,7 @@ def _keep_via_merge(j, key, dtype, fast):
 @pytest.mark.parametrize("dtype,fast", [(torch.bfloat16, True), (torch.bfloat16, False),
                                         (torch.float32, False)])
 def test_dare_v2_known_answers(dtype, fast):
-    """SPEC v2's known DARE words (tests/test_rng.py) from the header, every SIMD path and the
+    """semantics v2's known DARE words (tests/test_rng.py) from the header, every SIMD path and the
     fused merge (AVX-512 block path and generic code) at chunk offsets not divisible by 4."""
     for (seed, name, i, j, word), keep in zip(DARE_V2_KAT, DARE_V2_KEEP):
         key = C.dare_key(seed, name, i)

@@ -7,7 +7,7 @@ Cases cover every method, a multi-chunk tensor (``max_chunk_elems``), a top-k wi
 tensor whose sampled runs see only zeros, so csrc/cpu/select.cpp's window misses), ``scope:
 model``, LiNeS (``alpha`` given and ``auto``), ``rescale: l1`` and output dtypes.
 
-Regenerating (only when the output is meant to change, e.g. the DARE mask's SPEC version):
+Regenerating (only when the output is meant to change, e.g. the DARE mask's semantics version):
 
     FASTMERGE_REGEN_GOLDEN=dare PYTHONPATH=. python -m pytest tests/test_golden_outputs.py -q
 

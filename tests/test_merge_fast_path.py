@@ -214,7 +214,7 @@ def _dare(f, i, j, key, threshold):
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 4097, (1 << 34) - 70, (1 << 40) + 2])
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_dare_masks_at_any_offset(offset, n):
-    """DARE keeps drawn in the block path (SPEC v2 words in even/odd order) equal the generic
+    """DARE keeps drawn in the block path (semantics v2 words in even/odd order) equal the generic
     code's at chunk offsets of every residue modulo 4 and across 2^32 counter boundaries."""
     base, models = _inputs(4 * 512 + 96, n, seed=20 + n)
     f, i = _params(models, base, 0.4, weights=[1.0, 0.5, -0.25, 2.0, 1.0, 0.0, 3.0, 1.0][:n],

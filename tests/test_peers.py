@@ -2,12 +2,12 @@
 task arithmetic merge, called directly) and peft (peft.utils.merge_utils).
 
 Outputs must agree except
-- at elements whose magnitude equals a model's top-k threshold (SPEC.md: we keep every tie,
-  mergekit's argsort / peft's topk keep an arbitrary subset): those positions are computed and
+- at elements whose magnitude equals a model's top-k threshold (docs/semantics.md: we keep every
+  tie, mergekit's argsort / peft's topk keep an arbitrary subset): those positions are computed and
   excluded;
 - at elements whose sign-election sum sits on its decision boundary (float32 sums in another
   order; fastmerge.testing.ambiguous_elements);
-- where SPEC.md names a peer's deviation: mergekit computes task vectors and sums in the
+- where docs/semantics.md names a peer's deviation: mergekit computes task vectors and sums in the
   working dtype (bf16 for bf16 models) -- we compare it on float32 copies of the bf16 inputs,
   and separately on native bf16 with an explicitly widened tolerance; mergekit's breadcrumbs
   with n_top = 0 (checked below for what the installed version does).
@@ -215,7 +215,7 @@ def test_gta_matches_mergekit(backend, case, shape, dt):
 @pytest.mark.parametrize("case", [2, 4, 6])
 def test_gta_matches_mergekit_native_bf16(case):
     """mergekit in bf16 (its default for bf16 models: deltas, products and sums in bf16).
-    The deviation is named in SPEC.md; the tolerance is widened explicitly to what bf16
+    The deviation is named in docs/semantics.md; the tolerance is widened explicitly to what bf16
     arithmetic on the terms can cost (a few bf16 ulps of each term, 2^-6 relative), and masks
     may differ where mergekit's bf16 delta rounding reorders magnitudes: at most 1%."""
     mk_method, fm_method, per_model, shared = MK_CASES[case]
@@ -258,8 +258,8 @@ def test_breadcrumbs_mask_matches_mergekit_sparsify(density, gamma):
     keep, (lohi,) = reference_masks(base, models, "breadcrumbs", density=density, gamma=gamma)
     n_top = int(gamma * t32.numel())
     if n_top == 0 and not peer.any():
-        # SPEC.md: mergekit's breadcrumbs zeroes the whole task vector when n_top = 0 (older
-        # mergekit); ours keeps the top d*n (no upper bound).
+        # docs/semantics.md: mergekit's breadcrumbs zeroes the whole task vector when n_top = 0
+        # (older mergekit); ours keeps the top d*n (no upper bound).
         assert int(keep[0].sum()) >= math.floor(density * t32.numel())
         pytest.xfail("mergekit zeroes the task vector when n_top = 0 (documented deviation)")
     tie = tie_positions(base, models, "breadcrumbs", density=density, gamma=gamma)

@@ -1,4 +1,5 @@
-"""The reference itself: hand-computed cases for every method, and SPEC.md's properties."""
+"""The reference itself: hand-computed cases for every method, and the properties of
+docs/semantics.md."""
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_breadcrumbs_band_by_hand():
     assert band_counts(0.5, 0.2, 10) == (2, 7)
     # gamma + density > 1: the dropped top shrinks so that floor(d n) stay
     assert band_counts(0.9, 0.3, 10) == (1, 10)
-    # n_top = 0: no upper bound (mergekit zeroes everything here; SPEC keeps the band)
+    # n_top = 0: no upper bound (mergekit zeroes everything here; fastmerge keeps the band)
     out = ref("breadcrumbs", models=(t,), base=torch.zeros(10), density=0.3, gamma=0.0)
     assert close(out, [0, 0, 0, 0, 0, 0, 0, 8, 9, 10])
 

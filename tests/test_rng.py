@@ -1,4 +1,4 @@
-"""Philox4x32-10 against the published Random123 known-answer vectors, the SPEC v2 DARE word
+"""Philox4x32-10 against the published Random123 known-answer vectors, the semantics v2 DARE word
 (word j & 3 of counter j >> 2) against known answers, and the DARE key rules."""
 import pytest
 import torch
@@ -14,7 +14,7 @@ KAT = [
 ]
 
 
-# SPEC v2 DARE words: (seed, tensor name, model index, element j) -> word j & 3 of
+# semantics v2 DARE words: (seed, tensor name, model index, element j) -> word j & 3 of
 # Philox4x32-10(key(seed, name, i), counter (lo32(j >> 2), hi32(j >> 2), 0, 0)), computed once
 # with a plain-int Philox outside fastmerge. Every backend's tests assert these
 # (tests/test_cpu_backend.py, tests/test_triton_backend.py).
@@ -55,7 +55,7 @@ def test_dare_v2_known_answers():
 
 
 def test_four_elements_share_one_counter():
-    """SPEC v2: elements 4c .. 4c + 3 are the four words of counter c (v1 drew counter j)."""
+    """semantics v2: elements 4c .. 4c + 3 are the four words of counter c (v1 drew counter j)."""
     key = rng.dare_key(3, "w", 0)
     words = rng.philox_uniform_u32(key, 40, 8)
     for c in (10, 11):

@@ -70,7 +70,7 @@ def test_philox_stream_matches_rng(seed, name, model, start):
 
 
 def test_dare_v2_known_answers_in_triton():
-    """SPEC v2's known DARE words (tests/test_rng.py) from the Triton stream kernel at starts
+    """semantics v2's known DARE words (tests/test_rng.py) from the Triton stream kernel at starts
     of every residue modulo 4, and the keep bits from the fused kernel at such chunk offsets."""
     K = _tk().kernels()
     for (seed, name, i, j, word), keep in zip(DARE_V2_KAT, DARE_V2_KEEP):

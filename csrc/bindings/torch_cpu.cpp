@@ -288,8 +288,8 @@ std::vector<uint32_t> philox4x32_10(std::vector<uint32_t> ctr, std::vector<uint3
   return ctr;
 }
 
-// the DARE words of elements j = start .. start+count-1 (SPEC v2: word j & 3 of counter j >> 2)
-// through the shared header, one element at a time (int64 tensor of uint32 values)
+// the DARE words of elements j = start .. start+count-1 (semantics v2: word j & 3 of counter
+// j >> 2) through the shared header, one element at a time (int64 tensor of uint32 values)
 at::Tensor dare_words(uint64_t key, uint64_t start, int64_t count) {
   at::Tensor out = at::empty({count}, at::kLong);
   int64_t* p = out.data_ptr<int64_t>();

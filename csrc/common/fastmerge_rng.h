@@ -1,6 +1,6 @@
-// fastmerge shared code: counter-based randomness of the DARE masks (SPEC.md "Random masks").
-// Bit-identical to fastmerge/rng.py. Compiled by the CPU backend (g++) and the CUDA backend
-// (nvcc) alike.
+// fastmerge shared code: counter-based randomness of the DARE masks (docs/semantics.md,
+// "DARE's random mask"). Bit-identical to fastmerge/methods/rng.py. Compiled by the CPU backend
+// (g++) and the CUDA backend (nvcc) alike.
 #pragma once
 
 #include "fastmerge_config.h"
@@ -72,7 +72,7 @@ FM_HD FM_FORCE_INLINE void fm_philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32
   ctr[3] = c3;
 }
 
-// The DARE word of element j (SPEC v2): word j & 3 of Philox(counter (lo32(c), hi32(c), 0, 0),
+// The DARE word of element j (semantics v2): word j & 3 of Philox(counter (lo32(c), hi32(c), 0, 0),
 // key (key_lo, key_hi)) with c = j >> 2, so one Philox call serves four consecutive elements
 // (the CPU block code draws each counter once; a per-element caller such as a GPU thread
 // draws it for its own element only).

@@ -51,7 +51,7 @@ void model_stats(const Inputs& in, int score, const FmModel* models, float power
 bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models, int64_t offset,
                  void* out, int out_dtype, int64_t* nonfinite, int nthreads);
 
-// out[k] = the DARE word of element j0 + k for k < len (SPEC v2: word j & 3 of Philox4x32-10
+// out[k] = the DARE word of element j0 + k for k < len (semantics v2: word j & 3 of Philox4x32-10
 // of counter j >> 2, so one call per four elements), on the widest SIMD unit the CPU has
 // (philox_block.cpp); bit-identical to fm_philox_dare_word.
 void philox_dare_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, uint32_t* out);

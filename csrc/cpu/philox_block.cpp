@@ -1,6 +1,6 @@
 // fastmerge CPU backend: the DARE words of a run of elements, many Philox lanes at once.
 //
-// SPEC v2: element j's word is word j & 3 of Philox4x32-10(key, (lo32(j >> 2), hi32(j >> 2),
+// semantics v2: element j's word is word j & 3 of Philox4x32-10(key, (lo32(j >> 2), hi32(j >> 2),
 // 0, 0)), so one call serves four consecutive elements. The scalar round (fm_philox4x32_10,
 // csrc/common/fastmerge_rng.h, the code the GPU runs) is 32x32 -> 64-bit multiplies; x86 has
 // no 32-bit vector mulhi, so the lanes below use the widening multiply of the even 32-bit

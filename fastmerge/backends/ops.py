@@ -19,7 +19,7 @@ Per-model parameters travel packed (see ``fastmerge.planning.plan``):
 ``iparams`` int64 [N, 3] = (mode, dare_key as int64 bits, dare_keep_threshold).
 Keep j iff mode 0; or mode 1 and lo <= score < hi (hi = inf: no upper bound); never for
 mode 2; mode 3 iff word (j & 3) of Philox(key, counter j >> 2) < dare_keep_threshold, j = offset +
-the local index (SPEC v2, ``rng.philox_uniform_u32``).
+the local index (semantics v2, ``rng.philox_uniform_u32``).
 """
 from __future__ import annotations
 

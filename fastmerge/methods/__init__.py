@@ -217,7 +217,7 @@ def resolve_spec(method: str, n_models: int, *, weights=None, density=None, gamm
 
 
 def top_k_count(density: float, n: int) -> int:
-    """k = max(1, floor(d*n)) for 0 < d < 1; n for d >= 1; 0 for d <= 0 (SPEC.md)."""
+    """k = max(1, floor(d*n)) for 0 < d < 1; n for d >= 1; 0 for d <= 0 (docs/semantics.md)."""
     if density >= 1.0:
         return n
     if density <= 0.0 or n == 0:

@@ -7,7 +7,7 @@ rescale the kept entries are scaled by |d_i|_1 / |kept|_1 over the whole tensor.
 d'_i = w_i * pruned d_i, combined by a TIES sign election (della) or summed (della_linear),
 optionally normalised, times lambda, added to the base.
 
-The draws are fastmerge's (SPEC v2 generator, fastmerge.methods.rng), so they match mergekit in
+The draws are fastmerge's (semantics v2 generator, fastmerge.methods.rng), so they match mergekit in
 distribution, not draw for draw: element j (row-major index in the whole tensor) of model i
 (0-based among the non-base models) is kept iff word ``j & 3`` of
 Philox(key(seed, tensor name, i), counter j >> 2) < floor(p_j * 2^32), with p_j computed in

@@ -1,9 +1,9 @@
 """Merge configs: mergekit-style YAML (plus fastmerge's own keys) -> a per-tensor MergeSpec.
 
-mergekit's option names and value syntax keep their meaning (see SPEC.md "Reading mergekit
-configs"): ``rescale: true`` is ``rescale: l1``; a list of numbers is a gradient interpolated
-piecewise-linearly over block depth ``t = i / (D - 1)`` (tensors outside blocks use t = 0;
-with a single block t = 1, as mergekit does); a list of ``{filter, value}`` conditions picks
+mergekit's option names and value syntax keep their meaning (docs/semantics.md, "How a
+mergekit YAML is read"): ``rescale: true`` is ``rescale: l1``; a list of numbers is a gradient
+interpolated piecewise-linearly over block depth ``t = i / (D - 1)`` (tensors outside blocks use
+t = 0; with a single block t = 1, as mergekit does); a list of ``{filter, value}`` conditions picks
 the first whose filter is a substring of the tensor name (``*`` or no filter matches all).
 For mergekit's method names the mergekit defaults apply (normalize true for ties only,
 linear normalizes, rescale l1 for dare_*), unless ``defaults: fastmerge``.
@@ -11,7 +11,7 @@ linear normalizes, rescale l1 for dare_*), unless ``defaults: fastmerge``.
 Choices where mergekit and the issue are silent or where we differ on purpose:
 - ``dtype`` / ``out_dtype``: the output dtype (out_dtype wins). mergekit also casts the inputs
   to ``dtype`` before computing; fastmerge always computes in float32 from the stored inputs
-  (SPEC.md) and rounds once to the output dtype.
+  (docs/semantics.md) and rounds once to the output dtype.
 - ``weight`` defaults to 1 (mergekit requires it for most methods).
 - ``int8_mask`` is accepted and has no effect (it only changes mergekit's memory use).
 - Parameters set per model may only be per-model ones (weight, density, gamma,

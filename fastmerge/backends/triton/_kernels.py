@@ -9,7 +9,7 @@ Layout shared by the three kernels:
   (a compile-time constant), so the loop over the N models unrolls and each iteration reads
   its own pointer.
 - Everything is loaded, converted to float32 and computed in float32 (the interpreter
-  mishandles bf16 arithmetic, and SPEC.md asks for float32 arithmetic anyway).
+  mishandles bf16 arithmetic, and docs/semantics.md asks for float32 arithmetic anyway).
 - Element indices are int64 (``program_id`` widened before the multiply): > 2^31 elements.
 - Per-model packed parameters are read in the kernel (fparams [N, 6] f32, iparams [N, 3]
   i64), so the host never synchronises on them.
@@ -96,7 +96,7 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 @triton.jit
 def philox_dare_word(j, key):
     """The DARE word of int64 element indices ``j`` under the 64-bit key ``key`` (int64 bits),
-    SPEC v2: word ``j & 3`` of Philox(counter (lo32(c), hi32(c), 0, 0), key (lo32(key),
+    semantics v2: word ``j & 3`` of Philox(counter (lo32(c), hi32(c), 0, 0), key (lo32(key),
     hi32(key))) with ``c = j >> 2``."""
     c = j >> 2
     c0 = c.to(tl.uint32)
@@ -188,7 +188,7 @@ def _vpow(v, power, INTERP: tl.constexpr):
 @triton.jit
 def _keep(t, v, j, i, fp, ip, SCORE: tl.constexpr):
     """Keep mask of model i (mode of iparams[i]): 0 all, 1 band lo <= score < hi, 2 none,
-    3 DARE philox_dare_word(j, key) < threshold (SPEC v2: word j & 3 of counter j >> 2)."""
+    3 DARE philox_dare_word(j, key) < threshold (semantics v2: word j & 3 of counter j >> 2)."""
     mode = tl.load(ip + i * NUM_IPARAMS + I_MODE)
     if mode == MODE_BAND:
         bits = _score(t, v, SCORE)
