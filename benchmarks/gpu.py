@@ -132,7 +132,8 @@ from bench_cpu import run_peft as peft_ties  # noqa: E402
 # ----------------------------------------------------------------------------- fastmerge
 def fastmerge_timings(backend: str, base, models, density: float, reps: int) -> dict:
     import fastmerge as fm
-    from fastmerge.backends import get_backend, ops
+    from fastmerge import abi
+    from fastmerge.backends import get_backend
     from fastmerge.methods import resolve_spec
     from fastmerge.planning.plan import plan_tensor
     from fastmerge.planning.selection import Chunk
@@ -151,8 +152,8 @@ def fastmerge_timings(backend: str, base, models, density: float, reps: int) -> 
     res["merge"] = cuda_time(lambda: be.merge(chunk, plan, torch.bfloat16), reps)
     # primitive ops alone (no host copies)
     targets = torch.tensor([[i, 0] for i in range(n)], dtype=torch.int64, device=base.device)
-    counts = torch.zeros(n, ops.NUM_BINS, dtype=torch.int64, device=base.device)
-    sums = torch.zeros(n, ops.NUM_BINS, dtype=torch.float64, device=base.device)
+    counts = torch.zeros(n, abi.NUM_BINS, dtype=torch.int64, device=base.device)
+    sums = torch.zeros(n, abi.NUM_BINS, dtype=torch.float64, device=base.device)
     res["op_score_histogram"] = cuda_time(
         lambda: be.score_histogram(base, models, [], 0, targets, 0, counts, sums), reps)
     stats = torch.zeros(n, 3, dtype=torch.float64, device=base.device)

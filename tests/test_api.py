@@ -4,7 +4,8 @@ import torch
 from helpers import make_finetunes
 
 import fastmerge as fm
-from fastmerge.backends import REGISTRY, get_backend, ops
+from fastmerge import abi
+from fastmerge.backends import REGISTRY, get_backend
 from fastmerge.methods import resolve_spec
 from fastmerge.planning.plan import plan_tensor
 from fastmerge.planning.selection import Chunk
@@ -85,8 +86,8 @@ def _op_samples():
     chunk = Chunk(base, models, [], 0, "w")
     plan = plan_tensor(spec, lambda: [chunk], get_backend("torch", "cpu"), base.numel(), "w")
     targets = torch.tensor([[0, 0], [1, 0]])
-    counts = torch.zeros(2, ops.NUM_BINS, dtype=torch.int64)
-    sums = torch.zeros(2, ops.NUM_BINS, dtype=torch.float64)
+    counts = torch.zeros(2, abi.NUM_BINS, dtype=torch.int64)
+    sums = torch.zeros(2, abi.NUM_BINS, dtype=torch.float64)
     stats = torch.zeros(2, 3, dtype=torch.float64)
     nonfinite = torch.zeros(2, dtype=torch.int64)
     return [

@@ -10,8 +10,10 @@ from helpers import make_finetunes
 from test_rng import DARE_V2_KAT, DARE_V2_KEEP, KAT_DENSITY
 
 import fastmerge as fm
+from fastmerge import abi
 from fastmerge.backends import availability, get_backend, ops
 from fastmerge.methods import resolve_spec, rng
+from fastmerge.methods.kernel_params import COMBINE_IDS
 from fastmerge.planning.plan import plan_tensor
 from fastmerge.planning.selection import Chunk, level0
 from fastmerge.testing import assert_matches_reference
@@ -39,10 +41,10 @@ def test_header_enums_match_ops():
                  "F_LO", "F_HI", "F_CONSENSUS_LAMBDA", "F_OTA_SCALE", "I_MODE", "I_DARE_KEY",
                  "I_DARE_THRESHOLD", "NUM_FPARAMS", "NUM_IPARAMS", "RADIX_BITS", "NUM_BINS",
                  "NONFINITE_BIN"):
-        assert e[name] == getattr(ops, name), name
-    for combine, idx in ops.COMBINE_IDS.items():
+        assert e[name] == getattr(abi, name), name
+    for combine, idx in COMBINE_IDS.items():
         assert e[f"COMBINE_{combine.upper()}"] == idx, combine
-    assert e["NUM_COMBINES"] == len(ops.COMBINE_IDS)
+    assert e["NUM_COMBINES"] == len(COMBINE_IDS)
 
 
 def test_philox_known_answers():
@@ -86,16 +88,16 @@ def _keep_via_merge(j, key, dtype, fast):
     a zero base) of a 96-element chunk whose global offset puts j at position 35."""
     at = min(j, 35)
     base = torch.zeros(96, dtype=dtype)
-    fp = torch.zeros(1, ops.NUM_FPARAMS, dtype=torch.float32)
-    fp[0, ops.F_WEIGHT] = 1.0
-    fp[0, ops.F_RESCALE] = 1.0
-    ip = torch.tensor([[ops.MODE_DARE, key - (1 << 64) if key >= 1 << 63 else key,
+    fp = torch.zeros(1, abi.NUM_FPARAMS, dtype=torch.float32)
+    fp[0, abi.F_WEIGHT] = 1.0
+    fp[0, abi.F_RESCALE] = 1.0
+    ip = torch.tensor([[abi.MODE_DARE, key - (1 << 64) if key >= 1 << 63 else key,
                         rng.dare_keep_threshold(KAT_DENSITY)]], dtype=torch.int64)
     nf = torch.zeros(1, dtype=torch.int64)
     prev = C.set_merge_fast_path(fast)
     try:
         out = torch.ops.fastmerge.fused_merge(base, [torch.ones(96, dtype=dtype)], [], fp, ip,
-                                              ops.COMBINE_IDS["sum"], 0, 0, 0, 0, 2, 1.0, 0.5,
+                                              COMBINE_IDS["sum"], 0, 0, 0, 0, 2, 1.0, 0.5,
                                               1e-8, j - at, dtype, nf)
     finally:
         C.set_merge_fast_path(prev)
@@ -176,9 +178,9 @@ def test_one_and_two_threads_identical(threads):
     res = []
     for nt in (1, 2):
         torch.set_num_threads(nt)
-        for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER):
-            counts = torch.zeros(3, ops.NUM_BINS, dtype=torch.int64)
-            sums = torch.zeros(3, ops.NUM_BINS, dtype=torch.float64)
+        for score in (abi.SCORE_MAGNITUDE, abi.SCORE_FISHER):
+            counts = torch.zeros(3, abi.NUM_BINS, dtype=torch.int64)
+            sums = torch.zeros(3, abi.NUM_BINS, dtype=torch.float64)
             torch.ops.fastmerge.score_histogram(base, models, vs, score, targets, 0, counts, sums)
             res.append((counts, sums))
     for (c1, s1), (c2, s2) in zip(res[:2], res[2:]):
@@ -186,13 +188,13 @@ def test_one_and_two_threads_identical(threads):
         torch.testing.assert_close(s1, s2, rtol=1e-12, atol=0)
     # the statistics pass sums per work item, in item order: bitwise the same on any threads
     f = torch.tensor([[1.0, 1.0, 0.0, float("inf"), 1.0, 1.0]] * 3)
-    i = torch.tensor([[ops.MODE_DARE, 12345, 1 << 31], [ops.MODE_BAND, 0, 0],
-                      [ops.MODE_KEEP_ALL, 0, 0]])
+    i = torch.tensor([[abi.MODE_DARE, 12345, 1 << 31], [abi.MODE_BAND, 0, 0],
+                      [abi.MODE_KEEP_ALL, 0, 0]])
     stats = []
     for nt in (1, 2):
         torch.set_num_threads(nt)
         out = torch.zeros(3, 3, dtype=torch.float64)
-        torch.ops.fastmerge.model_stats(base, models, vs, ops.SCORE_MAGNITUDE, f, i, 0.5, 7, out)
+        torch.ops.fastmerge.model_stats(base, models, vs, abi.SCORE_MAGNITUDE, f, i, 0.5, 7, out)
         stats.append(out)
     assert torch.equal(stats[0], stats[1])
 
@@ -237,14 +239,14 @@ def test_chunked_equals_whole(method, params):
     plan_c = plan_tensor(spec, lambda: chunks, be, n, NAME)
     assert torch.equal(plan_w.fparams, plan_c.fparams) or torch.allclose(
         plan_w.fparams, plan_c.fparams, rtol=1e-6)
-    assert torch.equal(plan_w.fparams[:, [ops.F_LO, ops.F_HI]],
-                       plan_c.fparams[:, [ops.F_LO, ops.F_HI]])
+    assert torch.equal(plan_w.fparams[:, [abi.F_LO, abi.F_HI]],
+                       plan_c.fparams[:, [abi.F_LO, abi.F_HI]])
     assert torch.equal(plan_w.iparams, plan_c.iparams)
     out_w, _ = be.merge(whole[0], plan_w, torch.bfloat16)
     out_c = torch.cat([be.merge(c, plan_w, torch.bfloat16)[0] for c in chunks])
     assert torch.equal(out_w.view(torch.int16), out_c.view(torch.int16))
     # level-0 histograms of the chunks add up to the whole tensor's
-    for score in ((ops.SCORE_MAGNITUDE, ops.SCORE_FISHER) if vs else (ops.SCORE_MAGNITUDE,)):
+    for score in ((abi.SCORE_MAGNITUDE, abi.SCORE_FISHER) if vs else (abi.SCORE_MAGNITUDE,)):
         hw = level0(be, 3, score, lambda: whole)
         hc = level0(be, 3, score, lambda: chunks)
         assert torch.equal(hw.counts, hc.counts)
@@ -254,8 +256,8 @@ def test_chunked_equals_whole(method, params):
 def _histograms_match_torch(base, models, vs, score, targets, level):
     """The C++ histograms of (targets, level) equal ops.score_histogram_torch's: counts
     exactly, sums to 1e-12. Returns the counts."""
-    got = [torch.zeros(len(targets), ops.NUM_BINS, dtype=torch.int64),
-           torch.zeros(len(targets), ops.NUM_BINS, dtype=torch.float64)]
+    got = [torch.zeros(len(targets), abi.NUM_BINS, dtype=torch.int64),
+           torch.zeros(len(targets), abi.NUM_BINS, dtype=torch.float64)]
     want = [x.clone() for x in got]
     torch.ops.fastmerge.score_histogram(base, models, vs, score, targets, level, *got)
     ops.score_histogram_torch(base, models, vs, score, targets, level, *want)
@@ -269,7 +271,7 @@ def test_histograms_and_stats_match_torch_kernels():
                                       second_moments=True)
     vs[1] = vs[1].to(torch.bfloat16)
     targets0 = torch.tensor([[0, 0], [1, 0], [2, 0], [1, 0]])
-    for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER):
+    for score in (abi.SCORE_MAGNITUDE, abi.SCORE_FISHER):
         counts0 = _histograms_match_torch(base, models, vs, score, targets0, 0)
         # level 1 on the fullest bin of each model (and a second prefix for model 1)
         top = counts0.argmax(1)
@@ -280,9 +282,9 @@ def test_histograms_and_stats_match_torch_kernels():
     plan = plan_tensor(spec, lambda: [Chunk(base, models, vs, 0, NAME)], get_backend("torch",
                        "cpu"), base.numel(), NAME)
     f, i = plan.fparams, plan.iparams.clone()
-    i[2, ops.I_MODE] = ops.MODE_DARE
-    i[2, ops.I_DARE_KEY], i[2, ops.I_DARE_THRESHOLD] = -5, 2**31
-    for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER):
+    i[2, abi.I_MODE] = abi.MODE_DARE
+    i[2, abi.I_DARE_KEY], i[2, abi.I_DARE_THRESHOLD] = -5, 2**31
+    for score in (abi.SCORE_MAGNITUDE, abi.SCORE_FISHER):
         got = torch.zeros(3, 3, dtype=torch.float64)
         want = got.clone()
         torch.ops.fastmerge.model_stats(base, models, vs, score, f, i, 0.5, 17, got)
@@ -299,7 +301,7 @@ def test_histograms_across_calls_and_work_items(threads, rows):
     with other row counts, levels and scores, over several dynamic work items, stay exact."""
     base, models, vs = make_finetunes((300007,), 3, ("bf16", "bf16", "fp32"), seed=9,
                                       second_moments=True)
-    for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER, ops.SCORE_MAGNITUDE):
+    for score in (abi.SCORE_MAGNITUDE, abi.SCORE_FISHER, abi.SCORE_MAGNITUDE):
         t0 = torch.tensor([[i, 0] for i in rows])
         counts0 = _histograms_match_torch(base, models, vs, score, t0, 0)
         # consecutive rows of one model (a band's two thresholds) share its converted block
@@ -344,9 +346,9 @@ def test_opcheck_all_ops():
     base, models, vs = make_finetunes((257, 3), 2, ("bf16", "fp32"), seed=6, second_moments=True)
     targets = torch.tensor([[0, 0], [1, 0]])
     torch.library.opcheck(torch.ops.fastmerge.score_histogram.default, (
-        base, models, vs, ops.SCORE_FISHER, targets, 0,
-        torch.zeros(2, ops.NUM_BINS, dtype=torch.int64),
-        torch.zeros(2, ops.NUM_BINS, dtype=torch.float64)))
+        base, models, vs, abi.SCORE_FISHER, targets, 0,
+        torch.zeros(2, abi.NUM_BINS, dtype=torch.int64),
+        torch.zeros(2, abi.NUM_BINS, dtype=torch.float64)))
     spec = resolve_spec("dare_ties", 2, density=0.5, seed=1)
     plan = plan_tensor(spec, lambda: [Chunk(base, models, [], 0, NAME)],
                        get_backend("cpu", "cpu"), base.numel(), NAME)
@@ -369,8 +371,8 @@ def test_more_than_2_pow_31_elements():
     model[-7:] = 3.0
     model[-1] = -2.0
     targets = torch.tensor([[0, 0]])
-    counts = torch.zeros(1, ops.NUM_BINS, dtype=torch.int64)
-    sums = torch.zeros(1, ops.NUM_BINS, dtype=torch.float64)
+    counts = torch.zeros(1, abi.NUM_BINS, dtype=torch.int64)
+    sums = torch.zeros(1, abi.NUM_BINS, dtype=torch.float64)
     torch.ops.fastmerge.score_histogram(base, [model], [], 0, targets, 0, counts, sums)
     assert int(counts.sum()) == n
     assert int(counts[0, 0x3F80]) == n - 7 and int(counts[0, 0x4040]) == 6

@@ -17,6 +17,7 @@ import torch
 from helpers import DTYPES, make_finetunes
 
 import fastmerge as fm
+from fastmerge import abi
 from fastmerge.backends import availability, get_backend, ops
 from fastmerge.methods import resolve_spec
 from fastmerge.planning.plan import plan_tensor
@@ -53,8 +54,8 @@ def test_opcheck_three_ops():
     base, models, vs = _inputs((37, 21), 3, ("bf16", "fp16", "fp32"), moments=True)
     spec, chunk, plan = _plan("ties", base, models, vs, density=0.4)
     targets = torch.tensor([[0, 0], [2, 0]], dtype=torch.int64, device=DEV)
-    counts = torch.zeros(2, ops.NUM_BINS, dtype=torch.int64, device=DEV)
-    sums = torch.zeros(2, ops.NUM_BINS, dtype=torch.float64, device=DEV)
+    counts = torch.zeros(2, abi.NUM_BINS, dtype=torch.int64, device=DEV)
+    sums = torch.zeros(2, abi.NUM_BINS, dtype=torch.float64, device=DEV)
     torch.library.opcheck(torch.ops.fastmerge.score_histogram.default,
                           (base, models, vs, 0, targets, 0, counts, sums))
     p = plan.on(DEV)
@@ -69,8 +70,8 @@ def test_opcheck_three_ops():
 
 # ----------------------------------------------------------------------------- primitives
 def _hist(fn, base, models, vs, score, targets, level):
-    counts = torch.zeros(targets.shape[0], ops.NUM_BINS, dtype=torch.int64, device=DEV)
-    sums = torch.zeros(targets.shape[0], ops.NUM_BINS, dtype=torch.float64, device=DEV)
+    counts = torch.zeros(targets.shape[0], abi.NUM_BINS, dtype=torch.int64, device=DEV)
+    sums = torch.zeros(targets.shape[0], abi.NUM_BINS, dtype=torch.float64, device=DEV)
     fn(base, models, vs, score, targets, level, counts, sums)
     return counts.cpu(), sums.cpu()
 
@@ -227,8 +228,8 @@ def test_more_than_2_pow_31_elements():
     model[-1] = -2.0
     cuda = _cuda()
     targets = torch.tensor([[0, 0]], device=DEV)
-    counts = torch.zeros(1, ops.NUM_BINS, dtype=torch.int64, device=DEV)
-    sums = torch.zeros(1, ops.NUM_BINS, dtype=torch.float64, device=DEV)
+    counts = torch.zeros(1, abi.NUM_BINS, dtype=torch.int64, device=DEV)
+    sums = torch.zeros(1, abi.NUM_BINS, dtype=torch.float64, device=DEV)
     cuda.score_histogram(base, [model], [], 0, targets, 0, counts, sums)
     assert int(counts.sum()) == n
     assert int(counts[0, 0x3F80]) == n - 7  # |t| = 1.0

@@ -427,12 +427,12 @@ def test_host_harness_merge_groups(tmp_path):
 
 
 def test_launcher_header_matches_ops():
-    """fm_cuda.h's constants are those of fastmerge/backends/ops.py (the .cu files static_assert them
+    """fm_cuda.h's constants are those of fastmerge/abi.py (the .cu files static_assert them
     against csrc/common as well)."""
-    from fastmerge.backends import ops
+    from fastmerge import abi
     text = open(os.path.join(CUDA_DIR, "fm_cuda.h")).read()
     consts = dict(re.findall(r"#define (FM_CUDA_\w+) (\d+)", text))
-    assert int(consts["FM_CUDA_NUM_FPARAMS"]) == ops.NUM_FPARAMS
-    assert int(consts["FM_CUDA_NUM_IPARAMS"]) == ops.NUM_IPARAMS
-    assert int(consts["FM_CUDA_NUM_BINS"]) == ops.NUM_BINS
+    assert int(consts["FM_CUDA_NUM_FPARAMS"]) == abi.NUM_FPARAMS
+    assert int(consts["FM_CUDA_NUM_IPARAMS"]) == abi.NUM_IPARAMS
+    assert int(consts["FM_CUDA_NUM_BINS"]) == abi.NUM_BINS
     assert "FM_CUDA_F32 = 0, FM_CUDA_F16 = 1, FM_CUDA_BF16 = 2" in text

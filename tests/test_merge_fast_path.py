@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
-from fastmerge.backends import availability, ops
+from fastmerge import abi
+from fastmerge.backends import availability
+from fastmerge.methods.kernel_params import COMBINE_IDS
 
 ok, why = availability("cpu")
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
@@ -27,8 +29,8 @@ def _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype,
     try:
         nonfinite = torch.zeros(len(models), dtype=torch.int64)
         out = torch.ops.fastmerge.fused_merge(
-            base, models, [], fparams, iparams, ops.COMBINE_IDS[combine], ops.SCORE_MAGNITUDE,
-            ops.ELECT_SUM, ops.ELECT_WEIGHTED, normalize, 0, scale, 1.0, 0.0, offset, out_dtype,
+            base, models, [], fparams, iparams, COMBINE_IDS[combine], abi.SCORE_MAGNITUDE,
+            abi.ELECT_SUM, abi.ELECT_WEIGHTED, normalize, 0, scale, 1.0, 0.0, offset, out_dtype,
             nonfinite)
     finally:
         C.set_merge_fast_path(old)
@@ -39,7 +41,7 @@ def _bits(x):
     return x.view(torch.int16) if x.element_size() == 2 else x.view(torch.int32)
 
 
-def _check(base, models, fparams, iparams, combine="ties", normalize=ops.NORMALIZE_WEIGHTS,
+def _check(base, models, fparams, iparams, combine="ties", normalize=abi.NORMALIZE_WEIGHTS,
            scale=1.0, out_dtype=torch.bfloat16, offset=0):
     fast, nf_fast = _merge(base, models, fparams, iparams, combine, normalize, scale, out_dtype,
                            True, offset)
@@ -61,23 +63,23 @@ def _inputs(numel, n, seed, base=True, scale=0.01):
 def _params(models, base, density, weights=None, rescales=None, modes=None, his=None):
     """fparams/iparams with lo = the exact k-th largest |t| (ties at the threshold)."""
     n = len(models)
-    f = torch.zeros(n, ops.NUM_FPARAMS)
-    i = torch.zeros(n, ops.NUM_IPARAMS, dtype=torch.int64)
+    f = torch.zeros(n, abi.NUM_FPARAMS)
+    i = torch.zeros(n, abi.NUM_IPARAMS, dtype=torch.int64)
     for j, m in enumerate(models):
         t = m.float() - (base.float() if base is not None else 0.0)
         k = max(1, int(density * t.numel()))
-        f[j, ops.F_LO] = t.abs().flatten().kthvalue(t.numel() - k + 1).values
-        f[j, ops.F_HI] = INF if his is None else his[j]
-        f[j, ops.F_WEIGHT] = 1.0 if weights is None else weights[j]
-        f[j, ops.F_RESCALE] = 1.0 if rescales is None else rescales[j]
-        i[j, ops.I_MODE] = ops.MODE_BAND if modes is None else modes[j]
+        f[j, abi.F_LO] = t.abs().flatten().kthvalue(t.numel() - k + 1).values
+        f[j, abi.F_HI] = INF if his is None else his[j]
+        f[j, abi.F_WEIGHT] = 1.0 if weights is None else weights[j]
+        f[j, abi.F_RESCALE] = 1.0 if rescales is None else rescales[j]
+        i[j, abi.I_MODE] = abi.MODE_BAND if modes is None else modes[j]
     return f, i
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9])
 @pytest.mark.parametrize("combine", ["ties", "sum"])
-@pytest.mark.parametrize("normalize", [ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS,
-                                       ops.NORMALIZE_COUNT])
+@pytest.mark.parametrize("normalize", [abi.NORMALIZE_NONE, abi.NORMALIZE_WEIGHTS,
+                                       abi.NORMALIZE_COUNT])
 def test_models_combines_normalisations(n, combine, normalize):
     base, models = _inputs(3 * 512 + 96, n, seed=n)
     f, i = _params(models, base, 0.3, weights=[1.0, 0.5, -0.25, 2.0, 1.0, 0.0, 3.0, 1.0, 0.7][:n])
@@ -94,7 +96,7 @@ def test_sizes_tails_and_threads(numel, with_base):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             _check(base, models, f, i)
-            _check(base, models, f, i, "sum", ops.NORMALIZE_COUNT)
+            _check(base, models, f, i, "sum", abi.NORMALIZE_COUNT)
     finally:
         torch.set_num_threads(old)
 
@@ -104,21 +106,21 @@ def test_sizes_tails_and_threads(numel, with_base):
 def test_output_dtypes_and_scales(out_dtype, scale):
     base, models = _inputs(2048 + 32 * 3, 4, seed=11, scale=0.3)
     f, i = _params(models, base, 0.5, rescales=[1.0, 2.5, 1.0, 0.3])
-    _check(base, models, f, i, "ties", ops.NORMALIZE_WEIGHTS, scale, out_dtype)
-    _check(base, models, f, i, "sum", ops.NORMALIZE_NONE, scale, out_dtype)
+    _check(base, models, f, i, "ties", abi.NORMALIZE_WEIGHTS, scale, out_dtype)
+    _check(base, models, f, i, "sum", abi.NORMALIZE_NONE, scale, out_dtype)
 
 
 def test_keep_modes_and_bands():
     base, models = _inputs(4096 + 64, 5, seed=3)
     # a band with a finite hi (breadcrumbs), keep all, keep none, and a threshold of +Inf
     f, i = _params(models, base, 0.4,
-                   modes=[ops.MODE_BAND, ops.MODE_KEEP_ALL, ops.MODE_KEEP_NONE, ops.MODE_BAND,
-                          ops.MODE_BAND])
-    f[0, ops.F_HI] = f[0, ops.F_LO] * 4
-    f[4, ops.F_LO] = INF
+                   modes=[abi.MODE_BAND, abi.MODE_KEEP_ALL, abi.MODE_KEEP_NONE, abi.MODE_BAND,
+                          abi.MODE_BAND])
+    f[0, abi.F_HI] = f[0, abi.F_LO] * 4
+    f[4, abi.F_LO] = INF
     for combine in ("ties", "sum"):
         _check(base, models, f, i, combine)
-    f[:, ops.F_LO] = 0.0  # keep every element, zeros included
+    f[:, abi.F_LO] = 0.0  # keep every element, zeros included
     _check(base, models, f, i)
 
 
@@ -130,9 +132,9 @@ def test_ties_signed_zeros_and_cancellation():
     same = [base.clone() for _ in range(3)]
     for lo in (0.0, 1.0):
         f, i = _params(same, base, 1.0)
-        f[:, ops.F_LO] = lo
+        f[:, abi.F_LO] = lo
         for combine in ("ties", "sum"):
-            for normalize in (ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS):
+            for normalize in (abi.NORMALIZE_NONE, abi.NORMALIZE_WEIGHTS):
                 _check(base, same, f, i, combine, normalize)
                 _check(None, same, f, i, combine, normalize)
     # every model drops a negative t (s = t * 0 = -0) over a base of -0: the weighted sum is
@@ -140,17 +142,17 @@ def test_ties_signed_zeros_and_cancellation():
     neg_zero = torch.full((numel,), -0.0, dtype=torch.bfloat16)
     small = [torch.full((numel,), -0.001 * (j + 1), dtype=torch.bfloat16) for j in range(3)]
     f, i = _params(small, neg_zero, 1.0)
-    f[:, ops.F_LO] = 1.0
+    f[:, abi.F_LO] = 1.0
     for combine in ("ties", "sum"):
-        out, _ = _check(neg_zero, small, f, i, combine, ops.NORMALIZE_NONE)
+        out, _ = _check(neg_zero, small, f, i, combine, abi.NORMALIZE_NONE)
         assert not torch.signbit(out.float()).any()
     x = torch.full((numel,), 0.5, dtype=torch.bfloat16)
     models = [x, -x, x.clone(), -x]
     f, i = _params(models, None, 1.0, weights=[1.0, 1.0, 2.0, 2.0])
-    f[:, ops.F_LO] = 0.0
+    f[:, abi.F_LO] = 0.0
     for combine in ("ties", "sum"):
-        _check(None, models, f, i, combine, ops.NORMALIZE_WEIGHTS)
-        _check(base, models, f, i, combine, ops.NORMALIZE_NONE)
+        _check(None, models, f, i, combine, abi.NORMALIZE_WEIGHTS)
+        _check(base, models, f, i, combine, abi.NORMALIZE_NONE)
 
 
 def test_subnormals_and_overflow():
@@ -158,23 +160,23 @@ def test_subnormals_and_overflow():
     tiny = torch.full((numel,), 1e-39, dtype=torch.bfloat16)  # subnormal in float32 and bf16
     models = [tiny, -tiny * 2, tiny * 3]
     f, i = _params(models, None, 1.0)
-    f[:, ops.F_LO] = 0.0
+    f[:, abi.F_LO] = 0.0
     _check(None, models, f, i)
-    _check(None, models, f, i, "sum", ops.NORMALIZE_COUNT)
+    _check(None, models, f, i, "sum", abi.NORMALIZE_COUNT)
     big = torch.full((numel,), 3e38, dtype=torch.bfloat16)
     models = [big, big.clone(), -big]
     f, i = _params(models, None, 1.0, weights=[4.0, 4.0, 1.0])  # w * t overflows to Inf
-    f[:, ops.F_LO] = 0.0
+    f[:, abi.F_LO] = 0.0
     for combine in ("ties", "sum"):
-        for normalize in (ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS):
+        for normalize in (abi.NORMALIZE_NONE, abi.NORMALIZE_WEIGHTS):
             out, nf = _check(None, models, f, i, combine, normalize)
             assert int(nf.sum()) == 0
     # a finite vote, an infinite disjoint sum and weight sum: Inf / Inf = NaN in the output
     t = torch.full((numel,), 1.5, dtype=torch.bfloat16)
     models = [t, -t, t.clone()]
     f, i = _params(models, None, 1.0, weights=[2e38, 2e38, 2e38])
-    f[:, ops.F_LO] = 0.0
-    out, _ = _check(None, models, f, i, "ties", ops.NORMALIZE_WEIGHTS)
+    f[:, abi.F_LO] = 0.0
+    out, _ = _check(None, models, f, i, "ties", abi.NORMALIZE_WEIGHTS)
     assert out.float().isnan().all()
 
 
@@ -187,11 +189,11 @@ def test_non_finite_values_are_counted(bad, mode):
     models[2][4095] = bad
     models[0][1] = bad
     if mode == "dropped":
-        f[:, ops.F_LO] = INF
+        f[:, abi.F_LO] = INF
     elif mode == "band":
-        f[:, ops.F_HI] = f[:, ops.F_LO] * 2
+        f[:, abi.F_HI] = f[:, abi.F_LO] * 2
     elif mode == "none":
-        i[:, ops.I_MODE] = ops.MODE_KEEP_NONE
+        i[:, abi.I_MODE] = abi.MODE_KEEP_NONE
     for combine in ("ties", "sum"):
         _, nf = _check(base, models, f, i, combine)
         assert nf.tolist() == [1, 1, 1]
@@ -206,9 +208,9 @@ def test_non_bf16_inputs_take_the_generic_code():
 
 
 def _dare(f, i, j, key, threshold):
-    i[j, ops.I_MODE] = ops.MODE_DARE
-    i[j, ops.I_DARE_KEY] = key
-    i[j, ops.I_DARE_THRESHOLD] = threshold
+    i[j, abi.I_MODE] = abi.MODE_DARE
+    i[j, abi.I_DARE_KEY] = key
+    i[j, abi.I_DARE_THRESHOLD] = threshold
 
 
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 4097, (1 << 34) - 70, (1 << 40) + 2])
@@ -222,9 +224,9 @@ def test_dare_masks_at_any_offset(offset, n):
     for j in range(n):
         _dare(f, i, j, 0x1234567 * (j + 1) - (1 << 62) * (j % 3), [1 << 31, 1288490188, 1][j % 3])
     for combine in ("ties", "sum"):
-        for normalize in (ops.NORMALIZE_NONE, ops.NORMALIZE_WEIGHTS, ops.NORMALIZE_COUNT):
+        for normalize in (abi.NORMALIZE_NONE, abi.NORMALIZE_WEIGHTS, abi.NORMALIZE_COUNT):
             _check(base, models, f, i, combine, normalize, offset=offset)
-    _check(None, models, f, i, "sum", ops.NORMALIZE_NONE, 0.5, torch.float32, offset)
+    _check(None, models, f, i, "sum", abi.NORMALIZE_NONE, 0.5, torch.float32, offset)
 
 
 def test_dare_thresholds_mixed_with_bands():

@@ -14,8 +14,10 @@ from helpers import make_finetunes
 from test_rng import DARE_V2_KAT, DARE_V2_KEEP, KAT_DENSITY
 
 import fastmerge as fm
+from fastmerge import abi
 from fastmerge.backends import availability, get_backend, ops
 from fastmerge.methods import rng
+from fastmerge.methods.kernel_params import COMBINE_IDS
 from fastmerge.planning.selection import Chunk
 
 ok, why = availability("triton")
@@ -81,15 +83,15 @@ def test_dare_v2_known_answers_in_triton():
             K._philox_stream_kernel[(1,)](out, _bits64(key), j - b, 16, BLOCK=16)
             assert int(out[b]) == word, (seed, name, i, j, before)
         at = min(j, 5)
-        fp = torch.zeros(1, ops.NUM_FPARAMS, dtype=torch.float32, device=DEV)
-        fp[0, ops.F_WEIGHT] = 1.0
-        fp[0, ops.F_RESCALE] = 1.0
-        ip = torch.tensor([[ops.MODE_DARE, _bits64(key), rng.dare_keep_threshold(KAT_DENSITY)]],
+        fp = torch.zeros(1, abi.NUM_FPARAMS, dtype=torch.float32, device=DEV)
+        fp[0, abi.F_WEIGHT] = 1.0
+        fp[0, abi.F_RESCALE] = 1.0
+        ip = torch.tensor([[abi.MODE_DARE, _bits64(key), rng.dare_keep_threshold(KAT_DENSITY)]],
                           dtype=torch.int64, device=DEV)
         nf = torch.zeros(1, dtype=torch.int64, device=DEV)
         got = _tk().backend().fused_merge(
             torch.zeros(16, device=DEV), [torch.ones(16, device=DEV)], [], fp, ip,
-            ops.COMBINE_IDS["sum"], 0, 0, 0, 0, 2, 1.0, 0.5, 1e-8, j - at, torch.float32, nf)
+            COMBINE_IDS["sum"], 0, 0, 0, 0, 2, 1.0, 0.5, 1e-8, j - at, torch.float32, nf)
         assert bool(got[at].cpu() != 0) == keep, (seed, name, i, j)
 
 
@@ -122,25 +124,25 @@ def _inputs(shape=(53, 19), n=3, seed=0):
     return base.to(DEV), [m.to(DEV) for m in models], [v.to(DEV) for v in vs]
 
 
-@pytest.mark.parametrize("score", [ops.SCORE_MAGNITUDE, ops.SCORE_FISHER])
+@pytest.mark.parametrize("score", [abi.SCORE_MAGNITUDE, abi.SCORE_FISHER])
 def test_histograms_exact(score):
     base, models, vs = _inputs()
     be = _tk().backend()
     for level, targets in ((0, [[0, 0], [1, 0], [2, 0]]), (1, [[2, 0], [0, 0], [1, 0]])):
         tg = torch.tensor(targets, dtype=torch.int64)
         if level == 1:  # use the most populated level-0 bin of each model as the prefix
-            c0 = torch.zeros(3, ops.NUM_BINS, dtype=torch.int64)
-            s0 = torch.zeros(3, ops.NUM_BINS, dtype=torch.float64)
+            c0 = torch.zeros(3, abi.NUM_BINS, dtype=torch.int64)
+            s0 = torch.zeros(3, abi.NUM_BINS, dtype=torch.float64)
             ops.score_histogram_torch(base.cpu(), [m.cpu() for m in models],
                                       [v.cpu() for v in vs], score,
                                       torch.tensor([[0, 0], [1, 0], [2, 0]]), 0, c0, s0)
             tg[:, 1] = c0[tg[:, 0]].argmax(1)
-        want_c = torch.zeros(3, ops.NUM_BINS, dtype=torch.int64)
-        want_s = torch.zeros(3, ops.NUM_BINS, dtype=torch.float64)
+        want_c = torch.zeros(3, abi.NUM_BINS, dtype=torch.int64)
+        want_s = torch.zeros(3, abi.NUM_BINS, dtype=torch.float64)
         ops.score_histogram_torch(base.cpu(), [m.cpu() for m in models], [v.cpu() for v in vs],
                                   score, tg, level, want_c, want_s)
-        got_c = torch.zeros(3, ops.NUM_BINS, dtype=torch.int64, device=DEV)
-        got_s = torch.zeros(3, ops.NUM_BINS, dtype=torch.float64, device=DEV)
+        got_c = torch.zeros(3, abi.NUM_BINS, dtype=torch.int64, device=DEV)
+        got_s = torch.zeros(3, abi.NUM_BINS, dtype=torch.float64, device=DEV)
         be.score_histogram(base, models, vs, score, tg.to(DEV), level, got_c, got_s)
         assert torch.equal(got_c.cpu(), want_c)
         assert int(want_c.sum()) > 0
@@ -154,11 +156,11 @@ def test_histogram_aggregated_path_exact(monkeypatch):
     from fastmerge.backends.triton import _registry
     base, models, vs = _inputs((300,), 2, seed=6)
     models[1][:40] = base[:40]          # zeros: a crowded bin
-    for score, level in ((ops.SCORE_MAGNITUDE, 0), (ops.SCORE_FISHER, 0),
-                         (ops.SCORE_MAGNITUDE, 1)):
+    for score, level in ((abi.SCORE_MAGNITUDE, 0), (abi.SCORE_FISHER, 0),
+                         (abi.SCORE_MAGNITUDE, 1)):
         tg = torch.tensor([[1, 0], [0, 0]], dtype=torch.int64)
-        c0 = torch.zeros(2, ops.NUM_BINS, dtype=torch.int64)
-        s0 = torch.zeros(2, ops.NUM_BINS, dtype=torch.float64)
+        c0 = torch.zeros(2, abi.NUM_BINS, dtype=torch.int64)
+        s0 = torch.zeros(2, abi.NUM_BINS, dtype=torch.float64)
         ops.score_histogram_torch(base.cpu(), [m.cpu() for m in models], [v.cpu() for v in vs],
                                   score, tg, 0, c0, s0)
         if level == 1:
@@ -169,8 +171,8 @@ def test_histogram_aggregated_path_exact(monkeypatch):
                                       [v.cpu() for v in vs], score, tg, 1, c0, s0)
         monkeypatch.setenv("FASTMERGE_TRITON_HIST_AGGREGATE", "1")
         monkeypatch.setenv("FASTMERGE_TRITON_BLOCK", "128")
-        got_c = torch.zeros(2, ops.NUM_BINS, dtype=torch.int64, device=DEV)
-        got_s = torch.zeros(2, ops.NUM_BINS, dtype=torch.float64, device=DEV)
+        got_c = torch.zeros(2, abi.NUM_BINS, dtype=torch.int64, device=DEV)
+        got_s = torch.zeros(2, abi.NUM_BINS, dtype=torch.float64, device=DEV)
         _tk().backend().score_histogram(base, models, vs, score, tg.to(DEV), level, got_c,
                                         got_s)
         monkeypatch.delenv("FASTMERGE_TRITON_HIST_AGGREGATE")
@@ -181,29 +183,29 @@ def test_histogram_aggregated_path_exact(monkeypatch):
 
 
 def _packed(n, modes, seed=3):
-    fp = torch.zeros(n, ops.NUM_FPARAMS, dtype=torch.float32)
-    fp[:, ops.F_WEIGHT] = torch.tensor([0.5, 1.25, -0.75, 1.0][:n])
-    fp[:, ops.F_RESCALE] = torch.tensor([1.0, 2.0, 0.5, 1.5][:n])
-    fp[:, ops.F_LO] = 0.004
-    fp[:, ops.F_HI] = float("inf")
-    fp[1 % n, ops.F_HI] = 0.012
-    fp[:, ops.F_CONSENSUS_LAMBDA] = 0.6
-    fp[:, ops.F_OTA_SCALE] = torch.tensor([1.0, 30.0, 0.25, 2.0][:n])
-    ip = torch.zeros(n, ops.NUM_IPARAMS, dtype=torch.int64)
+    fp = torch.zeros(n, abi.NUM_FPARAMS, dtype=torch.float32)
+    fp[:, abi.F_WEIGHT] = torch.tensor([0.5, 1.25, -0.75, 1.0][:n])
+    fp[:, abi.F_RESCALE] = torch.tensor([1.0, 2.0, 0.5, 1.5][:n])
+    fp[:, abi.F_LO] = 0.004
+    fp[:, abi.F_HI] = float("inf")
+    fp[1 % n, abi.F_HI] = 0.012
+    fp[:, abi.F_CONSENSUS_LAMBDA] = 0.6
+    fp[:, abi.F_OTA_SCALE] = torch.tensor([1.0, 30.0, 0.25, 2.0][:n])
+    ip = torch.zeros(n, abi.NUM_IPARAMS, dtype=torch.int64)
     for i, mode in enumerate(modes[:n]):
-        ip[i, ops.I_MODE] = mode
-        ip[i, ops.I_DARE_KEY] = _bits64(rng.dare_key(seed, NAME, i))
-        ip[i, ops.I_DARE_THRESHOLD] = rng.dare_keep_threshold(0.45)
+        ip[i, abi.I_MODE] = mode
+        ip[i, abi.I_DARE_KEY] = _bits64(rng.dare_key(seed, NAME, i))
+        ip[i, abi.I_DARE_THRESHOLD] = rng.dare_keep_threshold(0.45)
     return fp, ip
 
 
-MODES = [ops.MODE_BAND, ops.MODE_DARE, ops.MODE_KEEP_ALL, ops.MODE_KEEP_NONE]
+MODES = [abi.MODE_BAND, abi.MODE_DARE, abi.MODE_KEEP_ALL, abi.MODE_KEEP_NONE]
 
 
 def test_model_stats_matches_torch():
     base, models, vs = _inputs()
     fp, ip = _packed(3, MODES)
-    for score in (ops.SCORE_MAGNITUDE, ops.SCORE_FISHER):
+    for score in (abi.SCORE_MAGNITUDE, abi.SCORE_FISHER):
         want = torch.zeros(3, 3, dtype=torch.float64)
         ops.model_stats_torch(base.cpu(), [m.cpu() for m in models], [v.cpu() for v in vs],
                               score, fp, ip, 0.5, 1000, want)
@@ -227,8 +229,8 @@ def test_fused_merge_matches_torch_kernel(combine, elect, elect_on, normalize):
     keep-all, keep-none) with non-trivial weights, rescales and OTA scales."""
     base, models, vs = _inputs((41, 23), 4, seed=1)
     fp, ip = _packed(4, MODES)
-    cid = ops.COMBINE_IDS[combine]
-    args = (cid, ops.SCORE_FISHER if combine == "ota" else ops.SCORE_MAGNITUDE, elect,
+    cid = COMBINE_IDS[combine]
+    args = (cid, abi.SCORE_FISHER if combine == "ota" else abi.SCORE_MAGNITUDE, elect,
             elect_on, normalize, 2, 0.8 if combine != "linear" else 1.0, 0.5, 1e-8, 77,
             torch.float32)
     nf_want = torch.zeros(4, dtype=torch.int64)
@@ -254,11 +256,11 @@ def test_nonfinite_counted():
     models[1][3] = float("nan")
     models[1][7] = float("inf")
     models[0][0] = float("-inf")
-    fp, ip = _packed(2, [ops.MODE_KEEP_ALL] * 2)
+    fp, ip = _packed(2, [abi.MODE_KEEP_ALL] * 2)
     for combine in ("sum", "ties", "linear"):
         nf = torch.zeros(2, dtype=torch.int64, device=DEV)
         _tk().backend().fused_merge(base, models, [], fp.to(DEV), ip.to(DEV),
-                                    ops.COMBINE_IDS[combine], 0, 0, 0, 1, 2, 1.0, 0.5, 1e-8, 0,
+                                    COMBINE_IDS[combine], 0, 0, 0, 1, 2, 1.0, 0.5, 1e-8, 0,
                                     torch.bfloat16, nf)
         assert nf.cpu().tolist() == [1, 2], combine
 
@@ -390,9 +392,9 @@ def test_fisher_histogram_sums_are_exact():
     be = _tk().backend()
     for level in (0, 1):
         tg = torch.tensor([[0, 0x3F80 if level else 0]], dtype=torch.int64, device=DEV)
-        counts = torch.zeros(1, ops.NUM_BINS, dtype=torch.int64, device=DEV)
-        sums = torch.zeros(1, ops.NUM_BINS, dtype=torch.float64, device=DEV)
-        be.score_histogram(None, [t.to(DEV)], [v.to(DEV)], ops.SCORE_FISHER, tg, level, counts,
+        counts = torch.zeros(1, abi.NUM_BINS, dtype=torch.int64, device=DEV)
+        sums = torch.zeros(1, abi.NUM_BINS, dtype=torch.float64, device=DEV)
+        be.score_histogram(None, [t.to(DEV)], [v.to(DEV)], abi.SCORE_FISHER, tg, level, counts,
                            sums)
         b = 0x3F80 if level == 0 else 0
         assert int(counts[0, b]) == n
@@ -434,13 +436,13 @@ def test_model_stats_are_block_order_free(monkeypatch):
     outs = []
     for _ in range(2):
         got = torch.zeros(3, 3, dtype=torch.float64, device=DEV)
-        _tk().backend().model_stats(base, models, vs, ops.SCORE_FISHER, fp.to(DEV), ip.to(DEV),
+        _tk().backend().model_stats(base, models, vs, abi.SCORE_FISHER, fp.to(DEV), ip.to(DEV),
                                     0.5, 7, got)
         outs.append(got.cpu())
     assert torch.equal(outs[0], outs[1])
     want = torch.zeros(3, 3, dtype=torch.float64)
     ops.model_stats_torch(base.cpu(), [m.cpu() for m in models], [v.cpu() for v in vs],
-                          ops.SCORE_FISHER, fp, ip, 0.5, 7, want)
+                          abi.SCORE_FISHER, fp, ip, 0.5, 7, want)
     torch.testing.assert_close(outs[0], want, rtol=1e-6, atol=1e-12)
 
 
@@ -469,8 +471,8 @@ def _opcheck_cases():
                                torch.zeros(3, 3, dtype=torch.float64, device=dev)),
         "triton_score_histogram": (base, models, vs, 0,
                                    torch.tensor([[0, 0], [2, 0]], device=dev), 0,
-                                   torch.zeros(2, ops.NUM_BINS, dtype=torch.int64, device=dev),
-                                   torch.zeros(2, ops.NUM_BINS, dtype=torch.float64,
+                                   torch.zeros(2, abi.NUM_BINS, dtype=torch.int64, device=dev),
+                                   torch.zeros(2, abi.NUM_BINS, dtype=torch.float64,
                                                device=dev)),
     }
 
@@ -514,7 +516,7 @@ def test_gpu_full_size_matches_reference(method):
 @gpu
 def test_gpu_torch_compile():
     base, models, _ = make_finetunes((1 << 16,), 2, ("bf16",), seed=1, device="cuda")
-    fp, ip = _packed(2, [ops.MODE_KEEP_ALL, ops.MODE_DARE])
+    fp, ip = _packed(2, [abi.MODE_KEEP_ALL, abi.MODE_DARE])
     fp, ip = fp.cuda(), ip.cuda()
 
     def f(b, m0, m1, nf):

@@ -25,38 +25,6 @@ from __future__ import annotations
 
 import torch
 
-# The kernel ABI (generated from csrc/common/fastmerge_params.h), re-exported for the kernels
-from ..abi import (  # noqa: F401
-    ELECT_COUNT,
-    ELECT_SUM,
-    ELECT_UNWEIGHTED,
-    ELECT_WEIGHTED,
-    F_CONSENSUS_LAMBDA,
-    F_HI,
-    F_LO,
-    F_OTA_SCALE,
-    F_RESCALE,
-    F_WEIGHT,
-    I_DARE_KEY,
-    I_DARE_THRESHOLD,
-    I_MODE,
-    MODE_BAND,
-    MODE_DARE,
-    MODE_KEEP_ALL,
-    MODE_KEEP_NONE,
-    NONFINITE_BIN,
-    NORMALIZE_COUNT,
-    NORMALIZE_NONE,
-    NORMALIZE_WEIGHTS,
-    NUM_BINS,
-    NUM_FPARAMS,
-    NUM_IPARAMS,
-    RADIX_BITS,
-    SCORE_FISHER,
-    SCORE_MAGNITUDE,
-)
-from ..methods.kernel_params import COMBINE_IDS  # noqa: F401
-
 LIB = torch.library.Library("fastmerge", "DEF")
 LIB.define("score_histogram(Tensor? base, Tensor[] models, Tensor[] second_moments, int score, "
            "Tensor targets, int level, Tensor(a!) counts, Tensor(b!) sums) -> ()")

@@ -7,35 +7,7 @@ from __future__ import annotations
 import struct
 from typing import Optional, Sequence
 
-from ..abi import (  # noqa: F401
-    ELECT_COUNT,
-    ELECT_SUM,
-    ELECT_UNWEIGHTED,
-    ELECT_WEIGHTED,
-    F_CONSENSUS_LAMBDA,
-    F_HI,
-    F_LO,
-    F_OTA_SCALE,
-    F_RESCALE,
-    F_WEIGHT,
-    I_DARE_KEY,
-    I_DARE_THRESHOLD,
-    I_MODE,
-    MODE_BAND,
-    MODE_DARE,
-    MODE_KEEP_ALL,
-    MODE_KEEP_NONE,
-    NONFINITE_BIN,
-    NORMALIZE_COUNT,
-    NORMALIZE_NONE,
-    NORMALIZE_WEIGHTS,
-    NUM_BINS,
-    NUM_FPARAMS,
-    NUM_IPARAMS,
-    RADIX_BITS,
-    SCORE_FISHER,
-    SCORE_MAGNITUDE,
-)
+from .. import abi
 from . import COMBINES, MergeSpec, rng
 
 # combine name -> the kernels' COMBINE_* id: its index in COMBINES (tests/test_abi.py checks
@@ -55,26 +27,27 @@ def keep_rows(spec: MergeSpec, tensor_name: str,
     """fparams [N][NUM_FPARAMS] and iparams [N][NUM_IPARAMS] rows with rescale 1 and OTA
     scale 1: weights, consensus lambdas, keep modes from ``thresholds`` (per-model (lo, hi) for
     top-k / band / FFG sparsifiers) or the DARE keys and thresholds."""
-    f = [[0.0] * NUM_FPARAMS for _ in range(spec.n_models)]
-    ip = [[0] * NUM_IPARAMS for _ in range(spec.n_models)]
+    f = [[0.0] * abi.NUM_FPARAMS for _ in range(spec.n_models)]
+    ip = [[0] * abi.NUM_IPARAMS for _ in range(spec.n_models)]
     for i in range(spec.n_models):
-        f[i][F_WEIGHT] = float(spec.weights[i])
-        f[i][F_RESCALE] = 1.0
-        f[i][F_HI] = INF
-        f[i][F_CONSENSUS_LAMBDA] = float(spec.consensus_lambdas[i])
-        f[i][F_OTA_SCALE] = 1.0
+        f[i][abi.F_WEIGHT] = float(spec.weights[i])
+        f[i][abi.F_RESCALE] = 1.0
+        f[i][abi.F_HI] = INF
+        f[i][abi.F_CONSENSUS_LAMBDA] = float(spec.consensus_lambdas[i])
+        f[i][abi.F_OTA_SCALE] = 1.0
     if spec.sparsifier in ("topk", "fisher", "band"):
         for i, (lo, hi) in enumerate(thresholds):
-            f[i][F_LO], f[i][F_HI] = lo, hi
-            ip[i][I_MODE] = (MODE_KEEP_NONE if lo == INF else
-                             MODE_KEEP_ALL if lo <= 0.0 and hi == INF else MODE_BAND)
+            f[i][abi.F_LO], f[i][abi.F_HI] = lo, hi
+            ip[i][abi.I_MODE] = (abi.MODE_KEEP_NONE if lo == INF else
+                                 abi.MODE_KEEP_ALL if lo <= 0.0 and hi == INF else
+                                 abi.MODE_BAND)
     elif spec.sparsifier == "dare":
         for i, d in enumerate(spec.densities):
             thr = rng.dare_keep_threshold(d)
-            ip[i][I_MODE] = (MODE_KEEP_ALL if thr >= 1 << 32 else
-                             MODE_KEEP_NONE if thr == 0 else MODE_DARE)
-            ip[i][I_DARE_KEY] = _as_int64_bits(rng.dare_key(spec.seed, tensor_name, i))
-            ip[i][I_DARE_THRESHOLD] = thr
+            ip[i][abi.I_MODE] = (abi.MODE_KEEP_ALL if thr >= 1 << 32 else
+                                 abi.MODE_KEEP_NONE if thr == 0 else abi.MODE_DARE)
+            ip[i][abi.I_DARE_KEY] = _as_int64_bits(rng.dare_key(spec.seed, tensor_name, i))
+            ip[i][abi.I_DARE_THRESHOLD] = thr
     return f, ip
 
 
@@ -96,15 +69,17 @@ def rescale_factors(spec: MergeSpec, total_l1, kept_l1) -> list[float]:
 
 def pass_ids(spec: MergeSpec) -> dict:
     """The enumerated arguments of the fused pass for ``spec``."""
-    normalize = {False: NORMALIZE_NONE, True: NORMALIZE_WEIGHTS, "count": NORMALIZE_COUNT}
+    normalize = {False: abi.NORMALIZE_NONE, True: abi.NORMALIZE_WEIGHTS,
+                 "count": abi.NORMALIZE_COUNT}
     return dict(combine=COMBINE_IDS[spec.combine],
-                score=SCORE_FISHER if spec.score == "fisher" else SCORE_MAGNITUDE,
-                elect=ELECT_SUM if spec.election == "sum" else ELECT_COUNT,
-                elect_on=ELECT_WEIGHTED if spec.elect_on == "weighted" else ELECT_UNWEIGHTED,
+                score=abi.SCORE_FISHER if spec.score == "fisher" else abi.SCORE_MAGNITUDE,
+                elect=abi.ELECT_SUM if spec.election == "sum" else abi.ELECT_COUNT,
+                elect_on=(abi.ELECT_WEIGHTED if spec.elect_on == "weighted" else
+                          abi.ELECT_UNWEIGHTED),
                 normalize=normalize[spec.normalize])
 
 
 def pack_rows(f: list[list[float]], ip: list[list[int]]) -> tuple[bytes, bytes]:
     """float32 and int64 row-major bytes of the rows (what fastmerge._core takes)."""
-    return (struct.pack(f"<{len(f) * NUM_FPARAMS}f", *[x for r in f for x in r]),
-            struct.pack(f"<{len(ip) * NUM_IPARAMS}q", *[x for r in ip for x in r]))
+    return (struct.pack(f"<{len(f) * abi.NUM_FPARAMS}f", *[x for r in f for x in r]),
+            struct.pack(f"<{len(ip) * abi.NUM_IPARAMS}q", *[x for r in ip for x in r]))
