@@ -53,7 +53,8 @@ WRAPPER = ("import resource, subprocess, sys, time, json; t = time.perf_counter(
            "print(json.dumps({'rc': r.returncode, 'seconds': dt, 'err': r.stderr[-2000:], "
            "'peak_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
 # runs ``fastmerge ARGS`` in this process and says on stderr whether it imported torch: the
-# torch-free path restarts on the engine when a top-k tensor is larger than one chunk
+# torch-free path hands a step _core does not bind (the radix selection of a top-k tensor
+# larger than one chunk or after a window miss) to backend "cpu", for that tensor only
 LAUNCH = ("import os, sys\nfrom fastmerge.cli import main\nrc = main(sys.argv[1:])\n"
           "print('\\nfastmerge-imported-torch:', 'torch' in sys.modules, file=sys.stderr)\n"
           "sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)  # as fastmerge.cli.run\n")
@@ -222,13 +223,13 @@ def write_config(path: Path, method: str, base: Path, models: list) -> None:
 
 
 def merge_path(cfg_path: Path, stderr: str) -> str:
-    """native (without torch), engine (why_not chose it), or engine after the native path gave
-    up (fastmerge/pipeline/native.py UseEngine: the run imported torch)."""
+    """native (without torch), engine (why_not chose a torch backend), or native + cpu (the
+    torch-free path ran some tensors' steps on backend "cpu": the run imported torch)."""
     from fastmerge.pipeline import load_config
     from fastmerge.pipeline.native import why_not
     if why_not(load_config(cfg_path), "cpu", "auto"):
         return "engine"
-    return "native -> engine" if "fastmerge-imported-torch: True" in stderr else "native"
+    return "native + cpu" if "fastmerge-imported-torch: True" in stderr else "native"
 
 
 def needed_bytes(input_bytes: int, out_bytes: int) -> int:
@@ -326,9 +327,9 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
         "floor. fastmerge: `fastmerge merge CONFIG OUT --memory-budget B`; mergekit: "
         f"`mergekit-yaml CONFIG OUT --random-seed {MERGEKIT_SEED}` (its defaults, CPU). "
         "Parameters: weight 0.5, density 0.5, gamma 0.01 (breadcrumbs). path: native = "
-        "without torch (fastmerge/pipeline/native.py), engine = the torch engine, native -> "
-        "engine = the native path gave up part-way (a top-k/band tensor larger than one "
-        "chunk) and the engine merged from the start."), "",
+        "without torch (fastmerge/pipeline/native.py), engine = a torch backend, native + cpu "
+        "= without torch except the steps _core does not bind (the selection of a top-k/band "
+        "tensor larger than one chunk), run for that tensor on backend cpu."), "",
         ("| method | tool | path | budget | wall s | flush s | x floor | peak RSS GiB | "
         "RSS / budget | load |"),
         "|---|---|---|---|---|---|---|---|---|---|"]

@@ -56,7 +56,7 @@ def test_peak_rss_stays_under_the_budget(tmp_path, path):
     """engine: ties (chunked radix selection, then the merge) on the C++ backend when built;
     task arithmetic on the slow torch backend otherwise (keeps the test fast). native (what
     ``fastmerge merge`` runs on the CPU, without torch): dare_ties, its statistics pass and
-    merge over row chunks of mapped inputs (the keep-bit memo gets an eighth of the budget)."""
+    merge over row chunks of mapped inputs."""
     from fastmerge.backends import availability
     from fastmerge.pipeline import native
     backend = "cpu" if availability("cpu")[0] else "torch"

@@ -1,8 +1,9 @@
 // fastmerge shared code: everything that happens to ONE element of a merge.
 //
 // The CPU backend (csrc/cpu) and the CUDA backend (csrc/cuda) compile this very same code, so
-// masks and values agree between them by construction. It mirrors fastmerge/ops.py
-// (fused_merge_torch, keep_masks_packed, _score_bits) and fastmerge/reference.py (combine):
+// masks and values agree between them by construction. It mirrors backend torch's kernels
+// (fastmerge/backends/pytorch: fused_merge_torch, keep_masks_packed, _score_bits) and
+// fastmerge/reference.py (combine):
 //
 //   t_i   = m_i - b                      float32 (m_i itself for the linear combine)
 //   keep  = mode 0 | lo <= score < hi | never | fm_philox_dare_word(key, j) < threshold

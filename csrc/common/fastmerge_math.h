@@ -5,7 +5,8 @@
 // (fastmerge_params.h), Philox / splitmix64 / FNV-1a (fastmerge_rng.h), dtype loads/stores,
 // score bits, keep decisions and the one per-element combine (fastmerge_element.h).
 // Functions are marked FM_HD (= __host__ __device__ under nvcc), use no torch headers and no
-// STL containers. The semantics are those of fastmerge/ops.py's plain-torch kernels.
+// STL containers. The semantics are those of backend torch's plain-torch kernels
+// (fastmerge/backends/pytorch).
 #pragma once
 
 #include "fastmerge_config.h"

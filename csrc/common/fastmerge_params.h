@@ -1,5 +1,6 @@
 // fastmerge shared code: enumerations and the packed per-model parameter layout.
-// Mirrors fastmerge/ops.py (tests/test_cpu_backend.py checks every value against ops.py).
+// The one definition of the kernel ABI: fastmerge/abi.py is generated from this file
+// (scripts/gen_abi.py; tests/test_abi.py fails on drift).
 // Compiled by the CPU backend (g++) and the CUDA backend (nvcc) alike.
 #pragma once
 

@@ -1,12 +1,12 @@
 // fastmerge CPU backend: the DARE words of a run of elements, many Philox lanes at once.
 //
-// semantics v2: element j's word is word j & 3 of Philox4x32-10(key, (lo32(j >> 2), hi32(j >> 2),
+// Semantics v2: element j's word is word j & 3 of Philox4x32-10(key, (lo32(j >> 2), hi32(j >> 2),
 // 0, 0)), so one call serves four consecutive elements. The scalar round (fm_philox4x32_10,
 // csrc/common/fastmerge_rng.h, the code the GPU runs) is 32x32 -> 64-bit multiplies; x86 has
 // no 32-bit vector mulhi, so the lanes below use the widening multiply of the even 32-bit
 // lanes (vpmuludq) on the even lanes and on the odd lanes shifted down, as Random123's SIMD
 // Philox does, and then put the four output words of each counter back in element order.
-// Bit-identical to the scalar code (tests compare every path with fastmerge/rng.py at every
+// Bit-identical to the scalar code (tests compare every path with fastmerge/methods/rng.py at every
 // start modulo 4 and across 2^32 counter boundaries).
 #include <string.h>
 

@@ -1,7 +1,7 @@
 // Thin torch binding of the CUDA kernels: registers fastmerge::score_histogram, model_stats and
-// fused_merge (schemas defined once in fastmerge/ops.py) for the CUDA dispatch key and makes
-// the library importable as the Python module ``fastmerge._cuda``. All the work is in the .cu
-// launchers (fm_cuda.h); this file only checks arguments and passes data_ptr()s and the
+// fused_merge (schemas defined once in fastmerge/backends/ops.py) for the CUDA dispatch key and
+// makes the library importable as the Python module ``fastmerge._cuda``. All the work is in the
+// .cu launchers (fm_cuda.h); this file only checks arguments and passes data_ptr()s and the
 // current CUDA stream.
 #include <Python.h>
 
@@ -215,7 +215,7 @@ TORCH_LIBRARY_IMPL(fastmerge, CUDA, m) {
 }
 
 // Importing ``fastmerge._cuda`` loads this library, which runs the registration above. The
-// schemas themselves are defined in Python (fastmerge/ops.py), so import fastmerge first.
+// schemas themselves are defined in Python (fastmerge/backends/ops.py), so import it first.
 extern "C" {
 PyMODINIT_FUNC PyInit__cuda(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,

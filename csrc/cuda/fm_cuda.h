@@ -4,7 +4,7 @@
 // (fm_binding.cpp) calls them with data_ptr()s and the current stream. Every launcher is
 // asynchronous on `stream` and returns cudaSuccess or the launch error.
 //
-// Semantics: exactly the three ops of fastmerge/ops.py (score_histogram, model_stats,
+// Semantics: exactly the three ops of fastmerge/backends/ops.py (score_histogram, model_stats,
 // fused_merge); the per-element math comes from csrc/common (the same functions the C++ CPU
 // backend executes), so the two backends cannot drift apart.
 #pragma once

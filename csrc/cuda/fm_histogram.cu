@@ -1,5 +1,6 @@
 // fastmerge CUDA backend: radix digit histograms of the selection score
-// (fastmerge::score_histogram; semantics in fastmerge/ops.py and fastmerge/selection.py).
+// (fastmerge::score_histogram; semantics in fastmerge/backends/ops.py and
+// fastmerge/planning/selection.py).
 //
 // Grid (x: grid-stride over groups of 8 elements, y: the target row). Per group each thread
 // loads 8 consecutive elements of the base, the row's model (and second moments) with one

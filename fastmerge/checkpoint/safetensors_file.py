@@ -36,12 +36,12 @@ from typing import Optional
 from . import libc
 
 # safetensors dtype codes -> bytes per element (the dtypes a checkpoint may hold). This module
-# reads headers and maps bytes without torch (engine/native.py merges without importing it);
+# reads headers and maps bytes without torch (pipeline/native.py merges without importing it);
 # the torch dtypes come from torch_dtypes() once something asks for a tensor.
 ST_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4,
             "I64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MERGEABLE_ST = ("BF16", "F16", "F32")
-# the config's dtype names (engine/config.py) -> safetensors codes
+# the config's dtype names (recipe/config.py) -> safetensors codes
 # The files beside the weights that a merge copies from the base model (and so checks on open)
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

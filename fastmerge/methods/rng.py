@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the key and threshold helpers run without torch (engine/native.py)
+if TYPE_CHECKING:  # the key and threshold helpers run without torch (pipeline/native.py)
     import torch
 
 MASK32 = 0xFFFFFFFF

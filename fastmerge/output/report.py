@@ -1,5 +1,5 @@
 """What a checkpoint merge reports: the result and its summary line, peak RSS, progress bars,
-the default memory budget, and the resolved parameters; torch-free (engine/native.py uses it
+the default memory budget, and the resolved parameters; torch-free (pipeline/native.py uses it
 too)."""
 from __future__ import annotations
 

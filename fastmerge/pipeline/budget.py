@@ -1,5 +1,5 @@
 """The memory budget -> chunk size, element ranges, and glibc's handling of freed chunk
-buffers (torch-free: engine/native.py uses it too)."""
+buffers (torch-free: pipeline/native.py uses it too)."""
 from __future__ import annotations
 
 import ctypes

@@ -1,5 +1,5 @@
 """The inputs of a checkpoint merge, opened and checked against each other (names, shapes,
-dtypes, second-moment files) before any work; torch-free (engine/native.py uses it too)."""
+dtypes, second-moment files) before any work; torch-free (pipeline/native.py uses it too)."""
 from __future__ import annotations
 
 import os

@@ -48,7 +48,7 @@ class ChunkLoader:
 
     def _read_all(self, reads: list) -> list:
         """reads: [(reader, name, start, stop)]; on GPU through one pinned staging buffer."""
-        if self.device.type == "cpu":  # mapped, no copy (checkpoint_io.SafetensorsFile.map)
+        if self.device.type == "cpu":  # mapped, no copy (SafetensorsFile.map)
             return [r.map(n, s, e) for r, n, s, e in reads]
         sizes = [(e - s) * r.info(n).itemsize for r, n, s, e in reads]
         total = sum(sizes)

@@ -1,4 +1,4 @@
-"""The pipeline's kernels over a torch backend (torch, cpu, cuda, triton: backends.py):
+"""The pipeline's kernels over a torch backend (torch, cpu, cuda, triton: fastmerge/backends):
 chunks are torch tensors on the merge's device (streaming.ChunkLoader: mapped on the CPU,
 pinned staging + non-blocking copies on a GPU), the planner's selection and statistics run
 through plan.BackendKernels, the fused pass through ``Backend.merge``; torchrun's collectives

@@ -1,6 +1,6 @@
 """The one planner: from a resolved MergeSpec to the per-model rows of the fused pass, without
 torch. Every path plans through here: ``merge_tensors`` (plan.py wraps the rows as tensors)
-and the checkpoint pipeline on every backend (engine/pipeline.py).
+and the checkpoint pipeline on every backend (pipeline/driver.py).
 
 The planner runs the passes a method needs before the merge through a ``kernels`` object and
 never looks inside a chunk; ``source()`` yields the chunks of one tensor (once per pass).

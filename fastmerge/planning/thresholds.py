@@ -1,6 +1,6 @@
 """Top-k and band thresholds without torch: what each model's sparsifier asks the selection
 for, what needs no selection, the one-pass selection's bookkeeping around a ``topk_window``
-kernel (selection.py hands it the torch op, engine/native.py fastmerge._core's), and the
+kernel (selection.py hands it the torch op, pipeline/core_kernels.py fastmerge._core's), and the
 per-model (lo, hi) thresholds from the selected values."""
 from __future__ import annotations
 
