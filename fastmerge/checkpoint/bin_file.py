@@ -158,31 +158,5 @@ class BinCheckpoint(Checkpoint):
         files = sorted(set(wmap.values())) if wmap is not None else bin_files_in(self.dir)
         if not files:
             raise CheckpointError(f"{index}: weight_map lists no tensors")
-        self.files: dict = {}
-        self.where: dict = {}
-        for fn in files:
-            p = self.inside(fn, index if wmap is not None else None)
-            if not os.path.lexists(p):
-                raise CheckpointError(f"{index}: names shard {quote(fn, 160)} but it does not "
-                                      f"exist in {self.dir}")
-            bf = BinFile(p)
-            self.files[fn] = bf
-            for name in bf.tensors:
-                if name in self.where:
-                    raise CheckpointError(f"{p}, tensor {quote(name)}: also stored in "
-                                          f"{self.where[name].path}")
-                self.where[name] = bf
-        if wmap is not None:
-            self._check_index(index, wmap)
+        self._open_shards(files, index, wmap, BinFile)
         self._check_side_files()
-
-    def _check_index(self, index: Path, wmap: dict) -> None:
-        for name, fn in wmap.items():
-            f = self.where.get(name)
-            if f is None or f.path.name != fn:
-                raise CheckpointError(f"{index}: tensor {quote(name)} is mapped to {quote(fn)} "
-                                      f"but that file does not hold it")
-        for name, f in self.where.items():
-            if name not in wmap:
-                raise CheckpointError(f"{f.path}, tensor {quote(name)}: not listed in {index} "
-                                      f"(the index and its shards disagree)")

@@ -544,14 +544,21 @@ class Checkpoint:
                 f"pytorch_model*.bin)" if other else ""
             raise CheckpointError(f"model {quote(self.label)}: no .safetensors files in "
                                   f"{self.dir}{hint}")
-        self.files: dict[str, SafetensorsFile] = {}
-        self.where: dict[str, SafetensorsFile] = {}
+        self._open_shards(files, index, wmap, SafetensorsFile)
+        self._check_side_files()
+
+    def _open_shards(self, files: list, index: Path, wmap: Optional[dict], open_file) -> None:
+        """``self.files`` (file name -> ``open_file(path)``) and ``self.where`` (tensor name ->
+        its file), checked: every file inside the directory and present, no tensor stored
+        twice and, with an index (``wmap``), exactly the tensors it lists where it says."""
+        self.files: dict = {}
+        self.where: dict = {}
         for fn in files:
             p = self.inside(fn, index if wmap is not None else None)
             if not os.path.lexists(p):
                 raise CheckpointError(f"{index}: names shard {quote(fn, 160)} but it does not "
                                       f"exist in {self.dir}")
-            st = SafetensorsFile(p)
+            st = open_file(p)
             self.files[fn] = st
             for name in st.tensors:
                 if name in self.where:
@@ -568,7 +575,6 @@ class Checkpoint:
                 if name not in wmap:
                     raise CheckpointError(f"{st.path}, tensor {quote(name)}: not listed in "
                                           f"{index} (the index and its shards disagree)")
-        self._check_side_files()
 
     def _read_index(self, index: Path) -> dict:
         """The index's weight_map: tensor name -> shard file name, checked."""
