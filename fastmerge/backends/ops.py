@@ -1,7 +1,8 @@
 """The primitive ops of the fast backends, defined once with torch.library.
 
-Schemas and fake (meta) kernels live here; the plain-torch kernels below are the registered
-fallback (CompositeExplicitAutograd) and the definition the C++/CUDA/Triton kernels mirror:
+Schemas and fake (meta) kernels live here; backend torch's plain-torch kernels
+(backends/pytorch/kernels.py) are the registered fallback (CompositeExplicitAutograd) and the
+definition the C++/CUDA/Triton kernels mirror:
 
 - ``fastmerge::score_histogram``: radix-select digit histograms of the selection score
   (|t_i| or t_i*t_i*v_i, as float32 bits) for (model, prefix) targets, plus per-bin sums of

@@ -1,5 +1,5 @@
-"""``fastmerge merge``'s choice of kernels: the pipeline (pipeline.py) on CoreKernels, without
-importing torch, where ``why_not`` allows, else on a torch backend (engine.merge_checkpoints).
+"""``fastmerge merge``'s choice of kernels: the pipeline (driver.py) on CoreKernels, without
+importing torch, where ``why_not`` allows, else on a torch backend (as merge_checkpoints).
 
 Importing torch takes ~1 s on the 2-core machine of benchmarks/results/engine.md: the whole
 0.2B task_arithmetic command took 1.2 s, the merge itself ~0.2 s of it. CoreKernels runs the
