@@ -36,6 +36,7 @@ import dataclasses
 import importlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -274,6 +275,33 @@ class _Passes:
     def source(self, units, only_reference=False):
         return lambda: prefetched(units, lambda u: self.load(u, only_reference), self.reader)
 
+    def tensor_sources(self, order, merged):
+        """(name, is_merged, src) for each tensor of ``order`` in turn, ``src()`` its chunks; a
+        tensor of one chunk is read one tensor ahead on the reader thread. Close the generator
+        when done (it cancels a read still pending)."""
+        jobs = [(name, self.units(name)) for name in order]
+
+        def submit(j):
+            if j < len(jobs) and len(jobs[j][1]) == 1:
+                return self.reader.submit(self.load, jobs[j][1][0], jobs[j][0] not in merged)
+            return None
+        fut = submit(0)
+        try:
+            for j, (name, units) in enumerate(jobs):
+                is_merged = name in merged
+                if len(units) == 1:
+                    chunk = fut.result() if fut is not None else self.load(units[0], not is_merged)
+                    fut = submit(j + 1)
+                    src = (lambda c: (lambda: [c]))(chunk)
+                    del chunk
+                else:
+                    src = self.source(units, not is_merged)
+                yield name, is_merged, src
+                del src
+        finally:
+            if fut is not None:
+                fut.cancel()
+
     def numel(self, name):
         return self.inputs.reference.info(name).numel
 
@@ -346,24 +374,9 @@ class _Passes:
     def merge(self, order, specs, writer, thresholds, bar):
         k = self.k
         writes = _Writes()
-        merged = set(specs)
-        jobs = [(name, self.units(name)) for name in order]
-
-        def submit(j):
-            if j < len(jobs) and len(jobs[j][1]) == 1:
-                return self.reader.submit(self.load, jobs[j][1][0], jobs[j][0] not in merged)
-            return None
-        fut = submit(0)
+        sources = self.tensor_sources(order, set(specs))
         try:
-            for j, (name, units) in enumerate(jobs):
-                is_merged = name in merged
-                if len(units) == 1:
-                    chunk = fut.result() if fut is not None else self.load(units[0], not is_merged)
-                    fut = submit(j + 1)
-                    src = (lambda c: (lambda: [c]))(chunk)
-                    del chunk
-                else:
-                    src = self.source(units, not is_merged)
+            for j, (name, is_merged, src) in enumerate(sources):
                 if not is_merged:
                     for ch in src():
                         slot = writes.slot()
@@ -378,11 +391,10 @@ class _Passes:
                         raise name_files(exc, self.inputs, name) from None
                 del src
                 bar.update(self.in_bytes(name))
-                bar.set_postfix_str(f"{j + 1}/{len(jobs)} tensors", refresh=False)
+                bar.set_postfix_str(f"{j + 1}/{len(order)} tensors", refresh=False)
             writes.flush()
         finally:
-            if fut is not None:
-                fut.cancel()
+            sources.close()
             writes.close()
         self.passes.append(k.merge_pass_label)
 
@@ -426,27 +438,44 @@ def merge(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_
     ``make_kernels()`` returns (called after the settings are checked); the arguments are
     ``merge_checkpoints``'."""
     t0 = time.perf_counter() if t0 is None else t0
+    release_freed_memory_promptly()
+    try:
+        with resolved_merge(config, out_dir, make_kernels, memory_budget=memory_budget,
+                            shard_size=shard_size, seed=seed, overwrite=overwrite,
+                            lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems,
+                            local_world_size=local_world_size) as (r, k, _):
+            res = _run(r, k, overwrite, quiet, t0, NonFiniteCheck(allow_nonfinite))
+            k.dist.shutdown()
+            return res
+    finally:
+        trim_freed_memory()
+
+
+@contextmanager
+def resolved_merge(config, out_dir, make_kernels: Callable, *, memory_budget, shard_size, seed,
+             overwrite: bool, lines_pattern, max_chunk_elems, local_world_size: int,
+             opening=nullcontext):
+    """What a merge and its dry run start with: the settings checked, ``make_kernels()``
+    bound to the inputs (opened inside ``opening()``), the merge resolved; yields
+    (Resolved, kernels, memory budget), then closes the inputs and the kernels."""
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     out_dir, budget, shard_bytes = merge_settings(cfg, out_dir, overwrite, memory_budget,
                                                   shard_size, lines_pattern,
                                                   default_budget() // local_world_size)
     k = make_kernels()
     try:
-        release_freed_memory_promptly()
-        inputs = open_merge_inputs(cfg, cfg.info.needs_second_moments)
+        with opening():
+            inputs = open_merge_inputs(cfg, cfg.info.needs_second_moments)
         try:
             k.bind(inputs)
-            r = resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
-                        dist=k.dist, budget=budget, out_dir=out_dir, shard_bytes=shard_bytes,
-                        seed=seed, lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
-            res = _run(r, k, overwrite, quiet, t0, NonFiniteCheck(allow_nonfinite))
-            k.dist.shutdown()
-            return res
+            yield resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
+                          dist=k.dist, budget=budget, out_dir=out_dir, shard_bytes=shard_bytes,
+                          seed=seed, lines_pattern=lines_pattern,
+                          max_chunk_elems=max_chunk_elems), k, budget
         finally:
             close_inputs(inputs)
     finally:
         k.close()
-        trim_freed_memory()
 
 
 @dataclass

@@ -19,13 +19,10 @@ from typing import Callable, Optional
 
 from ..checkpoint.safetensors_file import ST_SIZES
 from ..methods.kernel_params import needs_l1
-from ..output.report import apply_lines, default_budget, resolved_parameters
+from ..output.report import apply_lines, resolved_parameters
 from ..planning.planner import SELECTING
-from ..recipe.config import MergeConfig, load_config
 from .budget import element_ranges
-from .driver import Resolved, resolve
-from .inputs import merge_settings
-from .sliced import close_inputs, open_merge_inputs
+from .driver import Resolved, resolved_merge
 
 
 @contextmanager
@@ -46,24 +43,12 @@ def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shar
             lines_pattern: Optional[str] = None, max_chunk_elems: Optional[int] = None,
             local_world_size: int = 1) -> str:
     """The plan of ``pipeline.merge`` with the same arguments, as text; reads no weight."""
-    cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    out_dir, budget, shard_bytes = merge_settings(cfg, out_dir, overwrite, memory_budget,
-                                                  shard_size, lines_pattern,
-                                                  default_budget() // local_world_size)
-    k = make_kernels()
-    try:
-        with _hub_cache_only():
-            inputs = open_merge_inputs(cfg, cfg.info.needs_second_moments)
-        try:
-            k.bind(inputs)
-            r = resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
-                        dist=k.dist, budget=budget, out_dir=out_dir, shard_bytes=shard_bytes,
-                        seed=seed, lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
-            return describe_plan(r, k, budget)
-        finally:
-            close_inputs(inputs)
-    finally:
-        k.close()
+    with resolved_merge(config, out_dir, make_kernels, memory_budget=memory_budget,
+                        shard_size=shard_size, seed=seed, overwrite=overwrite,
+                        lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems,
+                        local_world_size=local_world_size,
+                        opening=_hub_cache_only) as (r, k, budget):
+        return describe_plan(r, k, budget)
 
 
 def _read_passes(r: Resolved, k, name: str, spec) -> list[str]:

@@ -17,7 +17,6 @@ import errno
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -187,28 +186,11 @@ def run_pass(members: list, inputs, chunking: Chunking, root: Path, quiet: bool)
 
 
 def _shared_loop(members: list, lead: Member, quiet: bool) -> None:
-    eng0 = lead.eng
     order = lead.r.mine
-    merged = set(lead.r.my_merged)
-    jobs = [(name, eng0.units(name)) for name in order]
-    bar = _bar(quiet, len(members), len(jobs))
-    reader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-read")
-
-    def submit(j):
-        if j < len(jobs) and len(jobs[j][1]) == 1:
-            return reader.submit(eng0.load, jobs[j][1][0], jobs[j][0] not in merged)
-        return None
-    fut = submit(0)
+    bar = _bar(quiet, len(members), len(order))
+    sources = lead.eng.tensor_sources(order, set(lead.r.my_merged))
     try:
-        for j, (name, units) in enumerate(jobs):
-            is_merged = name in merged
-            if len(units) == 1:
-                chunk = fut.result() if fut is not None else eng0.load(units[0], not is_merged)
-                fut = submit(j + 1)
-                src = (lambda c: (lambda: [c]))(chunk)
-                del chunk
-            else:
-                src = eng0.source(units, not is_merged)
+        for name, is_merged, src in sources:
             if not is_merged:
                 for ch in src():
                     for m in members:
@@ -227,9 +209,7 @@ def _shared_loop(members: list, lead: Member, quiet: bool) -> None:
         for m in members:
             m.writes.flush()
     finally:
-        if fut is not None:
-            fut.cancel()
-        reader.shutdown(wait=True, cancel_futures=True)
+        sources.close()
         bar.close()
 
 
