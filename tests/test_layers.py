@@ -147,16 +147,7 @@ def _torch_at_module_level(name: str) -> bool:
     return False
 
 
-# Violations being removed (each one's commit deletes its entry); none left.
-KNOWN: set = set()
-
-
-def _being_removed(what: str):
-    return pytest.mark.xfail(what in KNOWN, reason="being removed", strict=True)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_being_removed(n))
-                                  for n in sorted(MODULES)])
+@pytest.mark.parametrize("name", sorted(MODULES))
 def test_layer_imports_only_below(name):
     layer = _layer(name)
     assert layer in ALLOWED, f"fastmerge/{name}: a module outside the known layers; add it"
@@ -166,7 +157,6 @@ def test_layer_imports_only_below(name):
     assert not wrong, f"fastmerge.{name} (layer {layer}) imports {wrong}"
 
 
-@_being_removed("cycle")
 def test_no_import_cycle():
     """Function-local imports count: a cycle through them is still a cycle (backends and
     triton imported each other that way)."""
@@ -196,7 +186,7 @@ def test_torch_free_path_lists_real_modules():
         assert dotted in MODULES, f"TORCH_FREE names fastmerge/{name}.py, which does not exist"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_being_removed(n)) for n in TORCH_FREE])
+@pytest.mark.parametrize("name", TORCH_FREE)
 def test_torch_free_path_never_imports_torch_at_module_level(name):
     dotted = name.replace("/__init__", "").replace("/", ".")
     assert not _torch_at_module_level(dotted), f"fastmerge/{name}.py imports torch"
@@ -206,7 +196,6 @@ def test_torch_free_path_never_imports_torch_at_module_level(name):
     assert not pulled, f"fastmerge/{name}.py imports {pulled} at module level (not torch-free)"
 
 
-@_being_removed("backends.pytorch.kernels")
 def test_no_backend_imports_the_reference():
     """The oracle is independent: no backend (nor the planning they share) calls it."""
     for name in MODULES:
