@@ -1,7 +1,7 @@
 """``fastmerge merge`` without torch (fastmerge/pipeline/native.py, fastmerge._core): every file
-of the output byte for byte the engine's on backend "cpu" (methods x chunking x dtypes x
-LiNeS x shards x copied tensors), the CLI never importing torch, the per-tensor fall back to
-the radix selection, and the engine's errors with nothing left behind."""
+of the output byte for byte merge_checkpoints' on backend "cpu" (methods x chunking x dtypes
+x LiNeS x shards x copied tensors), the CLI never importing torch, the per-tensor fall back
+to the radix selection on backend "cpu", and the same errors with nothing left behind."""
 from __future__ import annotations
 
 import errno
