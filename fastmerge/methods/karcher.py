@@ -22,6 +22,14 @@ from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
 
+def _geodesic_step(mean, tangent, t_norm: float, length, tol: float):
+    """The next iterate (torch or numpy coefficients alike): ``mean`` moved along ``tangent``
+    by the exponential map, renormalised to unit ``length`` unless that is within tol of 0."""
+    mean = math.cos(t_norm) * mean + math.sin(t_norm) * tangent / t_norm
+    m_norm = length(mean)
+    return mean / m_norm if m_norm > tol else mean
+
+
 def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
     """c with out = sum_i c_i X_i, from the float64 Gram matrix of the raw inputs X_i."""
     n = gram.shape[0]
@@ -55,10 +63,7 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch
         t_norm = length(tangent)
         if t_norm < tol:
             break
-        mean = math.cos(t_norm) * mean + math.sin(t_norm) * tangent / t_norm
-        m_norm = length(mean)
-        if m_norm > tol:
-            mean = mean / m_norm
+        mean = _geodesic_step(mean, tangent, t_norm, length, tol)
     return (alphas * norms).sum() * mean / safe
 
 
@@ -97,10 +102,7 @@ def karcher_coefficients_np(gram, max_iter: int, tol: float) -> list[float]:
         t_norm = length(tangent)
         if t_norm < tol:
             break
-        mean = math.cos(t_norm) * mean + math.sin(t_norm) * tangent / t_norm
-        m_norm = length(mean)
-        if m_norm > tol:
-            mean = mean / m_norm
+        mean = _geodesic_step(mean, tangent, t_norm, length, tol)
     return [float(x) for x in float((alphas * norms).sum()) * mean / safe]
 
 
