@@ -112,6 +112,13 @@ def _kind(value) -> str:
     return "nothing" if value is None else f"a {type(value).__name__} ({value!r:.60})"
 
 
+def _known_keys(where: str, mapping: dict, keys) -> None:
+    """A ConfigError naming the first key of ``mapping`` not in ``keys``."""
+    for k in mapping:
+        if k not in keys:
+            raise ConfigError(f"{where}: unknown key {k!r}; supported: {', '.join(keys)}")
+
+
 @dataclass
 class ModelEntry:
     ref: str
@@ -375,10 +382,7 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
         if not isinstance(m, dict) or "model" not in m:
             raise ConfigError(f"models[{i}]: must be a path or a mapping with a 'model' key, "
                               f"got {_kind(m)}")
-        for k in m:
-            if k not in MODEL_KEYS:
-                raise ConfigError(f"models[{i}]: unknown key {k!r}; supported: "
-                                  f"{', '.join(MODEL_KEYS)}")
+        _known_keys(f"models[{i}]", m, MODEL_KEYS)
         if not isinstance(m["model"], str):
             raise ConfigError(f"models[{i}].model must be a path or hub id, got {m['model']!r}")
         mp = _check_params(f"models[{i}].parameters", m.get("parameters"), allowed_model,
@@ -409,9 +413,7 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
         lr = raw["lines"]
         if not isinstance(lr, dict):
             raise ConfigError("lines must be a mapping {alpha, beta, outside, pattern}")
-        for k in lr:
-            if k not in LINES_KEYS:
-                raise ConfigError(f"lines: unknown key {k!r}; supported: {', '.join(LINES_KEYS)}")
+        _known_keys("lines", lr, LINES_KEYS)
         if "beta" not in lr:
             raise ConfigError("lines needs 'beta' (the paper tunes it on 0.1 .. 1.0; there is "
                               "no universal default)")
@@ -494,9 +496,7 @@ def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
     where = f"slices[{i}]"
     if not isinstance(sl, dict):
         raise ConfigError(f"{where}: must be a mapping with 'sources', got {_kind(sl)}")
-    for k in sl:
-        if k not in SLICE_KEYS:
-            raise ConfigError(f"{where}: unknown key {k!r}; supported: {', '.join(SLICE_KEYS)}")
+    _known_keys(where, sl, SLICE_KEYS)
     srcs = sl.get("sources")
     if not isinstance(srcs, list) or not srcs:
         raise ConfigError(f"{where}.sources: must be a non-empty list of {{model, layer_range}}, "
@@ -513,9 +513,7 @@ def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
         w = f"{where}.sources[{j}]"
         if not isinstance(src, dict):
             raise ConfigError(f"{w}: must be a mapping {{model, layer_range}}, got {_kind(src)}")
-        for k in src:
-            if k not in SOURCE_KEYS:
-                raise ConfigError(f"{w}: unknown key {k!r}; supported: {', '.join(SOURCE_KEYS)}")
+        _known_keys(w, src, SOURCE_KEYS)
         if not isinstance(src.get("model"), str):
             raise ConfigError(f"{w}.model must be a path or hub id, got {_kind(src.get('model'))}")
         rng = _layer_range(f"{w}.layer_range", src.get("layer_range"))
@@ -592,10 +590,7 @@ def _tokenizer_source(raw: dict) -> Optional[str]:
         if not isinstance(block, dict):
             raise ConfigError(f"tokenizer: must be a mapping {{source, tokens, "
                               f"pad_to_multiple_of}}, got {_kind(block)}")
-        for k in block:
-            if k not in TOKENIZER_KEYS:
-                raise ConfigError(f"tokenizer: unknown key {k!r}; supported: "
-                                  f"{', '.join(TOKENIZER_KEYS)}")
+        _known_keys("tokenizer", block, TOKENIZER_KEYS)
         if block.get("tokens") is not None:
             raise ConfigError("tokenizer.tokens: not supported yet (per-token embedding "
                               "sources); mergekit's default rules apply (docs/semantics.md)")
