@@ -22,11 +22,11 @@ from .safetensors_file import (
     MERGEABLE_ST,
     CheckpointError,
     SafetensorsFile,
+    element_buffer,
     json_reason,
     model_roots,
     open_regular,
     quote,
-    torch_dtypes,
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -234,13 +234,9 @@ class LoraCheckpoint:
     def _merged(self, name: str, start: int, stop: int, out):
         """Elements [start, stop) of ``W + scale * B @ A``, rounded once to W's dtype; the
         product is formed in float32 for blocks of at most BLOCK_ELEMS elements of rows."""
-        import torch
         d, info = self.deltas[name], self.info(name)
-        dtype = torch_dtypes()[info.st]
-        n = stop - start
-        dst = torch.empty(n, dtype=dtype) if out is None else \
-            out[:n * info.itemsize].view(dtype)
-        if n == 0:
+        dst = element_buffer(info, stop - start, out)
+        if stop == start:
             return dst
         a = self.adapter.read(d.a_key).float().reshape(self.adapter.info(d.a_key).shape)
         b = self.adapter.read(d.b_key).float().reshape(self.adapter.info(d.b_key).shape)
@@ -254,7 +250,7 @@ class LoraCheckpoint:
             rows = (a[:, r0:r1].T @ b.T) if d.transposed else (b[r0:r1] @ a)
             rows = rows.reshape(-1)[e0 - r0 * cols:e1 - r0 * cols]
             w = src.read(src_name, e0, e1).float()
-            dst[e0 - start:e1 - start] = w.add_(rows, alpha=d.scale).to(dtype)
+            dst[e0 - start:e1 - start] = w.add_(rows, alpha=d.scale).to(dst.dtype)
         return dst
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .safetensors_file import TensorInfo, torch_dtypes
+from .safetensors_file import TensorInfo, element_buffer
 
 # the special row sources (non-negative entries of ``RowMap.src`` are input indexes)
 MEAN, ZERO, PAD = -1, -2, -3
@@ -55,12 +55,9 @@ class RowMappedSource:
         info = self.info(name)
         stop = info.numel if stop is None else stop
         cols = info.numel // max(1, info.shape[0])
-        import torch
-        dtype = torch_dtypes()[info.st]
-        n = stop - start
-        dst = torch.empty(n, dtype=dtype) if out is None else \
-            out[:n * info.itemsize].view(dtype)
-        if n == 0:
+        dst = element_buffer(info, stop - start, out)
+        dtype = dst.dtype
+        if stop == start:
             return dst
         r0, r1 = start // cols, -(-stop // cols)
         if start % cols == 0 and stop % cols == 0:   # whole rows: gathered in place

@@ -66,6 +66,14 @@ def torch_dtypes() -> dict:
     return {k: getattr(torch, v) for k, v in _TORCH_NAMES.items() if hasattr(torch, v)}
 
 
+def element_buffer(info: TensorInfo, n: int, out=None):
+    """A torch tensor for ``n`` elements of ``info``'s dtype: a fresh one, or the front of
+    ``out`` (a uint8 buffer such as pinned staging). Imports torch."""
+    import torch
+    dtype = torch_dtypes()[info.st]
+    return torch.empty(n, dtype=dtype) if out is None else out[:n * info.itemsize].view(dtype)
+
+
 def __getattr__(name):  # ST_DTYPES, TORCH_TO_ST, MERGEABLE: torch dtypes, built on first use
     if name == "ST_DTYPES":
         return torch_dtypes()
