@@ -12,8 +12,9 @@ version when its ``install()`` runs. See docs/integrations.md.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 __all__ = ["mergekit", "peft"]
 
@@ -31,3 +32,22 @@ def check_supported(package: str, version: Optional[str], supported: tuple, forc
                     f"{', '.join(supported)}; {package} {version} is installed. "
                     f"{extra}Install a supported version, or set {force_env}=1 to try anyway.")
     return version
+
+
+@contextlib.contextmanager
+def installed_within(state, fields: Sequence[str], install: Callable[[], None],
+                     uninstall: Callable[[], None]):
+    """The body of a ``patched()`` context manager: ``install()`` for the block; after it,
+    ``uninstall()`` unless the patch was installed before (``state.installed``), in which
+    case ``state``'s ``fields`` get their values of before back."""
+    was = state.installed
+    prev = [getattr(state, f) for f in fields]
+    install()
+    try:
+        yield
+    finally:
+        if not was:
+            uninstall()
+        else:
+            for f, v in zip(fields, prev):
+                setattr(state, f, v)

@@ -439,16 +439,11 @@ def reset_stats() -> None:
 def patched(backend: str = "auto", seed: Optional[int] = None, strict_version: bool = True):
     """Context manager: the patch is installed inside the block (restored after, unless it was
     already installed before the block)."""
-    was = _State.installed
-    prev = (_State.backend, _State.seed)
-    install(backend=backend, seed=seed, strict_version=strict_version)
-    try:
+    from . import installed_within
+    with installed_within(_State, ("backend", "seed"),
+                          lambda: install(backend=backend, seed=seed,
+                                          strict_version=strict_version), uninstall):
         yield
-    finally:
-        if not was:
-            uninstall()
-        else:
-            _State.backend, _State.seed = prev
 
 
 def _enabled_by_env() -> bool:

@@ -261,16 +261,11 @@ def calls() -> dict:
 @contextlib.contextmanager
 def patched(backend: str = "auto", seed: Optional[int] = None, strict_version: bool = True,
             include_merge_utils: bool = True):
-    was = _State.installed
-    prev = (_State.backend, _State.generator)
-    install(backend, seed, strict_version, include_merge_utils)
-    try:
+    from . import installed_within
+    with installed_within(_State, ("backend", "generator"),
+                          lambda: install(backend, seed, strict_version, include_merge_utils),
+                          uninstall):
         yield
-    finally:
-        if not was:
-            uninstall()
-        else:
-            _State.backend, _State.generator = prev
 
 
 for _f in FUNCTIONS.values():
