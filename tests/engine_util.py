@@ -1,7 +1,11 @@
 """Shared by the engine tests: synthetic checkpoints, loading outputs, expected merges."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +13,33 @@ import yaml
 from safetensors.torch import load_file
 
 from fastmerge.api import merge_tensors
+
+
+def fail_writes_after(monkeypatch, n: int):
+    """ShardWriter.pwrite fails with ENOSPC (disk full) from its (n + 1)-th call on; returns
+    the real pwrite (to put back)."""
+    from fastmerge.output.writer import ShardWriter
+    calls = {"n": 0}
+    real = ShardWriter.pwrite
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+    monkeypatch.setattr(ShardWriter, "pwrite", staticmethod(full))
+    return real
+
+
+def cli_merge_without_torch(yml, out, flag: str) -> subprocess.CompletedProcess:
+    """``fastmerge merge yml out flag`` in a fresh interpreter, which asserts that it exits 0
+    without importing torch; its exit status is the returned process's."""
+    code = ("import sys; from fastmerge.cli import main; "
+            f"rc = main(['merge', {str(yml)!r}, {str(out)!r}, {flag!r}]); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
 def load_dir(d) -> dict:

@@ -2,19 +2,12 @@
 headers, the plan printed, no weight read and nothing written."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from engine_util import write_yaml
+from engine_util import cli_merge_without_torch, write_yaml
 
 from fastmerge.checkpoint.safetensors_file import SafetensorsFile
 from fastmerge.cli.demo import make_synthetic_checkpoints
 from fastmerge.pipeline import CheckpointError, ConfigError, native
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +55,7 @@ def test_errors_come_as_they_would_in_the_merge(ckpts, tmp_path, no_weight_reads
 
 def test_cli_dry_run_does_not_import_torch(ckpts, tmp_path):
     yml = write_yaml(tmp_path / "m.yml", _cfg(ckpts, "dare_ties"))
-    code = ("import sys; from fastmerge.cli import main; "
-            f"rc = main(['merge', {str(yml)!r}, {str(tmp_path / 'out')!r}, '--dry-run']); "
-            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    r = cli_merge_without_torch(yml, tmp_path / "out", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "dry run of dare_ties" in r.stdout and "statistics" in r.stdout
     assert not (tmp_path / "out").exists()

@@ -1,14 +1,13 @@
 """Bad input and failures: clear errors naming file and tensor, and nothing left behind."""
 from __future__ import annotations
 
-import errno
 import json
 import struct
 from pathlib import Path
 
 import pytest
 import torch
-from engine_util import load_dir
+from engine_util import fail_writes_after, load_dir
 from safetensors.torch import save_file
 
 import fastmerge
@@ -132,16 +131,7 @@ def test_nan_in_weights_names_tensor_and_file(tiny):
 
 
 def test_disk_full_while_writing_leaves_nothing(tiny, monkeypatch):
-    from fastmerge.output.writer import ShardWriter
-    calls = {"n": 0}
-    real = ShardWriter.pwrite
-
-    def full(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data, offset)
-    monkeypatch.setattr(ShardWriter, "pwrite", staticmethod(full))
+    fail_writes_after(monkeypatch, 4)
     with pytest.raises(OutputError, match=r"disk full while writing .*model-0000\d-of"):
         run(tiny, shard_size="10KB")
     nothing_left(tiny["out"])

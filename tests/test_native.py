@@ -4,7 +4,6 @@ x LiNeS x shards x copied tensors), the CLI never importing torch, the per-tenso
 to the radix selection on backend "cpu", and the same errors with nothing left behind."""
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_util import load_dir, write_yaml
+from engine_util import cli_merge_without_torch, fail_writes_after, load_dir, write_yaml
 
 import fastmerge
 from fastmerge.backends import availability
@@ -91,11 +90,7 @@ def test_output_is_the_engines_byte_for_byte(ckpts, tmp_path, method, extra, kw)
 @pytest.mark.parametrize("method", ["dare_ties", "breadcrumbs_ties"])
 def test_cli_merges_without_importing_torch(ckpts, tmp_path, method):
     yml = write_yaml(tmp_path / "m.yml", _cfg(ckpts, method))
-    code = ("import sys; from fastmerge.cli import main; "
-            f"rc = main(['merge', {str(yml)!r}, {str(tmp_path / 'out')!r}, '--quiet']); "
-            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    r = cli_merge_without_torch(yml, tmp_path / "out", "--quiet")
     assert r.returncode == 0, r.stderr
     assert f"{method} merged" in r.stdout
     want = fastmerge.merge_checkpoints(_cfg(ckpts, method), tmp_path / "engine",
@@ -205,15 +200,7 @@ def test_truncated_file_is_caught_before_reading(tiny):
 
 def test_disk_full_and_interrupt_leave_nothing(tiny, monkeypatch):
     from fastmerge.output.writer import ShardWriter
-    calls = {"n": 0}
-    real = ShardWriter.pwrite
-
-    def full(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data, offset)
-    monkeypatch.setattr(ShardWriter, "pwrite", staticmethod(full))
+    real = fail_writes_after(monkeypatch, 3)
     with pytest.raises(OutputError, match=r"disk full while writing"):
         native.merge(tiny["cfg"], tiny["out"], shard_size="10KB")
     nothing_left(tiny["out"])
