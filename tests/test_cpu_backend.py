@@ -429,9 +429,9 @@ def test_freed_outputs_are_reused_within_the_limit():
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_dare_l1_rescale_in_chunks_at_any_offset(n):
-    """rescale="l1": the statistics pass and the merge each draw the DARE masks (no keep-bit
-    memo); chunks that start at offsets not divisible by 4 (inside a Philox counter's group of
-    four elements) give the whole tensor's statistics and output, bit for bit."""
+    """rescale="l1": the statistics pass and the merge each draw the DARE masks; chunks that
+    start at offsets not divisible by 4 (inside a Philox counter's group of four elements)
+    give the whole tensor's statistics and output, bit for bit."""
     base, models, _ = make_finetunes((513, 1031), n, ("bf16", "fp16", "fp32"), seed=13)
     spec = resolve_spec("dare_ties", n, density=[0.3, 0.6, 0.9][:n], seed=5, rescale="l1")
     be = get_backend("cpu", "cpu")
@@ -447,4 +447,3 @@ def test_dare_l1_rescale_in_chunks_at_any_offset(n):
     parts = torch.cat([be.merge(ch, plan, torch.bfloat16)[0] for ch in chunks])
     assert torch.equal(parts.view(torch.int16),
                        be.merge(whole[0], plan, torch.bfloat16)[0].view(torch.int16))
-    assert C.set_dare_bits_limit(64 << 20) == 0  # the memo's old switch: a no-op now

@@ -159,10 +159,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("fused_merge", &fused_merge);
   m.def("model_stats", &model_stats);
   m.def("topk_window", &topk_window);
-  // the DARE keep-bit memo is gone (each pass draws its masks, csrc/cpu/merge.cpp); kept as a
-  // no-op returning 0 so callers that still set a limit need no change
-  m.def(
-      "set_dare_bits_limit", [](size_t) { return size_t{0}; },
-      "no-op (DARE masks are drawn in each pass); returns 0");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
 }

@@ -359,11 +359,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
       "set_output_cache_limit", [](size_t bytes) { return fm::cpu::output_cache_limit(bytes); },
       "bytes of freed fused_merge outputs kept for reuse (returns the previous limit)");
   mod.def("output_cache_bytes", &fm::cpu::output_cache_bytes, "bytes the output cache holds");
-  // the DARE keep-bit memo is gone (each pass draws its masks, csrc/cpu/merge.cpp); kept as a
-  // no-op returning 0 so callers that still set a limit need no change
-  mod.def(
-      "set_dare_bits_limit", [](size_t) { return size_t{0}; },
-      "no-op (DARE masks are drawn in each pass); returns 0");
   mod.def("set_merge_fast_path", &fm::cpu::set_merge_fast_path,
           "fused_merge's AVX-512 block path on/off (returns the previous setting; for tests)");
   mod.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");

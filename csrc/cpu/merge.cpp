@@ -128,9 +128,9 @@ bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* mode
       need_v = need_v || (cfg.score == SCORE_FISHER && models[i].mode == MODE_BAND);
   }
   // DARE masks are drawn block by block in each pass that needs them (rescale="l1": the
-  // statistics pass and the merge both draw), since with semantics v2's one Philox call per four
-  // elements drawing again costs less than the keep-bit memo it replaced, whose merge could
-  // not take the AVX-512 block path (benchmarks/results/dare.md).
+  // statistics pass and the merge both draw): with semantics v2's one Philox call per four
+  // elements drawing again costs less than keeping the bits between the passes, and the merge
+  // keeps the AVX-512 block path (benchmarks/results/dare.md).
   MergeCtx ctx{&in, cfg, models, offset, out, out_dtype, need_v};
   const int nt = effective_threads(in.numel, nthreads, int64_t{1} << 15);
   // per-thread non-finite counts and failure flags (no atomics). The range is cut into chunks
