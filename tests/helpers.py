@@ -5,6 +5,33 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+# mergekit's examples/ties.yml with the models and the base as format fields {m0} {m1} {m2}
+# {base} (tests/test_cli.py, tests/test_config.py)
+TIES_YML = """\
+models:
+  - model: {m0}
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: {m1}
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+  - model: {m2}
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: {base}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
 
 def make_finetunes(shape, n, dtypes=("bf16",), base_dtype=None, scale=0.01, seed=0,
                    device="cpu", second_moments=False):

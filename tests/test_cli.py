@@ -3,35 +3,13 @@ from __future__ import annotations
 
 import pytest
 from engine_util import index_of, load_dir
+from helpers import TIES_YML
 
 from fastmerge.cli import main
 from fastmerge.cli.demo import make_synthetic_checkpoints
 
-# mergekit's examples/ties.yml, bio-merge.yml and linear.yml, model paths replaced
-TIES_YML = """\
-models:
-  - model: {m0}
-    parameters:
-      density: [1, 0.7, 0.1] # density gradient
-      weight: 1.0
-  - model: {m1}
-    parameters:
-      density: 0.5
-      weight: [0, 0.3, 0.7, 1] # weight gradient
-  - model: {m2}
-    parameters:
-      density: 0.33
-      weight:
-        - filter: mlp
-          value: 0.5
-        - value: 0
-merge_method: ties
-base_model: {base}
-parameters:
-  normalize: true
-  int8_mask: true
-dtype: float16
-"""
+# mergekit's examples/bio-merge.yml and linear.yml (ties.yml: helpers.TIES_YML), model paths
+# replaced
 BIO_YML = """\
 models:
   - model: {m0}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import TIES_YML
 
 from fastmerge.recipe.config import ConfigError, ParameterResolver, evaluate_setting, parse_config
 
@@ -113,30 +114,9 @@ def test_bad_values_name_the_tensor():
 
 def test_mergekit_example_configs_parse_unchanged():
     import yaml
-    ties = yaml.safe_load("""
-models:
-  - model: psmathur/orca_mini_v3_13b
-    parameters:
-      density: [1, 0.7, 0.1] # density gradient
-      weight: 1.0
-  - model: garage-bAInd/Platypus2-13B
-    parameters:
-      density: 0.5
-      weight: [0, 0.3, 0.7, 1] # weight gradient
-  - model: WizardLM/WizardMath-13B-V1.0
-    parameters:
-      density: 0.33
-      weight:
-        - filter: mlp
-          value: 0.5
-        - value: 0
-merge_method: ties
-base_model: TheBloke/Llama-2-13B-fp16
-parameters:
-  normalize: true
-  int8_mask: true
-dtype: float16
-""")
+    ties = yaml.safe_load(TIES_YML.format(
+        m0="psmathur/orca_mini_v3_13b", m1="garage-bAInd/Platypus2-13B",
+        m2="WizardLM/WizardMath-13B-V1.0", base="TheBloke/Llama-2-13B-fp16"))
     c = parse_config(ties)
     s = ParameterResolver(c, NAMES).spec_for("model.layers.2.mlp.up_proj.weight")
     assert s.densities == pytest.approx((0.7, 0.5, 0.33))
