@@ -126,16 +126,17 @@ def _open_weights(directory: Path):
 
 
 class LoraCheckpoint:
-    """``base`` (a Checkpoint or BinCheckpoint) with the adapter in ``adapter_dir`` applied."""
+    """``base`` (a Checkpoint or BinCheckpoint) with the adapter in ``adapter_dir`` applied
+    (``adapter``: its weights file already opened, e.g. a hub adapter's header alone)."""
 
-    def __init__(self, base, adapter_dir, label: str = ""):
+    def __init__(self, base, adapter_dir, label: str = "", adapter=None):
         self.base = base
         self.adapter_dir = Path(adapter_dir)
         self.label = label or f"{base.label}+{adapter_dir}"
         self.dir = base.dir                   # config and tokenizer come from the base
         cfg = read_adapter_config(self.adapter_dir)
         self.rslora = bool(cfg.get("use_rslora"))
-        self.adapter = _open_weights(self.adapter_dir)
+        self.adapter = adapter if adapter is not None else _open_weights(self.adapter_dir)
         self.deltas: dict[str, Delta] = {}
         self.replaced: dict[str, str] = {}   # base tensor -> adapter tensor replacing it
         pairs: dict[str, dict] = {}

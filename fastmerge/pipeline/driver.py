@@ -463,15 +463,17 @@ def resolved_merge(config, out_dir, make_kernels: Callable, *, memory_budget, sh
                                                   shard_size, lines_pattern,
                                                   default_budget() // local_world_size)
     k = make_kernels()
+
+    def resolved(inputs):
+        return resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
+                       dist=k.dist, budget=budget, out_dir=out_dir, shard_bytes=shard_bytes,
+                       seed=seed, lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
     try:
-        with opening():
-            inputs = open_merge_inputs(cfg, cfg.info.needs_second_moments)
+        with opening():   # hub models to download: resolved from their headers first
+            inputs = open_merge_inputs(cfg, cfg.info.needs_second_moments, precheck=resolved)
         try:
             k.bind(inputs)
-            yield resolve(cfg, inputs, chunking_name=k.chunking_name, device=k.device,
-                          dist=k.dist, budget=budget, out_dir=out_dir, shard_bytes=shard_bytes,
-                          seed=seed, lines_pattern=lines_pattern,
-                          max_chunk_elems=max_chunk_elems), k, budget
+            yield resolved(inputs), k, budget
         finally:
             close_inputs(inputs)
     finally:

@@ -6,36 +6,42 @@ the kernels the merge would take, and the plan is printed: each output tensor wi
 parameter set and read passes, the passes over the whole model, the bytes read and written,
 and the memory the merge needs. No weight is read (headers only) and nothing is written.
 
-Hub ids are resolved from the local Hugging Face cache only (HF_HUB_OFFLINE for this call):
-a model not cached yet fails the dry run instead of being downloaded. (Checking a hub model
-from its config.json, index and safetensors headers alone, by HTTP range requests, is left to
-do: hub.py downloads whole snapshots.)
+A hub model in the local Hugging Face cache is read from there; one not cached is checked
+from its config.json, index and safetensors headers alone (checkpoint/hub_headers.py: HTTP
+range requests, no weight downloaded). A ``.bin``-only hub repo not cached cannot be shown
+(pickles have no separate header): the dry run says so. Offline (HF_HUB_OFFLINE) an uncached
+hub model fails, as in a merge.
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Callable, Optional
 
-from ..checkpoint.safetensors_file import ST_SIZES
+from ..checkpoint.safetensors_file import ST_SIZES, CheckpointError
+from ..checkpoint.sources import hub_headers_only
 from ..methods.kernel_params import needs_l1
 from ..output.report import apply_lines, resolved_parameters
 from ..planning.planner import SELECTING
+from ..recipe.config import MergeConfig, load_config
 from .budget import element_ranges
 from .driver import Resolved, resolved_merge
+from .sliced import TOKENIZER_FILES
 
 
 @contextmanager
-def _hub_cache_only():
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["HF_HUB_OFFLINE"]
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+def _hub_headers(cfg: MergeConfig):
+    """Uncached hub models opened from their headers (no weight downloaded); a ``.bin``-only
+    one, which cannot be, is said to be so."""
+    with hub_headers_only(TOKENIZER_FILES if cfg.tokenizer_source is not None else ()) \
+            as state:
+        try:
+            yield
+        except CheckpointError as exc:
+            if state.unchecked:
+                raise CheckpointError(f"{exc}; it is not in the local cache, so the dry run "
+                                      f"cannot show it (a merge downloads it, then checks "
+                                      f"it)") from None
+            raise
 
 
 def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_size="5GB",
@@ -43,11 +49,12 @@ def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shar
             lines_pattern: Optional[str] = None, max_chunk_elems: Optional[int] = None,
             local_world_size: int = 1) -> str:
     """The plan of ``pipeline.merge`` with the same arguments, as text; reads no weight."""
-    with resolved_merge(config, out_dir, make_kernels, memory_budget=memory_budget,
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    with resolved_merge(cfg, out_dir, make_kernels, memory_budget=memory_budget,
                         shard_size=shard_size, seed=seed, overwrite=overwrite,
                         lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems,
                         local_world_size=local_world_size,
-                        opening=_hub_cache_only) as (r, k, budget):
+                        opening=lambda: _hub_headers(cfg)) as (r, k, budget):
         return describe_plan(r, k, budget)
 
 

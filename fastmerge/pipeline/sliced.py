@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint.hub import resolve_model
+from ..checkpoint.hub import cached_snapshot, hub_offline, hub_reference
 from ..checkpoint.safetensors_file import (
     MERGEABLE_ST,
     NAME_TO_ST,
@@ -15,7 +15,14 @@ from ..checkpoint.safetensors_file import (
     CheckpointError,
     dtype_label,
 )
-from ..checkpoint.sources import open_model, split_lora_reference
+from ..checkpoint.sources import (
+    headers_only_active,
+    hub_headers_only,
+    local_paths,
+    model_directory,
+    open_model,
+    split_lora_reference,
+)
 from ..recipe.config import ConfigError, MergeConfig
 from ..recipe.slices import ModelLayout, plan_slices
 from .inputs import Inputs, open_inputs
@@ -57,9 +64,60 @@ class RoutedCheckpoint:
         pass
 
 
-def open_merge_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
+def open_merge_inputs(cfg: MergeConfig, needs_moments: bool, precheck=None) -> Inputs:
     """open_inputs, or the sliced inputs for a ``slices:`` config; with the tokenizer source
-    found (before any work: a missing one is an error now, not after the merge)."""
+    found (before any work: a missing one is an error now, not after the merge).
+    ``precheck(inputs)``: where a hub model must be downloaded, the inputs are first opened
+    from the hub's config.json, indexes and safetensors headers alone (hub_headers_only) and
+    ``precheck`` (the pipeline's resolve) runs on them: a config or input error comes before
+    any weight is downloaded. A ``.bin``-only hub repo cannot be checked so: then the merge
+    goes on as without ``precheck``."""
+    if precheck is not None and hub_downloads(cfg):
+        view = None
+        with hub_headers_only(TOKENIZER_FILES if cfg.tokenizer_source is not None else ()) \
+                as state:
+            try:
+                view = _open_merge_inputs(cfg, needs_moments)
+            except CheckpointError:
+                if not state.unchecked:
+                    raise
+        if view is not None:
+            try:
+                precheck(view)
+            finally:
+                close_inputs(view)
+    return _open_merge_inputs(cfg, needs_moments)
+
+
+# the files besides config.json a vocabulary step reads from a hub model's snapshot
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def input_refs(cfg: MergeConfig) -> list:
+    """Every model reference of a config (both sides of 'base+adapter'): base, models, slice
+    sources, the tokenizer's model."""
+    refs = [cfg.base_model, *(m.ref for m in cfg.models),
+            *(s.model for sl in (cfg.slices or []) for s in sl.sources), cfg.tokenizer_model]
+    return [part for r in refs if r is not None for part in local_paths(r, cfg.base_dir)]
+
+
+def hub_downloads(cfg: MergeConfig) -> bool:
+    """Whether opening the config's inputs downloads a hub model (online, not cached, not
+    within hub_headers_only already)."""
+    if hub_offline() or headers_only_active():
+        return False
+    for ref in input_refs(cfg):
+        try:
+            local, hub = hub_reference(ref, cfg.base_dir)
+        except CheckpointError:
+            continue   # opening it says what is wrong
+        if hub is not None and cached_snapshot(*hub) is None:
+            return True
+    return False
+
+
+def _open_merge_inputs(cfg: MergeConfig, needs_moments: bool) -> Inputs:
     tok_dir = tokenizer_dir(cfg, None)
     vocab = vocabulary_for(cfg, tok_dir)
     try:
@@ -93,7 +151,7 @@ def tokenizer_dir(cfg: MergeConfig, inputs: Inputs) -> Optional[Path]:
         return None
     key = "tokenizer_source" if "tokenizer_source" in cfg.raw else "tokenizer.source"
     try:
-        found = Path(resolve_model(ref, cfg.base_dir))
+        found = Path(model_directory(ref, cfg.base_dir))
     except CheckpointError as exc:
         raise CheckpointError(f"{key}: {exc}") from None
     if cfg.tokenizer_model is not None and not _in_merge(cfg, ref, found):
@@ -112,8 +170,8 @@ def _in_merge(cfg: MergeConfig, ref: str, found: Path) -> bool:
         if r == ref:
             return True
         try:
-            if Path(resolve_model(split_lora_reference(r, cfg.base_dir)[0],
-                                  cfg.base_dir)).resolve() == found.resolve():
+            if Path(model_directory(split_lora_reference(r, cfg.base_dir)[0],
+                                    cfg.base_dir)).resolve() == found.resolve():
                 return True
         except CheckpointError:
             continue
