@@ -270,17 +270,23 @@ int main() {
 """
 
 
-def test_host_harness_queues(tmp_path):
-    """The register element queues of the merge kernel, executed on the host (no GPU)."""
-    src = tmp_path / "harness.cu"
-    src.write_text(HOST_HARNESS)
-    exe = tmp_path / "harness"
+def _run_host_harness(tmp_path, name: str, source: str):
+    """``source`` compiled with nvcc for the host and run: it must print OK last."""
+    src = tmp_path / f"{name}.cu"
+    src.write_text(source)
+    exe = tmp_path / name
     cmd = [NVCC, "-std=c++17", "-O1", "-Werror", "all-warnings", "-I", COMMON_DIR, "-I",
            CUDA_DIR, str(src), "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    run = subprocess.run([str(exe)], capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), \
+        run.stdout[-4000:] + run.stderr
+
+
+def test_host_harness_queues(tmp_path):
+    """The register element queues of the merge kernel, executed on the host (no GPU)."""
+    _run_host_harness(tmp_path, "harness", HOST_HARNESS)
 
 
 # The merge kernel's per-thread group code (fmcuda::merge_group: vector loads, register
@@ -415,15 +421,7 @@ int main() {
 
 def test_host_harness_merge_groups(tmp_path):
     """merge_group (the merge kernel's per-thread body) on the host == fm_merge_element."""
-    src = tmp_path / "merge_harness.cu"
-    src.write_text(MERGE_HARNESS)
-    exe = tmp_path / "merge_harness"
-    cmd = [NVCC, "-std=c++17", "-O1", "-Werror", "all-warnings", "-I", COMMON_DIR, "-I",
-           CUDA_DIR, str(src), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout[-4000:]
+    _run_host_harness(tmp_path, "merge_harness", MERGE_HARNESS)
 
 
 def test_launcher_header_matches_ops():
