@@ -110,6 +110,17 @@ void check(cudaError_t err, const char* op) {
               " launch failed: ", cudaGetErrorString(err));
 }
 
+// fparams [N, 6] and iparams [N, 3] on `device`, float32 and int64, contiguous.
+struct Rows { Tensor fp, ip; };
+
+Rows device_rows(const Tensor& fparams, const Tensor& iparams, const at::Device& device,
+                 int64_t n) {
+  Rows r{fparams.to(device, at::kFloat).contiguous(), iparams.to(device, at::kLong).contiguous()};
+  TORCH_CHECK(r.fp.numel() == n * FM_CUDA_NUM_FPARAMS && r.ip.numel() == n * FM_CUDA_NUM_IPARAMS,
+              "fastmerge cuda: fparams must be [N, 6] and iparams [N, 3]");
+  return r;
+}
+
 void score_histogram_cuda(const c10::optional<Tensor>& base, at::TensorList models,
                           at::TensorList second_moments, int64_t score, const Tensor& targets,
                           int64_t level, Tensor& counts, Tensor& sums) {
@@ -151,13 +162,9 @@ void model_stats_cuda(const c10::optional<Tensor>& base, at::TensorList models,
   Prepared p = prepare_inputs(base, models, second_moments);
   const at::Device device = models[0].device();
   c10::cuda::CUDAGuard guard(device);
-  const int64_t n = p.in.n_models;
-  Tensor fp = fparams.to(device, at::kFloat).contiguous();
-  Tensor ip = iparams.to(device, at::kLong).contiguous();
-  TORCH_CHECK(fp.numel() == n * FM_CUDA_NUM_FPARAMS && ip.numel() == n * FM_CUDA_NUM_IPARAMS,
-              "fastmerge cuda: fparams must be [N, 6] and iparams [N, 3]");
+  const auto [fp, ip] = device_rows(fparams, iparams, device, p.in.n_models);
   check_cuda_int64_out(out, device, at::kDouble, "out");
-  TORCH_CHECK(out.numel() == n * 3, "fastmerge cuda: out must be [N, 3]");
+  TORCH_CHECK(out.numel() == p.in.n_models * 3, "fastmerge cuda: out must be [N, 3]");
   if (p.in.numel == 0) return;
   // per-block partial sums, added up in a fixed order by the launcher's second kernel
   Tensor scratch = at::empty({fm_cuda_model_stats_scratch(&p.in)}, out.options());
@@ -177,10 +184,7 @@ Tensor fused_merge_cuda(const c10::optional<Tensor>& base, at::TensorList models
   const at::Device device = models[0].device();
   c10::cuda::CUDAGuard guard(device);
   const int64_t n = p.in.n_models;
-  Tensor fp = fparams.to(device, at::kFloat).contiguous();
-  Tensor ip = iparams.to(device, at::kLong).contiguous();
-  TORCH_CHECK(fp.numel() == n * FM_CUDA_NUM_FPARAMS && ip.numel() == n * FM_CUDA_NUM_IPARAMS,
-              "fastmerge cuda: fparams must be [N, 6] and iparams [N, 3]");
+  const auto [fp, ip] = device_rows(fparams, iparams, device, n);
   check_cuda_int64_out(nonfinite, device, at::kLong, "nonfinite");
   TORCH_CHECK(nonfinite.numel() == n, "fastmerge cuda: nonfinite must have N elements");
   // The kernel writes float32/float16/bfloat16; any other requested dtype is one cast after.
