@@ -95,3 +95,25 @@ def peak_rss_growth(tmp_path, cfg, warm_cfg, budget: int, backend: str) -> dict:
     m = json.loads(r.stdout.strip().splitlines()[-1])
     m["grew"] = m["peak"] - m["baseline"]
     return m
+
+
+def native_rss_inputs():
+    """For a peak-RSS test of fastmerge merge's path (skipped without fastmerge._core): (the
+    32 MiB budget, a seeded generator, six 2816x1024 bf16 up_proj weights: 33 MiB)."""
+    import pytest
+
+    from fastmerge.pipeline import native
+    if native._core() is None:
+        pytest.skip("fastmerge._core is not built")
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.up_proj.weight":
+            torch.randn(2816, 1024, generator=g).bfloat16() for i in range(6)}
+    return 32 * 2 ** 20, g, base
+
+
+def assert_rss_within(tmp_path, cfg, warm_cfg, budget: int, backend: str = "native",
+                      allowance: int = 0) -> None:
+    """``peak_rss_growth`` of ``cfg`` at most ``budget`` + ``allowance`` (printed)."""
+    m = peak_rss_growth(tmp_path, cfg, warm_cfg, budget, backend)
+    print(f"peak RSS growth {m['grew'] / 2 ** 20:.1f} MiB")
+    assert m["grew"] <= budget + allowance, f"peak RSS grew {m['grew'] / 2 ** 20:.1f} MiB"

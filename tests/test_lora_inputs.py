@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 from ckpt_util import (
-    peak_rss_growth,
+    assert_rss_within,
+    native_rss_inputs,
     state_dict_of,
     write_adapter,
     write_bin,
@@ -164,12 +165,7 @@ def test_a_reference_with_two_plus_signs_is_one_line(tmp_path):
 def test_peak_rss_stays_under_the_budget_with_a_lora_input(tmp_path):
     """W + s B A is formed a block of rows at a time: a LoRA model over inputs several times
     the budget keeps the merge's RSS within it."""
-    if native._core() is None:
-        pytest.skip("fastmerge._core is not built")
-    budget = 32 * 2 ** 20
-    g = torch.Generator().manual_seed(0)
-    base = {f"model.layers.{i}.mlp.up_proj.weight":
-            torch.randn(2816, 1024, generator=g).bfloat16() for i in range(6)}
+    budget, g, base = native_rss_inputs()
     b = write_safetensors(tmp_path / "base", base)
     ad = write_adapter(tmp_path / "ad", base, ["up_proj"], r=16)
     m1 = write_safetensors(tmp_path / "m1", {k: v + 0.01 for k, v in base.items()})
@@ -178,6 +174,4 @@ def test_peak_rss_stays_under_the_budget_with_a_lora_input(tmp_path):
     sb = write_safetensors(tmp_path / "sb", small)
     sa = write_adapter(tmp_path / "sa", small, ["up_proj"])
     warm = write_config(tmp_path / "w.yml", sb, [f"{sb}+{sa}", sb])
-    m = peak_rss_growth(tmp_path, cfg, warm, budget, "native")
-    print(f"peak RSS growth {m['grew'] / 2 ** 20:.1f} MiB")
-    assert m["grew"] <= budget, f"peak RSS grew {m['grew'] / 2 ** 20:.1f} MiB"
+    assert_rss_within(tmp_path, cfg, warm, budget)
