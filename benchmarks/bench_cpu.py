@@ -15,9 +15,9 @@ For bf16 tensors of each shape and N fine-tunes it measures, in one run:
   ``generalized_task_arithmetic.get_mask(..., "sum")`` + the disjoint weighted mean exactly as
   ``GeneralizedTaskArithmeticMerge.merge_group`` does it (bf16 deltas, as mergekit computes).
 GB/s is reported two ways: "all passes" = every byte the implementation's passes read and write
-for fastmerge (one read of base + N models per pass, 1 write), and "useful" = (N + 1 inputs + 1 output)
-* bytes / time, the same for every implementation. It prints a markdown table, writes it to
---out and draws --plot (throughput vs tensor size, copy bandwidth as the ceiling).
+for fastmerge (one read of base + N models per pass, 1 write), and "useful" = (N + 1 inputs
++ 1 output) * bytes / time, the same for every implementation. It prints a markdown table,
+writes it to --out and draws --plot (throughput vs tensor size, copy bandwidth as the ceiling).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -210,19 +211,19 @@ def main(argv=None):
             # same way): each row's ceiling is the larger of the copies just before and after
             row_bw = copy_bandwidth()
             res["fastmerge cpu"] = best_time(
-                lambda: run_fastmerge("cpu", base, models, args.density), args.reps)
+                partial(run_fastmerge, "cpu", base, models, args.density), args.reps)
             row_bw = max(row_bw, copy_bandwidth())
             bws.append(row_bw)
             sel, mrg, sel_passes = fastmerge_split(base, models, args.density, args.reps)
             all_pass = (sel_passes + 1) * (n + 1) * 2 * numel + 2 * numel
             if numel <= args.torch_max_numel:
                 res["fastmerge torch"] = best_time(
-                    lambda: run_fastmerge("torch", base, models, args.density), 1)
+                    partial(run_fastmerge, "torch", base, models, args.density), 1)
             if n * numel <= args.peers_max_work:  # else: not run (too slow), left out
-                res["peft ties"] = best_time(lambda: run_peft(base, models, args.density),
+                res["peft ties"] = best_time(partial(run_peft, base, models, args.density),
                                              args.peer_reps)
                 res["mergekit ties"] = best_time(
-                    lambda: run_mergekit(base, models, args.density), args.peer_reps)
+                    partial(run_mergekit, base, models, args.density), args.peer_reps)
             ours = res["fastmerge cpu"]
             for impl, sec in res.items():
                 gbs_all = all_pass / sec / GB if impl == "fastmerge cpu" else None
@@ -265,8 +266,9 @@ def render(rows, bw, machine, args, elapsed, passes=()) -> str:
         f"TIES with density {args.density}, weights 1, normalize (mergekit's defaults); "
         f"fastmerge = the one-pass exact top-k (sampled window, csrc/cpu/select.cpp; the radix "
         f"selection's 2 histogram passes where a window misses) + 1 fused merge pass, "
-        f"column 'passes'. Times are the best of {args.reps} (fastmerge cpu) or {args.peer_reps} (peers, "
-        f"torch backend: 1) runs; the whole script took {elapsed:.0f} s.", "",
+        f"column 'passes'. Times are the best of {args.reps} (fastmerge cpu) or "
+        f"{args.peer_reps} (peers, torch backend: 1) runs; the whole script took "
+        f"{elapsed:.0f} s.", "",
         "GB/s (all passes) = bytes every fastmerge pass reads and writes = (passes (N+1) + 1) * "
         "2 bytes * numel / time; useful GB/s = (N + 2) * 2 bytes * numel / time (inputs once, "
         "output once), comparable across implementations. % copy = all-pass GB/s / measured "
