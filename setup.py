@@ -87,11 +87,13 @@ def build_cpu_kernels(build_ext, exts):
 
     compiler = build_ext.compiler
     out_dir = os.path.join(build_ext.build_temp, "cpu_kernels")
-    headers = [h for d in ("cpu", "common") for h in glob.glob(os.path.join(HERE, "csrc", d, "*.h"))]
+    headers = [h for d in ("cpu", "common")
+               for h in glob.glob(os.path.join(HERE, "csrc", d, "*.h"))]
     newest_header = max((os.path.getmtime(h) for h in headers), default=0.0)
 
     def obj_of(src):
-        return os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + compiler.obj_extension)
+        stem = os.path.splitext(os.path.basename(src))[0]
+        return os.path.join(out_dir, stem + compiler.obj_extension)
 
     def compile_one(src):
         obj = obj_of(src)

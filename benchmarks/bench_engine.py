@@ -175,8 +175,8 @@ def main(argv=None) -> int:
                          f"{fm['peak_rss'] / gib:.2f} | | {r['load']:.1f} | |")
     lines += ["", "max rel. diff: max |fastmerge - mergekit| / max |mergekit| over the first "
               "six tensors (ties, task_arithmetic; DARE is random in mergekit). Differences "
-              "come from mergekit computing task vectors in bf16 (docs/semantics.md) and from threshold "
-              "ties.", ""]
+              "come from mergekit computing task vectors in bf16 (docs/semantics.md) and from "
+              "threshold ties.", ""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

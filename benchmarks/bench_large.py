@@ -35,7 +35,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_checkpoints as mc
+# E402 is wrong here: the import needs the path above (tests load this file by its path)
+import make_checkpoints as mc  # noqa: E402
 
 # method -> per-model parameters (mergekit syntax), every family fastmerge has
 METHODS = {
@@ -312,8 +313,8 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
         "(each row gives its own)."), "",
         *busy_note(max([f["load"] for f in floors] + [r["load"] for r in rows])),
         ("Floor = reading every input once from a cold cache (256 MiB mappings populated by "
-        "MADV_POPULATE_READ, one file after another) + writing the output's bytes (64 MiB writes, each one's writeback started "
-        "at once) and fsync. "
+        "MADV_POPULATE_READ, one file after another) + writing the output's bytes (64 MiB "
+        "writes, each one's writeback started at once) and fsync. "
         f"Measured before and after the runs: {floors[0]['floor']:.1f} s "
         f"(read {floors[0]['read']:.1f} s = {floors[0]['read_bytes'] / floors[0]['read'] / gb:.3g}"
         f" GB/s, write {floors[0]['write']:.1f} s = "

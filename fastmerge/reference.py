@@ -176,7 +176,8 @@ def consensus_keep(spec: MergeSpec, t: torch.Tensor, t_mtl: torch.Tensor, aux: d
     lhs, rhs = t.abs(), lam * (t_mtl - t).abs()
     votes = (lhs > rhs).sum(0)
     scale = t.abs() + lam * (t.abs() + aux["term_mag"].to(t.dtype))
-    aux["consensus_margin"] = ((lhs - rhs).abs().double() / scale.double().clamp(min=1e-300)).amin(0)
+    aux["consensus_margin"] = ((lhs - rhs).abs().double()
+                               / scale.double().clamp(min=1e-300)).amin(0)
     return votes >= spec.consensus_k
 
 

@@ -28,7 +28,8 @@ def inputs():
     (dict(election="max"), "election must be 'sum' or 'count'"),
     (dict(normalize="yes"), "normalize must be True, False or 'count'"),
     (dict(seed=-1), "seed must be an integer"),
-    (dict(backend="metal"), "unknown backend 'metal'; choose one of auto, torch, cpu, cuda, triton"),
+    (dict(backend="metal"),
+     "unknown backend 'metal'; choose one of auto, torch, cpu, cuda, triton"),
     (dict(out_dtype=torch.float64), "out_dtype must be one of"),
 ])
 def test_parameter_errors(inputs, kwargs, match):

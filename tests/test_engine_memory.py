@@ -84,7 +84,8 @@ def test_peak_rss_stays_under_the_budget(tmp_path, path):
         "models": [{"model": str(m), "parameters": {"density": 0.5}} for m in small["models"]]}))
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", CHILD, str(cfg), str(tmp_path / "out"),
-                        str(BUDGET), backend, str(warm)], capture_output=True, text=True, env=env, timeout=300)
+                        str(BUDGET), backend, str(warm)], capture_output=True, text=True, env=env,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout.strip().splitlines()[-1])
     grew = m["peak"] - m["baseline"]

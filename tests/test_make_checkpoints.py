@@ -109,7 +109,8 @@ def test_layer_override_and_70b_shape():
     s = mc.shape_of("70b-layers", layers=2)
     assert s["layers"] == 2 and s["hidden"] == 8192
     shapes = {n: sh for n, sh, _ in mc.tensor_layout(s)}
-    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 8192)  # 8 key-value heads of 128
+    # 8 key-value heads of 128
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 8192)
     with pytest.raises(mc.UserError):
         mc.shape_of("3b")
 

@@ -344,7 +344,8 @@ def test_matches_peft(backend, method, dt, shape):
 
 def _binomial_ok(kept, n, p, sigmas=SIGMAS):
     sd = math.sqrt(n * p * (1 - p))
-    return abs(kept - n * p) <= sigmas * sd + 1, f"kept {kept} of {n}, expected {n * p:.1f} +- {sd:.1f}"
+    return (abs(kept - n * p) <= sigmas * sd + 1,
+            f"kept {kept} of {n}, expected {n * p:.1f} +- {sd:.1f}")
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])

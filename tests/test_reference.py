@@ -165,7 +165,10 @@ def test_thresholds_from_chunks_equal_whole():
     from fastmerge.backends import get_backend
     from fastmerge.planning.selection import Chunk, level0, select
     be = get_backend("torch", "cpu")
-    src = lambda: [Chunk(base[a:b], [models[0][a:b]], (), a) for a, b in ((0, 3), (3, 700), (700, 1001))]
+
+    def src():
+        return [Chunk(base[a:b], [models[0][a:b]], (), a)
+                for a, b in ((0, 3), (3, 700), (700, 1001))]
     hist = level0(be, 1, 0, src)
     assert select(be, hist, [(0, top_k_count(0.1, 1001))], 0, src).thresholds[0] == whole
 

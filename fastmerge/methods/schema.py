@@ -61,7 +61,7 @@ class MethodSchema:
     base: str                          # one of BASES
     min_models: int = 1                # non-base models (all inputs when base is "input")
     max_models: int | None = None
-    random: bool = False               # draws from fastmerge.methods.rng (needs seed and tensor name)
+    random: bool = False               # draws from fastmerge.methods.rng (needs seed, tensor name)
     paper: str = ""
     check: Callable[[dict, int], None] | None = None  # cross-parameter rules
 
