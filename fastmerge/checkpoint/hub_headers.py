@@ -110,26 +110,10 @@ class HubHeaders(Checkpoint):
         shown = Path(ref.rsplit("@", 1)[0] if rev else ref)
         self.files, self.where = {}, {}
         for fn, fmeta in sorted(meta.files_metadata.items()):
-            f = HeaderOnlyFile(shown / fn, fmeta)
-            self.files[fn] = f
-            for t in f.tensors:
-                if t in self.where:
-                    raise CheckpointError(f"{f.path}, tensor {quote(t)}: also stored in "
-                                          f"{self.where[t].path}")
-                self.where[t] = f
+            self._add_shard(fn, HeaderOnlyFile(shown / fn, fmeta))
         if index is not None:
-            self._check_index(index, self._read_index(index))
+            self._check_index(index, self._read_index(index), "that file's header")
         self._check_side_files()
-
-    def _check_index(self, index: Path, wmap: dict) -> None:
-        for t, fn in wmap.items():
-            if t not in self.where or self.where[t].path.name != fn:
-                raise CheckpointError(f"{index}: tensor {quote(t)} is mapped to {quote(fn)} "
-                                      f"but that file's header does not hold it")
-        for t, f in self.where.items():
-            if t not in wmap:
-                raise CheckpointError(f"{f.path}, tensor {quote(t)}: not listed in {index} "
-                                      f"(the index and its shards disagree)")
 
 
 def adapter_headers(ref: str, name: str, rev: Optional[str]):

@@ -566,23 +566,31 @@ class Checkpoint:
             if not os.path.lexists(p):
                 raise CheckpointError(f"{index}: names shard {quote(fn, 160)} but it does not "
                                       f"exist in {self.dir}")
-            st = open_file(p)
-            self.files[fn] = st
-            for name in st.tensors:
-                if name in self.where:
-                    raise CheckpointError(f"{p}, tensor {quote(name)}: also stored in "
-                                          f"{self.where[name].path}")
-                self.where[name] = st
+            self._add_shard(fn, open_file(p))
         if wmap is not None:
-            for name, fn in wmap.items():
-                st = self.where.get(name)
-                if st is None or st.path.name != fn:
-                    raise CheckpointError(f"{index}: tensor {quote(name)} is mapped to "
-                                          f"{quote(fn)} but that file does not hold it")
-            for name, st in self.where.items():
-                if name not in wmap:
-                    raise CheckpointError(f"{st.path}, tensor {quote(name)}: not listed in "
-                                          f"{index} (the index and its shards disagree)")
+            self._check_index(index, wmap)
+
+    def _add_shard(self, fn: str, f) -> None:
+        """Shard file ``fn`` (opened as ``f``) into ``self.files`` and its tensors into
+        ``self.where``; a tensor another shard holds too is an error."""
+        self.files[fn] = f
+        for name in f.tensors:
+            if name in self.where:
+                raise CheckpointError(f"{f.path}, tensor {quote(name)}: also stored in "
+                                      f"{self.where[name].path}")
+            self.where[name] = f
+
+    def _check_index(self, index: Path, wmap: dict, holder: str = "that file") -> None:
+        """The index's ``wmap`` and the shards agree: every tensor where it says, no other."""
+        for name, fn in wmap.items():
+            st = self.where.get(name)
+            if st is None or st.path.name != fn:
+                raise CheckpointError(f"{index}: tensor {quote(name)} is mapped to "
+                                      f"{quote(fn)} but {holder} does not hold it")
+        for name, st in self.where.items():
+            if name not in wmap:
+                raise CheckpointError(f"{st.path}, tensor {quote(name)}: not listed in "
+                                      f"{index} (the index and its shards disagree)")
 
     def _read_index(self, index: Path) -> dict:
         """The index's weight_map: tensor name -> shard file name, checked."""
