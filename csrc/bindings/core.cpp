@@ -150,6 +150,24 @@ topk_window(const py::object& base, int base_dtype, const py::list& models,
   return {thr, kept, total, bad};
 }
 
+// (count, index of the first) of the NaN/Inf values in a buffer of dtype code `dtype`: the check
+// of every merged output chunk (fastmerge/output/report.py nonfinite_in)
+std::tuple<int64_t, int64_t> count_nonfinite(const py::object& obj, int dtype) {
+  py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
+  const int64_t bytes = info.size * info.itemsize;
+  const int64_t width = dtype == fm::DTYPE_FLOAT32 ? 4 : 2;
+  if (dtype < fm::DTYPE_FLOAT32 || dtype > fm::DTYPE_BFLOAT16 || bytes % width != 0)
+    throw py::value_error(
+        "fastmerge._core: count_nonfinite: a buffer of whole values of a "
+        "float dtype code");
+  int64_t first = -1, count = 0;
+  {
+    py::gil_scoped_release free_gil;
+    count = fm::cpu::count_nonfinite_values(info.ptr, bytes / width, dtype, &first);
+  }
+  return {count, first};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -160,4 +178,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("model_stats", &model_stats);
   m.def("topk_window", &topk_window);
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
+  m.def("count_nonfinite", &count_nonfinite, "(count, first index) of a buffer's NaN/Inf values");
 }

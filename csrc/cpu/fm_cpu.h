@@ -69,5 +69,10 @@ bool set_merge_fast_path(bool on);
 // Which instruction set the multiversioned kernels picked on this machine (for reports).
 const char* isa_name();
 
+// The NaN/Inf elements of n values of dtype code `dtype` (DTYPE_* of fastmerge_params.h): their
+// count, and in *first the index of the first one (-1 if none); one vectorised pass
+// (nonfinite.cpp), the pipeline's check of every merged output chunk.
+int64_t count_nonfinite_values(const void* data, int64_t n, int dtype, int64_t* first);
+
 }  // namespace cpu
 }  // namespace fastmerge

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .. import abi
 from .._version import __version__
 from ..methods.lines import block_depth, count_blocks, lines_factor, stack_sizes
 from .model_card import model_card
@@ -61,11 +62,27 @@ _NONFINITE_BITS = {"BF16": (16, 0x7F80), "F16": (16, 0x7C00), "F32": (32, 0x7F80
 _ST_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
+_DTYPE_CODES = {"F32": abi.DTYPE_FLOAT32, "F16": abi.DTYPE_FLOAT16, "BF16": abi.DTYPE_BFLOAT16}
+
+
+def _core():
+    try:
+        from .. import _core
+    except ImportError:
+        return None
+    return _core if hasattr(_core, "count_nonfinite") else None
+
+
 def nonfinite_in(data, st: str):
     """(count, first index) of the NaN/Inf elements of a chunk's raw bytes of safetensors
     dtype ``st``, or None when all are finite. Two max-reductions over the bits, no temporary:
     positive NaN/Inf are the largest values read as signed integers, negative ones the largest
-    read as unsigned; the positions are looked for only when there are some."""
+    read as unsigned; the positions are looked for only when there are some. Where the CPU
+    kernels are built, their one vectorised pass does it (no numpy import on the CLI's path)."""
+    core = _core()
+    if core is not None:
+        count, first = core.count_nonfinite(data, _DTYPE_CODES[st])
+        return None if count == 0 else (count, first)
     import numpy as np
     width, exponent = _NONFINITE_BITS[st]
     signed = np.frombuffer(data, dtype=np.int16 if width == 16 else np.int32)

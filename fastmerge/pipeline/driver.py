@@ -33,7 +33,6 @@ What a kernels object provides (both classes implement all of it):
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
@@ -144,9 +143,6 @@ class _Writes:
 
     def __init__(self):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write")
-        # the NaN/Inf check of the outputs needs numpy (~0.2 s to import): imported by the idle
-        # writer thread while the first tensors merge, instead of before the first write
-        self.pool.submit(importlib.import_module, "numpy")
         self.pending: list = [None, None]
         self.turn = 0
 
