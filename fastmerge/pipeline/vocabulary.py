@@ -16,6 +16,7 @@ tokenizer files are copied), as before.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,7 +52,8 @@ def load_tokenizer(directory: Path, what: str):
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+        return transformers.AutoTokenizer.from_pretrained(str(directory), use_fast=True,
+                                                           local_files_only=True)
     except Exception as exc:   # transformers raises many kinds for a broken tokenizer
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise CheckpointError(f"{what}: the tokenizer in {directory} does not load "
@@ -186,6 +188,7 @@ class Vocabulary:
         generation_config.json beside it: the writer copies its files from one directory."""
         self._tmp = tempfile.mkdtemp(prefix="fastmerge-tokenizer-")
         tok.save_pretrained(self._tmp)
+        _drop_load_options(Path(self._tmp) / "tokenizer_config.json")
         gen = Path(reference.dir) / "generation_config.json"
         if gen.is_file():
             shutil.copyfile(gen, Path(self._tmp) / gen.name)
@@ -195,6 +198,21 @@ class Vocabulary:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+# How transformers loaded this copy (offline or not), not a property of the tokenizer: left
+# in, the output's files would depend on the environment of the run that wrote them.
+_LOAD_OPTIONS = ("local_files_only", "is_local", "_commit_hash")
+
+
+def _drop_load_options(path: Path) -> None:
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if any(k in config for k in _LOAD_OPTIONS):
+        for k in _LOAD_OPTIONS:
+            config.pop(k, None)
+        path.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
 
 
 def vocabulary_for(cfg: MergeConfig, source_dir: Optional[Path]) -> Optional[Vocabulary]:
