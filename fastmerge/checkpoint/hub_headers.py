@@ -85,6 +85,19 @@ def side_directory(ref: str, name: str, rev: Optional[str], side_files=(),
     return found.parent if found is not None else Path(ref)
 
 
+def _hub_metadata(fetch, missing: type, ref: str, what: str):
+    """``fetch()`` (a hub safetensors-metadata call); ``missing`` (the hub's "no such file"
+    error) becomes NoHeaders(``what`` + why the tensors cannot be checked), any other error
+    an unavailable hub."""
+    try:
+        return fetch()
+    except missing:
+        raise NoHeaders(f"{what}: its tensors cannot be checked before download "
+                        f"(pickles have no separate header)") from None
+    except Exception as exc:
+        raise unavailable(ref, exc) from None
+
+
 class HubHeaders(Checkpoint):
     """Hub model ``ref`` (repo ``name`` at ``rev``) from config.json, the index and its
     shards' headers; ``side_files``: other small files fetched beside config.json (the
@@ -95,14 +108,10 @@ class HubHeaders(Checkpoint):
         from huggingface_hub import get_safetensors_metadata
         from huggingface_hub.errors import NotASafetensorsRepoError
         self.label = label or ref
-        try:
-            meta = get_safetensors_metadata(name, revision=rev)
-        except NotASafetensorsRepoError:
-            raise NoHeaders(f"model {quote(ref)}: the hub repo has no model.safetensors or "
-                            f"{WEIGHT_INDEX} (.bin weights?): its tensors cannot be checked "
-                            f"before download (pickles have no separate header)") from None
-        except Exception as exc:
-            raise unavailable(ref, exc) from None
+        meta = _hub_metadata(
+            lambda: get_safetensors_metadata(name, revision=rev), NotASafetensorsRepoError, ref,
+            f"model {quote(ref)}: the hub repo has no model.safetensors or {WEIGHT_INDEX} "
+            f"(.bin weights?)")
         index = _hub_file(name, rev, WEIGHT_INDEX, ref) if meta.sharded else None
         # config.json (read by the merge as ``dir / "config.json"``) sits in the snapshot
         self.dir = side_directory(ref, name, rev, side_files, index)
@@ -125,13 +134,9 @@ def adapter_headers(ref: str, name: str, rev: Optional[str]):
     if cfg is None:
         raise CheckpointError(f"adapter {quote(ref)}: the hub repo has no {ADAPTER_CONFIG} "
                               f"(not a peft adapter?)")
-    try:
-        meta = parse_safetensors_file_metadata(name, ADAPTER_SAFETENSORS, revision=rev)
-    except EntryNotFoundError:
-        raise NoHeaders(f"adapter {quote(ref)}: the hub repo has no {ADAPTER_SAFETENSORS} "
-                        f"(adapter_model.bin?): its tensors cannot be checked before download "
-                        f"(pickles have no separate header)") from None
-    except Exception as exc:
-        raise unavailable(ref, exc) from None
+    meta = _hub_metadata(
+        lambda: parse_safetensors_file_metadata(name, ADAPTER_SAFETENSORS, revision=rev),
+        EntryNotFoundError, ref,
+        f"adapter {quote(ref)}: the hub repo has no {ADAPTER_SAFETENSORS} (adapter_model.bin?)")
     shown = Path(ref.rsplit("@", 1)[0] if rev else ref)
     return cfg.parent, HeaderOnlyFile(shown / ADAPTER_SAFETENSORS, meta)
