@@ -28,9 +28,6 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 PRESETS = {  # layers, hidden, intermediate, vocab
     "tiny": (2, 256, 688, 2000),
     "0.17B": (8, 1024, 2816, 32000),
@@ -45,11 +42,7 @@ SUMMARY = re.compile(r"merged \d+ tensors .* in ([0-9.]+) s")
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def machine() -> str:
-    from machine_info import describe
-    return describe()
+from bench_common import REPO, cached_checkpoints, machine  # noqa: E402
 
 
 def free_port() -> int:
@@ -59,16 +52,8 @@ def free_port() -> int:
 
 
 def make(workdir: Path, preset: str, n_models: int) -> dict:
-    from fastmerge.cli.demo import make_synthetic_checkpoints
-    layers, hidden, inter, vocab = PRESETS[preset]
-    root = workdir / f"ckpt_{preset}_{n_models}"
-    if (root / "done").exists():
-        return {"base": root / "base", "models": [root / f"model_{i}" for i in range(n_models)]}
-    shutil.rmtree(root, ignore_errors=True)
-    p = make_synthetic_checkpoints(root, n_models=n_models, layers=layers, hidden=hidden,
-                                   inter=inter, vocab=vocab, shards=2)
-    (root / "done").write_text("ok")
-    return p
+    return cached_checkpoints(workdir / f"ckpt_{preset}_{n_models}", PRESETS[preset], n_models,
+                              shards=2, marker="done")
 
 
 def run(cmd: list, env: dict) -> tuple[float, float, str]:

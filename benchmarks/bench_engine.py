@@ -21,9 +21,6 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 PRESETS = {  # layers, hidden, intermediate, vocab
     "tiny": (2, 256, 688, 2000),
     "0.2B": (12, 1024, 2816, 16000),
@@ -43,11 +40,7 @@ WRAPPER = ("import resource, subprocess, sys, time, json; t = time.perf_counter(
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def machine() -> str:
-    from machine_info import describe
-    return describe()
+from bench_common import REPO, cached_checkpoints, machine  # noqa: E402
 
 
 def measure(cmd: list) -> dict:
@@ -57,16 +50,8 @@ def measure(cmd: list) -> dict:
 
 
 def make_inputs(work: Path, preset: str, n_models: int) -> dict:
-    from fastmerge.cli.demo import make_synthetic_checkpoints
-    layers, hidden, inter, vocab = PRESETS[preset]
-    root = work / f"ckpt-{preset}-{n_models}"
-    done = root / "DONE"
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        make_synthetic_checkpoints(root, n_models=n_models, layers=layers, hidden=hidden,
-                                   inter=inter, vocab=vocab, shards=4)
-        done.write_text("ok")
-    return {"base": root / "base", "models": [root / f"model_{i}" for i in range(n_models)]}
+    return cached_checkpoints(work / f"ckpt-{preset}-{n_models}", PRESETS[preset], n_models,
+                              shards=4, marker="DONE")
 
 
 def compare(a: Path, b: Path) -> float:
