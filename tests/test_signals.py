@@ -90,6 +90,16 @@ def assert_complete(d: Path) -> None:
     assert not [p.name for p in d.iterdir() if "fastmerge-lock" in p.name]
 
 
+def fails_keeping_output(run: Run, expect: str) -> tuple:
+    """Lets ``run`` go on; it must fail (exit 1) with ``expect`` in its last stderr line, which
+    names where its output was kept: (that line, that directory)."""
+    run.go()
+    assert run.finish() == 1
+    msg = run.stderr().strip().splitlines()[-1]
+    assert expect in msg, msg
+    return msg, Path(msg.rsplit("output is in ", 1)[-1])
+
+
 @pytest.mark.parametrize("stage", ["tmp-created", "mid-write"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
                          ids=["SIGINT", "SIGTERM", "SIGHUP"])
@@ -127,11 +137,8 @@ def test_two_runs_racing_for_one_out_dir(job):
     assert_complete(job["out"])
     ident = os.stat(job["out"]).st_ino
     assert len(temporaries(job["out"])) == 1   # the live run's temporary was not touched
-    first.go()
-    assert first.finish() == 1
-    msg = first.stderr().strip().splitlines()[-1]
-    assert msg.startswith("fastmerge: error: output directory") and "appeared" in msg, msg
-    kept = Path(msg.rsplit("output is in ", 1)[-1])
+    msg, kept = fails_keeping_output(first, "appeared")
+    assert msg.startswith("fastmerge: error: output directory"), msg
     assert kept.parent == job["out"].parent and kept.name.startswith("out.fastmerge-")
     assert_complete(kept)
     assert os.stat(job["out"]).st_ino == ident  # the winner's output untouched
@@ -143,11 +150,7 @@ def test_out_dir_created_by_the_user_mid_run_is_left_alone(job):
     run = Run(job, pause="commit")
     job["out"].mkdir()
     (job["out"] / "mine.txt").write_text("user data")
-    run.go()
-    assert run.finish() == 1
-    msg = run.stderr().strip().splitlines()[-1]
-    assert "appeared while this merge ran" in msg, msg
-    kept = Path(msg.rsplit("output is in ", 1)[-1])
+    _, kept = fails_keeping_output(run, "appeared while this merge ran")
     assert_complete(kept)
     assert [p.name for p in job["out"].iterdir()] == ["mine.txt"]
     assert (job["out"] / "mine.txt").read_text() == "user data"
@@ -162,11 +165,8 @@ def test_overwrite_replaces_only_the_directory_present_at_the_start(job):
     os.rename(job["out"], job["dir"] / "work" / "moved")
     job["out"].mkdir()
     (job["out"] / "new.txt").write_text("new")
-    run.go()
-    assert run.finish() == 1
-    msg = run.stderr().strip().splitlines()[-1]
-    assert "no longer the directory --overwrite was to replace" in msg, msg
-    assert_complete(Path(msg.rsplit("output is in ", 1)[-1]))
+    _, kept = fails_keeping_output(run, "no longer the directory --overwrite was to replace")
+    assert_complete(kept)
     assert [p.name for p in job["out"].iterdir()] == ["new.txt"]
     assert (job["dir"] / "work" / "moved" / "old.txt").read_text() == "old"
     # and an --overwrite of the directory that is there replaces it
