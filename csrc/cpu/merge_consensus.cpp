@@ -7,11 +7,7 @@ namespace cpu {
 namespace detail {
 
 void merge_range_consensus(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
-  if (ctx.cfg.combine == COMBINE_CONSENSUS_SUM) {
-    merge_range_n<COMBINE_CONSENSUS_SUM>(ctx, b, e, nf, done);
-  } else {
-    merge_range_n<COMBINE_CONSENSUS_TIES>(ctx, b, e, nf, done);
-  }
+  merge_range_either<COMBINE_CONSENSUS_SUM, COMBINE_CONSENSUS_TIES>(ctx, b, e, nf, done);
 }
 
 }  // namespace detail

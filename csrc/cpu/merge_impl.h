@@ -316,6 +316,17 @@ FM_FORCE_INLINE void merge_range_n(const MergeCtx& ctx, int64_t b, int64_t e, in
   }
 }
 
+// a translation unit's two combines: merge_range_n<A> where the config's combine is A, else <B>
+template <int A, int B>
+FM_FORCE_INLINE void merge_range_either(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf,
+                                        bool* done) {
+  if (ctx.cfg.combine == A) {
+    merge_range_n<A>(ctx, b, e, nf, done);
+  } else {
+    merge_range_n<B>(ctx, b, e, nf, done);
+  }
+}
+
 // one per translation unit (merge_group_*.cpp): the combines that unit instantiates
 void merge_range_linear_sum(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done);
 void merge_range_ties_ota(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done);

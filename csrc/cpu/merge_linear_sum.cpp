@@ -7,11 +7,7 @@ namespace cpu {
 namespace detail {
 
 void merge_range_linear_sum(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
-  if (ctx.cfg.combine == COMBINE_LINEAR) {
-    merge_range_n<COMBINE_LINEAR>(ctx, b, e, nf, done);
-  } else {
-    merge_range_n<COMBINE_SUM>(ctx, b, e, nf, done);
-  }
+  merge_range_either<COMBINE_LINEAR, COMBINE_SUM>(ctx, b, e, nf, done);
 }
 
 }  // namespace detail

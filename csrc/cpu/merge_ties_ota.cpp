@@ -6,11 +6,7 @@ namespace cpu {
 namespace detail {
 
 void merge_range_ties_ota(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
-  if (ctx.cfg.combine == COMBINE_TIES) {
-    merge_range_n<COMBINE_TIES>(ctx, b, e, nf, done);
-  } else {
-    merge_range_n<COMBINE_OTA>(ctx, b, e, nf, done);
-  }
+  merge_range_either<COMBINE_TIES, COMBINE_OTA>(ctx, b, e, nf, done);
 }
 
 }  // namespace detail
