@@ -45,17 +45,9 @@ __host__ __device__ FM_FORCE_INLINE T ldg(const T* p) {
 // 2-byte loads fill the low half of w[0].
 template <int BYTES>
 __host__ __device__ FM_FORCE_INLINE void ld_bytes(const void* p, uint32_t* w) {
-  if constexpr (BYTES == 32) {
-    const uint4 a = ldg(static_cast<const uint4*>(p));
-    const uint4 b = ldg(static_cast<const uint4*>(p) + 1);
-    w[0] = a.x;
-    w[1] = a.y;
-    w[2] = a.z;
-    w[3] = a.w;
-    w[4] = b.x;
-    w[5] = b.y;
-    w[6] = b.z;
-    w[7] = b.w;
+  if constexpr (BYTES == 32) {  // two 16-byte loads
+    ld_bytes<16>(p, w);
+    ld_bytes<16>(static_cast<const uint4*>(p) + 1, w + 4);
   } else if constexpr (BYTES == 16) {
     const uint4 a = ldg(static_cast<const uint4*>(p));
     w[0] = a.x;
