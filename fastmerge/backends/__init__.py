@@ -12,6 +12,7 @@ torch-free path, and a backend is loaded only when asked for.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -39,52 +40,20 @@ def _torch_availability():
     return True, ""
 
 
-def _load_torch():
-    from .pytorch import backend
-    return backend()
-
-
-def _cpu_availability():
-    from .cpu import availability
-    return availability()
-
-
-def _load_cpu():
-    from .cpu import backend
-    return backend()
-
-
-def _cuda_availability():
-    from .cuda import availability
-    return availability()
-
-
-def _load_cuda():
-    from .cuda import backend
-    return backend()
-
-
-def _triton_availability():
-    from .triton import availability
-    return availability()
-
-
-def _load_triton():
-    from .triton import backend
-    return backend()
-
-
-def _triton_supports(device_type: str) -> bool:
-    from .triton import supports_device
-    return supports_device(device_type)
+def _deferred(module: str, attr: str) -> Callable:
+    """Calls ``<module>.<attr>`` (a backend folder's function), imported on the first call."""
+    def call(*args):
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)(*args)
+    return call
 
 
 REGISTRY: dict[str, BackendSpec] = {spec.name: spec for spec in (
-    BackendSpec("torch", ("cpu", "cuda"), _torch_availability, _load_torch),
-    BackendSpec("cpu", ("cpu",), _cpu_availability, _load_cpu),
-    BackendSpec("cuda", ("cuda",), _cuda_availability, _load_cuda),
-    BackendSpec("triton", ("cuda", "cpu"), _triton_availability, _load_triton,
-                _triton_supports),
+    BackendSpec("torch", ("cpu", "cuda"), _torch_availability, _deferred("pytorch", "backend")),
+    BackendSpec("cpu", ("cpu",), _deferred("cpu", "availability"), _deferred("cpu", "backend")),
+    BackendSpec("cuda", ("cuda",), _deferred("cuda", "availability"),
+                _deferred("cuda", "backend")),
+    BackendSpec("triton", ("cuda", "cpu"), _deferred("triton", "availability"),
+                _deferred("triton", "backend"), _deferred("triton", "supports_device")),
 )}
 BACKEND_NAMES = ("auto",) + tuple(REGISTRY)
 # Filled only from measurements (benchmarks/gpu.py prints the table it measured). No GPU has
