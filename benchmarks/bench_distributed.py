@@ -53,7 +53,7 @@ def free_port() -> int:
 
 def make(workdir: Path, preset: str, n_models: int) -> dict:
     return cached_checkpoints(workdir / f"ckpt_{preset}_{n_models}", PRESETS[preset], n_models,
-                              shards=2, marker="done")
+                              shards=2, marker="done", label="checkpoints")
 
 
 def run(cmd: list, env: dict) -> tuple[float, float, str]:
@@ -87,10 +87,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     ck = make(work, args.preset, args.models)
-    print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s", flush=True)
     ncores = os.cpu_count() or 1
     from fastmerge.checkpoint.safetensors_file import Checkpoint
     c = Checkpoint(ck["base"])

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -51,7 +50,7 @@ def measure(cmd: list) -> dict:
 
 def make_inputs(work: Path, preset: str, n_models: int) -> dict:
     return cached_checkpoints(work / f"ckpt-{preset}-{n_models}", PRESETS[preset], n_models,
-                              shards=4, marker="DONE")
+                              shards=4, marker="DONE", label="inputs")
 
 
 def compare(a: Path, b: Path) -> float:
@@ -84,10 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "engine.md"))
     args = p.parse_args(argv)
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
     inputs = make_inputs(work, args.preset, args.n_models)
-    print(f"inputs ready in {time.perf_counter() - t:.0f} s", flush=True)
     import fastmerge
     from fastmerge.backends import get_backend
     backend = get_backend(args.backend, "cpu").name
