@@ -2,14 +2,10 @@
 // merge_impl.h).
 #include "merge_impl.h"
 
-namespace fastmerge {
-namespace cpu {
-namespace detail {
+namespace fastmerge::cpu::detail {
 
 void merge_range_linear_sum(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
   merge_range_either<COMBINE_LINEAR, COMBINE_SUM>(ctx, b, e, nf, done);
 }
 
-}  // namespace detail
-}  // namespace cpu
-}  // namespace fastmerge
+}  // namespace fastmerge::cpu::detail

@@ -1,14 +1,10 @@
 // fastmerge CPU backend: fused-merge instances for the ties and ota combine(s) (see merge_impl.h).
 #include "merge_impl.h"
 
-namespace fastmerge {
-namespace cpu {
-namespace detail {
+namespace fastmerge::cpu::detail {
 
 void merge_range_ties_ota(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
   merge_range_either<COMBINE_TIES, COMBINE_OTA>(ctx, b, e, nf, done);
 }
 
-}  // namespace detail
-}  // namespace cpu
-}  // namespace fastmerge
+}  // namespace fastmerge::cpu::detail
