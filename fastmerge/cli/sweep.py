@@ -2,6 +2,8 @@
 inputs (fastmerge/pipeline/sweep.py), each evaluated by ``--eval-command``."""
 from __future__ import annotations
 
+import os
+
 
 def add_parser(sub, size_arg, seed_arg, device_arg, backends) -> object:
     s = sub.add_parser("sweep", help="merge every point of a parameter grid from one read of "
@@ -44,6 +46,8 @@ def run(args) -> int:
                  shard_size=args.shard_size, seed=args.seed, device=args.device,
                  backend=args.backend, quiet=args.quiet, lines_pattern=args.lines_pattern,
                  allow_nonfinite=args.allow_nonfinite)
+    if os.environ.get("RANK", "0") not in ("", "0"):   # under torchrun rank 0 says it once
+        return 0
     for r in rows:
         score = "" if r.get("score") is None else f"  score {r['score']:g}"
         print(f"{r['path']}{score}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import shutil
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint.safetensors_file import ST_SIZES, CheckpointError
+from ..checkpoint.sources import hub_headers_only
 from ..methods import METHODS
 from ..methods.kernel_params import pass_ids
 from ..output.report import (
@@ -32,9 +34,7 @@ from ..output.report import (
     write_extras,
 )
 from ..output.writer import (
-    AtomicDirectory,
     OutputError,
-    ShardWriter,
     output_dir_at_start,
     parse_size,
 )
@@ -50,7 +50,7 @@ from .budget import (
 )
 from .driver import _Passes, _Writes, out_chunk_bytes, prepare, resolve
 from .inputs import check_output_apart_from_inputs, name_files
-from .sliced import close_inputs, open_merge_inputs
+from .sliced import TOKENIZER_FILES, close_inputs, hub_downloads, open_merge_inputs
 
 
 @dataclass
@@ -125,9 +125,11 @@ def shared_thresholds(members: list, name: str, numel: int, k0, src) -> dict:
             continue
         reqs = {j: selection_requests(members[j].prepared.specs[name], numel) for j in js}
         flat = [(i, kk) for j in js for i, ks in enumerate(reqs[j]) for kk in ks]
-        got = k0.one_pass(src, flat, n, numel, score, (name,), False)
+        reduce = members[js[0]].eng.reduce(name)   # rows split over ranks: summed histograms
+        got = k0.one_pass(src, flat, n, numel, score, (name,), False) if reduce is None \
+            else None
         if got is None:
-            got = k0.radix(src, flat, n, score, (name,), None, False)
+            got = k0.radix(src, flat, n, score, (name,), reduce, False)
         sel, pos = got[0], 0
         for j in js:
             count = sum(len(ks) for ks in reqs[j])
@@ -149,7 +151,8 @@ def plan_point(m: Member, name: str, numel: int, src, thresholds):
 # ----------------------------------------------------------------------------- one pass
 def run_pass(members: list, inputs, chunking: Chunking, root: Path, quiet: bool) -> float:
     """Merge every member from one read of the inputs into ``root/<point>/``; the pass's
-    wall time."""
+    wall time. Under torchrun every rank runs it on its own tensors (``r.mine``) and writes
+    them into the shards rank 0 laid out (parallel.py), as a merge does."""
     t0 = time.perf_counter()
     for m in members:
         m.r.chunking = chunking
@@ -163,16 +166,19 @@ def run_pass(members: list, inputs, chunking: Chunking, root: Path, quiet: bool)
             s = time.perf_counter()
             m.prepared = prepare(m.r, m.k, m.eng)
             m.seconds += time.perf_counter() - s
-            (root / m.point.name).mkdir()
-            m.writer = ShardWriter(m.prepared.layout, root / m.point.name)
+            dist = m.k.dist
+            if dist.is_index_writer(m.r.rank):
+                (root / m.point.name).mkdir()
+            m.writer = dist.shard_writer(m.prepared.layout, root / m.point.name)
             m.writes = _Writes()
         _shared_loop(members, lead, quiet)
         for m in members:
             m.writes.flush()
             m.writer.close(check=True)
             p = m.prepared
-            write_extras(root / m.point.name, p.layout, m.r.cfg, inputs, p.resolved,
-                         p.per_tensor, p.config_text)
+            if m.k.dist.is_index_writer(m.r.rank):
+                write_extras(root / m.point.name, p.layout, m.r.cfg, inputs, p.resolved,
+                             p.per_tensor, p.config_text)
             m.nonfinite.warn()
     finally:
         for m in members:
@@ -274,7 +280,8 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
     """Merge every point of ``grid`` (``["density=0.2,0.5", ...]`` or ``{"density": [0.2,
     0.5]}``) over ``config`` into ``out_dir/<point>/`` from one read of the inputs; evaluate
     each with ``eval_command``; return the table (one dict per point, also written to
-    ``out_dir/sweep.csv`` and ``sweep.json``)."""
+    ``out_dir/sweep.csv`` and ``sweep.json``). Under torchrun every rank merges its share
+    of the tensors of every point and rank 0 writes the table and evaluates."""
     from .sweep_eval import finish
     base = load_config(config) if not hasattr(config, "raw") else config
     points = expand(base.raw, grid, base.base_dir)
@@ -287,59 +294,134 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
     if target.exists():
         raise FileExistsError(f"output directory {target} already exists; a sweep writes a new "
                               f"OUT_DIR (choose another path, or remove it)")
+    # as a merge's: the default budget is per process, shared by the ranks of one node
     budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
-        else default_budget()
+        else default_budget() // _local_world_size()
     shard_bytes = parse_size(shard_size, "shard size")
     if lines_pattern is not None:
         for p in points:
             if p.cfg.lines is not None:
                 p.cfg.lines.pattern = lines_pattern
     release_freed_memory_promptly()
-    groups: dict = {}
+    kinds: dict = {}
     for p in points:
-        groups.setdefault(_kind(p.cfg, device, backend), []).append(p)
+        kinds.setdefault(_kind(p.cfg, device, backend), []).append(p)
+    settings = dict(device=device, backend=backend, budget=budget, target=target,
+                    shard_bytes=shard_bytes, seed=seed, lines_pattern=lines_pattern,
+                    max_chunk_elems=max_chunk_elems, allow_nonfinite=allow_nonfinite)
+    quiet = quiet or _env_rank() != 0
+    if _hub_downloads(points):   # hub models to download: every check on their headers first
+        _plan_and_check(_open_headers_only, kinds, budget, points_per_pass, max_chunk_elems,
+                        settings, True)
     opened: list = []
     t_start = time.perf_counter()
     try:
-        # everything that needs no weight, for every point, before any work
-        for kind, pts in groups.items():
-            inputs = open_merge_inputs(pts[0].cfg, kind[2])
-            group = Group(inputs, [])
-            opened.append(group)
-            for p in pts:
-                k = _make_kernels(p.cfg, device, backend)
-                group.members.append(Member(p, None, k, row={"_allow_nonfinite":
-                                                             allow_nonfinite}))
-                k.bind(inputs)
-                try:
-                    r = resolve(p.cfg, inputs, chunking_name=k.chunking_name, device=k.device,
-                                dist=k.dist, budget=budget, out_dir=target / p.name,
-                                shard_bytes=shard_bytes, seed=seed,
-                                lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
-                except ConfigError as exc:
-                    where = ", ".join(f"{a}={b}" for a, b in p.values.items())
-                    raise ConfigError(f"grid point {where}: {exc}") from None
-                group.members[-1].r = r
-        passes = _plan_passes(opened, budget, points_per_pass, max_chunk_elems, quiet)
-        _check_disk(target, [m for g in opened for m in g.members])
+        passes = _plan_and_check(open_merge_inputs, kinds, budget, points_per_pass,
+                                 max_chunk_elems, settings, quiet, opened)
+        dist = opened[0].members[0].k.dist
+        rank = opened[0].members[0].r.rank
         rows = []
-        with AtomicDirectory(target) as adir:
+        with dist.output_directory(target) as adir:
             for n, (group, members, chunking) in enumerate(passes, 1):
                 secs = run_pass(members, group.inputs, chunking, adir.tmp, quiet)
                 for m in members:
                     rows.append(_row(m, n, secs, target))
-            from .sweep_eval import write_table
-            write_table(adir.tmp, rows)
+            if dist.is_index_writer(rank):
+                from .sweep_eval import write_table
+                write_table(adir.tmp, rows)
             final = adir.commit()
         _note(quiet, f"sweep: {len(rows)} points in {len(passes)} pass(es), "
                      f"{time.perf_counter() - t_start:.1f} s -> {final}")
+        dist.shutdown()
     finally:
-        for g in opened:
-            for m in g.members:
-                m.k.close()
-            close_inputs(g.inputs)
+        _close(opened)
         trim_freed_memory()
+    if not dist.is_index_writer(rank):   # rank 0 evaluates, keeps the best and plots
+        return rows
     return finish(final, rows, eval_command, eval_metric, keep_best, quiet)
+
+
+def _env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _local_world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _hub_downloads(points: list) -> bool:
+    return any(hub_downloads(p.cfg) for p in points[:1])   # the points share their inputs
+
+
+def _open_headers_only(cfg, needs_moments: bool):
+    """The inputs of ``cfg`` from the hub's config.json, indexes and safetensors headers
+    (nothing downloaded), or None where that cannot check them (a ``.bin``-only repo: the
+    merge's pre-check goes on without it too)."""
+    with hub_headers_only(TOKENIZER_FILES if cfg.tokenizer_source is not None else ()) \
+            as state:
+        try:
+            return open_merge_inputs(cfg, needs_moments)
+        except CheckpointError:
+            if not state.unchecked:
+                raise
+            return None
+
+
+def _plan_and_check(open_inputs, kinds: dict, budget: int, per_pass, max_chunk_elems,
+                    settings: dict, quiet: bool, opened: Optional[list] = None) -> list:
+    """Every point resolved on ``open_inputs(cfg, needs_moments)`` of its group, the passes
+    planned and the disk checked: every error a sweep can know of before reading a weight.
+    Into ``opened`` (else closed here): the groups, their inputs bound to the kernels."""
+    keep = opened is not None
+    opened = opened if keep else []
+    try:
+        for kind, pts in kinds.items():
+            inputs = open_inputs(pts[0].cfg, kind[2])
+            if inputs is None:
+                return []
+            group = Group(inputs, [])
+            opened.append(group)
+            for p in pts:
+                group.members.append(_member(p, inputs, settings, bind=keep))
+        passes = _plan_passes(opened, budget, per_pass, max_chunk_elems, quiet)
+        _check_disk(settings["target"], [m for g in opened for m in g.members])
+        return passes
+    finally:
+        if not keep:
+            _close(opened)
+
+
+def _member(p, inputs, s: dict, bind: bool) -> Member:
+    k = _make_kernels(p.cfg, s["device"], s["backend"])
+    m = Member(p, None, k, row={"_allow_nonfinite": s["allow_nonfinite"]})
+    try:
+        if bind:
+            k.bind(inputs)
+        m.r = resolve(p.cfg, inputs, chunking_name=k.chunking_name, device=k.device,
+                      dist=k.dist, budget=s["budget"], out_dir=s["target"] / p.name,
+                      shard_bytes=s["shard_bytes"], seed=s["seed"],
+                      lines_pattern=s["lines_pattern"], max_chunk_elems=s["max_chunk_elems"])
+    except ConfigError as exc:
+        k.close()
+        where = ", ".join(f"{a}={b}" for a, b in p.values.items())
+        raise ConfigError(f"grid point {where}: {exc}") from None
+    except BaseException:
+        k.close()
+        raise
+    return m
+
+
+def _close(groups: list) -> None:
+    for g in groups:
+        for m in g.members:
+            m.k.close()
+        close_inputs(g.inputs)
 
 
 def _plan_passes(groups: list, budget: int, per_pass: Optional[int], max_chunk_elems,
