@@ -1,0 +1,78 @@
+"""A sweep over hub models checks everything it can before any weight is downloaded, as
+``fastmerge merge`` does (tests/test_hub_precheck.py, whose fake hub logs every call): every
+point resolved on the config.json, indexes and safetensors headers, the passes planned
+against the memory budget and the K outputs against the free disk."""
+from __future__ import annotations
+
+import collections
+
+import huggingface_hub
+import pytest
+from engine_util import load_dir
+from test_hub_precheck import FakeHub, _cfg
+
+import fastmerge.pipeline.sweep as sw
+from fastmerge.cli.demo import make_synthetic_checkpoints
+from fastmerge.pipeline import CheckpointError, ConfigError, native
+
+pytestmark = pytest.mark.skipif(native._core() is None, reason="fastmerge._core not built")
+GRID = ["density=0.3,0.6"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_hub")
+    p = make_synthetic_checkpoints(root / "a", n_models=2, layers=2, hidden=32, inter=48,
+                                   vocab=64, shards=2)
+    p["deep"] = make_synthetic_checkpoints(root / "b", n_models=1, layers=3, hidden=32,
+                                           inter=48, vocab=64, shards=1)["models"][0]
+    return p
+
+
+@pytest.fixture
+def hub(ckpts, tmp_path, monkeypatch):
+    fake = FakeHub(tmp_path)
+    fake.repos = {"org/base": ckpts["base"], "org/m0": ckpts["models"][0],
+                  "org/m1": ckpts["models"][1], "org/deep": ckpts["deep"]}
+    for name in ("snapshot_download", "hf_hub_download", "get_safetensors_metadata",
+                 "parse_safetensors_file_metadata"):
+        monkeypatch.setattr(huggingface_hub, name, getattr(fake, name))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return fake
+
+
+def test_headers_are_checked_before_the_download_and_points_match_local(hub, ckpts, tmp_path):
+    rows = sw.sweep(_cfg(), tmp_path / "out", GRID + ["merge_method=ties,linear"])
+    first = hub.log.index(hub.downloads()[0])
+    assert {c[1] for c in hub.log[:first] if c[0] == "get_safetensors_metadata"} == \
+        {"org/base", "org/m0", "org/m1"}
+    assert sorted({c[1] for c in hub.downloads()}) == ["org/base", "org/m0", "org/m1"]
+    local = _cfg(base=str(ckpts["base"]), models=[str(m) for m in ckpts["models"]])
+    want = sw.sweep(local, tmp_path / "local", GRID + ["merge_method=ties,linear"])
+    assert [r["point"] for r in rows] == [r["point"] for r in want]
+    for r, w in zip(rows, want):   # the same tensors (the metadata names the inputs)
+        got, exp = load_dir(r["path"]), load_dir(w["path"])
+        assert got.keys() == exp.keys() and all((got[k] == exp[k]).all() for k in exp)
+
+def test_a_layer_count_mismatch_fails_before_download(hub, tmp_path):
+    with pytest.raises(CheckpointError, match="model.layers.2.* is not in the base model"):
+        sw.sweep(_cfg(models=("org/m0", "org/deep")), tmp_path / "out", GRID)
+    assert hub.header_reads() and not hub.downloads()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_point_fails_before_anything_is_fetched(hub, tmp_path):
+    with pytest.raises(ConfigError, match="density=1.5"):
+        sw.sweep(_cfg(), tmp_path / "out", ["density=0.3,1.5"])
+    assert not hub.downloads()
+
+
+def test_disk_and_budget_are_checked_before_download(hub, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="memory budget"):
+        sw.sweep(_cfg(), tmp_path / "out", GRID, memory_budget="1MiB", points_per_pass=2)
+    assert hub.header_reads() and not hub.downloads()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sw.shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9, 1000))
+    with pytest.raises(OSError, match="outputs need .* GB free"):
+        sw.sweep(_cfg(), tmp_path / "out", GRID)
+    assert not hub.downloads() and not (tmp_path / "out").exists()
