@@ -15,7 +15,11 @@
 #   bench    benchmarks/gpu.py --kit: copy bandwidth, fused merge pass (ties, dare_ties,
 #            task_arithmetic; 4096x11008 and 4096x4096 bf16, N = 3) per backend, and a whole
 #            streamed merge of generated checkpoints held in host memory -> bench.log/json/md
-#   summary  SUMMARY.md: device, versions, pass/fail counts per suite, the benchmark table
+#   sweep    benchmarks/gpu_sweep.py: `fastmerge sweep` of K = 3 TIES points of generated 0.2B
+#            checkpoints on cuda and triton vs 3 `fastmerge merge` runs, each point compared
+#            byte for byte with its merge                        -> sweep.log/json/md
+#   summary  SUMMARY.md: device, versions, pass/fail counts per suite, the benchmark table,
+#            the sweep table
 # PYTHON (default python3) picks the interpreter; FM_KIT_SCALE=2 doubles every timeout.
 set -u
 
@@ -43,9 +47,10 @@ if [ -z "${PYTHON:-}" ] && ! "$PY" -c 'import torch' >/dev/null 2>&1 \
 fi
 SCALE="${FM_KIT_SCALE:-1}"
 
-# Per-step time limits in seconds (sum ~ 9 minutes).
+# Per-step time limits in seconds (sum 10 minutes).
 # The Triton step compiles one kernel per specialisation the suites launch (~1-2 s each).
-T_ENV=30; T_BUILD=140; T_CUDA=90; T_TRITON=150; T_LARGE=40; T_BENCH=80; T_SUMMARY=20
+T_ENV=30; T_BUILD=140; T_CUDA=90; T_TRITON=150; T_LARGE=40; T_BENCH=80; T_SWEEP=50
+T_SUMMARY=20
 
 # CUDA_HOME: the toolkit whose nvcc builds the extension.
 find_cuda_home() {
@@ -64,7 +69,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts= -rfE)
-STEPS=(env build cuda triton large bench summary)
+STEPS=(env build cuda triton large bench sweep summary)
 
 step_cmd() {  # the command of a step, as one string (what --dry-run prints)
   case "$1" in
@@ -74,6 +79,7 @@ step_cmd() {  # the command of a step, as one string (what --dry-run prints)
     triton) echo "${PYTEST[*]} --junitxml=\"\$OUT/triton.xml\" tests/test_triton_backend.py tests/test_conformance.py -k triton" ;;
     large) echo "FASTMERGE_LARGE_TESTS=1 ${PYTEST[*]} --junitxml=\"\$OUT/large.xml\" tests/test_cuda_backend.py tests/test_triton_backend.py -k '2_pow_31 or 2_31'" ;;
     bench) echo "$PY benchmarks/gpu.py --kit \"\$OUT\" --reps 3" ;;
+    sweep) echo "$PY benchmarks/gpu_sweep.py \"\$OUT\" --size 0.2b --backends cuda,triton --device cuda" ;;
     summary) echo "$PY benchmarks/gpu.py --summary \"\$OUT\"" ;;
   esac
 }
@@ -82,7 +88,7 @@ step_limit() {
   local t
   case "$1" in
     env) t=$T_ENV ;; build) t=$T_BUILD ;; cuda) t=$T_CUDA ;; triton) t=$T_TRITON ;;
-    large) t=$T_LARGE ;; bench) t=$T_BENCH ;; summary) t=$T_SUMMARY ;;
+    large) t=$T_LARGE ;; bench) t=$T_BENCH ;; sweep) t=$T_SWEEP ;; summary) t=$T_SUMMARY ;;
   esac
   echo $((t * SCALE))
 }
@@ -156,11 +162,14 @@ run_step triton "${PYTEST[@]}" --junitxml="$OUT/triton.xml" \
 run_step large env FASTMERGE_LARGE_TESTS=1 "${PYTEST[@]}" --junitxml="$OUT/large.xml" \
   tests/test_cuda_backend.py tests/test_triton_backend.py -k "2_pow_31 or 2_31"
 run_step bench "$PY" benchmarks/gpu.py --kit "$OUT" --reps 3
+run_step sweep "$PY" benchmarks/gpu_sweep.py "$OUT" --size 0.2b --backends cuda,triton \
+  --device cuda
 run_step summary "$PY" benchmarks/gpu.py --summary "$OUT"
 
 if [ ! -s "$OUT/SUMMARY.md" ]; then  # python itself failed: still leave a summary
   { echo "# fastmerge GPU check"; echo; echo "The summary writer failed; step status:"; echo
     sed 's/^/    /' "$STEPS_FILE"; } > "$OUT/SUMMARY.md"
 fi
+[ -s "$OUT/sweep.md" ] && cat "$OUT/sweep.md" >> "$OUT/SUMMARY.md"  # the sweep step's table
 echo "[gpu_check] done in $(( $(date +%s) - START ))s: $OUT/SUMMARY.md"
 cat "$OUT/SUMMARY.md"
