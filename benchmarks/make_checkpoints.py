@@ -253,6 +253,18 @@ def total_bytes(size: str, layers: int | None = None, fine_tunes: int = 2) -> in
     return (1 + fine_tunes) * 2 * param_count(size, layers)
 
 
+def layers_that_fit(size: str, room: int, copies: int) -> int:
+    """The most layers (at most the size's own count) for which ``copies`` bf16 checkpoints of
+    ``size``'s tensor shapes fit in ``room`` bytes; 0 if not even one layer does. For benchmarks
+    of a large shape on a smaller disk (``--layers`` here)."""
+    best = 0
+    for n in range(1, SIZES[size][0] + 1):
+        if copies * 2 * param_count(size, n) > room:
+            break
+        best = n
+    return best
+
+
 def make_checkpoints(out, size: str = "0.5b", layers: int | None = None, fine_tunes: int = 2,
                      seed: int = 0, shard_size="5GB", log=print) -> dict:
     """Writes OUT/base and OUT/ft1..ftN; returns {"base", "models", "bytes", "params",
