@@ -151,6 +151,8 @@ def test_eval_keep_best_and_failures(ckpts, tmp_path):
     (["foo=1,2"], "unknown parameter 'foo'"),
     (["density=0.5,1.7"], "density=1.7"),
     (["models[5].weight=1"], "lists 2 models"),
+    (["models[x].weight=1"], "write models[I].PARAM"),
+    (["models[0].model=x"], "unknown parameter 'model'"),
     (["base_model=x"], "would change the inputs"),
     (["merge_method=ties,nope"], "merge_method=nope"),
 ])

@@ -64,6 +64,10 @@ def parse_grid(items) -> list:
 
 def check_key(key: str) -> None:
     head = key.split(".")[0].split("[")[0]
+    if key.startswith("models[") and "." in key and not _MODEL_KEY.fullmatch(key):
+        # a per-model parameter written wrong, not an input
+        raise ConfigError(f"grid key {key!r}: write models[I].PARAM with I a model's index "
+                          f"(0 for the first), e.g. models[1].weight")
     if head in INPUT_KEYS and not _MODEL_KEY.fullmatch(key):
         raise ConfigError(f"grid key {key!r} would change the inputs; a sweep reads one set of "
                           f"inputs (sweep parameters: density, lambda, models[1].weight, "
