@@ -45,8 +45,9 @@ METHODS = {
     "dare_ties": {"weight": 0.5, "density": 0.5},
     "breadcrumbs_ties": {"weight": 0.5, "density": 0.5, "gamma": 0.01},
     "consensus_ties": {"weight": 0.5, "density": 0.5},
-    "slerp": None,  # two models, no task vectors: run when fastmerge has it
+    "slerp": None,  # two models: the fine-tunes, t = 0.5 (reads 2 of the 3 inputs)
 }
+SLERP_T = 0.5
 MERGEKIT_SEED = 0
 WRAPPER = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
            "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,"
@@ -76,7 +77,8 @@ def parse_budget(text: str) -> int:
 def fastmerge_methods() -> set:
     from fastmerge.methods import ALIASES
     from fastmerge.methods import METHODS as FM_METHODS
-    return set(FM_METHODS) | set(ALIASES)
+    from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+    return set(FM_METHODS) | set(ALIASES) | set(MERGEKIT_METHODS)
 
 
 def files_under(dirs) -> list:
@@ -217,10 +219,28 @@ def run_measured(cmd: list) -> dict:
 
 
 def write_config(path: Path, method: str, base: Path, models: list) -> None:
-    cfg = {"merge_method": method, "base_model": str(base),
-           "models": [{"model": str(m), "parameters": dict(METHODS[method])} for m in models],
-           "dtype": "bfloat16"}
+    if METHODS[method] is None:  # slerp: between the first two fine-tunes, as mergekit's examples
+        cfg = {"merge_method": method, "base_model": str(models[0]),
+               "models": [{"model": str(m)} for m in models[:2]],
+               "parameters": {"t": SLERP_T}, "dtype": "bfloat16"}
+    else:
+        cfg = {"merge_method": method, "base_model": str(base),
+               "models": [{"model": str(m), "parameters": dict(METHODS[method])}
+                          for m in models], "dtype": "bfloat16"}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def read_fraction(method: str, base: Path, models: list) -> float:
+    """Share of the input bytes the method reads (slerp reads two models): its floor reads only
+    those, at the floor's measured read speed."""
+    if METHODS[method] is not None:
+        return 1.0
+    everything = sum(f.stat().st_size for f in files_under([base, *models]))
+    return sum(f.stat().st_size for f in files_under(models[:2])) / everything
+
+
+def row_floor(floor: dict, row: dict) -> float:
+    return floor["read"] * row.get("read_fraction", 1.0) + floor["write"]
 
 
 def merge_path(cfg_path: Path, stderr: str) -> str:
@@ -327,7 +347,9 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
         "dirty; fastmerge fsyncs its output, mergekit does not). x floor = (wall + flush) / "
         "floor. fastmerge: `fastmerge merge CONFIG OUT --memory-budget B`; mergekit: "
         f"`mergekit-yaml CONFIG OUT --random-seed {MERGEKIT_SEED}` (its defaults, CPU). "
-        "Parameters: weight 0.5, density 0.5, gamma 0.01 (breadcrumbs). path: native = "
+        "Parameters: weight 0.5, density 0.5, gamma 0.01 (breadcrumbs); slerp: t = 0.5 between "
+        "the first two fine-tunes, its floor reading only those two (the measured read time "
+        "scaled by their share of the bytes). path: native = "
         "without torch (fastmerge/pipeline/native.py), engine = a torch backend, native + cpu "
         "= without torch except the steps _core does not bind (the selection of a top-k/band "
         "tensor larger than one chunk), run for that tensor on backend cpu."), "",
@@ -343,7 +365,7 @@ def report(args, info: dict, floors: list, evict_check: dict, rows: list, skippe
         rss = r["peak_rss"] / GiB
         ratio = f"{r['peak_rss'] / r['budget_bytes']:.2f}" if r["budget_bytes"] else "-"
         lines.append(f"| {r['method']} | {r['tool']} | {r['path']} | {r['budget'] or '-'} | "
-                     f"{r['seconds']:.1f} | {r['flush']:.1f} | {total / floor['floor']:.2f} | "
+                     f"{r['seconds']:.1f} | {r['flush']:.1f} | {total / row_floor(floor, r):.2f} | "
                      f"{rss:.2f} | {ratio} | {r['load']:.1f} |")
     lines.append("")
     for s in skipped:
@@ -441,11 +463,12 @@ def run(args) -> int:
         rows = []
         for method in args.methods:
             if method not in available:
-                skipped.append(f"{method}: not a fastmerge method (fastmerge.methods.METHODS); "
+                skipped.append(f"{method}: not a fastmerge method; "
                                "skipped")
                 continue
             cfg = work / f"{method}.yml"
             write_config(cfg, method, info["base"], info["models"])
+            fraction = read_fraction(method, info["base"], info["models"])
             runs = [("fastmerge", b, bb) for b, bb in budgets]
             if args.with_mergekit and method in args.mergekit_methods:
                 runs.append(("mergekit", "", 0))
@@ -473,7 +496,8 @@ def run(args) -> int:
                 out = None
                 path = merge_path(cfg, res["err"]) if tool == "fastmerge" else "-"
                 row = {"method": method, "tool": tool, "budget": budget,
-                       "budget_bytes": budget_bytes, "path": path, "load": load, **res}
+                       "budget_bytes": budget_bytes, "path": path, "load": load,
+                       "read_fraction": fraction, **res}
                 rows.append(row)
                 if res["rc"]:
                     print(res["err"], file=sys.stderr)
