@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint.safetensors_file import ST_SIZES, CheckpointError
-from ..methods import METHODS
 from ..methods.kernel_params import pass_ids
 from ..output.report import (
     NonFiniteCheck,
@@ -50,7 +49,8 @@ from .budget import (
 )
 from .driver import _Passes, _Writes, out_chunk_bytes, prepare, resolve
 from .inputs import check_output_apart_from_inputs, name_files
-from .sliced import close_inputs, open_merge_inputs
+from .method_pass import merge_tensor as merge_mergekit_tensor
+from .sliced import close_inputs, open_merge_inputs, reroute, same_routes
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Group:
 def _kind(cfg, device, backend):
     from .native import why_not
     return (why_not(cfg, device, backend) is None, cfg.needs_base,
-            METHODS[cfg.method].needs_second_moments)
+            cfg.info.needs_second_moments)
 
 
 def _make_kernels(cfg, device, backend):
@@ -214,6 +214,9 @@ def _shared_loop(members: list, lead: Member, quiet: bool) -> None:
 
 
 def _merge_tensor(members: list, lead: Member, name: str, src) -> None:
+    members = _merge_mergekit_points(members, name, src)
+    if not members:
+        return
     numel = lead.eng.numel(name)
     s = time.perf_counter()
     shared = shared_thresholds(members, name, numel, lead.k, src)
@@ -239,6 +242,22 @@ def _merge_tensor(members: list, lead: Member, name: str, src) -> None:
             del out
             m.seconds += time.perf_counter() - t
         del ch
+
+
+def _merge_mergekit_points(members: list, name: str, src) -> list:
+    """The points of a mergekit method (recipe/mergekit_params.py) merged one after the other
+    through method_pass, as ``fastmerge merge`` does (their reductions read the tensor again;
+    the inputs are opened once); the other points, left to the fused loop."""
+    rest = []
+    for m in members:
+        if not m.r.cfg.is_mergekit_method:
+            rest.append(m)
+            continue
+        t = time.perf_counter()
+        merge_mergekit_tensor(m.eng, name, m.prepared.specs[name], src, m.eng.units(name),
+                              m.writer, m.writes)
+        m.seconds += time.perf_counter() - t
+    return rest
 
 
 class _Bar:
@@ -302,17 +321,14 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
     t_start = time.perf_counter()
     try:
         # everything that needs no weight, for every point, before any work
-        for kind, pts in groups.items():
-            inputs = open_merge_inputs(pts[0].cfg, kind[2])
-            group = Group(inputs, [])
-            opened.append(group)
-            for p in pts:
+        for group, pts in _input_groups(groups, opened):
+            for p, p_inputs in pts:
                 k = _make_kernels(p.cfg, device, backend)
                 group.members.append(Member(p, None, k, row={"_allow_nonfinite":
                                                              allow_nonfinite}))
-                k.bind(inputs)
+                k.bind(p_inputs)
                 try:
-                    r = resolve(p.cfg, inputs, chunking_name=k.chunking_name, device=k.device,
+                    r = resolve(p.cfg, p_inputs, chunking_name=k.chunking_name, device=k.device,
                                 dist=k.dist, budget=budget, out_dir=target / p.name,
                                 shard_bytes=shard_bytes, seed=seed,
                                 lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
@@ -340,6 +356,31 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
             close_inputs(g.inputs)
         trim_freed_memory()
     return finish(final, rows, eval_command, eval_metric, keep_best, quiet)
+
+
+def _input_groups(groups: dict, opened: list) -> list:
+    """[(Group, [(point, its inputs)])]: one per set of inputs read once, each Group appended
+    to ``opened`` when opened (closed by the caller). A 'models:' config: one per kind, every
+    point on the same Inputs. A 'slices:' config: each point re-planned over the checkpoints
+    opened (sliced.reroute: its parameters and method); points whose routes differ from every
+    opened set's (a method with a base among methods without, a passthrough scale of 1 vs
+    another) open their own."""
+    out: list = []
+    for kind, pts in groups.items():
+        sets: list = []
+        for p in pts:
+            for group, members in sets:
+                inputs = group.inputs
+                p_inputs = reroute(inputs, p.cfg) if inputs.plan is not None else inputs
+                if p_inputs is inputs or same_routes(p_inputs, inputs):
+                    members.append((p, p_inputs))
+                    break
+            else:
+                group = Group(open_merge_inputs(p.cfg, kind[2]), [])
+                opened.append(group)
+                sets.append((group, [(p, group.inputs)]))
+        out += sets
+    return out
 
 
 def _plan_passes(groups: list, budget: int, per_pass: Optional[int], max_chunk_elems,

@@ -87,6 +87,10 @@ class SlicePlan:
     config_updates: dict           # config.json keys -> their values in the output
     cfg: MergeConfig = None
     _resolvers: dict = field(default_factory=dict, repr=False)
+    # what the pipeline opened: model ref -> checkpoint, model ref -> ModelLayout (a sweep
+    # re-plans each point's parameters over them)
+    opened: dict = field(default_factory=dict, repr=False)
+    layouts: dict = field(default_factory=dict, repr=False)
 
     def job(self, name: str) -> Job:
         if not hasattr(self, "_by_name"):
