@@ -187,12 +187,11 @@ def test_della_draws_keyed_by_output_name(ckpts, tmp_path):
     got = load_dir(out)
     B, X, Y = load_dir(Path(b)), load_dir(Path(x)), load_dir(Path(y))
     ref = MERGEKIT_METHODS["della_linear"]
-    params = parse_config(raw)
     q = "self_attn.q_proj.weight"
     # output layers 1 and 2 read the same inputs (b1, x2, y3)
     for out_l in (1, 2):
         name = f"model.layers.{out_l}.{q}"
-        spec = params and fastmerge_spec(raw, name)
+        spec = fastmerge_spec(raw, name)
         want = ref.merge(B[f"model.layers.1.{q}"], [X[f"model.layers.2.{q}"],
                                                     Y[f"model.layers.3.{q}"]],
                          spec.params, name=name, seed=spec.seed)
@@ -320,6 +319,9 @@ def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
     rows = yaml.safe_load((out / "sweep.json").read_text())
     rows = rows["points"] if isinstance(rows, dict) else rows
     assert len(rows) == (2 if case == "passthrough" else 4)
+    # one read of the inputs where the points' routes are the same; a copied source (scale
+    # 1) and a scaled one read differently
+    assert [r["pass"] for r in rows] == ([1, 2] if case == "passthrough" else [1] * 4)
     for r in rows:
         one = tmp_path / "single" / r["point"]
         point_cfg = tmp_path / f"{r['point']}.yml"
@@ -335,7 +337,7 @@ def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
 def test_sweep_grid_keys_over_slices(ckpts):
     from fastmerge.recipe.grid import expand
     raw = config(ckpts, "slerp")
-    pts = expand(raw, ["slices[0].parameters.t=0.1", "t=0.9"])
+    pts = expand(raw, ["t=0.9", "slices[0].parameters.t=0.1"])   # applied in this order
     assert pts[0].raw["slices"][0]["parameters"]["t"] == 0.1
     assert pts[0].raw["slices"][1]["parameters"]["t"] == 0.9   # set where it was set
     assert pts[0].raw["parameters"]["t"] == 0.9
