@@ -113,6 +113,16 @@ def cases(p):
                         {"sources": [src(b, 2, 4), src(x, 0, 2, weight=0.4),
                                      src(y, 3, 5, weight=0.5)],
                          "parameters": {"normalize": True}}]}
+    three = {"dtype": "float32", "base_model": b,
+             "slices": [{"sources": [src(b, 0, 3), src(x, 1, 4), src(y, 2, 5)]},
+                        {"sources": [src(b, 2, 4), src(x, 0, 2), src(y, 3, 5)],
+                         "base_model": y}]}
+    multislerp = {"dtype": "float32", "parameters": {"weight": 0.4},
+                  "slices": [{"sources": [src(x, 0, 3, weight=[0.1, 0.9]), src(y, 1, 4),
+                                          src(z, 2, 5)]},
+                             {"sources": [src(z, 3, 5), src(x, 3, 5)],
+                              "parameters": {"weight": 0.7}}]}
+    della_full = {**della, "parameters": {"lambda": 0.8, "density": 1.0}}
     nearswap = two({"parameters": {"t": 0.01}}, {"parameters": {"t": [0.001, 0.05]}})
     arcee = two(params1={"base_model": x})
     return {"slerp": ("slerp", slerp_t), "slerp_gradient": ("slerp", slerp_grad),
@@ -120,6 +130,9 @@ def cases(p):
             "nuslerp_nobase": ("nuslerp", nuslerp_nobase),
             "model_stock": ("model_stock", model_stock), "karcher": ("karcher", karcher),
             "della_linear": ("della_linear", della), "nearswap": ("nearswap", nearswap),
+            "multislerp": ("multislerp", multislerp), "della": ("della", della_full),
+            "sce": ("sce", {**three, "parameters": {"select_topk": 0.5}}),
+            "ram": ("ram", three), "ramplus_tl": ("ramplus_tl", three),
             "arcee_fusion": ("arcee_fusion", arcee)}
 
 
@@ -130,14 +143,19 @@ def config(ckpts, case):
 
 @pytest.mark.parametrize("case", ["slerp", "slerp_gradient", "slerp_slice_base", "nuslerp",
                                   "nuslerp_nobase", "model_stock", "karcher", "della_linear",
-                                  "nearswap", "arcee_fusion"])
-def test_matches_mergekit(ckpts, tmp_path, case):
+                                  "nearswap", "arcee_fusion", "multislerp", "della", "sce",
+                                  "ram", "ramplus_tl"])
+def test_matches_mergekit(ckpts, tmp_path, case, monkeypatch):
     raw = config(ckpts, case)
     want = run_mergekit(raw, tmp_path / "mk")
     out = tmp_path / "fm"
     assert main(["merge", str(write_yaml(tmp_path / "c.yml", raw)), str(out), "--quiet"]) == 0
     got = load_dir(out)
     assert_close(got, want)
+    if case in ("model_stock", "arcee_fusion"):   # the torch kernels read the same routes
+        monkeypatch.setenv("FASTMERGE_NATIVE", "0")
+        assert main(["merge", str(tmp_path / "c.yml"), str(tmp_path / "t"), "--quiet"]) == 0
+        assert_close(load_dir(tmp_path / "t"), want)
     layers = [yaml.safe_load((d / "config.json").read_text())["num_hidden_layers"]
               for d in (out, tmp_path / "mk")]
     assert layers[0] == layers[1] == (4 if case == "nuslerp_nobase" else 5)
@@ -294,6 +312,7 @@ def _same_dirs(a: Path, b: Path):
     ("slerp", ["t=0.2,0.7", "slices[1].t=0.1,0.5"]),
     ("ties", ["density=0.3,0.8", "slices[0].sources[1].weight=0.2,0.9"]),
     ("passthrough", ["slices[0].sources[0].scale=1,2"]),
+    ("slerp_models", ["t=0.2,0.7"]),
 ])
 def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
     from fastmerge.pipeline import native
@@ -307,9 +326,12 @@ def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
                "slices": [{"sources": [src(b, 0, 3), src(x, 1, 4, density=0.5), src(y, 2, 5)]},
                           {"sources": [src(b, 2, 4), src(x, 0, 2), src(y, 3, 5)],
                            "parameters": {"density": 0.6}}]}
-    else:
+    elif case == "passthrough":
         raw = {"merge_method": "passthrough",
                "slices": [{"sources": [src(x, 0, 3)]}, {"sources": [src(y, 1, 3)]}]}
+    else:   # a mergekit method over 'models:' sweeps too
+        raw = {"merge_method": "slerp", "base_model": b, "models": [{"model": x}],
+               "dtype": "float32", "parameters": {"t": 0.5}}
     cfg = write_yaml(tmp_path / "c.yml", raw)
     out = tmp_path / "sweep"
     argv = ["sweep", str(cfg), str(out), "--quiet"]
@@ -318,10 +340,11 @@ def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
     assert main(argv) == 0
     rows = yaml.safe_load((out / "sweep.json").read_text())
     rows = rows["points"] if isinstance(rows, dict) else rows
-    assert len(rows) == (2 if case == "passthrough" else 4)
+    n = 4 if case in ("slerp", "ties") else 2
+    assert len(rows) == n
     # one read of the inputs where the points' routes are the same; a copied source (scale
     # 1) and a scaled one read differently
-    assert [r["pass"] for r in rows] == ([1, 2] if case == "passthrough" else [1] * 4)
+    assert [r["pass"] for r in rows] == ([1, 2] if case == "passthrough" else [1] * n)
     for r in rows:
         one = tmp_path / "single" / r["point"]
         point_cfg = tmp_path / f"{r['point']}.yml"
