@@ -321,11 +321,15 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
     t_start = time.perf_counter()
     try:
         # everything that needs no weight, for every point, before any work
-        for group, pts in _input_groups(groups, opened):
-            for p, p_inputs in pts:
+        for kind, pts in groups.items():
+            inputs = open_merge_inputs(pts[0].cfg, kind[2])
+            group = Group(inputs, [])
+            opened.append(group)
+            for p in pts:
+                p_inputs, p_group = _point_inputs(p, group, opened, kind[2])
                 k = _make_kernels(p.cfg, device, backend)
-                group.members.append(Member(p, None, k, row={"_allow_nonfinite":
-                                                             allow_nonfinite}))
+                p_group.members.append(Member(p, None, k, row={"_allow_nonfinite":
+                                                               allow_nonfinite}))
                 k.bind(p_inputs)
                 try:
                     r = resolve(p.cfg, p_inputs, chunking_name=k.chunking_name, device=k.device,
@@ -335,7 +339,7 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
                 except ConfigError as exc:
                     where = ", ".join(f"{a}={b}" for a, b in p.values.items())
                     raise ConfigError(f"grid point {where}: {exc}") from None
-                group.members[-1].r = r
+                p_group.members[-1].r = r
         passes = _plan_passes(opened, budget, points_per_pass, max_chunk_elems, quiet)
         _check_disk(target, [m for g in opened for m in g.members])
         rows = []
@@ -358,29 +362,22 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
     return finish(final, rows, eval_command, eval_metric, keep_best, quiet)
 
 
-def _input_groups(groups: dict, opened: list) -> list:
-    """[(Group, [(point, its inputs)])]: one per set of inputs read once, each Group appended
-    to ``opened`` when opened (closed by the caller). A 'models:' config: one per kind, every
-    point on the same Inputs. A 'slices:' config: each point re-planned over the checkpoints
-    opened (sliced.reroute: its parameters and method); points whose routes differ from every
-    opened set's (a method with a base among methods without, a passthrough scale of 1 vs
-    another) open their own."""
-    out: list = []
-    for kind, pts in groups.items():
-        sets: list = []
-        for p in pts:
-            for group, members in sets:
-                inputs = group.inputs
-                p_inputs = reroute(inputs, p.cfg) if inputs.plan is not None else inputs
-                if p_inputs is inputs or same_routes(p_inputs, inputs):
-                    members.append((p, p_inputs))
-                    break
-            else:
-                group = Group(open_merge_inputs(p.cfg, kind[2]), [])
-                opened.append(group)
-                sets.append((group, [(p, group.inputs)]))
-        out += sets
-    return out
+def _point_inputs(p, group: Group, opened: list, moments: bool) -> tuple:
+    """(the point's inputs, its Group). A 'models:' config's points share ``group``'s
+    Inputs. A 'slices:' point is re-planned (sliced.reroute: its parameters and method) over
+    the checkpoints of the first Group of its kind (``group`` or one opened after it) whose
+    routes it shares, else opens its own (a method with a base among methods without, a
+    passthrough scale of 1 beside another)."""
+    if group.inputs.plan is None:
+        return group.inputs, group
+    first = next(i for i, g in enumerate(opened) if g is group)
+    for g in opened[first:]:
+        p_inputs = reroute(g.inputs, p.cfg)
+        if same_routes(p_inputs, g.inputs):
+            return p_inputs, g
+    g = Group(open_merge_inputs(p.cfg, moments), [])
+    opened.append(g)
+    return g.inputs, g
 
 
 def _plan_passes(groups: list, budget: int, per_pass: Optional[int], max_chunk_elems,
