@@ -3,12 +3,13 @@
 Synthetic Llama-shaped bf16 checkpoints (benchmarks/make_checkpoints.py: base + 2 fine-tunes,
 ~0.2B parameters by default) are made once; each method's config then runs through both CLIs,
 each run in a fresh process (its own peak RSS), alternating, ``--repeats`` times (the best
-run counts). A passthrough frankenmerge (``slices:``) is not run: fastmerge reads slices once
-the slices feature lands; a plain passthrough of one model is measured instead, with ``cp``
-of the same files for the speed of copying the bytes.
+run counts). ``passthrough`` copies one whole model, beside ``cp`` of its files;
+``frankenmerge`` is a ``slices:`` passthrough of the first two thirds of one model's layers
+then the last two thirds (layers [0, 2L/3) + [L/3, L): 4L/3 output layers), beside ``cp`` of
+as many bytes (the output it wrote, copied).
 
     python benchmarks/bench_mergekit_methods.py [--workdir /tmp/fm_mkm] [--size 0.2b]
-        [--methods slerp,model_stock,della,passthrough] [--repeats 1]
+        [--methods slerp,model_stock,della,passthrough,frankenmerge] [--repeats 1]
         [--out benchmarks/results/mergekit_methods.md] [--plot docs/mergekit_methods.png]
 """
 from __future__ import annotations
@@ -28,8 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def configs(ck: Path) -> dict:
+    import json
     base, ft1, ft2 = str(ck / "base"), str(ck / "ft1"), str(ck / "ft2")
+    n = json.loads((ck / "ft1" / "config.json").read_text())["num_hidden_layers"]
     return {
+        "frankenmerge": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": ft1, "layer_range": [0, 2 * n // 3]}]},
+            {"sources": [{"model": ft1, "layer_range": [n // 3, n]}]}]},
         "slerp": {"merge_method": "slerp", "base_model": base, "models": [{"model": ft1}],
                   "parameters": {"t": [0.0, 0.5, 1.0]}},
         "model_stock": {"merge_method": "model_stock", "base_model": base,
@@ -84,9 +90,11 @@ def run(args) -> list:
                 wall, rss = timed(cmd, env)
                 if tool not in best or wall < best[tool][0]:
                     best[tool] = (wall, rss)
-        if method == "passthrough":
+        if method in ("passthrough", "frankenmerge"):
+            # the bytes it copies: the whole model, or (frankenmerge) the output it wrote
             shutil.rmtree(work / "out_cp", ignore_errors=True)
-            best["cp"] = timed(["cp", "-r", str(ck / "ft1"), str(work / "out_cp")])
+            what = ck / "ft1" if method == "passthrough" else work / "out_fm"
+            best["cp"] = timed(["cp", "-r", str(what), str(work / "out_cp")])
         rows.append((method, best))
         print(method, {k: f"{v[0]:.2f} s, {v[1]:.2f} GiB" for k, v in best.items()},
               flush=True)
@@ -108,9 +116,9 @@ def write(rows, args) -> None:
                      f"{fm[1]:.2f} | {mk[1]:.2f} |")
         if "cp" in best:
             lines.append(f"| (cp of the same files) | {best['cp'][0]:.2f} | | | | |")
-    lines += ["", "A passthrough frankenmerge (`slices:`) is not measured yet: fastmerge reads "
-              "`slices:` once that feature lands; the passthrough row copies one whole model.",
-              ""]
+    lines += ["", "passthrough copies one whole model; frankenmerge is a `slices:` "
+              "passthrough of layers [0, 2L/3) + [L/3, L) of one model (4L/3 output layers), "
+              "its cp row a copy of as many bytes (the output).", ""]
     Path(args.out).write_text("\n".join(lines))
     import matplotlib
     matplotlib.use("Agg")
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/fm_mkm")
     p.add_argument("--size", default="0.2b")
-    p.add_argument("--methods", default="slerp,model_stock,della,passthrough")
+    p.add_argument("--methods", default="slerp,model_stock,della,passthrough,frankenmerge")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/mergekit_methods.md"))
     p.add_argument("--plot", default=str(ROOT / "docs/mergekit_methods.png"))

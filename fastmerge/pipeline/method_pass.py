@@ -46,8 +46,9 @@ def merge_tensor(passes, name, spec, src, units, writer, writes) -> None:
     method = MERGEKIT_METHODS[spec.method]
     inputs, k = passes.inputs, passes.k
     shape = tuple(int(s) for s in inputs.reference.info(name).shape)
-    with_base = inputs.base is not None and method.schema.base != "ignored"
-    has_base, n = method.view(inputs.base is not None, len(inputs.models))
+    base, models = inputs.sources(name)   # a slice's route, or the same name everywhere
+    with_base = base is not None and method.schema.base != "ignored"
+    has_base, n = method.view(base is not None, len(models))
     job = Job(shape, spec.params, name, spec.seed, has_base, n)
     mine = units_for(passes, name, method, job, units)
     if mine is not units:
@@ -72,7 +73,8 @@ def _which(i: int, n_models: int) -> str:
 
 def _linear(passes, ops, name, job, comb, with_base, src, writer, writes) -> None:
     import numpy as np
-    n_models = len(passes.inputs.models)
+    models = passes.inputs.sources(name)[1]
+    first, n_models = models[0], len(models)
     gram = None
     if comb.gram is not None:
         for ch in src():
@@ -87,7 +89,7 @@ def _linear(passes, ops, name, job, comb, with_base, src, writer, writes) -> Non
         raise ValueError(f"tensor {name!r}: {job_label(job)} gave non-finite coefficients "
                          f"{coeffs}")
     st = passes.r.out_st[name]
-    if coeffs == [1.0] and not with_base and passes.inputs.models[0].info(name).st == st:
+    if coeffs == [1.0] and not with_base and first[0].info(first[1]).st == st:
         for ch in src():   # one input taken whole (passthrough): its bytes are the output
             off, stop = ch.offset, ch.offset + passes.k.chunk_numel(ch)
             out = ch.models[0]
@@ -160,7 +162,7 @@ def _reference(passes, ops, method, name, job, with_base, src, writer, writes) -
 
 def _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes) -> None:
     import torch
-    n_models = len(passes.inputs.models)
+    n_models = len(passes.inputs.sources(name)[1])
     subs = _Sub(ops, method, job, with_base, src, n_models)
     stats = method.reduce(job, subs)
     st = passes.r.out_st[name]

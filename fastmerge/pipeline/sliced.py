@@ -3,6 +3,7 @@ recipe/slices.py's jobs turned into routes (output tensor -> the input tensors i
 checked like a 'models:' merge; the tokenizer source of either form; torch-free."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -219,7 +220,30 @@ def _open_sliced(cfg: MergeConfig, opened: dict) -> Inputs:
             raise CheckpointError(f"base_model: {exc}") from None
         opened[cfg.base_model] = c
         layouts[cfg.base_model] = ModelLayout([], _read_config(c, "base_model"))
+    return _routed(cfg, opened, layouts)
+
+
+def reroute(inputs: Inputs, cfg: MergeConfig) -> Inputs:
+    """The inputs of ``cfg`` (the same slices as the config ``inputs`` were opened for, other
+    parameters or method) over the checkpoints ``inputs`` opened: its own plan and routes; a
+    sweep's points share one read where these routes are the same (``same_routes``)."""
+    got = _routed(cfg, inputs.plan.opened, inputs.plan.layouts)
+    return dataclasses.replace(got, vocabulary=inputs.vocabulary,
+                               tokenizer_dir=inputs.tokenizer_dir)
+
+
+def same_routes(a: Inputs, b: Inputs) -> bool:
+    """Whether two sliced Inputs read the same input tensors for the same outputs."""
+    def key(x: Inputs):
+        return x.order, x.merged, x.copied, {
+            n: (None if bs is None else (id(bs[0]), bs[1]), [(id(c), t) for c, t in ms])
+            for n, (bs, ms) in x.routes.items()}
+    return key(a) == key(b)
+
+
+def _routed(cfg: MergeConfig, opened: dict, layouts: dict) -> Inputs:
     plan = plan_slices(cfg, layouts)
+    plan.opened, plan.layouts = opened, layouts
     out_st = NAME_TO_ST.get(cfg.output_dtype) if cfg.output_dtype else None
     routes, ref_table, merged, copied = {}, {}, [], []
     for job in plan.jobs:

@@ -24,7 +24,6 @@ from typing import Optional
 
 from ..checkpoint.safetensors_file import ST_SIZES, CheckpointError
 from ..checkpoint.sources import hub_headers_only
-from ..methods import METHODS
 from ..methods.kernel_params import pass_ids
 from ..output.report import (
     NonFiniteCheck,
@@ -50,7 +49,15 @@ from .budget import (
 )
 from .driver import _Passes, _Writes, out_chunk_bytes, prepare, resolve
 from .inputs import check_output_apart_from_inputs, name_files
-from .sliced import TOKENIZER_FILES, close_inputs, hub_downloads, open_merge_inputs
+from .method_pass import merge_tensor as merge_mergekit_tensor
+from .sliced import (
+    TOKENIZER_FILES,
+    close_inputs,
+    hub_downloads,
+    open_merge_inputs,
+    reroute,
+    same_routes,
+)
 
 
 @dataclass
@@ -78,7 +85,7 @@ class Group:
 def _kind(cfg, device, backend):
     from .native import why_not
     return (why_not(cfg, device, backend) is None, cfg.needs_base,
-            METHODS[cfg.method].needs_second_moments)
+            cfg.info.needs_second_moments)
 
 
 def _make_kernels(cfg, device, backend):
@@ -220,6 +227,9 @@ def _shared_loop(members: list, lead: Member, quiet: bool) -> None:
 
 
 def _merge_tensor(members: list, lead: Member, name: str, src) -> None:
+    members = _merge_mergekit_points(members, name, src)
+    if not members:
+        return
     numel = lead.eng.numel(name)
     s = time.perf_counter()
     shared = shared_thresholds(members, name, numel, lead.k, src)
@@ -245,6 +255,22 @@ def _merge_tensor(members: list, lead: Member, name: str, src) -> None:
             del out
             m.seconds += time.perf_counter() - t
         del ch
+
+
+def _merge_mergekit_points(members: list, name: str, src) -> list:
+    """The points of a mergekit method (recipe/mergekit_params.py) merged one after the other
+    through method_pass, as ``fastmerge merge`` does (their reductions read the tensor again;
+    the inputs are opened once); the other points, left to the fused loop."""
+    rest = []
+    for m in members:
+        if not m.r.cfg.is_mergekit_method:
+            rest.append(m)
+            continue
+        t = time.perf_counter()
+        merge_mergekit_tensor(m.eng, name, m.prepared.specs[name], src, m.eng.units(name),
+                              m.writer, m.writes)
+        m.seconds += time.perf_counter() - t
+    return rest
 
 
 class _Bar:
@@ -388,7 +414,10 @@ def _plan_and_check(open_inputs, kinds: dict, budget: int, per_pass, max_chunk_e
             group = Group(inputs, [])
             opened.append(group)
             for p in pts:
-                group.members.append(_member(p, inputs, settings, bind=keep))
+                p_inputs, p_group = _point_inputs(p, group, opened, kind[2], open_inputs)
+                if p_inputs is None:
+                    return []
+                p_group.members.append(_member(p, p_inputs, settings, bind=keep))
         passes = _plan_passes(opened, budget, per_pass, max_chunk_elems, quiet)
         _check_disk(settings["target"], [m for g in opened for m in g.members])
         return passes
@@ -422,6 +451,25 @@ def _close(groups: list) -> None:
         for m in g.members:
             m.k.close()
         close_inputs(g.inputs)
+def _point_inputs(p, group: Group, opened: list, moments: bool, open_inputs) -> tuple:
+    """(the point's inputs, its Group). A 'models:' config's points share ``group``'s
+    Inputs. A 'slices:' point is re-planned (sliced.reroute: its parameters and method) over
+    the checkpoints of the first Group of its kind (``group`` or one opened after it) whose
+    routes it shares, else opens its own (a method with a base among methods without, a
+    passthrough scale of 1 beside another) with ``open_inputs``."""
+    if group.inputs.plan is None:
+        return group.inputs, group
+    first = next(i for i, g in enumerate(opened) if g is group)
+    for g in opened[first:]:
+        p_inputs = reroute(g.inputs, p.cfg)
+        if same_routes(p_inputs, g.inputs):
+            return p_inputs, g
+    inputs = open_inputs(p.cfg, moments)
+    if inputs is None:   # a hub pre-check that cannot see these inputs' headers
+        return None, None
+    g = Group(inputs, [])
+    opened.append(g)
+    return g.inputs, g
 
 
 def _plan_passes(groups: list, budget: int, per_pass: Optional[int], max_chunk_elems,

@@ -354,10 +354,6 @@ def parse_config(raw: dict, base_dir: Optional[Path] = None) -> MergeConfig:
     if defaults not in ("mergekit", "fastmerge"):
         raise ConfigError(f"defaults must be 'mergekit' or 'fastmerge', got {defaults!r}")
     if "slices" in raw:
-        if mergekit:   # the sliced recipe reads fastmerge's table only, so far
-            raise ConfigError(f"slices: merge_method {method!r} over slices is not supported "
-                              f"yet; list whole models under 'models' (passthrough and "
-                              f"{', '.join(sorted(METHODS))} take slices)")
         return _parse_sliced(raw, canon, method, defaults, base_dir)
     if "models" not in raw:
         raise ConfigError("the config needs a 'models' list (or 'slices')")
@@ -493,6 +489,7 @@ def _layer_range(where: str, value) -> tuple:
 
 def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
                  shared: dict) -> OutputSlice:
+    mergekit = canon if mk.is_mergekit_method(canon) else None
     where = f"slices[{i}]"
     if not isinstance(sl, dict):
         raise ConfigError(f"{where}: must be a mapping with 'sources', got {_kind(sl)}")
@@ -507,7 +504,7 @@ def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
     rw = sl.get("residual_weight")   # mergekit 0.1.5 accepts it and reads it nowhere
     if rw is not None and (isinstance(rw, bool) or not isinstance(rw, (int, float))):
         raise ConfigError(f"{where}.residual_weight: must be a number, got {rw!r}")
-    params = _check_params(f"{where}.parameters", sl.get("parameters"), shared)
+    params = _check_params(f"{where}.parameters", sl.get("parameters"), shared, mergekit)
     sources: list = []
     for j, src in enumerate(srcs):
         w = f"{where}.sources[{j}]"
@@ -522,14 +519,16 @@ def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
                               f"input of a merge is a model); put the layers in two slices")
         sources.append(SliceSource(src["model"], rng,
                                    _check_params(f"{w}.parameters", src.get("parameters"),
-                                                 per_source)))
+                                                 per_source, mergekit)))
         if sources[-1].length != sources[0].length:
             raise ConfigError(f"{w}.layer_range: {list(rng)} holds {sources[-1].length} layers "
                               f"but {where}.sources[0].layer_range "
                               f"{list(sources[0].layer_range)} holds {sources[0].length}; every "
                               f"source of a slice needs the same number of layers")
     slice_base = sbase or base
-    if method == "passthrough":
+    if mergekit is not None:
+        _check_slice_inputs(where, mergekit, slice_base, sources)
+    elif method == "passthrough":
         if len(sources) != 1:
             raise ConfigError(f"{where}.sources: passthrough copies exactly one source per "
                               f"slice, got {len(sources)}")
@@ -546,6 +545,24 @@ def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
     return OutputSlice(sources, sbase, params)
 
 
+def _check_slice_inputs(where: str, method: str, slice_base, sources: list) -> None:
+    """mergekit's check of one slice for its own methods: a base it reads must be one of the
+    slice's sources; then the input counts the method takes."""
+    schema = mk.MERGEKIT_METHODS[method].schema
+    if schema.base == "required" and slice_base is None:
+        raise ConfigError(f"{where}: merge_method {method!r} needs a base_model (top-level "
+                          f"or {where}.base_model)")
+    reads_base = schema.base != "ignored"
+    if reads_base and slice_base is not None and all(s.model != slice_base for s in sources):
+        raise ConfigError(f"{where}.sources: the base model {slice_base!r} must be one of "
+                          f"the slice's sources (with the layer_range it contributes)")
+    has_base = reads_base and slice_base is not None
+    try:
+        mk.check_inputs(method, has_base, len(sources) - (1 if has_base else 0))
+    except ValueError as exc:
+        raise ConfigError(f"{where}.sources: {str(exc).split(': ', 1)[1]}") from None
+
+
 def _parse_sliced(raw: dict, canon: str, method: str, defaults: str,
                   base_dir: Optional[Path]) -> MergeConfig:
     """A config with ``slices:`` (mergekit's frankenmerge form): the slices checked here; the
@@ -554,6 +571,9 @@ def _parse_sliced(raw: dict, canon: str, method: str, defaults: str,
     # parameters of a 'models:' config at the same levels
     per_source = {"scale": None} if method == "passthrough" else MODEL_PARAMS
     shared = {"scale": None} if method == "passthrough" else {**MODEL_PARAMS, **SHARED_PARAMS}
+    mergekit = canon if mk.is_mergekit_method(canon) else None
+    if mergekit is not None:   # mergekit's own methods: their parameters, at the same levels
+        per_source, shared = mk.allowed(canon, True), mk.allowed(canon, False)
     if raw.get("lines") is not None:
         raise ConfigError("lines: LiNeS is not supported with 'slices' (use 'models')")
     if raw.get("scope", "tensor") != "tensor":
@@ -561,7 +581,7 @@ def _parse_sliced(raw: dict, canon: str, method: str, defaults: str,
     base = raw.get("base_model")
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"base_model must be a path or hub id, got {base!r}")
-    params = _check_params("parameters", raw.get("parameters"), shared)
+    params = _check_params("parameters", raw.get("parameters"), shared, mergekit)
     slices_raw = raw["slices"]
     if not isinstance(slices_raw, list) or not slices_raw:
         raise ConfigError(f"slices: must be a non-empty list of slices, got {_kind(slices_raw)}")

@@ -16,6 +16,9 @@ from .config import ConfigError, MergeConfig, parse_config
 INPUT_KEYS = ("base_model", "models", "slices", "tokenizer_source", "tokenizer")
 TOP_LEVEL = ("merge_method", "dtype", "out_dtype", "scope", "defaults")
 _MODEL_KEY = re.compile(r"models\[(\d+)\]\.(?:parameters\.)?(\w+)")
+# a 'slices:' config's own parameters: slices[i].PARAM, slices[i].sources[j].PARAM
+_SLICE_KEY = re.compile(r"slices\[(\d+)\]\.(?:sources\[(\d+)\]\.)?(?:parameters\.)?(\w+)")
+_SLICE_INPUTS = ("model", "layer_range", "base_model", "sources")
 
 
 @dataclass
@@ -64,6 +67,9 @@ def parse_grid(items) -> list:
 
 def check_key(key: str) -> None:
     head = key.split(".")[0].split("[")[0]
+    sliced = _SLICE_KEY.fullmatch(key)
+    if sliced and (sliced.group(3) not in _SLICE_INPUTS or ".parameters." in key):
+        return
     if key.startswith("models[") and "." in key and not _MODEL_KEY.fullmatch(key):
         # a per-model parameter written wrong, not an input
         raise ConfigError(f"grid key {key!r}: write models[I].PARAM with I a model's index "
@@ -93,6 +99,8 @@ def set_value(raw: dict, key: str, value) -> None:
     if key in TOP_LEVEL:
         raw[key] = value
         return
+    if key.startswith("slices[") or "slices" in raw:
+        return set_slice_value(raw, key, value)
     if key.startswith("lines."):
         lines = raw.get("lines")
         raw["lines"] = {**(lines if isinstance(lines, dict) else {}), key[6:]: value}
@@ -107,6 +115,37 @@ def set_value(raw: dict, key: str, value) -> None:
             entry["parameters"] = {**entry["parameters"], key: value}
 
 
+def set_slice_value(raw: dict, key: str, value) -> None:
+    """A grid key over a 'slices:' config: ``slices[i].PARAM`` (slice i's parameters),
+    ``slices[i].sources[j].PARAM`` (that source's own), else a parameter applied everywhere
+    (the top-level one, and each slice's and source's own where it sets it)."""
+    m = _SLICE_KEY.fullmatch(key)
+    slices = raw.get("slices") if isinstance(raw.get("slices"), list) else []
+    if m:
+        i, j, name = int(m.group(1)), m.group(2), m.group(3)
+        if i >= len(slices) or not isinstance(slices[i], dict):
+            raise ConfigError(f"grid key {key!r}: the config lists {len(slices)} slices")
+        entry = slices[i]
+        if j is not None:
+            sources = entry.get("sources") if isinstance(entry.get("sources"), list) else []
+            if int(j) >= len(sources) or not isinstance(sources[int(j)], dict):
+                raise ConfigError(f"grid key {key!r}: slices[{i}] lists {len(sources)} "
+                                  f"sources")
+            entry = sources[int(j)]
+        entry["parameters"] = {**(entry.get("parameters") or {}), name: value}
+        return
+    if "." in key or "[" in key:
+        raise ConfigError(f"unknown grid key {key!r}; over 'slices:' use a parameter (t, "
+                          f"weight, ...), slices[i].PARAM, slices[i].sources[j].PARAM or "
+                          f"merge_method")
+    raw["parameters"] = {**(raw.get("parameters") or {}), key: value}
+    entries = [sl for sl in slices if isinstance(sl, dict)]
+    entries += [s for sl in entries for s in (sl.get("sources") or ()) if isinstance(s, dict)]
+    for entry in entries:
+        if isinstance(entry.get("parameters"), dict) and key in entry["parameters"]:
+            entry["parameters"] = {**entry["parameters"], key: value}
+
+
 def _label(value) -> str:
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)
@@ -117,6 +156,8 @@ def point_name(values: dict) -> str:
     parts = []
     for k, v in values.items():
         key = re.sub(r"models\[(\d+)\]\.", r"m\1.", k).replace("merge_method", "method")
+        key = re.sub(r"slices\[(\d+)\]\.", r"s\1.", key)
+        key = re.sub(r"sources\[(\d+)\]\.", r"src\1.", key)
         parts.append(f"{_label(key)}-{_label(v)}")
     return "_".join(parts)
 
@@ -126,8 +167,6 @@ def expand(raw: dict, grid, base_dir: Optional[Path] = None) -> list:
     file (errors name the key and the point)."""
     if not isinstance(raw, dict):
         parse_config(raw, base_dir)   # the config's own error
-    if "slices" in raw:
-        raise ConfigError("a sweep takes a 'models:' config ('slices:' is not supported)")
     pairs = parse_grid(grid)
     points, names = [], set()
     for combo in itertools.product(*[vals for _, vals in pairs]):

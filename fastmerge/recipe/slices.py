@@ -25,6 +25,7 @@ from typing import Optional
 
 from ..methods import METHODS, MergeSpec, resolve_spec
 from ..methods.lines import DEFAULT_BLOCK_PATTERN
+from ..methods.mergekit_methods import MERGEKIT_METHODS
 from .config import (
     ConfigError,
     MergeConfig,
@@ -86,6 +87,10 @@ class SlicePlan:
     config_updates: dict           # config.json keys -> their values in the output
     cfg: MergeConfig = None
     _resolvers: dict = field(default_factory=dict, repr=False)
+    # what the pipeline opened: model ref -> checkpoint, model ref -> ModelLayout (a sweep
+    # re-plans each point's parameters over them)
+    opened: dict = field(default_factory=dict, repr=False)
+    layouts: dict = field(default_factory=dict, repr=False)
 
     def job(self, name: str) -> Job:
         if not hasattr(self, "_by_name"):
@@ -218,8 +223,8 @@ def plan_slices(cfg: MergeConfig, models: dict) -> SlicePlan:
     def inputs_of(i: int, sources: list):
         """(base source or None, the other sources) of slice i for its method."""
         base = None
-        if not cfg.passthrough and METHODS[cfg.method].needs_base:
-            ref = slices[i].base_model or cfg.base_model
+        ref = slices[i].base_model or cfg.base_model
+        if _reads_base(cfg, ref):
             base = next((s for s in sources if s.model == ref), None)
             if base is None:
                 raise ConfigError(f"slices[{i}]: its base model {ref!r} is not among the "
@@ -278,6 +283,17 @@ def plan_slices(cfg: MergeConfig, models: dict) -> SlicePlan:
     config_model = cfg.base_model or slices[0].sources[0].model
     return SlicePlan(jobs, out_layer, config_model,
                      _config_updates(cfg, models, layers, config_model, out_layer), cfg)
+
+
+def _reads_base(cfg: MergeConfig, ref: Optional[str]) -> bool:
+    """Whether a slice with base ``ref`` merges with a base: fastmerge's methods that need
+    one; mergekit's own methods whenever one is named, unless they ignore it (as mergekit,
+    which takes the named base out of the slice's sources as the base)."""
+    if cfg.passthrough:
+        return False
+    if cfg.is_mergekit_method:
+        return ref is not None and MERGEKIT_METHODS[cfg.method].schema.base != "ignored"
+    return METHODS[cfg.method].needs_base
 
 
 def _passthrough_scale(cfg: MergeConfig, sl: OutputSlice, src, in_name: str, name: str,
