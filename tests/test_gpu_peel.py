@@ -141,16 +141,18 @@ void run_case(int n, int64_t numel, bool wide, int shift, int odd_model, int out
   std::memset(&in, 0, sizeof in);
   in.n_models = n; in.numel = numel;
   in.base_dtype = wide ? DTYPE_FLOAT32 : DTYPE_BFLOAT16;
-  in.base = alloc_at(numel * 4, shift * elem_size(in.base_dtype));
-  for (int64_t j = 0; j < numel; ++j) fm_store(in.base, in.base_dtype, j, rndf());
+  void* base = alloc_at(numel * 4, shift * elem_size(in.base_dtype));
+  in.base = base;
+  for (int64_t j = 0; j < numel; ++j) fm_store(base, in.base_dtype, j, rndf());
   for (int i = 0; i < n; ++i) {
     in.model_dtype[i] = wide ? (int)(rnd() % 3) : 1 + (int)(rnd() % 2);
     if (wide && i == 0) in.model_dtype[i] = DTYPE_BFLOAT16;
     const int sh = i == odd_model ? shift + 1 : shift;
-    in.models[i] = alloc_at(numel * 4, sh * elem_size(in.model_dtype[i]));
+    void* m = alloc_at(numel * 4, sh * elem_size(in.model_dtype[i]));
+    in.models[i] = m;
     in.moment_dtype[i] = DTYPE_FLOAT32;
     for (int64_t j = 0; j < numel; ++j)
-      fm_store(in.models[i], in.model_dtype[i], j,
+      fm_store(m, in.model_dtype[i], j,
                fm_load(in.base, in.base_dtype, j) + 0.05f * rndf());
   }
   float fparams[FM_MAX_MODELS * 6];

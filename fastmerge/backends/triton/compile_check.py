@@ -86,10 +86,11 @@ DIV16 = "-DIV16"
 
 
 def _body_variants():
-    """The TIES merge (mixed dtypes) and the level-0 histogram as their body launches."""
+    """The TIES merge (mixed dtypes) and the plain level-0 histogram as body launches."""
     return [v for v in _variants(False)
             if (v[0] == "_fused_merge_kernel" and v[2]["COMBINE"] == 2 and v[2]["N"] == 3)
-            or (v[0] == "_score_histogram_kernel" and v[2]["LEVEL"] == 0 and v[2]["AGGREGATE"])]
+            or (v[0] == "_score_histogram_kernel" and v[2]["LEVEL"] == 0
+                and not v[2]["AGGREGATE"] and not v[2]["LIMBS"])]
 
 
 def _divisible(fn, types: dict, consts: dict) -> dict:
