@@ -75,8 +75,8 @@ step_cmd() {  # the command of a step, as one string (what --dry-run prints)
   case "$1" in
     env) echo "$PY benchmarks/gpu.py --env \"\$OUT\"" ;;
     build) echo "FASTMERGE_BUILD_CUDA=1 FASTMERGE_SKIP_CPU_BUILD=1 TORCH_CUDA_ARCH_LIST=<this GPU> MAX_JOBS=<cores> $PY setup.py build_ext --inplace" ;;
-    cuda) echo "${PYTEST[*]} --junitxml=\"\$OUT/cuda.xml\" tests/test_cuda_backend.py tests/test_conformance.py -k cuda" ;;
-    triton) echo "${PYTEST[*]} --junitxml=\"\$OUT/triton.xml\" tests/test_triton_backend.py tests/test_conformance.py -k triton" ;;
+    cuda) echo "${PYTEST[*]} --junitxml=\"\$OUT/cuda.xml\" tests/test_cuda_backend.py tests/test_gpu_peel.py tests/test_ops.py -k cuda" ;;
+    triton) echo "${PYTEST[*]} --junitxml=\"\$OUT/triton.xml\" tests/test_triton_backend.py tests/test_gpu_peel.py tests/test_ops.py -k triton" ;;
     large) echo "FASTMERGE_LARGE_TESTS=1 ${PYTEST[*]} --junitxml=\"\$OUT/large.xml\" tests/test_cuda_backend.py tests/test_triton_backend.py -k '2_pow_31 or 2_31'" ;;
     bench) echo "$PY benchmarks/gpu.py --kit \"\$OUT\" --reps 3" ;;
     sweep) echo "$PY benchmarks/gpu_sweep.py \"\$OUT\" --size 0.2b --backends cuda,triton --device cuda" ;;
@@ -156,9 +156,9 @@ run_step build env FASTMERGE_BUILD_CUDA=1 FASTMERGE_SKIP_CPU_BUILD=1 \
   "$PY" setup.py build_ext --inplace
 
 run_step cuda "${PYTEST[@]}" --junitxml="$OUT/cuda.xml" \
-  tests/test_cuda_backend.py tests/test_conformance.py -k cuda
+  tests/test_cuda_backend.py tests/test_gpu_peel.py tests/test_ops.py -k cuda
 run_step triton "${PYTEST[@]}" --junitxml="$OUT/triton.xml" \
-  tests/test_triton_backend.py tests/test_conformance.py -k triton
+  tests/test_triton_backend.py tests/test_gpu_peel.py tests/test_ops.py -k triton
 run_step large env FASTMERGE_LARGE_TESTS=1 "${PYTEST[@]}" --junitxml="$OUT/large.xml" \
   tests/test_cuda_backend.py tests/test_triton_backend.py -k "2_pow_31 or 2_31"
 run_step bench "$PY" benchmarks/gpu.py --kit "$OUT" --reps 3

@@ -5,6 +5,7 @@ registration (opcheck), and full-size runs on a GPU when one is present.
 Without a GPU every kernel runs in the Triton interpreter on CPU tensors (tests/conftest.py
 sets TRITON_INTERPRET=1 before triton is imported)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -379,6 +380,14 @@ def test_kernels_compile_for_a_gpu(tmp_path):
         # its own <= 2 ulp algorithm; everywhere else no multiply-add may be contracted
         if "COMBINE5" not in f.name and not f.name.startswith("_model_stats_kernel"):
             assert "fma.rn.f32" not in text, f.name
+    # the body launch of a split call (aligned, size % 16 == 0) loads vectors; the same
+    # kernel without that specialisation (an odd size or an unaligned view) does not
+    bodies = [f for f in files if f.name.endswith("-DIV16.ptx")]
+    assert len(bodies) == 2
+    for f in bodies:
+        assert re.search(r"ld\.global(\.nc)?\.v[24]\.", f.read_text()), f.name
+        plain = f.with_name(f.name.replace("-DIV16", ""))
+        assert not re.search(r"ld\.global(\.nc)?\.v[24]\.", plain.read_text()), plain.name
 
 
 def test_fisher_histogram_sums_are_exact():

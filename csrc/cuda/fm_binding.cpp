@@ -189,8 +189,15 @@ Tensor fused_merge_cuda(const c10::optional<Tensor>& base, at::TensorList models
   TORCH_CHECK(nonfinite.numel() == n, "fastmerge cuda: nonfinite must have N elements");
   // The kernel writes float32/float16/bfloat16; any other requested dtype is one cast after.
   const bool direct = dtype_code(out_dtype) >= 0;
-  Tensor out =
-      at::empty(models[0].sizes(), models[0].options().dtype(direct ? out_dtype : at::kFloat));
+  const at::ScalarType kernel_dtype = direct ? out_dtype : at::kFloat;
+  const auto out_options = models[0].options().dtype(kernel_dtype);
+  // Inputs that are views at an odd element offset get an output misaligned like them, so the
+  // launcher peels one short head and vector-loads (and stores) the rest.
+  const int64_t shift = fm_cuda_fused_merge_out_shift(&p.in, dtype_code(kernel_dtype));
+  Tensor out = shift == 0 ? at::empty(models[0].sizes(), out_options)
+                          : at::empty({p.in.numel + shift}, out_options)
+                                .narrow(0, shift, p.in.numel)
+                                .view(models[0].sizes());
   if (p.in.numel == 0) return direct ? out : out.to(out_dtype);
   FmCudaMergeArgs a{};
   a.combine = static_cast<int32_t>(combine);

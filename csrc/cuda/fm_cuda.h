@@ -72,6 +72,11 @@ cudaError_t fm_cuda_fused_merge(const FmCudaInputs* in, const float* fparams,
                                 const int64_t* iparams, const FmCudaMergeArgs* args, void* out,
                                 int64_t* nonfinite, cudaStream_t stream);
 
+// Where to start a fresh fused_merge output, in elements into storage aligned to 16 bytes, so
+// that it is misaligned like the inputs (chunk views at an odd offset): fm_cuda_fused_merge then
+// peels one head of element loads and vector-loads the rest. 0 for aligned inputs.
+int32_t fm_cuda_fused_merge_out_shift(const FmCudaInputs* in, int32_t out_dtype);
+
 #ifdef __cplusplus
 }
 #endif

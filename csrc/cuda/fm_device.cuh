@@ -10,6 +10,7 @@
 
 #include "fastmerge_math.h"
 #include "fm_cuda.h"
+#include "fm_peel.h"
 
 namespace fmcuda {
 
@@ -208,22 +209,62 @@ __host__ __device__ FM_FORCE_INLINE void store_queue(void* out, int dtype, int64
 }
 
 // ------------------------------------------------------------------ host helpers
-inline bool aligned_to(const void* p, int64_t bytes) {
-  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes)) == 0;
+// The tensors a launch reads (base, models, second moments when present) and, when given,
+// `out`, as spans for fm_peel.h; returns how many.
+inline int launch_spans(const FmCudaInputs& in, const void* out, int out_dtype,
+                        fmpeel::Span (&spans)[2 * FM_MAX_MODELS + 2]) {
+  int c = 0;
+  spans[c++] = {in.base, elem_size(in.base_dtype)};
+  for (int i = 0; i < in.n_models; ++i) {
+    spans[c++] = {in.models[i], elem_size(in.model_dtype[i])};
+    if (in.has_moments) spans[c++] = {in.moments[i], elem_size(in.moment_dtype[i])};
+  }
+  if (out != nullptr) spans[c++] = {out, elem_size(out_dtype)};
+  return c;
 }
 
-// Every input pointer aligned to its dtype's bytes for an EPT-element group (so that every
-// full group is one vector load); `out` likewise when given.
+// Every pointer aligned to its group's vector width (so that every full group is one vector
+// load); `out` likewise when given.
 inline bool inputs_aligned(const FmCudaInputs& in, int ept, const void* out, int out_dtype) {
-  if (!aligned_to(in.base, static_cast<int64_t>(ept) * elem_size(in.base_dtype))) return false;
+  fmpeel::Span spans[2 * FM_MAX_MODELS + 2];
+  return fmpeel::peel_head(spans, launch_spans(in, out, out_dtype, spans), ept) == 0;
+}
+
+// Head / body plan of a call (fm_peel.h): every pointer misaligned by the same element count
+// gets a head of element loads and a vector-loaded body.
+inline fmpeel::Plan peel_plan(const FmCudaInputs& in, int ept, const void* out, int out_dtype) {
+  fmpeel::Span spans[2 * FM_MAX_MODELS + 2];
+  return fmpeel::plan(spans, launch_spans(in, out, out_dtype, spans), ept, in.numel);
+}
+
+inline const void* advance(const void* p, int dtype, int64_t by) {
+  return p == nullptr ? nullptr : static_cast<const char*>(p) + by * elem_size(dtype);
+}
+
+// Elements [start, start + count) of every tensor of a call, as a call of their own.
+inline FmCudaInputs slice_inputs(const FmCudaInputs& in, int64_t start, int64_t count) {
+  FmCudaInputs r = in;
+  r.numel = count;
+  r.base = advance(in.base, in.base_dtype, start);
   for (int i = 0; i < in.n_models; ++i) {
-    if (!aligned_to(in.models[i], static_cast<int64_t>(ept) * elem_size(in.model_dtype[i])))
-      return false;
-    if (in.has_moments &&
-        !aligned_to(in.moments[i], static_cast<int64_t>(ept) * elem_size(in.moment_dtype[i])))
-      return false;
+    r.models[i] = advance(in.models[i], in.model_dtype[i], start);
+    r.moments[i] = advance(in.moments[i], in.moment_dtype[i], start);
   }
-  return out == nullptr || aligned_to(out, static_cast<int64_t>(ept) * elem_size(out_dtype));
+  return r;
+}
+
+// Runs `launch(part, start, vec_ok)` over the launches of one call (peel_plan): the head
+// [0, h) with element loads when h > 0, then the body [h, numel), whose element indices
+// (DARE's Philox counter, the output) the callee shifts by `start`.
+template <typename Launch>
+inline cudaError_t launch_peeled(const FmCudaInputs& in, int ept, const void* out, int out_dtype,
+                                 Launch&& launch) {
+  const fmpeel::Plan plan = peel_plan(in, ept, out, out_dtype);
+  if (plan.head > 0) {
+    const cudaError_t err = launch(slice_inputs(in, 0, plan.head), int64_t{0}, false);
+    if (err != cudaSuccess) return err;
+  }
+  return launch(slice_inputs(in, plan.head, in.numel - plan.head), plan.head, plan.vec_ok);
 }
 
 inline bool all_16bit(const FmCudaInputs& in) {

@@ -151,7 +151,6 @@ extern "C" cudaError_t fm_cuda_score_histogram(const FmCudaInputs* in, int32_t s
   if (fastmerge::fm_check_models(in->n_models) != nullptr) return cudaErrorInvalidValue;
   if (in->numel <= 0 || rows <= 0) return cudaSuccess;
   if (score == fastmerge::SCORE_FISHER && limbs == nullptr) return cudaErrorInvalidValue;
-  const bool vec_ok = inputs_aligned(*in, kIpt, nullptr, DTYPE_FLOAT32);
   // level 0: the block-private histogram where the device allows 128 KiB per block
   bool smem = false;
   size_t dyn = 0;
@@ -161,13 +160,18 @@ extern "C" cudaError_t fm_cuda_score_histogram(const FmCudaInputs* in, int32_t s
     if (!smem) (void)cudaGetLastError();  // clear the refused attribute's error
     dyn = smem ? kSmemBytes : 0;
   }
-  const int64_t groups = (in->numel + kIpt - 1) / kIpt;
-  unsigned int gx = grid_for(score_histogram_kernel, groups, kHistThreads, dyn);
-  gx = (gx + static_cast<unsigned int>(rows) - 1) / static_cast<unsigned int>(rows);
-  if (gx < 1) gx = 1;
-  const dim3 grid(gx, static_cast<unsigned int>(rows));
-  score_histogram_kernel<<<grid, kHistThreads, dyn, stream>>>(
-      *in, score, targets, level, reinterpret_cast<unsigned long long*>(counts), sums,
-      reinterpret_cast<unsigned long long*>(limbs), vec_ok, smem);
-  return cudaGetLastError();
+  // A misaligned view: its head with element loads, the body with vector loads. Counts are
+  // integers and sums exact, so the split changes no bit.
+  return launch_peeled(
+      *in, kIpt, nullptr, DTYPE_FLOAT32, [&](const FmCudaInputs& part, int64_t, bool vec_ok) {
+        const int64_t groups = (part.numel + kIpt - 1) / kIpt;
+        unsigned int gx = grid_for(score_histogram_kernel, groups, kHistThreads, dyn);
+        gx = (gx + static_cast<unsigned int>(rows) - 1) / static_cast<unsigned int>(rows);
+        if (gx < 1) gx = 1;
+        const dim3 grid(gx, static_cast<unsigned int>(rows));
+        score_histogram_kernel<<<grid, kHistThreads, dyn, stream>>>(
+            part, score, targets, level, reinterpret_cast<unsigned long long*>(counts), sums,
+            reinterpret_cast<unsigned long long*>(limbs), vec_ok, smem);
+        return cudaGetLastError();
+      });
 }

@@ -11,3 +11,8 @@ extern "C" cudaError_t fm_cuda_fused_merge(const FmCudaInputs* in, const float* 
              ? fmcuda::fused_merge_16(*in, fparams, iparams, *args, out, nonfinite, stream)
              : fmcuda::fused_merge_mixed(*in, fparams, iparams, *args, out, nonfinite, stream);
 }
+
+extern "C" int32_t fm_cuda_fused_merge_out_shift(const FmCudaInputs* in, int32_t out_dtype) {
+  if (in == nullptr || fastmerge::fm_check_models(in->n_models) != nullptr) return 0;
+  return fmcuda::merge_out_shift(*in, out_dtype);
+}

@@ -122,6 +122,21 @@ __host__ __device__ FM_FORCE_INLINE FmMergeConfig merge_config(int n, const FmMo
   return cfg;
 }
 
+// Elements per group of the instantiation FM_MERGE_DISPATCH picks for a call.
+inline int merge_ept(const FmCudaInputs& in) {
+  const bool exact_n = in.n_models >= 1 && in.n_models <= 8;
+  if (all_16bit(in)) return exact_n ? MergeShape16::kEpt : MergeShapeAny16::kEpt;
+  return exact_n ? MergeShapeMixed::kEpt : MergeShapeAnyMixed::kEpt;
+}
+
+// Where a fresh output (16-byte aligned storage) should start, in elements, so that the
+// merge's head also aligns it (fm_peel.h out_shift): 0 for aligned inputs.
+inline int merge_out_shift(const FmCudaInputs& in, int out_dtype) {
+  fmpeel::Span spans[2 * FM_MAX_MODELS + 2];
+  const int c = launch_spans(in, nullptr, out_dtype, spans);
+  return fmpeel::out_shift(spans, c, merge_ept(in), elem_size(out_dtype));
+}
+
 #if defined(__CUDACC__)
 // Two resident blocks per SM (<= 128 registers) wherever ptxas then needs no spills (measured
 // with tests/test_cuda_compile.py on sm_80 and sm_90): every exact-N all-16-bit kernel, and
@@ -178,19 +193,26 @@ __global__ void __launch_bounds__(kBlock, merge_min_blocks<NT, EPT>())
     if (s_nonfinite[i]) atomicAdd(nonfinite + i, static_cast<unsigned long long>(s_nonfinite[i]));
 }
 
-// Launch one instantiation (grid-stride; grid from the kernel's occupancy).
+// Launch one instantiation (grid-stride; grid from the kernel's occupancy). Pointers all
+// misaligned by the same element count: the head runs with element loads, the body with
+// vector loads and every element index (DARE's Philox counter) shifted by the head.
 template <int NT, typename Shape>
 cudaError_t launch_fused_merge(const FmCudaInputs& in, const float* fparams, const int64_t* iparams,
                                const FmCudaMergeArgs& args, void* out, int64_t* nonfinite,
                                cudaStream_t stream) {
   constexpr int kEpt = Shape::kEpt;
   auto kernel = fused_merge_kernel<NT, kEpt, Shape::kWords>;
-  const bool vec_ok = inputs_aligned(in, kEpt, out, args.out_dtype);
-  const int64_t groups = (in.numel + kEpt - 1) / kEpt;
-  const unsigned int grid = grid_for(kernel, groups, kBlock);
-  kernel<<<grid, kBlock, 0, stream>>>(in, fparams, iparams, args, out,
-                                      reinterpret_cast<unsigned long long*>(nonfinite), vec_ok);
-  return cudaGetLastError();
+  return launch_peeled(
+      in, kEpt, out, args.out_dtype, [&](const FmCudaInputs& part, int64_t start, bool vec_ok) {
+        FmCudaMergeArgs a = args;
+        a.offset += start;
+        void* o = const_cast<void*>(advance(out, args.out_dtype, start));
+        const int64_t groups = (part.numel + kEpt - 1) / kEpt;
+        const unsigned int grid = grid_for(kernel, groups, kBlock);
+        kernel<<<grid, kBlock, 0, stream>>>(
+            part, fparams, iparams, a, o, reinterpret_cast<unsigned long long*>(nonfinite), vec_ok);
+        return cudaGetLastError();
+      });
 }
 
 // Per-translation-unit dispatchers (compiled in parallel: fm_merge_16.cu, fm_merge_mixed.cu).

@@ -115,6 +115,8 @@ extern "C" cudaError_t fm_cuda_model_stats(const FmCudaInputs* in, int32_t score
   if (fastmerge::fm_check_models(in->n_models) != nullptr) return cudaErrorInvalidValue;
   if (in->numel <= 0) return cudaSuccess;
   if (scratch == nullptr) return cudaErrorInvalidValue;
+  // No head is peeled here: the float64 partials are not exact, so their bits depend on which
+  // elements each thread sums, and a peeled view would sum differently from an aligned copy.
   const bool vec_ok = inputs_aligned(*in, kEpt, nullptr, DTYPE_FLOAT32);
   const unsigned int gx = stats_blocks(*in);
   const dim3 grid(gx, static_cast<unsigned int>(in->n_models));

@@ -23,6 +23,8 @@ Kernels (fastmerge/backends/triton/_kernels.py):
   |t| share their exponent), Fisher sums are exact integer limbs: no result depends on the
   order of the atomics.
 - ``_model_stats_kernel``: per-block float64 partial sums, added up by torch in a fixed order.
+Calls over views at an odd element offset, or of a size not divisible by 16, run the merge and
+the histograms as head / body / tail launches so the body keeps vector loads (``_peel.py``).
 All indices are int64 (tensors > 2^31 elements); all arithmetic float32 after the loads, each
 operation rounded on its own (no FMA contraction, ``div_rn``). Launches run on the device of
 their tensors.

@@ -14,6 +14,7 @@ kernels). Under the interpreter the kernels are called directly, not through ``w
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from typing import List, Optional
@@ -25,6 +26,7 @@ from ... import abi
 from .. import ops  # noqa: F401  (the fastmerge:: library these ops join)
 from ..pytorch import kernels as plain
 from . import _kernels as K
+from . import _peel
 from ._kernels import MAX_MODELS
 from ._mode import interpreting
 
@@ -153,6 +155,40 @@ def _grid_1d(numel: int, block: int) -> int:
     return (numel + block - 1) // block
 
 
+def _tracing(tensors) -> bool:
+    """Whether torch.compile traces the call (no data pointers to look at)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return torch.compiler.is_compiling() or any(
+        isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors)
+
+
+def _pieces(numel, tensors) -> list:
+    """(start, count) launches of one call (_peel.py): an unaligned head, a body Triton
+    vectorises, a tail. One piece while torch.compile traces."""
+    if _tracing(tensors):
+        return [(0, numel)]
+    return _peel.pieces(numel, _peel.tensor_spans(tensors))
+
+
+def _merge_output(inputs, shape, dtype, device) -> torch.Tensor:
+    """A fresh output misaligned like its inputs (views at an odd element offset), so that
+    the call's head aligns it too and the body keeps vector stores."""
+    shift = 0 if _tracing(inputs) else _peel.out_shift(
+        _peel.tensor_spans(inputs), torch.empty((), dtype=dtype).element_size())
+    if shift == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    return torch.empty(numel + shift, dtype=dtype, device=device)[shift:].view(shape)
+
+
+def _piece(flat, start: int, count: int, whole: int):
+    """Elements [start, start + count) of each flat tensor of a call (itself when whole)."""
+    if count == whole:
+        return flat
+    cache = {}
+    return [cache.setdefault(id(t), t[start:start + count]) for t in flat]
+
+
 def _named(base, models, second_moments, **others):
     named = [("base", base)] + [(f"models[{k}]", m) for k, m in enumerate(models)]
     named += [(f"second_moments[{k}]", v) for k, v in enumerate(second_moments)]
@@ -186,12 +222,15 @@ def triton_score_histogram(base: Optional[torch.Tensor], models: List[torch.Tens
     tg = targets.to(torch.int64).contiguous()
     acc = (torch.zeros(rows, abi.NUM_BINS, K.NUM_LIMBS.value, dtype=torch.int64, device=dev)
            if limbs else counts)
+    flat = [b, *ms, *vs]
+    # counts are integers and the sums exact: how the call is split changes no bit
     with _device_guard(dev):
-        _launcher(K._score_histogram_kernel, (_grid_1d(numel, block), rows))(
-            b, *ms, *vs, tg, counts, sums, acc, numel,
-            N=len(models), HAS_BASE=base is not None, HAS_V=has_v, SCORE=int(score),
-            LEVEL=int(level), AGGREGATE=aggregate, LIMBS=limbs, BLOCK=block, num_warps=warps,
-            **_options())
+        for start, count in _pieces(numel, flat):
+            _launcher(K._score_histogram_kernel, (_grid_1d(count, block), rows))(
+                *_piece(flat, start, count, numel), tg, counts, sums, acc, count,
+                N=len(models), HAS_BASE=base is not None, HAS_V=has_v, SCORE=int(score),
+                LEVEL=int(level), AGGREGATE=aggregate, LIMBS=limbs, BLOCK=block,
+                num_warps=warps, **_options())
     if limbs:
         sums.add_((acc.to(torch.float64) * _limb_scales(dev)).sum(-1).view_as(sums))
 
@@ -234,20 +273,23 @@ def triton_fused_merge(base: Optional[torch.Tensor], models: List[torch.Tensor],
         base if combine != 0 else None, models, second_moments if need_v else [],
         fparams=fparams, iparams=iparams, nonfinite=nonfinite))
     b, ms, vs, has_v = _slots(base if combine != 0 else None, models, second_moments, need_v)
-    out = torch.empty(models[0].shape, dtype=out_dtype, device=models[0].device)
+    out = _merge_output([b, *ms, *vs], models[0].shape, out_dtype, models[0].device)
     numel = out.numel()
     if numel == 0 or _skip_fake(out, models[0]):
         return out
     block, warps = _launch_config(len(models))
+    fp, ip = fparams.to(torch.float32).contiguous(), iparams.contiguous()
+    flat = [b, *ms, *vs, out.reshape(-1)]
     with _device_guard(dev):
-        _launcher(K._fused_merge_kernel, (_grid_1d(numel, block),))(
-            b, *ms, *vs, fparams.to(torch.float32).contiguous(), iparams.contiguous(),
-            out.reshape(-1), nonfinite, numel, int(offset), int(consensus_k), float(scale),
-            float(power), float(eps),
-            N=len(models), HAS_BASE=base is not None and combine != 0, HAS_V=has_v,
-            COMBINE=combine, SCORE=int(score), ELECT=int(elect), ELECT_ON=int(elect_on),
-            NORMALIZE=int(normalize), INTERP=interpreting(), BLOCK=block,
-            num_warps=warps, **_options(), **_merge_options(len(models)))
+        for start, count in _pieces(numel, flat):
+            *ins, o = _piece(flat, start, count, numel)
+            _launcher(K._fused_merge_kernel, (_grid_1d(count, block),))(
+                *ins, fp, ip, o, nonfinite, count, int(offset) + start, int(consensus_k),
+                float(scale), float(power), float(eps),
+                N=len(models), HAS_BASE=base is not None and combine != 0, HAS_V=has_v,
+                COMBINE=combine, SCORE=int(score), ELECT=int(elect), ELECT_ON=int(elect_on),
+                NORMALIZE=int(normalize), INTERP=interpreting(), BLOCK=block,
+                num_warps=warps, **_options(), **_merge_options(len(models)))
     return out
 
 

@@ -79,6 +79,26 @@ def _variants(full: bool, many_models: bool = False):
     return out
 
 
+# The body launch of a call split by _peel.py: every pointer 16-byte aligned and the size a
+# multiple of 16, which Triton's launcher specialises (tt.divisibility = 16) and then
+# vectorises; written as <variant>-DIV16.ptx (the test greps it for ld.global.v2 / .v4).
+DIV16 = "-DIV16"
+
+
+def _body_variants():
+    """The TIES merge (mixed dtypes) and the plain level-0 histogram as body launches."""
+    return [v for v in _variants(False)
+            if (v[0] == "_fused_merge_kernel" and v[2]["COMBINE"] == 2 and v[2]["N"] == 3)
+            or (v[0] == "_score_histogram_kernel" and v[2]["LEVEL"] == 0
+                and not v[2]["AGGREGATE"] and not v[2]["LIMBS"])]
+
+
+def _divisible(fn, types: dict, consts: dict) -> dict:
+    """ASTSource attrs of a body launch: pointers and the element count divide by 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+            if a not in consts and (types[a].startswith("*") or a == "n")}
+
+
 def _merge_block(n: int) -> int:
     """The block the registry launches the merge with at N models on a GPU (8 warps)."""
     from ._registry import _launch_config
@@ -136,21 +156,27 @@ def compile_all(arch: int = 90, full: bool = False, num_warps: int = 8, verbose=
                            "TRITON_INTERPRET unset")
     target = GPUTarget("cuda", arch, 32)
     done = 0
-    for name, types, consts in _variants(full, many_models):
+    jobs = [(v, False) for v in _variants(full, many_models)]
+    jobs += [(v, True) for v in _body_variants()]
+    for (name, types, consts), body in jobs:
         fn = getattr(K, name)
         sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
         t0 = time.time()
         opts = {"num_warps": num_warps, "enable_fp_fusion": fp_fusion}
         if name == "_fused_merge_kernel":
             opts.update(_maxnreg(consts["N"]))
-        compiled = triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
+        attrs = _divisible(fn, types, consts) if body else None
+        compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
+                                  options=opts)
         assert compiled.asm.get("cubin"), name
         done += 1
         if ptx_dir:
-            with open(os.path.join(ptx_dir, variant_name(name, consts) + ".ptx"), "w") as f:
+            stem = variant_name(name, consts) + (DIV16 if body else "")
+            with open(os.path.join(ptx_dir, stem + ".ptx"), "w") as f:
                 f.write(compiled.asm["ptx"])
         if verbose:
             short = {k: v for k, v in consts.items() if k not in ("INTERP", "BLOCK")}
+            short = {**short, "body": True} if body else short
             usage = ""
             if regs:
                 n_regs, spills = ptxas_report(compiled.asm["ptx"], arch)
