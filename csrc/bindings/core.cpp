@@ -168,6 +168,32 @@ std::tuple<int64_t, int64_t> count_nonfinite(const py::object& obj, int dtype) {
   return {count, first};
 }
 
+// The float64 Gram matrix (row-major m x m) of the vectors, or with tasks of vecs[i] - the last
+// one: the pre-pass of the linear-combination methods (fastmerge/pipeline/method_pass.py)
+std::vector<double> gram(const py::list& vecs, const std::vector<int>& dtypes, bool tasks,
+                         int64_t numel, int nthreads) {
+  const int64_t n = static_cast<int64_t>(vecs.size());
+  if (n < (tasks ? 2 : 1) || n > FM_MAX_MODELS + 1)
+    check("gram: 1 to " + std::to_string(FM_MAX_MODELS + 1) + " vectors (2 with tasks) needed");
+  if (static_cast<int64_t>(dtypes.size()) != n) check("gram: one dtype code per vector is needed");
+  Views v;
+  v.views.reserve(static_cast<size_t>(n));
+  std::vector<const void*> ptrs;
+  for (int64_t i = 0; i < n; ++i)
+    ptrs.push_back(
+        view(v, vecs[static_cast<size_t>(i)], dtypes[static_cast<size_t>(i)], numel, "vecs", i));
+  const int64_t m = tasks ? n - 1 : n;
+  std::vector<double> out(static_cast<size_t>(m * m), 0.0);
+  bool ok;
+  {
+    py::gil_scoped_release free_gil;
+    ok = fm::cpu::gram_matrix(ptrs.data(), dtypes.data(), static_cast<int>(n), numel, tasks,
+                              out.data(), nthreads);
+  }
+  if (!ok) throw std::bad_alloc();
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -177,6 +203,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("fused_merge", &fused_merge);
   m.def("model_stats", &model_stats);
   m.def("topk_window", &topk_window);
+  m.def("gram", &gram, "float64 Gram matrix of buffers (or of their differences to the last)");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   m.def("count_nonfinite", &count_nonfinite, "(count, first index) of a buffer's NaN/Inf values");
 }

@@ -66,6 +66,12 @@ int philox_dare_isa(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, 
 bool merge_fast_path_enabled();
 bool set_merge_fast_path(bool on);
 
+// out[m][m] = the float64 Gram matrix of the n vectors vecs[i] (numel elements of dtype code
+// dtypes[i]), m = n; with tasks, of the float32 task vectors vecs[i] - vecs[n - 1], m = n - 1
+// (gram.cpp). The same bits for any thread count. False if a work buffer could not be allocated.
+bool gram_matrix(const void* const* vecs, const int* dtypes, int n, int64_t numel, bool tasks,
+                 double* out, int nthreads);
+
 // Which instruction set the multiversioned kernels picked on this machine (for reports).
 const char* isa_name();
 

@@ -178,40 +178,27 @@ def _reference_pass(passes, ops, method, name, job, with_base, src, writer, writ
 
 # --------------------------------------------------------------------------- kernels' chunks
 class CoreOps:
-    """CoreKernels' chunks (read-only views of the mapped bytes): the Gram matrix in numpy."""
+    """CoreKernels' chunks (read-only views of the mapped bytes): the Gram matrix in C++
+    (fastmerge._core.gram, csrc/cpu/gram.cpp), read straight from the mapped bytes."""
 
     def __init__(self, k):
         self.k = k
 
-    @staticmethod
-    def _into(row, mv, st: str, s: int, e: int) -> None:
-        """Elements [s, e) of a bytes view, converted into the float64 ``row`` in one pass."""
-        import numpy as np
-        if st == "BF16":   # bf16 is the top half of a float32
-            row[:] = np.left_shift(np.frombuffer(mv, dtype=np.uint16)[s:e], 16,
-                                   dtype=np.uint32).view(np.float32)
-        else:
-            row[:] = np.frombuffer(mv, dtype=np.float32 if st == "F32" else np.float16)[s:e]
-
     def gram(self, ch, tasks: bool, with_base: bool):
-        """float64 Gram matrix of [models, base] (``tasks``: of models - base) over the chunk,
-        in float64 sub-blocks (task values: the float32 difference, as the reference)."""
+        """float64 Gram matrix of [models, base] (``tasks``: of models - base, the float32
+        difference as the reference computes it) over the chunk; the same bits for any thread
+        count (per-block partial sums added in block order)."""
         import numpy as np
-        vecs = list(zip(ch.models, ch.model_sts))
+
+        from .core_kernels import DTYPE_CODES
+        vecs, sts = list(ch.models), list(ch.model_sts)
         if with_base:
-            vecs.append((ch.base, ch.base_st))
+            vecs.append(ch.base)
+            sts.append(ch.base_st)
         size = len(vecs) - (1 if tasks else 0)
-        g = np.zeros((size, size))
-        buf = np.empty((len(vecs), min(SUB_ELEMS, max(ch.numel, 1))))
-        for s in range(0, ch.numel, SUB_ELEMS):
-            e = min(ch.numel, s + SUB_ELEMS)
-            a = buf[:, :e - s]
-            for row, (mv, st) in zip(a, vecs):
-                self._into(row, mv, st, s, e)
-            if tasks:   # float32 differences, as the reference computes them
-                a = (a[:-1].astype(np.float32) - a[-1].astype(np.float32)).astype(np.float64)
-            g += a @ a.T
-        return g
+        g = self.k.core.gram(vecs, [DTYPE_CODES[st] for st in sts], tasks, ch.numel,
+                             self.k.nthreads)
+        return np.array(g, dtype=np.float64).reshape(size, size)
 
     @staticmethod
     def weighted_inputs(ch, with_base: bool):
