@@ -190,14 +190,16 @@ class CoreOps:
         count (per-block partial sums added in block order)."""
         import numpy as np
 
-        from .core_kernels import DTYPE_CODES
+        from ..backends.cpu import core
+        from .core_kernels import DTYPE_CODES, threads
         vecs, sts = list(ch.models), list(ch.model_sts)
         if with_base:
             vecs.append(ch.base)
             sts.append(ch.base_st)
         size = len(vecs) - (1 if tasks else 0)
-        g = self.k.core.gram(vecs, [DTYPE_CODES[st] for st in sts], tasks, ch.numel,
-                             self.k.nthreads)
+        # the kernels' module and threads; tests pass no kernels (CoreOps(None))
+        kernel, nthreads = (self.k.core, self.k.nthreads) if self.k else (core(), threads())
+        g = kernel.gram(vecs, [DTYPE_CODES[st] for st in sts], tasks, ch.numel, nthreads)
         return np.array(g, dtype=np.float64).reshape(size, size)
 
     @staticmethod
