@@ -66,8 +66,8 @@ class Combination:
     tensor: out = sum_k c_k V_k, V the inputs as ``Method.inputs`` orders them (the non-base
     models in config order, then the base where the math reads it), c from the float64 Gram
     matrix of ``gram``: "inputs" (of V), "tasks" (of X_i - B) or None (no reduction).
-    ``coefficients`` takes that Gram matrix (numpy float64, or None) and never needs torch, so
-    the pipeline runs such a method through its fused weighted-sum kernels."""
+    ``coefficients`` takes that Gram matrix (nested lists of float64 values, or None) and never
+    needs torch, so the pipeline runs such a method through its fused weighted-sum kernels."""
     gram: str | None
     coefficients: Callable[[Any], Sequence[float]]
 

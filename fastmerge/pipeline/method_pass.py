@@ -72,17 +72,16 @@ def _which(i: int, n_models: int) -> str:
 
 
 def _linear(passes, ops, name, job, comb, with_base, src, writer, writes) -> None:
-    import numpy as np
     models = passes.inputs.sources(name)[1]
     first, n_models = models[0], len(models)
     gram = None
     if comb.gram is not None:
         for ch in src():
             g = ops.gram(ch, comb.gram == "tasks", with_base)
-            gram = g if gram is None else gram + g
+            gram = g if gram is None else [[a + b for a, b in zip(r, q)] for r, q in zip(gram, g)]
             del ch
-        if not np.isfinite(gram).all():
-            bad = next(i for i in range(gram.shape[0]) if not np.isfinite(gram[i, i]))
+        if not all(math.isfinite(x) for row in gram for x in row):
+            bad = next(i for i in range(len(gram)) if not math.isfinite(gram[i][i]))
             raise _nonfinite(name, _which(bad, n_models))
     coeffs = [float(c) for c in comb.coefficients(gram)]
     if not all(math.isfinite(c) for c in coeffs):
@@ -186,10 +185,9 @@ class CoreOps:
 
     def gram(self, ch, tasks: bool, with_base: bool):
         """float64 Gram matrix of [models, base] (``tasks``: of models - base, the float32
-        difference as the reference computes it) over the chunk; the same bits for any thread
-        count (per-block partial sums added in block order)."""
-        import numpy as np
-
+        difference as the reference computes it) over the chunk, as nested lists (slerp's and
+        model_stock's coefficients need no numpy, so their merge does not import it); the
+        same bits for any thread count (per-block partial sums added in block order)."""
         from ..backends.cpu import core
         from .core_kernels import DTYPE_CODES, threads
         vecs, sts = list(ch.models), list(ch.model_sts)
@@ -200,7 +198,7 @@ class CoreOps:
         # the kernels' module and threads; tests pass no kernels (CoreOps(None))
         kernel, nthreads = (self.k.core, self.k.nthreads) if self.k else (core(), threads())
         g = kernel.gram(vecs, [DTYPE_CODES[st] for st in sts], tasks, ch.numel, nthreads)
-        return np.array(g, dtype=np.float64).reshape(size, size)
+        return [g[i * size:(i + 1) * size] for i in range(size)]
 
     @staticmethod
     def weighted_inputs(ch, with_base: bool):
@@ -231,7 +229,8 @@ class TorchOps:
 
     @staticmethod
     def gram(ch, tasks: bool, with_base: bool):
-        return gram_matrix(ch.models, ch.base if with_base else None, tasks, SUB_ELEMS)
+        """The Gram matrix as nested lists of floats, as CoreOps'."""
+        return gram_matrix(ch.models, ch.base if with_base else None, tasks, SUB_ELEMS).tolist()
 
     @staticmethod
     def weighted_inputs(ch, with_base: bool):
