@@ -175,6 +175,7 @@ def fast_route(method_name, base, models, params, dtype, seed=0):
     from fastmerge import merge_tensors
     from fastmerge.methods.core import Job
     from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+    from fastmerge.pipeline.core_kernels import CoreKernels
     from fastmerge.pipeline.method_pass import CoreOps, TorchOps
     method = MERGEKIT_METHODS[method_name]
     has_base, n = method.view(base is not None, len(models))
@@ -191,7 +192,8 @@ def fast_route(method_name, base, models, params, dtype, seed=0):
             base=None if base is None else memoryview(base.reshape(-1).view(torch.uint8).numpy()),
             models=[memoryview(m.reshape(-1).view(torch.uint8).numpy()) for m in models],
             base_st=st, model_sts=[st] * len(models), numel=models[0].numel())
-        np.testing.assert_allclose(CoreOps(None).gram(as_bytes, comb.gram == "tasks", with_base),
+        np.testing.assert_allclose(CoreOps(CoreKernels()).gram(as_bytes, comb.gram == "tasks",
+                                                               with_base),
                                    gram, rtol=1e-12, atol=1e-300)
     coeffs = comb.coefficients(gram)
     inputs = list(models) + ([base] if with_base else [])

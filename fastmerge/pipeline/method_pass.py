@@ -188,16 +188,11 @@ class CoreOps:
         difference as the reference computes it) over the chunk, as nested lists (slerp's and
         model_stock's coefficients need no numpy, so their merge does not import it); the
         same bits for any thread count (per-block partial sums added in block order)."""
-        from ..backends.cpu import core
-        from .core_kernels import DTYPE_CODES, threads
-        vecs, sts = list(ch.models), list(ch.model_sts)
-        if with_base:
-            vecs.append(ch.base)
-            sts.append(ch.base_st)
+        base_code, codes = self.k._codes(ch)
+        vecs = [*ch.models, ch.base] if with_base else list(ch.models)
+        codes = [*codes, base_code] if with_base else codes
         size = len(vecs) - (1 if tasks else 0)
-        # the kernels' module and threads; tests pass no kernels (CoreOps(None))
-        kernel, nthreads = (self.k.core, self.k.nthreads) if self.k else (core(), threads())
-        g = kernel.gram(vecs, [DTYPE_CODES[st] for st in sts], tasks, ch.numel, nthreads)
+        g = self.k.core.gram(vecs, codes, tasks, ch.numel, self.k.nthreads)
         return [g[i * size:(i + 1) * size] for i in range(size)]
 
     @staticmethod
