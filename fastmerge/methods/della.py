@@ -29,6 +29,8 @@ Defined where mergekit is fragile (docs/semantics.md):
 """
 from __future__ import annotations
 
+import math
+
 from . import rng
 from .core import Chunk, Job, Method
 from .lazy_torch import torch
@@ -60,8 +62,8 @@ def _schema(name: str, normalize: bool) -> MethodSchema:
 def row_length(shape) -> int:
     """Length of a della row: dim 1 for 2-D and more, the whole tensor for 0-/1-D."""
     if len(shape) < 2:
-        return max(1, int(torch.Size(shape).numel()))
-    return int(torch.Size(shape[1:]).numel())
+        return max(1, math.prod(shape))
+    return math.prod(shape[1:])
 
 
 def keep_thresholds(delta_rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
