@@ -30,15 +30,15 @@ constexpr double kTwo32 = 4294967296.0;
 
 // Work buffers of one thread, sized for one row (malloc: no exception leaves an omp region).
 struct RowBuffers {
-  float* base = nullptr;     // [len] float32 base row
-  float* out = nullptr;      // [len] float32 merged row
-  float* d = nullptr;        // [n][len] task values
-  uint8_t* keep = nullptr;   // [n][len] keep mask
-  uint32_t* words = nullptr; // [len] Philox words
-  uint32_t* rank = nullptr;  // [len] rank by |d|
-  uint64_t* items = nullptr; // [len] (|d| bits << 32 | column), sorted
-  uint64_t* tmp = nullptr;   // [len] the radix sort's other buffer
-  uint32_t* counts = nullptr; // [3][kBuckets]
+  float* base = nullptr;       // [len] float32 base row
+  float* out = nullptr;        // [len] float32 merged row
+  float* d = nullptr;          // [n][len] task values
+  uint8_t* keep = nullptr;     // [n][len] keep mask
+  uint32_t* words = nullptr;   // [len] Philox words
+  uint32_t* rank = nullptr;    // [len] rank by |d|
+  uint64_t* items = nullptr;   // [len] (|d| bits << 32 | column), sorted
+  uint64_t* tmp = nullptr;     // [len] the radix sort's other buffer
+  uint32_t* counts = nullptr;  // [3][kBuckets]
 
   bool alloc(int64_t len, int n) {
     const size_t l = static_cast<size_t>(len), m = static_cast<size_t>(n);
@@ -117,8 +117,8 @@ void rank_row(const float* d, int64_t len, RowBuffers& b) {
 }
 
 // keep[k] of model i on the row whose first element is tensor element j0 (della_mask).
-void keep_row(const DellaParams& p, int i, const float* d, int64_t len, uint64_t j0,
-              RowBuffers& b, uint8_t* keep) {
+void keep_row(const DellaParams& p, int i, const float* d, int64_t len, uint64_t j0, RowBuffers& b,
+              uint8_t* keep) {
   const double density = p.density[i], eps = p.epsilon[i];
   if (density >= 1 || density <= 0) {
     memset(keep, density >= 1 ? 1 : 0, static_cast<size_t>(len));
@@ -241,8 +241,8 @@ bool della_reduce(const Inputs& in, const DellaParams& p, int64_t offset, double
       }
       double* s = sums + 2 * (r * n + i);
       s[0] = ((all[0] + all[1]) + (all[2] + all[3])) + ((all[4] + all[5]) + (all[6] + all[7]));
-      s[1] = ((kept[0] + kept[1]) + (kept[2] + kept[3])) +
-             ((kept[4] + kept[5]) + (kept[6] + kept[7]));
+      s[1] =
+          ((kept[0] + kept[1]) + (kept[2] + kept[3])) + ((kept[4] + kept[5]) + (kept[6] + kept[7]));
     }
   });
   for (int64_t r = 0; ok && r < rows; ++r)  // rows in order: the same sums in any chunking
