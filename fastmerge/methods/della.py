@@ -93,7 +93,8 @@ def della_mask(delta: torch.Tensor, offset: int, row_len: int, density: float, e
 
 class Della(Method):
     reductions = ("per model: L1 norm of the task vector and of its kept part over the whole "
-                  "tensor (2 float64 sums; the Philox mask is recomputed in the apply pass)")
+                  "tensor (2 float64 sums; the reference recomputes the mask in the apply "
+                  "pass, the kernel of backends/cpu/della.py keeps it as bits)")
 
     def __init__(self, name: str, elect: bool, normalize: bool):
         self.schema = _schema(name, normalize)

@@ -40,6 +40,10 @@ def merge(passes, method, name, job, src, writer, writes) -> bool:
     kern = kernel_for(method, job, nthreads)
     if kern is None or st not in DTYPE_CODES:
         return False
+    # the masks kept between the passes count in the memory budget: beyond a quarter of what
+    # the chunks in flight may take, the apply pass ranks again instead (slower, no memory)
+    chunking = passes.r.chunking
+    kern.keep_masks = kern.mask_bytes <= chunking.chunk_elems * chunking.bytes_per_elem // 4
     as_bytes = hasattr(passes.k, "to_torch")   # CoreKernels: chunks are bytes views
     convert = _bytes_chunk if as_bytes else _torch_chunk
     written = False

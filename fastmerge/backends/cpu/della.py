@@ -56,12 +56,18 @@ class DellaKernel:
             self.scale, float(p["lambda"]), self.elect, bool(p["normalize"]), out, out_code,
             self.nthreads)
 
+    @property
+    def mask_bytes(self) -> int:
+        """What keeping the keep masks between the passes costs (1 bit per element and model,
+        rows padded to 64 bits)."""
+        return 8 * self.n * self.rows * ((self.row_len + 63) // 64)
+
     def reduce(self, chunks) -> None:
         """The L1 rescale factors (the reference's ``reduce``), and the keep masks."""
         if not self.job.params["rescale"] or not any(0 < d < 1 for d in self.density):
             return
         if self.keep_masks:
-            self.mask = bytearray(8 * self.n * self.rows * ((self.row_len + 63) // 64))
+            self.mask = bytearray(self.mask_bytes)
         l1 = [0.0] * (2 * self.n)
         for ch in chunks:
             l1, bad = self._call(ch, l1)
