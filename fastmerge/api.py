@@ -33,6 +33,11 @@ def _merge_mergekit_method(base, models, method, parameters, tensor_name, seed, 
               0 if seed is None else seed, has_base, n)
     comb = m.combination(job)
     if comb is None:
+        from .backends.cpu.della import merge_in_memory
+        out = merge_in_memory(m, job, base.cpu() if base is not None else None,
+                              [x.cpu() for x in models], out_dtype, torch.get_num_threads())
+        if out is not None:
+            return out.to(device=ref.device)
         out = m.merge(None if base is None else base.cpu(), [x.cpu() for x in models],
                       parameters, name=name, seed=job.seed)
         return out.to(device=ref.device, dtype=out_dtype)

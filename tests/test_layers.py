@@ -55,7 +55,7 @@ TORCH_FREE = [
     "methods/lazy_torch", "methods/schema", "methods/core", "methods/mergekit_methods",
     "methods/slerp", "methods/karcher", "methods/model_stock", "methods/della", "methods/sce",
     "methods/nearswap", "methods/arcee_fusion", "methods/ram", "methods/passthrough",
-    "recipe/mergekit_params", "pipeline/method_pass",
+    "recipe/mergekit_params", "pipeline/method_pass", "pipeline/della_pass", "backends/cpu/della",
 ]
 
 

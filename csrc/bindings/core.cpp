@@ -150,6 +150,65 @@ topk_window(const py::object& base, int base_dtype, const py::list& models,
   return {thr, kept, total, bad};
 }
 
+// della / della_linear over a chunk of whole rows (della.cpp): with `out` None the reduce pass
+// (returns l1 plus this chunk's L1 sums, and may fill `mask`), else the apply pass into `out`;
+// both return the per-input NaN/Inf counts (models, then the base). `mask`: None, or a buffer
+// of n * mask_rows * ceil(row_len / 64) uint64 words (the whole tensor's keep bits).
+std::tuple<std::vector<double>, std::vector<int64_t>> della(
+    const py::object& base, int base_dtype, const py::list& models,
+    const std::vector<int>& model_dtypes, int64_t row_len, int64_t offset, int64_t numel,
+    const std::vector<double>& density, const std::vector<double>& epsilon,
+    const std::vector<uint64_t>& keys, std::vector<double> l1, const py::object& mask,
+    int64_t mask_rows, const std::vector<double>& weight, const std::vector<double>& scale,
+    double lam, bool elect, bool normalize, const py::object& out, int out_dtype, int nthreads) {
+  if (base.is_none()) check("della needs the base model");
+  if (row_len < 1 || numel % row_len != 0 || offset % row_len != 0 || offset < 0)
+    check("della: a chunk of whole rows (row_len " + std::to_string(row_len) + ", offset " +
+          std::to_string(offset) + ", numel " + std::to_string(numel) + ")");
+  Views v;
+  make_inputs(v, base, base_dtype, models, model_dtypes, numel);
+  const size_t n = static_cast<size_t>(v.in.n);
+  const bool apply = !out.is_none();
+  if (density.size() != n || epsilon.size() != n || keys.size() != n || l1.size() != 2 * n ||
+      (apply && (weight.size() != n || scale.size() != n)))
+    check("della: one density, epsilon, key (and weight, scale) per model, two L1 sums each");
+  std::vector<float> w(n), sc(n);
+  for (size_t i = 0; i < n && apply; ++i) {  // the reference's float32 scalars
+    w[i] = static_cast<float>(weight[i]);
+    sc[i] = static_cast<float>(scale[i]);
+  }
+  fm::cpu::DellaParams p;
+  p.row_len = row_len;
+  p.density = density.data();
+  p.epsilon = epsilon.data();
+  p.keys = keys.data();
+  p.weight = w.data();
+  p.scale = sc.data();
+  p.lambda = static_cast<float>(lam);
+  p.elect = elect;
+  p.normalize = normalize;
+  if (!mask.is_none()) {
+    py::buffer_info info = py::reinterpret_borrow<py::buffer>(mask).request(!apply);
+    const int64_t words = static_cast<int64_t>(n) * mask_rows * ((row_len + 63) / 64);
+    if (info.size * info.itemsize < words * 8 || (offset + numel) / row_len > mask_rows ||
+        reinterpret_cast<uintptr_t>(info.ptr) % 8 != 0)
+      check("della: the mask buffer must hold n * mask_rows * ceil(row_len / 64) aligned words");
+    p.mask = static_cast<uint64_t*>(info.ptr);
+    p.mask_rows = mask_rows;
+    v.views.push_back(std::move(info));
+  }
+  void* o = apply ? const_cast<void*>(view(v, out, out_dtype, numel, "out", -1, true)) : nullptr;
+  std::vector<int64_t> nonfinite(n + 1, 0);
+  bool ok;
+  {
+    py::gil_scoped_release free_gil;
+    ok = apply ? fm::cpu::della_apply(v.in, p, offset, o, out_dtype, nonfinite.data(), nthreads)
+               : fm::cpu::della_reduce(v.in, p, offset, l1.data(), nonfinite.data(), nthreads);
+  }
+  if (!ok) throw std::bad_alloc();
+  return {l1, nonfinite};
+}
+
 // (count, index of the first) of the NaN/Inf values in a buffer of dtype code `dtype`: the check
 // of every merged output chunk (fastmerge/output/report.py nonfinite_in)
 std::tuple<int64_t, int64_t> count_nonfinite(const py::object& obj, int dtype) {
@@ -204,6 +263,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("model_stats", &model_stats);
   m.def("topk_window", &topk_window);
   m.def("gram", &gram, "float64 Gram matrix of buffers (or of their differences to the last)");
+  m.def("della", &della, "della / della_linear over a chunk of whole rows (reduce or apply)");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   m.def("count_nonfinite", &count_nonfinite, "(count, first index) of a buffer's NaN/Inf values");
 }

@@ -60,6 +60,32 @@ void philox_dare_block(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t le
 int philox_dare_isa(uint32_t key_lo, uint32_t key_hi, uint64_t j0, int64_t len, uint32_t* out,
                     int isa);
 
+// della / della_linear (della.cpp; fastmerge/methods/della.py is the semantics) over a chunk of
+// whole rows of row_len elements whose first element is tensor element `offset`.
+struct DellaParams {
+  int64_t row_len = 1;
+  const double* density = nullptr;  // [n]
+  const double* epsilon = nullptr;  // [n]
+  const uint64_t* keys = nullptr;   // [n] Philox keys (rng.dare_key)
+  const float* weight = nullptr;    // [n] (apply)
+  const float* scale = nullptr;     // [n] L1 rescale factors, 1 without rescale (apply)
+  float lambda = 1.0f;              // (apply)
+  bool elect = true;                // TIES sign election (della) or a plain sum (della_linear)
+  bool normalize = true;
+  // keep-mask bits of the whole tensor: n planes of mask_rows rows of ceil(row_len / 64)
+  // words, written by della_reduce and read by della_apply instead of ranking again; or null
+  uint64_t* mask = nullptr;
+  int64_t mask_rows = 0;
+};
+// l1[2 i] += sum |d_i|, l1[2 i + 1] += sum of the kept |d_i| (float64, rows in order, so the
+// same bits in any chunking or thread count); nonfinite[n + 1] += NaN/Inf counts of the models
+// and the base. False if a work buffer could not be allocated.
+bool della_reduce(const Inputs& in, const DellaParams& p, int64_t offset, double* l1,
+                  int64_t* nonfinite, int nthreads);
+// The merged chunk (numel elements of out_dtype); nonfinite as della_reduce.
+bool della_apply(const Inputs& in, const DellaParams& p, int64_t offset, void* out, int out_dtype,
+                 int64_t* nonfinite, int nthreads);
+
 // Whether fused_merge takes the AVX-512 block path of merge_avx512.h where it applies (on by
 // default; tests switch it off to compare it byte for byte with the generic code). set_*
 // returns the previous setting.

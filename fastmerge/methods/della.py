@@ -29,6 +29,8 @@ Defined where mergekit is fragile (docs/semantics.md):
 """
 from __future__ import annotations
 
+import math
+
 from . import rng
 from .core import Chunk, Job, Method
 from .lazy_torch import torch
@@ -60,8 +62,8 @@ def _schema(name: str, normalize: bool) -> MethodSchema:
 def row_length(shape) -> int:
     """Length of a della row: dim 1 for 2-D and more, the whole tensor for 0-/1-D."""
     if len(shape) < 2:
-        return max(1, int(torch.Size(shape).numel()))
-    return int(torch.Size(shape[1:]).numel())
+        return max(1, math.prod(shape))
+    return math.prod(shape[1:])
 
 
 def keep_thresholds(delta_rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -91,7 +93,8 @@ def della_mask(delta: torch.Tensor, offset: int, row_len: int, density: float, e
 
 class Della(Method):
     reductions = ("per model: L1 norm of the task vector and of its kept part over the whole "
-                  "tensor (2 float64 sums; the Philox mask is recomputed in the apply pass)")
+                  "tensor (2 float64 sums; the reference recomputes the mask in the apply "
+                  "pass, the kernel of backends/cpu/della.py keeps it as bits)")
 
     def __init__(self, name: str, elect: bool, normalize: bool):
         self.schema = _schema(name, normalize)

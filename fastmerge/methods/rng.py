@@ -11,7 +11,6 @@ Choices where docs/semantics.md is silent (also in docs/semantics.md):
 """
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the key and threshold helpers run without torch (pipeline/native.py)
@@ -91,31 +90,12 @@ def philox4x32_10(counter: tuple, key: tuple[int, int]) -> tuple[torch.Tensor, .
     return c0, c1, c2, c3
 
 
-# Set only inside compiled_words(): a compiled generator of the very same words (the pipeline's
-# della pass); the reference tests never set it, so they check the kernels, not themselves.
-_compiled_words = None
-
-
-@contextlib.contextmanager
-def compiled_words(source):
-    """Within the block, CPU calls of ``philox_uniform_u32`` return ``source(key, start,
-    count)`` (an int64 tensor of the same words), ~100x faster than the int64 torch version."""
-    global _compiled_words
-    previous, _compiled_words = _compiled_words, source
-    try:
-        yield
-    finally:
-        _compiled_words = previous
-
-
 def philox_uniform_u32(key: int, start: int, count: int, device=None) -> torch.Tensor:
     """The DARE words of element indices start .. start+count-1 under a 64-bit key (semantics v2):
     for element j, word ``j & 3`` of Philox(counter (lo32(j >> 2), hi32(j >> 2), 0, 0)).
 
     One Philox call per counter serves four consecutive elements; a run that starts or ends
     inside a group of four draws the whole group and keeps its part."""
-    if _compiled_words is not None and (device is None or str(device) == "cpu"):
-        return _compiled_words(key, start, count)
     import torch
     first, last = start >> 2, (start + count + 3) >> 2
     c = torch.arange(first, last, dtype=torch.int64, device=device)

@@ -7,6 +7,8 @@ by what the method declares, never by its name:
   chunks in sub-blocks), then its coefficients c and the kernels' fused weighted sum
   ``out = sum_k c_k V_k`` (the ``linear`` combine with the base as one more weighted input, no
   normalisation): the same C++ kernels as every method, and on CoreKernels without torch;
+- della and della_linear run the fused C++ kernel (della_pass.py: ranks, Philox masks, L1
+  rescale and the combine in one pass over whole rows, torch-free on CoreKernels);
 - any other method runs its float32 reference (``reduce`` over the chunks, then ``apply`` per
   chunk) through torch, imported then; inputs are converted in sub-blocks, so the reference
   never holds N float32 copies of a whole tensor (della's ranks need whole rows: chunks are
@@ -19,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..methods import resolve_spec, rng
+from ..methods import resolve_spec
 from ..methods.core import Chunk as RefChunk
 from ..methods.core import Job, check_finite, gram_matrix
 from ..methods.mergekit_methods import MERGEKIT_METHODS
 from ..planning.planner import plan_rows
+from . import della_pass
 from .budget import element_ranges
 
 SUB_ELEMS = 1 << 20   # elements per sub-block: bounds the float32/float64 temporaries
@@ -142,21 +145,10 @@ class _Sub:
             yield from self.of(ch)
 
 
-def _cpu_words():
-    """The CPU kernels' generator of the DARE/della words, or None where they are not built."""
-    from .. import _ext
-    if not _ext.load("_C")[0]:
-        return None
-    from .. import _C
-    return lambda key, start, count: _C.dare_words_block(key, start, count, 2)[0]
-
-
 def _reference(passes, ops, method, name, job, with_base, src, writer, writes) -> None:
-    words = _cpu_words() if method.schema.random else None
-    if words is None:
-        return _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes)
-    with rng.compiled_words(words):
-        return _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes)
+    if della_pass.merge(passes, method, name, job, src, writer, writes):
+        return
+    _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes)
 
 
 def _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes) -> None:
