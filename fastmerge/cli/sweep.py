@@ -2,8 +2,6 @@
 inputs (fastmerge/pipeline/sweep.py), each evaluated by ``--eval-command``."""
 from __future__ import annotations
 
-import os
-
 
 def add_parser(sub, size_arg, seed_arg, device_arg, backends) -> object:
     s = sub.add_parser("sweep", help="merge every point of a parameter grid from one read of "
@@ -39,6 +37,7 @@ def add_parser(sub, size_arg, seed_arg, device_arg, backends) -> object:
 
 
 def run(args) -> int:
+    from ..pipeline.launch_env import env_rank
     from ..pipeline.sweep import sweep
     rows = sweep(args.config, args.out_dir, args.grid, eval_command=args.eval_command,
                  eval_metric=args.eval_metric, keep_best=args.keep_best,
@@ -46,7 +45,7 @@ def run(args) -> int:
                  shard_size=args.shard_size, seed=args.seed, device=args.device,
                  backend=args.backend, quiet=args.quiet, lines_pattern=args.lines_pattern,
                  allow_nonfinite=args.allow_nonfinite)
-    if os.environ.get("RANK", "0") not in ("", "0"):   # under torchrun rank 0 says it once
+    if env_rank() != 0:   # under torchrun rank 0 says it once
         return 0
     for r in rows:
         score = "" if r.get("score") is None else f"  score {r['score']:g}"
