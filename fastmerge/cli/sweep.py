@@ -13,7 +13,8 @@ def add_parser(sub, size_arg, seed_arg, device_arg, backends) -> object:
     s.add_argument("out_dir", help="new output directory (written atomically)")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="values of one key: a parameter for every model (density, lambda, "
-                        "...), models[i].PARAM, lines.beta, merge_method; repeat for more keys")
+                        "...), models[i].PARAM, slices[i].PARAM, slices[i].sources[j].PARAM, "
+                        "lines.beta, merge_method; repeat for more keys")
     s.add_argument("--eval-command", default=None, metavar="CMD",
                    help="shell command run per point, {model} replaced by its directory; the "
                         "score is the last number it prints")

@@ -339,8 +339,7 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
                     shard_bytes=shard_bytes, seed=seed, lines_pattern=lines_pattern,
                     max_chunk_elems=max_chunk_elems, allow_nonfinite=allow_nonfinite)
     quiet = quiet or env_rank() != 0
-    # hub models to download (the points share their inputs): every check on their headers
-    # first
+    # hub models to download (the points share them): every check on their headers first
     if hub_downloads(points[0].cfg):
         _plan_and_check(open_headers_only, kinds, budget, points_per_pass, max_chunk_elems,
                         settings, True)

@@ -633,10 +633,8 @@ def _check_slice_values(i: int, sl: OutputSlice, n_slices: int, method: str, sli
                 return out
         return out + [(None, None)]
 
-    names = [p.name for p in schema.params] + (["seed"] if schema.random else [])
-    slots = [(k, None) for k in names if k == "seed" or schema.param(k).scope == "global"]
-    slots += [(k, j) for k in names if k != "seed" and schema.param(k).scope != "global"
-              for j, _ in models]
+    slots = [(p.name, None) for p in schema.params if p.scope == "global"]
+    slots += [(p.name, j) for p in schema.params if p.scope != "global" for j, _ in models]
     for t in _slice_depths(i, sl, n_slices):
         options = [choices(k, j, t) for k, j in slots]
         combos = itertools.product(*options)
