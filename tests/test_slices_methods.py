@@ -122,6 +122,12 @@ def cases(p):
                                           src(z, 2, 5)]},
                              {"sources": [src(z, 3, 5), src(x, 3, 5)],
                               "parameters": {"weight": 0.7}}]}
+    # mergekit's karcher ignores a base over slices: b names config.json only, slice 1's own
+    # base z is none of its sources; the inputs are the sources as listed
+    karcher_base_ignored = {"dtype": "float32", "base_model": b,
+                            "slices": [{"sources": [src(x, 0, 3), src(y, 1, 4)]},
+                                       {"sources": [src(y, 3, 5), src(x, 2, 4), src(b, 0, 2)],
+                                        "base_model": z}]}
     della_full = {**della, "parameters": {"lambda": 0.8, "density": 1.0}}
     nearswap = two({"parameters": {"t": 0.01}}, {"parameters": {"t": [0.001, 0.05]}})
     arcee = two(params1={"base_model": x})
@@ -129,6 +135,7 @@ def cases(p):
             "slerp_slice_base": ("slerp", slerp_slice_base), "nuslerp": ("nuslerp", nuslerp),
             "nuslerp_nobase": ("nuslerp", nuslerp_nobase),
             "model_stock": ("model_stock", model_stock), "karcher": ("karcher", karcher),
+            "karcher_base_ignored": ("karcher", karcher_base_ignored),
             "della_linear": ("della_linear", della), "nearswap": ("nearswap", nearswap),
             "multislerp": ("multislerp", multislerp), "della": ("della", della_full),
             "sce": ("sce", {**three, "parameters": {"select_topk": 0.5}}),
@@ -142,7 +149,8 @@ def config(ckpts, case):
 
 
 @pytest.mark.parametrize("case", ["slerp", "slerp_gradient", "slerp_slice_base", "nuslerp",
-                                  "nuslerp_nobase", "model_stock", "karcher", "della_linear",
+                                  "nuslerp_nobase", "model_stock", "karcher",
+                                  "karcher_base_ignored", "della_linear",
                                   "nearswap", "arcee_fusion", "multislerp", "della", "sce",
                                   "ram", "ramplus_tl"])
 def test_matches_mergekit(ckpts, tmp_path, case, monkeypatch):
@@ -189,6 +197,38 @@ def test_routes_and_parameters(ckpts):
             assert inputs.plan.spec_for(n).params["t"] == 0.8
     finally:
         close_inputs(inputs)
+
+
+def test_karcher_reads_no_base_over_slices(ckpts):
+    """karcher over slices: no base route; the inputs are the slice's sources in listed order
+    (a named base, top-level or the slice's own, is neither required among them nor added)."""
+    from fastmerge.pipeline.sliced import close_inputs, open_sliced
+    inputs = open_sliced(parse_config(config(ckpts, "karcher_base_ignored")))
+    try:
+        names = {c: c.dir.name for c in inputs.models}
+        q = "self_attn.q_proj.weight"
+        for out, want in [(0, [("x", 0), ("y", 1)]), (3, [("y", 3), ("x", 2), ("b", 0)])]:
+            base, models = inputs.routes[f"model.layers.{out}.{q}"]
+            assert base is None
+            assert [(names[c], n) for c, n in models] == \
+                [(m, f"model.layers.{k}.{q}") for m, k in want]
+        assert inputs.plan.config_model == ckpts["b"]
+    finally:
+        close_inputs(inputs)
+
+
+def test_slice_base_rule_is_mergekits_per_method():
+    """Which mergekit methods take a named base out of a slice's sources: mergekit 0.1.5's
+    own contract (BasePolicy.IGNORED: not), method by method."""
+    pytest.importorskip("mergekit")
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import BasePolicy
+
+    from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+    from fastmerge.recipe.config import slice_reads_base
+    for name in MERGEKIT_METHODS:
+        ignored = registry.get(name).spec.contract.base == BasePolicy.IGNORED
+        assert slice_reads_base(name) is not ignored, name
 
 
 def test_della_draws_keyed_by_output_name(ckpts, tmp_path):
@@ -291,6 +331,38 @@ def test_errors_name_the_key(ckpts, tmp_path, capsys):
     assert "weight" in err and "required" in err
 
 
+def test_per_tensor_rules_are_checked_where_the_config_is_read(ckpts, tmp_path, capsys):
+    """What mergekit's schemas check per tensor (a required parameter, della's density +-
+    epsilon inside (0, 1)) and passthrough's scale fail as config errors naming the key (exit
+    2, one line), not at plan time naming a tensor."""
+    b, x, y = ckpts["b"], ckpts["x"], ckpts["y"]
+    della = {"merge_method": "della", "base_model": b,
+             "parameters": {"weight": 0.5, "density": 0.5},
+             "slices": [{"sources": [src(b, 0, 2), src(x, 0, 2), src(y, 0, 2)]},
+                        {"sources": [src(b, 2, 4), src(x, 2, 4),
+                                     src(y, 2, 4, epsilon=[0.1, 0.6])]}]}
+    della_density = {**della, "parameters": {"weight": 0.5, "density": 0.95}}
+    slerp = {"merge_method": "slerp", "base_model": b,
+             "slices": [{"sources": [src(b, 0, 2), src(x, 0, 2)], "parameters": {"t": 0.5}},
+                        {"sources": [src(b, 2, 4), src(x, 2, 4)]}]}
+    scale = {"merge_method": "passthrough",
+             "slices": [{"sources": [src(x, 0, 2)]}, {"sources": [src(y, 1, 3, scale="abc")]}]}
+    for raw, want in [
+            (della, "slices[1].sources[2].parameters.epsilon: epsilon = 0.6 must keep density "
+                    "+- epsilon inside (0, 1) for density 0.5"),
+            (della_density, ": parameters.density: epsilon = 0.15 must keep"),
+            (slerp, "slices[1].parameters.t: required by merge_method 'slerp'"),
+            (scale, "slices[1].sources[0].parameters.scale: must be a number, got 'abc'")]:
+        err = _err(ckpts, tmp_path, capsys, raw)
+        assert want in err and "for tensor" not in err, err
+    # a condition a tensor may fall through: the top-level value applies
+    slerp["slices"][1]["parameters"] = {"t": [{"filter": "mlp", "value": 0.2}]}
+    err = _err(ckpts, tmp_path, capsys, slerp)
+    assert "slices[1].parameters.t: required" in err, err
+    slerp["parameters"] = {"t": 0.4}
+    parse_config(slerp)
+
+
 def test_parse_errors():
     with pytest.raises(ConfigError, match=r"slices\[1\]: merge_method 'nearswap' needs a "
                                           r"base_model"):
@@ -313,6 +385,8 @@ def _same_dirs(a: Path, b: Path):
     ("ties", ["density=0.3,0.8", "slices[0].sources[1].weight=0.2,0.9"]),
     ("passthrough", ["slices[0].sources[0].scale=1,2"]),
     ("slerp_models", ["t=0.2,0.7"]),
+    # fastmerge's methods beside a mergekit one: a base read or not, each its own routes
+    ("mixed", ["merge_method=task_arithmetic,linear,karcher"]),
 ])
 def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
     from fastmerge.pipeline import native
@@ -329,6 +403,10 @@ def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
     elif case == "passthrough":
         raw = {"merge_method": "passthrough",
                "slices": [{"sources": [src(x, 0, 3)]}, {"sources": [src(y, 1, 3)]}]}
+    elif case == "mixed":
+        raw = {"merge_method": "task_arithmetic", "base_model": b, "dtype": "float32",
+               "slices": [{"sources": [src(b, 0, 3), src(x, 1, 4), src(y, 2, 5)]},
+                          {"sources": [src(b, 2, 4), src(x, 0, 2), src(y, 3, 5)]}]}
     else:   # a mergekit method over 'models:' sweeps too
         raw = {"merge_method": "slerp", "base_model": b, "models": [{"model": x}],
                "dtype": "float32", "parameters": {"t": 0.5}}
@@ -340,11 +418,12 @@ def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
     assert main(argv) == 0
     rows = yaml.safe_load((out / "sweep.json").read_text())
     rows = rows["points"] if isinstance(rows, dict) else rows
-    n = 4 if case in ("slerp", "ties") else 2
+    n = 4 if case in ("slerp", "ties") else 3 if case == "mixed" else 2
     assert len(rows) == n
     # one read of the inputs where the points' routes are the same; a copied source (scale
-    # 1) and a scaled one read differently
-    assert [r["pass"] for r in rows] == ([1, 2] if case == "passthrough" else [1] * n)
+    # 1) and a scaled one read differently, as do methods with a base and without
+    passes = {"passthrough": [1, 2], "mixed": [1, 2, 3]}.get(case, [1] * n)
+    assert sorted(r["pass"] for r in rows) == passes
     for r in rows:
         one = tmp_path / "single" / r["point"]
         point_cfg = tmp_path / f"{r['point']}.yml"
@@ -355,6 +434,28 @@ def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
         a, b2 = (load_dir(Path(r["path"])) for r in rows[:2])
         assert not torch.equal(a["model.layers.4.mlp.up_proj.weight"],
                                b2["model.layers.4.mlp.up_proj.weight"])
+
+
+def test_sweep_errors_name_the_point(ckpts, tmp_path, capsys, monkeypatch):
+    """An error while a sliced point is re-planned (sliced.reroute) names the grid point, as
+    one while it is resolved does; a bad value is a config error of its point."""
+    import fastmerge.pipeline.sweep as sw
+    cfg = write_yaml(tmp_path / "c.yml", {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [src(ckpts["x"], 0, 3)]}, {"sources": [src(ckpts["y"], 1, 3)]}]})
+    argv = ["sweep", str(cfg), str(tmp_path / "out")]
+    assert main(argv + ["--grid", "slices[1].sources[0].scale=abc,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fastmerge: error: grid point slices[1].sources[0].scale=abc: " \
+                  "slices[1].sources[0].parameters.scale: must be a number, got 'abc'", err
+
+    def fail(inputs, cfg):
+        raise ConfigError("slices[1]: re-planning failed")
+    monkeypatch.setattr(sw, "reroute", fail)
+    assert main(argv + ["--grid", "slices[1].sources[0].scale=3,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "grid point slices[1].sources[0].scale=3: slices[1]: re-planning failed" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_sweep_grid_keys_over_slices(ckpts):
@@ -369,6 +470,17 @@ def test_sweep_grid_keys_over_slices(ckpts):
                        ("slices[5].t=0.1", "the config lists 2 slices"),
                        ("slices[0].sources[4].t=0.1", r"slices\[0\] lists 2 sources"),
                        ("lines.beta=1", "unknown grid key"),
-                       ("slices[0].t=2", r"slices\[0\].parameters.t")]:
+                       ("slices[0].t=2", r"slices\[0\].parameters.t"),
+                       ("slices[x].t=1", r"write slices\[I\].PARAM or "
+                                         r"slices\[I\].sources\[J\].PARAM"),
+                       ("slices[0].sources.t=1", r"write slices\[I\].PARAM"),
+                       ("slices[0].sources[0].model=x", "would change the inputs"),
+                       ("models[0].weight=1", "the config has no models:")]:
         with pytest.raises(ConfigError, match=match):
             expand(raw, [key])
+    one = {**raw, "slices": raw["slices"][:1]}
+    one["slices"][0] = {**one["slices"][0], "sources": one["slices"][0]["sources"][:1]}
+    for key, match in [("slices[1].t=1", "the config lists 1 slice$"),
+                       ("slices[0].sources[1].t=1", r"slices\[0\] lists 1 source$")]:
+        with pytest.raises(ConfigError, match=match):
+            expand(one, [key])

@@ -152,7 +152,10 @@ def test_eval_keep_best_and_failures(ckpts, tmp_path):
     (["density=0.5,1.7"], "density=1.7"),
     (["models[5].weight=1"], "lists 2 models"),
     (["models[x].weight=1"], "write models[I].PARAM"),
-    (["models[0].model=x"], "unknown parameter 'model'"),
+    (["models[0].model=x"], "would change the inputs"),
+    (["models[0].preconditioner_path=x"], "would change the inputs"),
+    (["models[0].parameters.model=x"], "unknown parameter 'model'"),
+    (["slices[0].t=1"], "the config has no slices:"),
     (["base_model=x"], "would change the inputs"),
     (["merge_method=ties,nope"], "merge_method=nope"),
 ])

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import backend_device
 
+import fastmerge.pipeline.sweep as sw
 from fastmerge.cli import main
 from fastmerge.cli.demo import make_synthetic_checkpoints
 
@@ -27,12 +28,22 @@ def cfg(tmp_path_factory):
     return path
 
 
-def test_each_point_is_merge_on_the_same_backend(cfg, tmp_path, backend):
+def test_each_point_is_merge_on_the_same_backend(cfg, tmp_path, backend, monkeypatch):
     on = ["--backend", backend, "--device", backend_device(backend)]
     out = tmp_path / "sweep"
+    shared = []
+    real = sw.shared_thresholds
+
+    def spy(members, name, numel, k0, src):
+        got = real(members, name, numel, k0, src)
+        shared.append((name, sorted(got)))
+        return got
+    monkeypatch.setattr(sw, "shared_thresholds", spy)
     # two ties points: one shared selection answers both (the interpreter is slow: 2 points)
     assert main(["sweep", str(cfg), str(out), "--grid", "density=0.3,0.7", "--quiet",
                  *on]) == 0
+    # every merged tensor's thresholds came from the one selection, for both points
+    assert shared and all(points == [0, 1] for _, points in shared), shared
     points = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(points) == 2
     for p in points:

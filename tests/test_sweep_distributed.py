@@ -29,16 +29,38 @@ def cfg(tmp_path_factory):
                    for m, w in zip(p["models"], (0.5, 0.3, 0.2))]})
 
 
-def _args(cfg, out) -> list:
-    return ["sweep", str(cfg), str(out), *[x for g in GRID for x in ("--grid", g)],
+@pytest.fixture(scope="module")
+def sliced_cfg(tmp_path_factory):
+    """mergekit's slerp over slices (a repeated, shifted layer range); the grid adds nearswap,
+    both over the same routes."""
+    root = tmp_path_factory.mktemp("sweep_dist_slices")
+    p = make_synthetic_checkpoints(root, n_models=1, layers=2, hidden=64, inter=96,
+                                   vocab=128, shards=2)
+    b, x = str(p["base"]), str(p["models"][0])
+    return write_yaml(root / "c.yml", {
+        "merge_method": "slerp", "base_model": b, "dtype": "float32",
+        "parameters": {"t": 0.5},
+        "slices": [{"sources": [{"model": b, "layer_range": [0, 2]},
+                                {"model": x, "layer_range": [0, 2]}]},
+                   {"sources": [{"model": b, "layer_range": [1, 2]},
+                                {"model": x, "layer_range": [0, 1]}]}]})
+
+
+def _args(cfg, out, grid=GRID) -> list:
+    return ["sweep", str(cfg), str(out), *[x for g in grid for x in ("--grid", g)],
             "--quiet", "--seed", "7", "--shard-size", SHARD]
 
 
-def test_torchrun_sweep_is_the_one_process_sweep(cfg, tmp_path):
+@pytest.mark.parametrize("which", ["models", "slices"])
+def test_torchrun_sweep_is_the_one_process_sweep(cfg, sliced_cfg, tmp_path, which):
+    if which == "slices":
+        cfg, grid = sliced_cfg, ["merge_method=slerp,nearswap", "t=0.3,0.6"]
+    else:
+        grid = GRID
     one = tmp_path / "one"
-    assert main(_args(cfg, one)) == 0
+    assert main(_args(cfg, one, grid)) == 0
     two = tmp_path / "two"
-    r = _torchrun(["-m", "fastmerge", *_args(cfg, two)])
+    r = _torchrun(["-m", "fastmerge", *_args(cfg, two, grid)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads((two / "sweep.json").read_text())
     assert len(rows) == 4 and r.stdout.count(str(two)) == 4     # rank 0 lists the points once

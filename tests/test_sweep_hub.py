@@ -54,6 +54,62 @@ def test_headers_are_checked_before_the_download_and_points_match_local(hub, ckp
         got, exp = load_dir(r["path"]), load_dir(w["path"])
         assert got.keys() == exp.keys() and all((got[k] == exp[k]).all() for k in exp)
 
+
+def _sliced(m0="org/m0", m1="org/m1"):
+    """passthrough over slices: a copied source (scale 1) and a scaled one read differently,
+    so the scale-2 point opens inputs of its own (sweep._point_inputs)."""
+    return {"merge_method": "passthrough",
+            "slices": [{"sources": [{"model": m0, "layer_range": [0, 2]}]},
+                       {"sources": [{"model": m1, "layer_range": [1, 2]}]}]}
+
+
+SLICED_GRID = ["slices[0].sources[0].scale=1,2"]
+
+
+def _same_points(rows, want):
+    assert [r["point"] for r in rows] == [r["point"] for r in want]
+    for r, w in zip(rows, want):
+        got, exp = load_dir(r["path"]), load_dir(w["path"])
+        assert got.keys() == exp.keys() and all((got[k] == exp[k]).all() for k in exp)
+
+
+def test_a_sliced_sweep_checks_every_points_inputs_before_download(hub, ckpts, tmp_path,
+                                                                   monkeypatch):
+    opened = []
+    real = sw.open_headers_only
+
+    def spy(cfg, moments):
+        opened.append(cfg.raw["slices"][0]["sources"][0].get("parameters"))
+        return real(cfg, moments)
+    monkeypatch.setattr(sw, "open_headers_only", spy)
+    rows = sw.sweep(_sliced(), tmp_path / "out", SLICED_GRID)
+    assert len(opened) == 2 and {"scale": 2} in opened   # the second point's own inputs
+    first = hub.log.index(hub.downloads()[0])
+    assert {c[1] for c in hub.log[:first] if c[0] == "get_safetensors_metadata"} == \
+        {"org/m0", "org/m1"}
+    assert [r["pass"] for r in rows] == [1, 2]
+    local = _sliced(str(ckpts["models"][0]), str(ckpts["models"][1]))
+    _same_points(rows, sw.sweep(local, tmp_path / "local", SLICED_GRID))
+
+
+def test_a_sliced_point_whose_headers_cannot_be_read_goes_on(hub, ckpts, tmp_path,
+                                                            monkeypatch):
+    """Where a point's own inputs cannot be opened from their headers (a .bin-only hub repo:
+    open_headers_only gives None), the pre-check stops there and the sweep goes on as a merge
+    does: the weights downloaded, every point merged."""
+    calls = []
+    real = sw.open_headers_only
+
+    def second_unreadable(cfg, moments):
+        calls.append(cfg)
+        return real(cfg, moments) if len(calls) == 1 else None
+    monkeypatch.setattr(sw, "open_headers_only", second_unreadable)
+    rows = sw.sweep(_sliced(), tmp_path / "out", SLICED_GRID)
+    assert len(calls) == 2 and hub.downloads()
+    local = _sliced(str(ckpts["models"][0]), str(ckpts["models"][1]))
+    _same_points(rows, sw.sweep(local, tmp_path / "local", SLICED_GRID))
+
+
 def test_a_layer_count_mismatch_fails_before_download(hub, tmp_path):
     with pytest.raises(CheckpointError, match="model.layers.2.* is not in the base model"):
         sw.sweep(_cfg(models=("org/m0", "org/deep")), tmp_path / "out", GRID)

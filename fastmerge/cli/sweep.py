@@ -2,8 +2,6 @@
 inputs (fastmerge/pipeline/sweep.py), each evaluated by ``--eval-command``."""
 from __future__ import annotations
 
-import os
-
 
 def add_parser(sub, size_arg, seed_arg, device_arg, backends) -> object:
     s = sub.add_parser("sweep", help="merge every point of a parameter grid from one read of "
@@ -15,7 +13,8 @@ def add_parser(sub, size_arg, seed_arg, device_arg, backends) -> object:
     s.add_argument("out_dir", help="new output directory (written atomically)")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="values of one key: a parameter for every model (density, lambda, "
-                        "...), models[i].PARAM, lines.beta, merge_method; repeat for more keys")
+                        "...), models[i].PARAM, slices[i].PARAM, slices[i].sources[j].PARAM, "
+                        "lines.beta, merge_method; repeat for more keys")
     s.add_argument("--eval-command", default=None, metavar="CMD",
                    help="shell command run per point, {model} replaced by its directory; the "
                         "score is the last number it prints")
@@ -39,6 +38,7 @@ def add_parser(sub, size_arg, seed_arg, device_arg, backends) -> object:
 
 
 def run(args) -> int:
+    from ..pipeline.launch_env import env_rank
     from ..pipeline.sweep import sweep
     rows = sweep(args.config, args.out_dir, args.grid, eval_command=args.eval_command,
                  eval_metric=args.eval_metric, keep_best=args.keep_best,
@@ -46,7 +46,7 @@ def run(args) -> int:
                  shard_size=args.shard_size, seed=args.seed, device=args.device,
                  backend=args.backend, quiet=args.quiet, lines_pattern=args.lines_pattern,
                  allow_nonfinite=args.allow_nonfinite)
-    if os.environ.get("RANK", "0") not in ("", "0"):   # under torchrun rank 0 says it once
+    if env_rank() != 0:   # under torchrun rank 0 says it once
         return 0
     for r in rows:
         score = "" if r.get("score") is None else f"  score {r['score']:g}"

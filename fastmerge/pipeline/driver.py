@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -450,10 +450,12 @@ def merge(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_
 @contextmanager
 def resolved_merge(config, out_dir, make_kernels: Callable, *, memory_budget, shard_size, seed,
              overwrite: bool, lines_pattern, max_chunk_elems, local_world_size: int,
-             opening=nullcontext):
+             open_headers=None):
     """What a merge and its dry run start with: the settings checked, ``make_kernels()``
-    bound to the inputs (opened inside ``opening()``), the merge resolved; yields
-    (Resolved, kernels, memory budget), then closes the inputs and the kernels."""
+    bound to the inputs (``open_headers``: the dry run's, sliced.open_headers_only with its
+    note; else open_merge_inputs, resolved on the headers first where a hub model would be
+    downloaded), the merge resolved; yields (Resolved, kernels, memory budget), then closes
+    the inputs and the kernels."""
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     out_dir, budget, shard_bytes = merge_settings(cfg, out_dir, overwrite, memory_budget,
                                                   shard_size, lines_pattern,
@@ -465,8 +467,8 @@ def resolved_merge(config, out_dir, make_kernels: Callable, *, memory_budget, sh
                        dist=k.dist, budget=budget, out_dir=out_dir, shard_bytes=shard_bytes,
                        seed=seed, lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems)
     try:
-        with opening():   # hub models to download: resolved from their headers first
-            inputs = open_merge_inputs(cfg, cfg.info.needs_second_moments, precheck=resolved)
+        inputs = open_headers(cfg, cfg.info.needs_second_moments) if open_headers else \
+            open_merge_inputs(cfg, cfg.info.needs_second_moments, precheck=resolved)
         try:
             k.bind(inputs)
             yield resolved(inputs), k, budget

@@ -14,34 +14,20 @@ hub model fails, as in a merge.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, Optional
 
-from ..checkpoint.safetensors_file import ST_SIZES, CheckpointError
-from ..checkpoint.sources import hub_headers_only
+from ..checkpoint.safetensors_file import ST_SIZES
 from ..methods.kernel_params import needs_l1
 from ..output.report import apply_lines, resolved_parameters
 from ..planning.planner import SELECTING
 from ..recipe.config import MergeConfig, load_config
 from .budget import element_ranges
 from .driver import Resolved, resolved_merge
-from .sliced import TOKENIZER_FILES
+from .sliced import open_headers_only
 
-
-@contextmanager
-def _hub_headers(cfg: MergeConfig):
-    """Uncached hub models opened from their headers (no weight downloaded); a ``.bin``-only
-    one, which cannot be, is said to be so."""
-    with hub_headers_only(TOKENIZER_FILES if cfg.tokenizer_source is not None else ()) \
-            as state:
-        try:
-            yield
-        except CheckpointError as exc:
-            if state.unchecked:
-                raise CheckpointError(f"{exc}; it is not in the local cache, so the dry run "
-                                      f"cannot show it (a merge downloads it, then checks "
-                                      f"it)") from None
-            raise
+# said after the error of an uncached hub model that cannot be opened from its headers
+_CANNOT_SHOW = ("it is not in the local cache, so the dry run cannot show it (a merge "
+                "downloads it, then checks it)")
 
 
 def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shard_size="5GB",
@@ -54,7 +40,8 @@ def dry_run(config, out_dir, make_kernels: Callable, *, memory_budget=None, shar
                         shard_size=shard_size, seed=seed, overwrite=overwrite,
                         lines_pattern=lines_pattern, max_chunk_elems=max_chunk_elems,
                         local_world_size=local_world_size,
-                        opening=lambda: _hub_headers(cfg)) as (r, k, budget):
+                        open_headers=lambda c, moments: open_headers_only(
+                            c, moments, unchecked=_CANNOT_SHOW)) as (r, k, budget):
         return describe_plan(r, k, budget)
 
 

@@ -19,6 +19,7 @@ from ..output.report import MergeResult
 from ..recipe.config import MergeConfig, load_config
 from .core_kernels import CoreKernels, core
 from .driver import merge as run_pipeline
+from .launch_env import env_world
 
 _core = core   # tests ask whether fastmerge._core is built
 
@@ -30,7 +31,7 @@ def why_not(cfg: MergeConfig, device: str = "cpu", backend: str = "auto") -> Opt
         return "FASTMERGE_NATIVE=0"
     if str(device) != "cpu" or backend not in ("auto", "cpu"):
         return f"device {device} / backend {backend}"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if env_world()[1] > 1:
         return "several processes (torchrun)"
     if info.needs_second_moments:
         return f"merge_method {cfg.method} reads second moments"

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from ..output.writer import AtomicDirectory, OutputError, ShardWriter, _raise_write_error
+from .launch_env import env_world, local_rank, local_world_size  # noqa: F401 (re-exported)
 from .streaming import element_ranges
 
 SPLIT_ENV = "FASTMERGE_SPLIT_BYTES"          # tensors above this many bytes are split by rows
@@ -50,13 +51,6 @@ _owns_group = False
 
 
 # ----------------------------------------------------------------------------- process group
-def _env_world() -> tuple[int, int]:
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 0, 1
-
-
 def world() -> tuple[int, int]:
     """(rank, world_size): from torch.distributed when initialised, else (0, 1)."""
     try:
@@ -72,15 +66,8 @@ def rank_prefix() -> str:
     """'rank R of K: ' in a multi-process run (from torch.distributed or torchrun's env)."""
     rank, size = world()
     if size == 1:
-        rank, size = _env_world()
+        rank, size = env_world()
     return f"rank {rank} of {size}: " if size > 1 else ""
-
-
-def local_world_size() -> int:
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
 
 
 def init_from_env(device: str = "cpu") -> str:
@@ -90,12 +77,11 @@ def init_from_env(device: str = "cpu") -> str:
     GPU is made current (LOCAL_RANK), so "cuda" means that GPU. Returns ``device``."""
     global _owns_group
     import torch.distributed as dist
-    _, size = _env_world()
+    _, size = env_world()
     cuda = str(device).startswith("cuda")
     if cuda and size > 1 and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         if str(device) == "cuda":
-            torch.cuda.set_device(local % torch.cuda.device_count())
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     if size <= 1 or dist.is_initialized():
         return device
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK") if v not in os.environ]

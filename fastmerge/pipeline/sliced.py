@@ -69,25 +69,36 @@ def open_merge_inputs(cfg: MergeConfig, needs_moments: bool, precheck=None) -> I
     """open_inputs, or the sliced inputs for a ``slices:`` config; with the tokenizer source
     found (before any work: a missing one is an error now, not after the merge).
     ``precheck(inputs)``: where a hub model must be downloaded, the inputs are first opened
-    from the hub's config.json, indexes and safetensors headers alone (hub_headers_only) and
-    ``precheck`` (the pipeline's resolve) runs on them: a config or input error comes before
-    any weight is downloaded. A ``.bin``-only hub repo cannot be checked so: then the merge
-    goes on as without ``precheck``."""
+    by ``open_headers_only`` and ``precheck`` (the pipeline's resolve) runs on them: a config
+    or input error comes before any weight is downloaded. A ``.bin``-only hub repo cannot be
+    checked so: then the merge goes on as without ``precheck``."""
     if precheck is not None and hub_downloads(cfg):
-        view = None
-        with hub_headers_only(TOKENIZER_FILES if cfg.tokenizer_source is not None else ()) \
-                as state:
-            try:
-                view = _open_merge_inputs(cfg, needs_moments)
-            except CheckpointError:
-                if not state.unchecked:
-                    raise
+        view = open_headers_only(cfg, needs_moments)
         if view is not None:
             try:
                 precheck(view)
             finally:
                 close_inputs(view)
     return _open_merge_inputs(cfg, needs_moments)
+
+
+def open_headers_only(cfg: MergeConfig, needs_moments: bool,
+                      unchecked: Optional[str] = None) -> Optional[Inputs]:
+    """The inputs of ``cfg`` with every uncached hub model opened from its config.json,
+    indexes and safetensors headers (hub_headers_only: no weight downloaded), or None where a
+    hub model cannot be opened so (a ``.bin``-only repo; with ``unchecked``, that model's
+    error instead, with this said after it). The pre-checks of a merge and of a sweep, and
+    the dry run, open their inputs here."""
+    with hub_headers_only(TOKENIZER_FILES if cfg.tokenizer_source is not None else ()) \
+            as state:
+        try:
+            return _open_merge_inputs(cfg, needs_moments)
+        except CheckpointError as exc:
+            if not state.unchecked:
+                raise
+            if unchecked is not None:
+                raise CheckpointError(f"{exc}; {unchecked}") from None
+            return None
 
 
 # the files besides config.json a vocabulary step reads from a hub model's snapshot

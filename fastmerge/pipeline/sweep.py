@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..checkpoint.safetensors_file import ST_SIZES, CheckpointError
-from ..checkpoint.sources import hub_headers_only
 from ..methods.kernel_params import pass_ids
 from ..output.report import (
     NonFiniteCheck,
@@ -49,11 +48,12 @@ from .budget import (
 )
 from .driver import _Passes, _Writes, out_chunk_bytes, prepare, resolve
 from .inputs import check_output_apart_from_inputs, name_files
+from .launch_env import env_rank, local_world_size
 from .method_pass import merge_tensor as merge_mergekit_tensor
 from .sliced import (
-    TOKENIZER_FILES,
     close_inputs,
     hub_downloads,
+    open_headers_only,
     open_merge_inputs,
     reroute,
     same_routes,
@@ -77,7 +77,10 @@ class Member:
 
 @dataclass
 class Group:
-    """Points that read the same inputs with the same kind of kernels."""
+    """Points that read the same checkpoints with the same kind of kernels, in one pass over
+    them. ``inputs``: those the group was opened with; a 'slices:' point carries its own
+    re-planned inputs (its Member's ``r.inputs``: its routes over these checkpoints, which
+    equal the group's, ``sliced.same_routes``)."""
     inputs: object
     members: list
 
@@ -322,7 +325,7 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
                               f"OUT_DIR (choose another path, or remove it)")
     # as a merge's: the default budget is per process, shared by the ranks of one node
     budget = parse_size(memory_budget, "memory budget") if memory_budget is not None \
-        else default_budget() // _local_world_size()
+        else default_budget() // local_world_size()
     shard_bytes = parse_size(shard_size, "shard size")
     if lines_pattern is not None:
         for p in points:
@@ -335,9 +338,10 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
     settings = dict(device=device, backend=backend, budget=budget, target=target,
                     shard_bytes=shard_bytes, seed=seed, lines_pattern=lines_pattern,
                     max_chunk_elems=max_chunk_elems, allow_nonfinite=allow_nonfinite)
-    quiet = quiet or _env_rank() != 0
-    if _hub_downloads(points):   # hub models to download: every check on their headers first
-        _plan_and_check(_open_headers_only, kinds, budget, points_per_pass, max_chunk_elems,
+    quiet = quiet or env_rank() != 0
+    # hub models to download (the points share them): every check on their headers first
+    if hub_downloads(points[0].cfg):
+        _plan_and_check(open_headers_only, kinds, budget, points_per_pass, max_chunk_elems,
                         settings, True)
     opened: list = []
     t_start = time.perf_counter()
@@ -367,38 +371,6 @@ def sweep(config, out_dir, grid, *, eval_command: Optional[str] = None,
     return finish(final, rows, eval_command, eval_metric, keep_best, quiet)
 
 
-def _env_rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
-def _local_world_size() -> int:
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def _hub_downloads(points: list) -> bool:
-    return any(hub_downloads(p.cfg) for p in points[:1])   # the points share their inputs
-
-
-def _open_headers_only(cfg, needs_moments: bool):
-    """The inputs of ``cfg`` from the hub's config.json, indexes and safetensors headers
-    (nothing downloaded), or None where that cannot check them (a ``.bin``-only repo: the
-    merge's pre-check goes on without it too)."""
-    with hub_headers_only(TOKENIZER_FILES if cfg.tokenizer_source is not None else ()) \
-            as state:
-        try:
-            return open_merge_inputs(cfg, needs_moments)
-        except CheckpointError:
-            if not state.unchecked:
-                raise
-            return None
-
-
 def _plan_and_check(open_inputs, kinds: dict, budget: int, per_pass, max_chunk_elems,
                     settings: dict, quiet: bool, opened: Optional[list] = None) -> list:
     """Every point resolved on ``open_inputs(cfg, needs_moments)`` of its group, the passes
@@ -408,7 +380,8 @@ def _plan_and_check(open_inputs, kinds: dict, budget: int, per_pass, max_chunk_e
     opened = opened if keep else []
     try:
         for kind, pts in kinds.items():
-            inputs = open_inputs(pts[0].cfg, kind[2])
+            with _at_point(pts[0]):   # a 'slices:' config is planned with its values
+                inputs = open_inputs(pts[0].cfg, kind[2])
             if inputs is None:
                 return []
             group = Group(inputs, [])
@@ -426,20 +399,28 @@ def _plan_and_check(open_inputs, kinds: dict, budget: int, per_pass, max_chunk_e
             _close(opened)
 
 
+@contextmanager
+def _at_point(p):
+    """A config error while a point is resolved or re-planned names the point."""
+    try:
+        yield
+    except ConfigError as exc:
+        where = ", ".join(f"{a}={b}" for a, b in p.values.items())
+        raise ConfigError(f"grid point {where}: {exc}") from None
+
+
 def _member(p, inputs, s: dict, bind: bool) -> Member:
     k = _make_kernels(p.cfg, s["device"], s["backend"])
     m = Member(p, None, k, row={"_allow_nonfinite": s["allow_nonfinite"]})
     try:
-        if bind:
-            k.bind(inputs)
-        m.r = resolve(p.cfg, inputs, chunking_name=k.chunking_name, device=k.device,
-                      dist=k.dist, budget=s["budget"], out_dir=s["target"] / p.name,
-                      shard_bytes=s["shard_bytes"], seed=s["seed"],
-                      lines_pattern=s["lines_pattern"], max_chunk_elems=s["max_chunk_elems"])
-    except ConfigError as exc:
-        k.close()
-        where = ", ".join(f"{a}={b}" for a, b in p.values.items())
-        raise ConfigError(f"grid point {where}: {exc}") from None
+        with _at_point(p):
+            if bind:
+                k.bind(inputs)
+            m.r = resolve(p.cfg, inputs, chunking_name=k.chunking_name, device=k.device,
+                          dist=k.dist, budget=s["budget"], out_dir=s["target"] / p.name,
+                          shard_bytes=s["shard_bytes"], seed=s["seed"],
+                          lines_pattern=s["lines_pattern"],
+                          max_chunk_elems=s["max_chunk_elems"])
     except BaseException:
         k.close()
         raise
@@ -451,6 +432,8 @@ def _close(groups: list) -> None:
         for m in g.members:
             m.k.close()
         close_inputs(g.inputs)
+
+
 def _point_inputs(p, group: Group, opened: list, moments: bool, open_inputs) -> tuple:
     """(the point's inputs, its Group). A 'models:' config's points share ``group``'s
     Inputs. A 'slices:' point is re-planned (sliced.reroute: its parameters and method) over
@@ -460,11 +443,12 @@ def _point_inputs(p, group: Group, opened: list, moments: bool, open_inputs) -> 
     if group.inputs.plan is None:
         return group.inputs, group
     first = next(i for i, g in enumerate(opened) if g is group)
-    for g in opened[first:]:
-        p_inputs = reroute(g.inputs, p.cfg)
-        if same_routes(p_inputs, g.inputs):
-            return p_inputs, g
-    inputs = open_inputs(p.cfg, moments)
+    with _at_point(p):
+        for g in opened[first:]:
+            p_inputs = reroute(g.inputs, p.cfg)
+            if same_routes(p_inputs, g.inputs):
+                return p_inputs, g
+        inputs = open_inputs(p.cfg, moments)
     if inputs is None:   # a hub pre-check that cannot see these inputs' headers
         return None, None
     g = Group(inputs, [])

@@ -197,7 +197,8 @@ def _is_scalar(x) -> bool:
 # tensor by resolve_spec (the error names the tensor a gradient or condition gave the value).
 _NUMBER_RULES = {"weight": False, "density": False, "gamma": False, "consensus_lambda": False,
                  "lambda": False, "power": False, "eps": False, "consensus_k": True,
-                 "seed": True}
+                 "seed": True, "scale": False}
+_NULLABLE = ("scale",)   # passthrough's scale: null is none, as in mergekit
 _CHOICE_RULES = {"normalize": NORMALIZES, "rescale": RESCALES + (True, False, "none", "None"),
                  "election": ELECTIONS, "consensus_method": ELECTIONS, "elect_on": ELECT_ON,
                  "ffg_metric": FFG_METRICS, "ota_normalize": OTA_NORMALIZES,
@@ -226,7 +227,7 @@ def _check_setting(where: str, setting, key: Optional[str] = None) -> None:
     non-empty list of {filter, value} conditions; with ``key``, each value is also checked as
     that parameter's value (a number in range, or one of its choices)."""
     if _is_scalar(setting):
-        if setting is None and key in _NUMBER_RULES:
+        if setting is None and key in _NUMBER_RULES and key not in _NULLABLE:
             raise ConfigError(f"{where}: no value given")
         if setting is not None:
             _check_leaf(where, key, setting)
@@ -487,9 +488,8 @@ def _layer_range(where: str, value) -> tuple:
     return a, b
 
 
-def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
-                 shared: dict) -> OutputSlice:
-    mergekit = canon if mk.is_mergekit_method(canon) else None
+def _parse_slice(i: int, sl, method: str, canon: str, mergekit: Optional[str], base,
+                 per_source: dict, shared: dict) -> OutputSlice:
     where = f"slices[{i}]"
     if not isinstance(sl, dict):
         raise ConfigError(f"{where}: must be a mapping with 'sources', got {_kind(sl)}")
@@ -545,6 +545,19 @@ def _parse_slice(i: int, sl, method: str, canon: str, base, per_source: dict,
     return OutputSlice(sources, sbase, params)
 
 
+# mergekit 0.1.5's contracts over slices, decided method by method where fastmerge's schema
+# says base "input" (over 'models:' a named base is one more input: mergekit's planner appends
+# it): karcher.py declares no InputContract, so BasePolicy.IGNORED drops a slice's base
+SLICE_BASE_IGNORED = frozenset({"karcher"})
+
+
+def slice_reads_base(method: str) -> bool:
+    """Whether mergekit's ``method`` over slices takes a named base out of a slice's sources
+    (then it must be one of them); else the sources are the inputs, as listed."""
+    return mk.MERGEKIT_METHODS[method].schema.base != "ignored" and \
+        method not in SLICE_BASE_IGNORED
+
+
 def _check_slice_inputs(where: str, method: str, slice_base, sources: list) -> None:
     """mergekit's check of one slice for its own methods: a base it reads must be one of the
     slice's sources; then the input counts the method takes."""
@@ -552,7 +565,7 @@ def _check_slice_inputs(where: str, method: str, slice_base, sources: list) -> N
     if schema.base == "required" and slice_base is None:
         raise ConfigError(f"{where}: merge_method {method!r} needs a base_model (top-level "
                           f"or {where}.base_model)")
-    reads_base = schema.base != "ignored"
+    reads_base = slice_reads_base(method)
     if reads_base and slice_base is not None and all(s.model != slice_base for s in sources):
         raise ConfigError(f"{where}.sources: the base model {slice_base!r} must be one of "
                           f"the slice's sources (with the layer_range it contributes)")
@@ -561,6 +574,105 @@ def _check_slice_inputs(where: str, method: str, slice_base, sources: list) -> N
         mk.check_inputs(method, has_base, len(sources) - (1 if has_base else 0))
     except ValueError as exc:
         raise ConfigError(f"{where}.sources: {str(exc).split(': ', 1)[1]}") from None
+
+
+def _possible(setting, t: float) -> list:
+    """The values a setting can give at depth ``t`` for some tensor name: a gradient's value
+    at t, each condition's (None: a tensor no condition matches falls through)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if _is_scalar(setting) or all(_is_scalar(e) for e in setting):
+        return [evaluate_setting("", setting, t)]
+    out = []
+    for cond in setting:
+        out += _possible(cond.get("value"), t)
+        if cond.get("filter") in (None, "*"):
+            return out
+    return out + [None]
+
+
+def _slice_depths(i: int, sl: OutputSlice, n_slices: int) -> list:
+    """The t a slice's tensors are merged at: its layers', and 0 outside the layers (the
+    embeddings from the first slice, the final norm and lm_head from the last)."""
+    n = sl.sources[0].length
+    ts = [k / (n - 1) for k in range(n)] if n > 1 else [1.0]
+    return ts + ([0.0] if i in (0, n_slices - 1) else [])
+
+
+# the value combinations one slice's check tries at most (conditions multiply them)
+_MAX_COMBINATIONS = 256
+
+
+def _check_slice_values(i: int, sl: OutputSlice, n_slices: int, method: str, slice_base,
+                        top: dict) -> None:
+    """What mergekit's schema checks per tensor (a required parameter set, della's density +-
+    epsilon inside (0, 1), ...), checked here for every depth and condition of slice ``i`` so
+    that the error names the key: ``slices[i].sources[j].parameters.X`` or
+    ``slices[i].parameters.X`` (where the value came from, else where to set it)."""
+    import itertools
+    schema = mk.MERGEKIT_METHODS[method].schema
+    reads_base = slice_reads_base(method) and slice_base is not None
+    models = [(j, s) for j, s in enumerate(sl.sources)
+              if not (reads_base and s.model == slice_base)]
+
+    def chain(j: Optional[int]) -> list:
+        """Where a parameter is looked up: the source (per-model ones), the slice, the top."""
+        own = [] if j is None else [(f"slices[{i}].sources[{j}].parameters",
+                                     sl.sources[j].parameters)]
+        return own + [(f"slices[{i}].parameters", sl.parameters), ("parameters", top)]
+
+    def choices(key: str, j: Optional[int], t: float) -> list:
+        """[(value or None, the key path that gave it or None)]."""
+        out = []
+        for where, params in chain(j):
+            if key not in params:
+                continue
+            vals = _possible(params[key], t)
+            out += [(v, f"{where}.{key}") for v in vals if v is not None]
+            if None not in vals:
+                return out
+        return out + [(None, None)]
+
+    slots = [(p.name, None) for p in schema.params if p.scope == "global"]
+    slots += [(p.name, j) for p in schema.params if p.scope != "global" for j, _ in models]
+    for t in _slice_depths(i, sl, n_slices):
+        options = [choices(k, j, t) for k, j in slots]
+        combos = itertools.product(*options)
+        for combo in itertools.islice(combos, _MAX_COMBINATIONS):
+            got = {slot: c for slot, c in zip(slots, combo)}
+
+            def value(key, idx, got=got):
+                return got[(key, None if idx is None else models[idx][0])][0]
+            try:
+                mk.resolve(method, len(models), value, 0)
+            except ValueError as exc:
+                raise _slice_value_error(i, exc, schema, models, got) from None
+
+
+def _slice_value_error(i: int, exc: ValueError, schema, models: list, got: dict) -> ConfigError:
+    """The schema's per-tensor error, naming the key of the parameter it is about: the first
+    parameter the message names that the config sets, else where to set the first one."""
+    import re
+    text = str(exc).split(": ", 1)[-1]
+    named = re.findall(r"\b(" + "|".join(re.escape(p.name) for p in schema.params) + r")\b",
+                       text) or [schema.params[0].name]
+    m = re.search(r"(?:models|" + re.escape(named[0]) + r")\[(\d+)\]", text)
+    j = models[min(int(m.group(1)) if m else 0, len(models) - 1)][0] if models else 0
+
+    def slot(key):
+        return key, None if schema.param(key).scope == "global" else j
+    key = next((k for k in named if got.get(slot(k), (None, None))[1] is not None), named[0])
+    text = re.sub(re.escape(named[0]) + r"\[\d+\]", named[0], text)   # "epsilon[1] = 0.6"
+    source = got.get(slot(key), (None, None))[1]
+    if source is not None:
+        return ConfigError(f"{source}: {text}")
+    shared = slot(key)[1] is None
+    where = f"slices[{i}].parameters" if shared else f"slices[{i}].sources[{j}].parameters"
+    if "required" not in text:
+        return ConfigError(f"{where}.{key}: {text}")
+    return ConfigError(f"{where}.{key}: required by merge_method {schema.name!r} (set it here"
+                       f"{'' if shared else f', under slices[{i}].parameters'} or under the "
+                       f"top-level parameters)")
 
 
 def _parse_sliced(raw: dict, canon: str, method: str, defaults: str,
@@ -585,8 +697,11 @@ def _parse_sliced(raw: dict, canon: str, method: str, defaults: str,
     slices_raw = raw["slices"]
     if not isinstance(slices_raw, list) or not slices_raw:
         raise ConfigError(f"slices: must be a non-empty list of slices, got {_kind(slices_raw)}")
-    slices = [_parse_slice(i, sl, method, canon, base, per_source, shared)
+    slices = [_parse_slice(i, sl, method, canon, mergekit, base, per_source, shared)
               for i, sl in enumerate(slices_raw)]
+    for i, sl in enumerate(slices):
+        if mergekit is not None:
+            _check_slice_values(i, sl, len(slices), mergekit, sl.base_model or base, params)
     refs: list = []
     for sl in slices:
         for r in [s.model for s in sl.sources] + [sl.base_model or base]:

@@ -19,6 +19,9 @@ _MODEL_KEY = re.compile(r"models\[(\d+)\]\.(?:parameters\.)?(\w+)")
 # a 'slices:' config's own parameters: slices[i].PARAM, slices[i].sources[j].PARAM
 _SLICE_KEY = re.compile(r"slices\[(\d+)\]\.(?:sources\[(\d+)\]\.)?(?:parameters\.)?(\w+)")
 _SLICE_INPUTS = ("model", "layer_range", "base_model", "sources")
+_MODEL_INPUTS = ("model", "preconditioner_path")
+_SLICE_INPUT_KEY = re.compile(r"slices\[\d+\]\.(?:base_model|sources|"
+                              r"sources\[\d+\]\.(?:model|layer_range)(?:\[\d+\])?)")
 
 
 @dataclass
@@ -70,14 +73,26 @@ def check_key(key: str) -> None:
     sliced = _SLICE_KEY.fullmatch(key)
     if sliced and (sliced.group(3) not in _SLICE_INPUTS or ".parameters." in key):
         return
-    if key.startswith("models[") and "." in key and not _MODEL_KEY.fullmatch(key):
+    model = _MODEL_KEY.fullmatch(key)
+    if model and (model.group(2) not in _MODEL_INPUTS or ".parameters." in key):
+        return
+    if key.startswith("models[") and "." in key and not model:
         # a per-model parameter written wrong, not an input
         raise ConfigError(f"grid key {key!r}: write models[I].PARAM with I a model's index "
                           f"(0 for the first), e.g. models[1].weight")
-    if head in INPUT_KEYS and not _MODEL_KEY.fullmatch(key):
+    if key.startswith("slices[") and "." in key and not sliced and \
+            not _SLICE_INPUT_KEY.fullmatch(key):
+        raise ConfigError(f"grid key {key!r}: write slices[I].PARAM or "
+                          f"slices[I].sources[J].PARAM with I a slice's and J a source's index "
+                          f"(0 for the first), e.g. slices[1].t")
+    if head in INPUT_KEYS:
         raise ConfigError(f"grid key {key!r} would change the inputs; a sweep reads one set of "
                           f"inputs (sweep parameters: density, lambda, models[1].weight, "
                           f"lines.beta, merge_method, ...)")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def set_value(raw: dict, key: str, value) -> None:
@@ -88,9 +103,12 @@ def set_value(raw: dict, key: str, value) -> None:
     if m:
         i, name = int(m.group(1)), m.group(2)
         models = raw.get("models")
+        if "slices" in raw:
+            raise ConfigError(f"grid key {key!r}: the config has no models: (it lists "
+                              f"slices:; use slices[I].PARAM or slices[I].sources[J].PARAM)")
         if not isinstance(models, list) or i >= len(models):
             n = len(models) if isinstance(models, list) else 0
-            raise ConfigError(f"grid key {key!r}: the config lists {n} models")
+            raise ConfigError(f"grid key {key!r}: the config lists {_count(n, 'model')}")
         entry = models[i] if isinstance(models[i], dict) else {"model": models[i]}
         models[i] = entry
         params = entry.get("parameters") or {}
@@ -120,17 +138,20 @@ def set_slice_value(raw: dict, key: str, value) -> None:
     ``slices[i].sources[j].PARAM`` (that source's own), else a parameter applied everywhere
     (the top-level one, and each slice's and source's own where it sets it)."""
     m = _SLICE_KEY.fullmatch(key)
+    if "slices" not in raw:
+        raise ConfigError(f"grid key {key!r}: the config has no slices: (it lists models:; use "
+                          f"models[I].PARAM)")
     slices = raw.get("slices") if isinstance(raw.get("slices"), list) else []
     if m:
         i, j, name = int(m.group(1)), m.group(2), m.group(3)
         if i >= len(slices) or not isinstance(slices[i], dict):
-            raise ConfigError(f"grid key {key!r}: the config lists {len(slices)} slices")
+            raise ConfigError(f"grid key {key!r}: the config lists {_count(len(slices), 'slice')}")
         entry = slices[i]
         if j is not None:
             sources = entry.get("sources") if isinstance(entry.get("sources"), list) else []
             if int(j) >= len(sources) or not isinstance(sources[int(j)], dict):
-                raise ConfigError(f"grid key {key!r}: slices[{i}] lists {len(sources)} "
-                                  f"sources")
+                raise ConfigError(f"grid key {key!r}: slices[{i}] lists "
+                                  f"{_count(len(sources), 'source')}")
             entry = sources[int(j)]
         entry["parameters"] = {**(entry.get("parameters") or {}), name: value}
         return

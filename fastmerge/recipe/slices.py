@@ -25,7 +25,6 @@ from typing import Optional
 
 from ..methods import METHODS, MergeSpec, resolve_spec
 from ..methods.lines import DEFAULT_BLOCK_PATTERN
-from ..methods.mergekit_methods import MERGEKIT_METHODS
 from .config import (
     ConfigError,
     MergeConfig,
@@ -33,6 +32,7 @@ from .config import (
     OutputSlice,
     ParameterResolver,
     evaluate_setting,
+    slice_reads_base,
 )
 
 # model_type -> (layer name prefix, the config key holding the number of layers)
@@ -287,12 +287,13 @@ def plan_slices(cfg: MergeConfig, models: dict) -> SlicePlan:
 
 def _reads_base(cfg: MergeConfig, ref: Optional[str]) -> bool:
     """Whether a slice with base ``ref`` merges with a base: fastmerge's methods that need
-    one; mergekit's own methods whenever one is named, unless they ignore it (as mergekit,
-    which takes the named base out of the slice's sources as the base)."""
+    one; mergekit's own methods whenever one is named, unless mergekit ignores it over slices
+    (config.slice_reads_base; as mergekit, which takes the named base out of the slice's
+    sources as the base)."""
     if cfg.passthrough:
         return False
     if cfg.is_mergekit_method:
-        return ref is not None and MERGEKIT_METHODS[cfg.method].schema.base != "ignored"
+        return ref is not None and slice_reads_base(cfg.method)
     return METHODS[cfg.method].needs_base
 
 
