@@ -21,14 +21,15 @@ of one output tensor changes hands, at two seams of mergekit 0.1.5:
   ``rescale``, ``lambda``, ``int8_mask``). Covers task_arithmetic, ties, dare_ties,
   dare_linear, breadcrumbs, breadcrumbs_ties (and any other instance whose sparsifier is
   magnitude / random / magnitude_outliers / none). della and della_linear
-  (``della_magprune``) have no fastmerge equivalent and run mergekit's code untouched.
+  (``della_magprune``) take the next seam.
 - the ``implementation`` of mergekit's registered ``linear`` method (a batched kernel over
   ``TensorBatch`` rows).
 - the ``implementation`` of every other registered method fastmerge implements
   (fastmerge/methods/mergekit_methods.py: slerp, nuslerp, multislerp, karcher, model_stock,
   sce, nearswap, arcee_fusion, ram, ramplus_tl, passthrough) and della / della_linear's
   ``merge_group``: ``merge_tensors(..., parameters=...)``, the fused weighted sum where the
-  method is one linear combination per tensor, its float32 reference otherwise. della's draws
+  method is one linear combination per tensor, della's fused kernel, the method's float32
+  reference otherwise. della's draws
   are fastmerge's (same seed as DARE below), so they match mergekit in distribution.
 
 Anything fastmerge does not accept (float64 working dtype, density/gamma outside [0, 1],
