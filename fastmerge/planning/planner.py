@@ -60,7 +60,7 @@ def select_thresholds(spec: MergeSpec, numel: int, kernels, source, names: Seque
     passes = 1
     if got is None:
         got = kernels.radix(source, flat, spec.n_models, score, names, reduce, l1, hist)
-        passes = 2
+        passes = 2 if got[0].passes is None else got[0].passes  # 1: level 0 decided
     sel, total_l1 = got
     out, kept = per_model(reqs, sel, l1)
     return out, kept, total_l1, passes
