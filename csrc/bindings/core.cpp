@@ -209,6 +209,39 @@ std::tuple<std::vector<double>, std::vector<int64_t>> della(
   return {l1, nonfinite};
 }
 
+// Radix digit histograms of |t_i| over one chunk (csrc/cpu/histogram.cpp), added in place into
+// counts (int64) and sums (float64), both [T, NUM_BINS] row-major buffers: level 0 bins the top
+// 16 bits of every element, level 1 the low 16 bits of the elements whose top 16 bits equal the
+// row's prefix; `targets` holds int64 [T, 2] rows (model, prefix). The chunked radix selection
+// of fastmerge/planning/radix.py (CoreKernels) runs on it.
+void score_histogram(const py::object& base, int base_dtype, const py::list& models,
+                     const std::vector<int>& model_dtypes, const py::bytes& targets, int level,
+                     int64_t numel, const py::object& counts, const py::object& sums,
+                     int nthreads) {
+  Views v;
+  make_inputs(v, base, base_dtype, models, model_dtypes, numel);
+  const std::string tg = targets;
+  if (tg.size() % (2 * sizeof(int64_t)) != 0) check("targets must hold int64 [T, 2]");
+  const int64_t T = static_cast<int64_t>(tg.size() / (2 * sizeof(int64_t)));
+  std::vector<int64_t> rows(static_cast<size_t>(2 * T));
+  memcpy(rows.data(), tg.data(), tg.size());
+  check(fm::checks::histogram_args(fm::SCORE_MAGNITUDE, level, rows.data(), T, v.in.n, 0));
+  py::buffer_info c = py::reinterpret_borrow<py::buffer>(counts).request(true);
+  py::buffer_info s = py::reinterpret_borrow<py::buffer>(sums).request(true);
+  const int64_t cells = T * fm::NUM_BINS;
+  if (c.size * c.itemsize != cells * 8 || s.size * s.itemsize != cells * 8)
+    check("counts and sums must be [" + std::to_string(T) + ", " + std::to_string(fm::NUM_BINS) +
+          "] int64 / float64 buffers");
+  bool ok;
+  {
+    py::gil_scoped_release free_gil;
+    ok = fm::cpu::score_histogram(v.in, fm::SCORE_MAGNITUDE, rows.data(), static_cast<int>(T),
+                                  level, static_cast<int64_t*>(c.ptr), static_cast<double*>(s.ptr),
+                                  nthreads);
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
 // (count, index of the first) of the NaN/Inf values in a buffer of dtype code `dtype`: the check
 // of every merged output chunk (fastmerge/output/report.py nonfinite_in)
 std::tuple<int64_t, int64_t> count_nonfinite(const py::object& obj, int dtype) {
@@ -264,6 +297,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("topk_window", &topk_window);
   m.def("gram", &gram, "float64 Gram matrix of buffers (or of their differences to the last)");
   m.def("della", &della, "della / della_linear over a chunk of whole rows (reduce or apply)");
+  m.def("score_histogram", &score_histogram,
+        "level-0/1 radix histograms of |t| over a chunk, added into counts / sums");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   m.def("count_nonfinite", &count_nonfinite, "(count, first index) of a buffer's NaN/Inf values");
 }
