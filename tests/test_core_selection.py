@@ -6,8 +6,6 @@ pins the value, and ``fastmerge merge`` under a memory budget small enough to ch
 selection never importing torch."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -58,15 +56,21 @@ def _requests(numel, n):
 
 
 def _both(base, models, chunk, l1=True):
+    """CoreKernels' selection (with the numel, as the planner calls it: level 1 of guessed bins
+    in the level-0 read; and without: two reads) and backend "cpu"'s; the first two agree."""
     core_src, torch_src = _sources(base, models, chunk)
-    reqs = _requests(models[0].numel(), len(models))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # read-only views
-        got, total = CoreKernels().radix(core_src, reqs, len(models), SCORE_MAGNITUDE, ("w",),
-                                         None, l1)
+    numel = models[0].numel()
+    reqs = _requests(numel, len(models))
+    got = []
+    for n in (numel, None):
+        got.append(CoreKernels().radix(core_src, reqs, len(models), SCORE_MAGNITUDE, ("w",),
+                                       None, l1, None, n))
+    (sel, total), (sel2, total2) = got
+    assert sel.thresholds == sel2.thresholds and sel.kept_l1 == sel2.kept_l1
+    assert total == total2
     want, want_total = BackendKernels(get_backend("cpu", "cpu")).radix(
         torch_src, reqs, len(models), SCORE_MAGNITUDE, ("w",), None, l1)
-    return reqs, got, total, want, want_total
+    return reqs, sel, total, want, want_total
 
 
 def _sorted_threshold(base, model, k):
@@ -159,6 +163,35 @@ def test_level0_alone_where_it_pins_the_values():
     assert _passes(None, f32, 6000) == 2
 
 
+def _one_read_passes(base, models, chunk, density):
+    core_src, _ = _sources(base, models, chunk)
+    numel = models[0].numel()
+    reqs = [(i, int(density * numel)) for i in range(len(models))]
+    sel, _ = CoreKernels().radix(core_src, reqs, len(models), SCORE_MAGNITUDE, ("w",), None,
+                                 True, None, numel)
+    for (i, k), thr in zip(reqs, sel.thresholds):
+        assert thr == _sorted_threshold(base, models[i], k)
+    return sel.passes
+
+
+def test_one_read_where_the_first_chunk_is_representative():
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(200000, generator=g)
+    base = b.to(torch.bfloat16)
+    models = [(b + 0.01 * torch.randn(200000, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    for density in (0.05, 0.2, 0.5):
+        assert _one_read_passes(base, models, 50000, density) == 1
+
+
+def test_a_wrong_guess_costs_a_second_read_only():
+    """A first chunk unlike the rest (zeros) points level 1 at the wrong bins: still exact."""
+    g = torch.Generator().manual_seed(6)
+    models = [torch.randn(100000, generator=g) for _ in range(2)]
+    for m in models:
+        m[:30000] = 0.0
+    assert _one_read_passes(None, models, 30000, 0.3) == 2
+
+
 # ------------------------------------------------- fastmerge merge with a chunked selection
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
@@ -180,7 +213,8 @@ BUDGET = "25MiB"
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("breadcrumbs_ties", {"gamma": 0.05}),
-                                           ("ties", {"shared": {"rescale": "l1"}}), ("magnitude_prune", {})])
+                                           ("ties", {"shared": {"rescale": "l1"}}),
+                                           ("magnitude_prune", {})])
 def test_chunked_selection_runs_on_core(wide, tmp_path, monkeypatch, method, params):
     """Under a small budget the top-k tensors are split into chunks; their selection runs on
     _core (never delegated to torch) and the output is the engine's byte for byte."""

@@ -137,3 +137,93 @@ def radix_select(n_models: int, requests, accumulate, names: Sequence[str] = (),
         return t.counts, t.sums
     sel, p = select_tables(hist, requests, level1, l1, uniform_bins)
     return sel, (hist.total_l1() if l1 else None), passes + p - 1
+
+
+def guess_windows(first: HistTables, requests, pending, numel: int, width: int):
+    """Level-1 rows (model, first prefix) and their widths to gather in the level-0 read: per
+    pending request, the bins from where the first chunk's level 0 puts its k-th largest,
+    scaled to the chunk, give or take four standard deviations of a sample of that size, at
+    most ``width`` bins around the central guess."""
+    n_c = first.numel
+    if n_c == 0 or not pending:
+        return np.zeros((0, 2), dtype=np.int64), []
+    rows = np.array([requests[r][0] for r in pending], dtype=np.int64)
+    kc = np.array([requests[r][1] for r in pending], dtype=np.float64) * (n_c / numel)
+    sd = 4.0 * np.sqrt(kc * (1.0 - kc / n_c)) + 1.0
+    counts = first.counts[rows]
+    zero = np.zeros(len(rows), dtype=np.int64)
+
+    def bins(k):
+        return kth_bins(counts, np.clip(np.ceil(k), 1, n_c).astype(np.int64), zero)[0]
+    mid, lo, hi = bins(kc), bins(kc + sd), bins(kc - sd)   # a larger k: a lower bin
+    out = set()
+    for r in range(len(rows)):
+        a, b = int(lo[r]), min(int(hi[r]), NONFINITE_BIN - 1)
+        if b - a + 1 > width:
+            a = min(max(int(mid[r]) - width // 2, a), NONFINITE_BIN - width)
+            b = a + width - 1
+        out.add((int(rows[r]), a, b - a + 1))
+    got = sorted(out)
+    return (np.array([[m, a] for m, a, _ in got], dtype=np.int64).reshape(-1, 2),
+            [w for _, _, w in got])
+
+
+def radix_select_one_read(n_models: int, requests, source: Callable, hist_chunk: Callable,
+                          windows_chunk: Callable, numel: int, names: Sequence[str] = (),
+                          l1: bool = True, width: int = 16):
+    """``radix_select`` that reads each chunk once where it can: with each chunk's level-0
+    histograms (``hist_chunk(chunk, targets, level, tables)`` adds one chunk's into the
+    tables) go the level-1 histograms of the bins the first chunk's level 0 points at
+    (``guess_windows``; ``windows_chunk(chunk, rows, widths, counts, sums)`` adds them); a
+    request whose k-th bin is among them needs no second read, the others get a level-1 read
+    as in ``radix_select``. Exact either way. Returns (Selection, per-model total L1 or None,
+    read passes made)."""
+    t0 = np.array([[i, 0] for i in range(n_models)], dtype=np.int64)
+    pending = [r for r, (_, k) in enumerate(requests) if 0 < k < numel]
+    hist = HistTables.zeros(n_models)
+    rows, widths, wc, ws = None, [], None, None
+    for ch in source():
+        if rows is None:
+            first = HistTables.zeros(n_models)
+            hist_chunk(ch, t0, 0, first)
+            hist.add(first)
+            rows, widths = guess_windows(first, requests, pending, numel, width)
+            wc = np.zeros(sum(widths) * NUM_BINS, dtype=np.int64)
+            ws = np.zeros(sum(widths) * NUM_BINS, dtype=np.float64)
+        else:
+            hist_chunk(ch, t0, 0, hist)
+        if widths:
+            windows_chunk(ch, rows, widths, wc, ws)
+        del ch
+    check_finite(hist.counts, names)
+    starts = np.cumsum([0] + widths[:-1]) if widths else []
+    reread = []
+
+    def table(m, p):
+        """The (counts, sums) of prefix p of model m among the windows, or None."""
+        for j in range(len(widths)):
+            if rows[j, 0] == m and rows[j, 1] <= p < rows[j, 1] + widths[j]:
+                at = (int(starts[j]) + p - int(rows[j, 1])) * NUM_BINS
+                return wc[at:at + NUM_BINS], ws[at:at + NUM_BINS]
+        return None
+
+    def level1(targets):
+        c1 = np.zeros((len(targets), NUM_BINS), dtype=np.int64)
+        s1 = np.zeros((len(targets), NUM_BINS), dtype=np.float64)
+        miss = []
+        for j, (m, p) in enumerate(targets.tolist()):
+            got = table(m, p)
+            if got is None:
+                miss.append(j)
+            else:
+                c1[j], s1[j] = got
+        if miss:
+            reread.append(1)
+            t = HistTables.zeros(len(miss))
+            for ch in source():
+                hist_chunk(ch, targets[miss], 1, t)
+                del ch
+            c1[miss], s1[miss] = t.counts, t.sums
+        return c1, s1
+    sel, _ = select_tables(hist, requests, level1, l1, uniform_bins=True)
+    return sel, (hist.total_l1() if l1 else None), 2 if reread else 1
