@@ -12,12 +12,12 @@ import torch
 from engine_util import cli_merge_without_torch, load_dir, write_yaml
 
 import fastmerge
-from fastmerge.abi import SCORE_MAGNITUDE
+from fastmerge.abi import NUM_BINS, SCORE_MAGNITUDE
 from fastmerge.backends import availability, get_backend
 from fastmerge.cli.demo import make_synthetic_checkpoints
 from fastmerge.pipeline import native
 from fastmerge.planning.plan import BackendKernels
-from fastmerge.planning.radix import radix_select
+from fastmerge.planning.radix import HistTables, radix_select
 from fastmerge.planning.selection import Chunk
 
 ok, why = availability("cpu")
@@ -190,6 +190,31 @@ def test_a_wrong_guess_costs_a_second_read_only():
     for m in models:
         m[:30000] = 0.0
     assert _one_read_passes(None, models, 30000, 0.3) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_rows_equal_one_row_per_prefix(dtype):
+    """score_histogram_windows (rows of several consecutive prefixes) bins what level-1 rows of
+    score_histogram for each of those prefixes bin."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(20011, generator=g).to(dtype)
+    models = [(base.float() + 0.05 * torch.randn(20011, generator=g)).to(dtype)
+              for _ in range(2)]
+    ch = _sources(base, models, 20011)[0]()[0]
+    ck = CoreKernels()
+    bits = [((m.float() - base.float()).abs().view(torch.int32) >> 16) for m in models]
+    rows = np.array([[0, int(bits[0].median()) - 2], [1, int(bits[1].median())]], dtype=np.int64)
+    widths = [5, 3]
+    wc = np.zeros(8 * NUM_BINS, dtype=np.int64)
+    ws = np.zeros(8 * NUM_BINS, dtype=np.float64)
+    ck._windows_chunk(ch, rows, widths, wc, ws)
+    single = np.array([[m, p + j] for (m, p), w in zip(rows.tolist(), widths) for j in range(w)],
+                      dtype=np.int64)
+    t = HistTables.zeros(len(single))
+    ck._histogram_chunk(ch, single, 1, t)
+    assert np.array_equal(wc.reshape(-1, NUM_BINS), t.counts)
+    assert np.array_equal(ws.reshape(-1, NUM_BINS), t.sums)
+    assert wc.sum() > 0
 
 
 # ------------------------------------------------- fastmerge merge with a chunked selection

@@ -10,6 +10,12 @@ count and the sum of the low bits) a bin whose sum is count * (its lowest value)
 one value only, so its k-th largest is known without the level-1 pass; bf16 task vectors
 often have no low bits at all, and a selection whose every k-th bin is such a bin reads its
 inputs once instead of twice.
+
+``radix_select_one_read`` (CoreKernels, a tensor of several chunks) reads each chunk once:
+the first chunk's level 0 points at the bins likely to hold each k-th largest, and their
+level-1 histograms are gathered with level 0 from then on; only a request whose bin was
+missed costs a second read. The extra rows cost some CPU where the inputs sit in the page
+cache, and save a whole read of the tensor where they do not (a merge under a small budget).
 """
 from __future__ import annotations
 
