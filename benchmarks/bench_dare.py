@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,11 +45,22 @@ def load_average() -> str:
         return "unknown"
 
 
+def cpu_seconds(fn, reps) -> float:
+    """Best user CPU time of fn() (the process's own, so less sensitive than wall time to
+    other processes on a shared machine)."""
+    best = float("inf")
+    for _ in range(reps):
+        t = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+        fn()
+        best = min(best, resource.getrusage(resource.RUSAGE_SELF).ru_utime - t)
+    return best
+
+
 def measure(shape, n, reps):
     base, models, _ = make_finetunes(shape, n, ("bf16",), seed=0)
     pass_bytes = (base.numel() * base.element_size() * (n + 2))  # base + N models + output
     bw = copy_bandwidth(reps=reps)
-    rows = []
+    rows, cpu = [], []
     for label, method, params in CASES:
         def run(method=method, params=params):
             return fm.merge_tensors(base, models, method, backend="cpu", tensor_name="w",
@@ -56,10 +68,18 @@ def measure(shape, n, reps):
         run()
         t = best_time(run, reps)
         rows.append((label, t, pass_bytes / t / 1e9))
-    return bw, rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the kernels' thread count follows torch's
+    try:
+        for label, method, params in CASES:
+            cpu.append((label, cpu_seconds(lambda: fm.merge_tensors(
+                base, models, method, backend="cpu", tensor_name="w", **params), reps)))
+    finally:
+        torch.set_num_threads(threads)
+    return bw, rows, cpu
 
 
-def table(shape, n, reps, bw, rows, load_before, load_after) -> str:
+def table(shape, n, reps, bw, rows, cpu, load_before, load_after) -> str:
     ta = rows[0][1]
     lines = [
         f"machine: {describe()}; {torch.get_num_threads()} threads",
@@ -73,6 +93,11 @@ def table(shape, n, reps, bw, rows, load_before, load_after) -> str:
     ]
     for label, t, gbs in rows:
         lines.append(f"| {label} | {t:.4f} | {t / ta:.2f} | {gbs:.1f} | {100 * gbs / bw:.0f}% |")
+    lines += ["", "1 thread, user CPU seconds of the process (best of "
+              f"{reps}; what the merge itself costs, whatever else runs):", "",
+              "| method | CPU seconds | x task_arithmetic |", "|---|---|---|"]
+    for label, t in cpu:
+        lines.append(f"| {label} | {t:.4f} | {t / cpu[0][1]:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,8 +129,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split("x"))
     load_before = load_average()
-    bw, rows = measure(shape, args.n, args.reps)
-    text = table(shape, args.n, args.reps, bw, rows, load_before, load_average())
+    bw, rows, cpu = measure(shape, args.n, args.reps)
+    text = table(shape, args.n, args.reps, bw, rows, cpu, load_before, load_average())
     print(text)
     if args.out:
         with open(args.out, "w") as f:

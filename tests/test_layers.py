@@ -40,7 +40,7 @@ for _base in BASE:
 TORCH_FREE = [
     "__init__", "_lazy", "_version", "_ext", "abi",
     "methods/__init__", "methods/lines", "methods/rng", "methods/kernel_params",
-    "planning/__init__", "planning/planner", "planning/thresholds",
+    "planning/__init__", "planning/planner", "planning/thresholds", "planning/radix",
     "backends/__init__", "backends/cpu/__init__",
     "checkpoint/__init__", "checkpoint/safetensors_file", "checkpoint/hub", "checkpoint/libc",
     "checkpoint/sources", "checkpoint/bin_file", "checkpoint/embeddings", "checkpoint/lora",

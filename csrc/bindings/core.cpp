@@ -209,6 +209,75 @@ std::tuple<std::vector<double>, std::vector<int64_t>> della(
   return {l1, nonfinite};
 }
 
+// Radix digit histograms of |t_i| over one chunk (csrc/cpu/histogram.cpp), added in place into
+// counts (int64) and sums (float64), both [T, NUM_BINS] row-major buffers: level 0 bins the top
+// 16 bits of every element, level 1 the low 16 bits of the elements whose top 16 bits equal the
+// row's prefix; `targets` holds int64 [T, 2] rows (model, prefix). The chunked radix selection
+// of fastmerge/planning/radix.py (CoreKernels) runs on it.
+void score_histogram(const py::object& base, int base_dtype, const py::list& models,
+                     const std::vector<int>& model_dtypes, const py::bytes& targets, int level,
+                     int64_t numel, const py::object& counts, const py::object& sums,
+                     int nthreads) {
+  Views v;
+  make_inputs(v, base, base_dtype, models, model_dtypes, numel);
+  const std::string tg = targets;
+  if (tg.size() % (2 * sizeof(int64_t)) != 0) check("targets must hold int64 [T, 2]");
+  const int64_t T = static_cast<int64_t>(tg.size() / (2 * sizeof(int64_t)));
+  std::vector<int64_t> rows(static_cast<size_t>(2 * T));
+  memcpy(rows.data(), tg.data(), tg.size());
+  check(fm::checks::histogram_args(fm::SCORE_MAGNITUDE, level, rows.data(), T, v.in.n, 0));
+  py::buffer_info c = py::reinterpret_borrow<py::buffer>(counts).request(true);
+  py::buffer_info s = py::reinterpret_borrow<py::buffer>(sums).request(true);
+  const int64_t cells = T * fm::NUM_BINS;
+  if (c.size * c.itemsize != cells * 8 || s.size * s.itemsize != cells * 8)
+    check("counts and sums must be [" + std::to_string(T) + ", " + std::to_string(fm::NUM_BINS) +
+          "] int64 / float64 buffers");
+  bool ok;
+  {
+    py::gil_scoped_release free_gil;
+    ok = fm::cpu::score_histogram(v.in, fm::SCORE_MAGNITUDE, rows.data(), static_cast<int>(T),
+                                  level, static_cast<int64_t*>(c.ptr), static_cast<double*>(s.ptr),
+                                  nthreads);
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
+// Level 1 of |t| for rows (model, prefix) of `targets` each binning widths[r] consecutive
+// prefixes, added into counts / sums of sum(widths) * NUM_BINS cells (row after row).
+void score_histogram_windows(const py::object& base, int base_dtype, const py::list& models,
+                             const std::vector<int>& model_dtypes, const py::bytes& targets,
+                             const std::vector<int>& widths, int64_t numel,
+                             const py::object& counts, const py::object& sums, int nthreads) {
+  Views v;
+  make_inputs(v, base, base_dtype, models, model_dtypes, numel);
+  const std::string tg = targets;
+  const int64_t T = static_cast<int64_t>(tg.size() / (2 * sizeof(int64_t)));
+  if (tg.size() % (2 * sizeof(int64_t)) != 0 || static_cast<int64_t>(widths.size()) != T)
+    check("targets must hold int64 [T, 2] and widths T values");
+  std::vector<int64_t> rows(static_cast<size_t>(2 * T));
+  memcpy(rows.data(), tg.data(), tg.size());
+  check(fm::checks::histogram_args(fm::SCORE_MAGNITUDE, 1, rows.data(), T, v.in.n, 0));
+  int64_t cells = 0;
+  for (int64_t r = 0; r < T; ++r) {
+    const int w = widths[static_cast<size_t>(r)];
+    if (w < 1 || rows[static_cast<size_t>(2 * r + 1)] + w > fm::NUM_BINS)
+      check("row " + std::to_string(r) + ": prefixes [prefix, prefix + width) must be bins");
+    cells += static_cast<int64_t>(w) * fm::NUM_BINS;
+  }
+  py::buffer_info c = py::reinterpret_borrow<py::buffer>(counts).request(true);
+  py::buffer_info s = py::reinterpret_borrow<py::buffer>(sums).request(true);
+  if (c.size * c.itemsize != cells * 8 || s.size * s.itemsize != cells * 8)
+    check("counts and sums must hold " + std::to_string(cells) + " int64 / float64 values");
+  bool ok;
+  {
+    py::gil_scoped_release free_gil;
+    ok = fm::cpu::score_histogram_windows(v.in, rows.data(), widths.data(), static_cast<int>(T),
+                                          static_cast<int64_t*>(c.ptr), static_cast<double*>(s.ptr),
+                                          nthreads);
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
 // (count, index of the first) of the NaN/Inf values in a buffer of dtype code `dtype`: the check
 // of every merged output chunk (fastmerge/output/report.py nonfinite_in)
 std::tuple<int64_t, int64_t> count_nonfinite(const py::object& obj, int dtype) {
@@ -264,6 +333,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("topk_window", &topk_window);
   m.def("gram", &gram, "float64 Gram matrix of buffers (or of their differences to the last)");
   m.def("della", &della, "della / della_linear over a chunk of whole rows (reduce or apply)");
+  m.def("score_histogram", &score_histogram,
+        "level-0/1 radix histograms of |t| over a chunk, added into counts / sums");
+  m.def("score_histogram_windows", &score_histogram_windows,
+        "level-1 histograms of |t| for rows of several consecutive prefixes");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   m.def("count_nonfinite", &count_nonfinite, "(count, first index) of a buffer's NaN/Inf values");
 }

@@ -29,6 +29,11 @@ struct Inputs {
 // buffer could not be allocated (the outputs are then incomplete).
 bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets, int level,
                      int64_t* counts, double* sums, int nthreads);
+// Level 1 of the magnitude score for rows (model, prefix) that each bin widths[r] consecutive
+// prefixes from prefix on: row r's widths[r] tables of NUM_BINS follow row r - 1's in counts /
+// sums (the guessed bins of a chunked selection, gathered in its level-0 read).
+bool score_histogram_windows(const Inputs& in, const int64_t* targets, const int* widths,
+                             int n_targets, int64_t* counts, double* sums, int nthreads);
 
 // Exact k-th largest |t_i| for R requests (model req_model[r], k = req_k[r], 1 <= k <= numel)
 // in one read pass over a window chosen from a sample (select.cpp). thr_bits[r] = the float32

@@ -16,6 +16,8 @@
 #include <omp.h>
 #include <stdlib.h>
 
+#include <vector>
+
 #include "fm_cpu_block.h"
 
 namespace fastmerge {
@@ -32,7 +34,10 @@ struct HistCtx {
   const int64_t* targets;
   int n_targets;
   int level;
-  bool packed;  // level 0, magnitude score
+  bool packed;         // level 0, magnitude score
+  const int* widths;   // level 1: row r bins the prefixes [prefix, prefix + widths[r]) (null: 1)
+  const size_t* offs;  // the first bin of row r in the tables and outputs
+  int width(int r) const { return widths != nullptr ? widths[r] : 1; }
 };
 
 // Sum of |t| over a level-0 magnitude bin from its count and the sum of its low 16 bits.
@@ -66,29 +71,31 @@ FM_FORCE_INLINE void packed_scatter(uint64_t* __restrict table, const uint32_t* 
 // so the branch is taken per 8-element word instead of mispredicted per element. Measured
 // here (1 thread, 4096x4096 bf16, N = 3, 1.5% of elements in the bin): 0.50 ns per element and
 // model with a per-element branch, ~0.2 this way.
+// A row of width W bins the W prefixes from `prefix` on into W consecutive tables (one unsigned
+// compare), its table index (top - prefix) << 16 | low.
 template <bool FISHER>
 FM_FORCE_INLINE void level1_scatter(const uint32_t* __restrict bits, const float* __restrict tt,
-                                    int len, uint32_t prefix, uint64_t* __restrict tab,
-                                    double* __restrict sm, uint32_t* range) {
+                                    int len, uint32_t prefix, uint32_t width,
+                                    uint64_t* __restrict tab, double* __restrict sm,
+                                    uint32_t* range) {
   alignas(64) uint8_t hit[kBlock + 8];
-  for (int k = 0; k < len; ++k) hit[k] = (bits[k] >> RADIX_BITS) == prefix ? 1 : 0;
+  for (int k = 0; k < len; ++k) hit[k] = (bits[k] >> RADIX_BITS) - prefix < width ? 1 : 0;
   for (int k = len; k < ((len + 7) & ~7); ++k) hit[k] = 0;
-  uint32_t lo = range[0], hi = range[1];
   for (int g = 0; g < len; g += 8) {
     uint64_t word;
     memcpy(&word, hit + g, sizeof(word));
     while (word != 0) {
       const int k = g + (__builtin_ctzll(word) >> 3);
       word &= word - 1;
-      const uint32_t b = bits[k] & (NUM_BINS - 1);
+      const uint32_t b = bits[k] - (prefix << RADIX_BITS);
       tab[b] += 1;
       if (FISHER) sm[b] += static_cast<double>(fm_abs(tt[k]));
-      lo = b < lo ? b : lo;
-      hi = b > hi ? b : hi;
+      uint32_t* rg = range + 2 * (b >> RADIX_BITS);  // each prefix's touched low digits
+      const uint32_t low = b & (NUM_BINS - 1);
+      rg[0] = low < rg[0] ? low : rg[0];
+      rg[1] = low > rg[1] ? low : rg[1];
     }
   }
-  range[0] = lo;
-  range[1] = hi;
 }
 
 // Widens [range[0], range[1]] to the level-0 bins of a block of score bits (vector min / max).
@@ -121,10 +128,11 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
     for (int r = 0; r < T; ++r) {
       const int i = static_cast<int>(c.targets[2 * r]);
       const uint32_t prefix = static_cast<uint32_t>(c.targets[2 * r + 1]);
-      uint64_t* __restrict tab = table + static_cast<size_t>(r) * NUM_BINS;
+      uint64_t* __restrict tab = table + c.offs[r];
       uint32_t* __restrict bits = bits_all + static_cast<size_t>(r) * kBlock;
-      double* __restrict sm = fisher ? sums + static_cast<size_t>(r) * NUM_BINS : nullptr;
-      uint32_t* range = ranges + 2 * r;
+      double* __restrict sm = fisher ? sums + c.offs[r] : nullptr;
+      const uint32_t width = static_cast<uint32_t>(c.width(r));
+      uint32_t* range = ranges + 2 * (c.offs[r] / NUM_BINS);
       if (i == loaded) {  // another prefix of the same model (breadcrumbs' two thresholds)
         memcpy(bits, bits - kBlock, sizeof(uint32_t) * static_cast<size_t>(len));
       } else {
@@ -146,11 +154,11 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
             sm[b] += static_cast<double>(fm_abs(tt[k]));
           }
         } else {
-          level1_scatter<true>(bits, tt, len, prefix, tab, sm, range);
+          level1_scatter<true>(bits, tt, len, prefix, width, tab, sm, range);
         }
       } else {
         if (c.level != 0) {
-          level1_scatter<false>(bits, tt, len, prefix, tab, nullptr, range);
+          level1_scatter<false>(bits, tt, len, prefix, width, tab, nullptr, range);
         } else {
           widen_range(bits, len, range);
         }
@@ -171,39 +179,45 @@ void hist_range(const HistCtx& c, int64_t begin, int64_t end, uint64_t* table, d
   }
 }
 
-// Adds one thread's tables into the outputs and clears them (called under a critical section).
-// Only each row's touched bins [ranges[2r], ranges[2r+1]] are visited (a few thousand of the
-// 65536 for real task vectors), and the ranges are reset.
-void flush(const HistCtx& c, uint64_t* table, double* sums, int64_t* counts_out, double* sums_out,
-           uint32_t* ranges) {
-  for (int r = 0; r < c.n_targets; ++r) {
-    uint64_t* tab = table + static_cast<size_t>(r) * NUM_BINS;
-    int64_t* co = counts_out + static_cast<size_t>(r) * NUM_BINS;
-    double* so = sums_out + static_cast<size_t>(r) * NUM_BINS;
-    const uint32_t prefix = static_cast<uint32_t>(c.targets[2 * r + 1]);
-    const uint32_t lo = ranges[2 * r], hi = ranges[2 * r + 1];
-    ranges[2 * r] = NUM_BINS;
-    ranges[2 * r + 1] = 0;
-    if (lo > hi) continue;  // nothing binned since the last flush
-    for (uint32_t b = lo; b <= hi; ++b) {
-      const uint64_t x = tab[b];
-      if (x == 0) continue;
-      if (c.packed) {
-        const uint64_t cnt = x >> 40;
-        co[b] += static_cast<int64_t>(cnt);
-        so[b] += packed_bin_sum(b, cnt, x & kLowMask);
-      } else {
-        co[b] += static_cast<int64_t>(x);
-        if (sums != nullptr) {
-          so[b] += sums[static_cast<size_t>(r) * NUM_BINS + b];
-        } else {  // level 1, magnitude: every element of the bin has the same value
-          so[b] += static_cast<double>(x) * static_cast<double>(fm_u2f((prefix << RADIX_BITS) | b));
-        }
+// Adds bins [lo, hi] of one table (its digits under `prefix` at level 1) to the outputs.
+void flush_bins(const HistCtx& c, uint64_t* tab, double* sm, int64_t* co, double* so,
+                uint32_t prefix, uint32_t lo, uint32_t hi) {
+  for (uint32_t b = lo; b <= hi; ++b) {
+    const uint64_t x = tab[b];
+    if (x == 0) continue;
+    if (c.packed) {
+      const uint64_t cnt = x >> 40;
+      co[b] += static_cast<int64_t>(cnt);
+      so[b] += packed_bin_sum(b, cnt, x & kLowMask);
+    } else {
+      co[b] += static_cast<int64_t>(x);
+      if (sm != nullptr) {
+        so[b] += sm[b];
+      } else {  // level 1, magnitude: every element of the bin has the same value
+        so[b] += static_cast<double>(x) * static_cast<double>(fm_u2f((prefix << RADIX_BITS) | b));
       }
     }
-    memset(tab + lo, 0, sizeof(uint64_t) * (hi - lo + 1));
-    if (sums != nullptr)
-      memset(sums + static_cast<size_t>(r) * NUM_BINS + lo, 0, sizeof(double) * (hi - lo + 1));
+  }
+  memset(tab + lo, 0, sizeof(uint64_t) * (hi - lo + 1));
+  if (sm != nullptr) memset(sm + lo, 0, sizeof(double) * (hi - lo + 1));
+}
+
+// Adds one thread's tables into the outputs and clears them (called under a critical section).
+// Only each row's touched bins [ranges[2r], ranges[2r+1]] are visited (a few thousand of the
+// 65536 for real task vectors; per prefix of a row of several), and the ranges are reset.
+void flush(const HistCtx& c, uint64_t* table, double* sums, int64_t* counts_out, double* sums_out,
+           uint32_t* ranges) {
+  for (int q = 0; q < c.n_targets; ++q) {
+    for (int sub = 0; sub < c.width(q); ++sub) {
+      const size_t off = c.offs[q] + static_cast<size_t>(sub) * NUM_BINS;
+      uint32_t* rg = ranges + 2 * (off / NUM_BINS);
+      const uint32_t lo = rg[0], hi = rg[1];
+      rg[0] = 0xFFFFFFFFu;
+      rg[1] = 0;
+      if (lo > hi) continue;  // nothing binned since the last flush
+      flush_bins(c, table + off, sums != nullptr ? sums + off : nullptr, counts_out + off,
+                 sums_out + off, static_cast<uint32_t>(c.targets[2 * q + 1]) + sub, lo, hi);
+    }
   }
 }
 
@@ -230,16 +244,16 @@ struct ThreadTables {
     cap = 0;
     cap_targets = 0;
   }
-  // zeroed tables for n_targets rows (sums too when with_sums); false if out of memory
-  bool reserve(int n_targets, bool with_sums) {
-    const size_t bins = static_cast<size_t>(n_targets) * NUM_BINS;
-    if (bins > cap || (with_sums && sums == nullptr)) {
+  // zeroed tables of `bins` bins for n_targets rows (sums too when with_sums); false if out of
+  // memory
+  bool reserve(size_t bins, int n_targets, bool with_sums) {
+    if (bins > cap || n_targets > cap_targets || (with_sums && sums == nullptr)) {
       const bool had_sums = sums != nullptr || with_sums;
       release();
       table = static_cast<uint64_t*>(calloc(bins, sizeof(uint64_t)));
       sums = had_sums ? static_cast<double*>(calloc(bins, sizeof(double))) : nullptr;
       bits = static_cast<uint32_t*>(malloc(sizeof(uint32_t) * kBlock * n_targets));
-      ranges = static_cast<uint32_t*>(malloc(sizeof(uint32_t) * 2 * n_targets));
+      ranges = static_cast<uint32_t*>(malloc(sizeof(uint32_t) * 2 * (bins / NUM_BINS)));
       if (table == nullptr || (had_sums && sums == nullptr) || bits == nullptr ||
           ranges == nullptr) {
         release();
@@ -247,8 +261,8 @@ struct ThreadTables {
       }
       cap = bins;
       cap_targets = n_targets;
-      for (int r = 0; r < n_targets; ++r) {
-        ranges[2 * r] = NUM_BINS;
+      for (size_t r = 0; r < bins / NUM_BINS; ++r) {
+        ranges[2 * r] = 0xFFFFFFFFu;
         ranges[2 * r + 1] = 0;
       }
     }
@@ -260,10 +274,19 @@ thread_local ThreadTables tls_tables;
 
 }  // namespace
 
-bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets, int level,
-                     int64_t* counts, double* sums, int nthreads) {
+namespace {
+
+bool histogram_rows(const Inputs& in, int score, const int64_t* targets, const int* widths,
+                    int n_targets, int level, int64_t* counts, double* sums, int nthreads) {
   if (in.numel == 0 || n_targets == 0) return true;
-  HistCtx c{&in, score, targets, n_targets, level, level == 0 && score == SCORE_MAGNITUDE};
+  std::vector<size_t> offs(static_cast<size_t>(n_targets));
+  size_t bins = 0;
+  for (int r = 0; r < n_targets; ++r) {
+    offs[static_cast<size_t>(r)] = bins;
+    bins += static_cast<size_t>(widths != nullptr ? widths[r] : 1) * NUM_BINS;
+  }
+  HistCtx c{&in,    score,      targets, n_targets, level, level == 0 && score == SCORE_MAGNITUDE,
+            widths, offs.data()};
   const bool fisher = score == SCORE_FISHER;
   int nt = effective_threads(in.numel, nthreads < 64 ? nthreads : 64, int64_t{1} << 17);
   bool failed[64] = {};
@@ -276,7 +299,7 @@ bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
   {
     const int tid = omp_get_thread_num();
     ThreadTables& tt = tls_tables;
-    const bool ok = tt.reserve(n_targets, fisher);
+    const bool ok = tt.reserve(bins, n_targets, fisher);
     if (!ok) failed[tid] = true;
     int64_t since_flush = 0;
 #pragma omp for schedule(dynamic, 1)
@@ -300,6 +323,18 @@ bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_
   bool any_failed = false;
   for (int t = 0; t < 64; ++t) any_failed = any_failed || failed[t];
   return !any_failed;
+}
+
+}  // namespace
+
+bool score_histogram(const Inputs& in, int score, const int64_t* targets, int n_targets, int level,
+                     int64_t* counts, double* sums, int nthreads) {
+  return histogram_rows(in, score, targets, nullptr, n_targets, level, counts, sums, nthreads);
+}
+
+bool score_histogram_windows(const Inputs& in, const int64_t* targets, const int* widths,
+                             int n_targets, int64_t* counts, double* sums, int nthreads) {
+  return histogram_rows(in, SCORE_MAGNITUDE, targets, widths, n_targets, 1, counts, sums, nthreads);
 }
 
 }  // namespace cpu

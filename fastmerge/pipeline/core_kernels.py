@@ -4,10 +4,11 @@ top-k (csrc/cpu/select.cpp), the statistics pass, the fused merge into two reuse
 buffers. Same kernels, parameters and chunk offsets as backend "cpu": the output is byte for
 byte the torch backends' (tests/test_golden_outputs.py).
 
-What _core does not bind is delegated, for that step only, to backend "cpu" on torch tensors
-over the same bytes (torch is imported then, once): the radix selection (a sampled top-k
-window that missed, a selection over a tensor of several chunks, ``scope: model``) and the
-float32 merge of LiNeS ``alpha: auto``. Second moments (ffg, ota) are not bound at all; those
+The radix selection (a sampled top-k window that missed, a selection over a tensor of several
+chunks, ``scope: model``) runs on _core's histograms (planning/radix.py, the bookkeeping the
+torch backends share). What _core does not bind is delegated, for that step only, to backend
+"cpu" on torch tensors over the same bytes (torch is imported then, once): the float32 merge
+of LiNeS ``alpha: auto``. Second moments (ffg, ota) are not bound at all; those
 methods take TorchKernels (native.why_not).
 """
 from __future__ import annotations
@@ -118,12 +119,51 @@ class CoreKernels:
                                          self.nthreads)
         return one_pass(requests, numel, n_models, l1, names, kernel)
 
-    def radix(self, source, requests, n_models, score, names, reduce, l1, hist=None):
-        return self.torch().radix(self.as_torch(source), requests, n_models, score, names,
-                                  reduce, l1, hist)
+    def radix(self, source, requests, n_models, score, names, reduce, l1, hist=None, numel=None):
+        if score != SCORE_MAGNITUDE or reduce is not None:
+            return self.torch().radix(self.as_torch(source), requests, n_models, score, names,
+                                      reduce, l1, hist)
+        if hist is None and numel:   # level 0 and guessed level-1 bins in one read of a chunk
+            from ..planning.radix import radix_select_one_read
+            sel, total, sel.passes = radix_select_one_read(
+                n_models, requests, source, self._histogram_chunk, self._windows_chunk, numel,
+                names, l1)
+            return sel, total
+        from ..planning.radix import radix_select
+        sel, total, sel.passes = radix_select(n_models, requests, self._histogram(source), names,
+                                              l1, hist, uniform_bins=True)
+        return sel, total
 
     def level0(self, source, n_models, score, names):
-        return self.torch().level0(self.as_torch(source), n_models, score, names)
+        if score != SCORE_MAGNITUDE:
+            return self.torch().level0(self.as_torch(source), n_models, score, names)
+        from ..planning.radix import level0_tables
+        return level0_tables(n_models, self._histogram(source), names)
+
+    def _histogram_chunk(self, ch: BytesChunk, targets, level: int, tables) -> None:
+        """One chunk's level-``level`` histograms of the (model, prefix) ``targets`` rows,
+        added into ``tables`` (radix.py's HistTables)."""
+        base_code, codes = self._codes(ch)
+        self.core.score_histogram(ch.base, base_code, ch.models, codes,
+                                  targets.astype("<i8").tobytes(), level, ch.numel,
+                                  tables.counts, tables.sums, self.nthreads)
+
+    def _windows_chunk(self, ch: BytesChunk, rows, widths, counts, sums) -> None:
+        """One chunk's level-1 histograms of (model, first prefix) ``rows`` of ``widths``
+        prefixes each, added into the flat ``counts`` / ``sums``."""
+        base_code, codes = self._codes(ch)
+        self.core.score_histogram_windows(ch.base, base_code, ch.models, codes,
+                                          rows.astype("<i8").tobytes(), list(widths), ch.numel,
+                                          counts, sums, self.nthreads)
+
+    def _histogram(self, source):
+        """radix.py's ``accumulate``: one read pass of _core.score_histogram over the chunks of
+        ``source``, added into the tables."""
+        def accumulate(targets, level, tables):
+            for ch in source():
+                self._histogram_chunk(ch, targets, level, tables)
+                del ch
+        return accumulate
 
     def stats(self, source, score, frows, irows, power, reduce):
         fp, ip = pack_rows(frows, irows)

@@ -63,7 +63,7 @@ class BackendKernels:
             return None
         return select_one_pass(self.be, chunk, n_models, requests, score, names, l1)
 
-    def radix(self, source, requests, n_models, score, names, reduce, l1, hist=None):
+    def radix(self, source, requests, n_models, score, names, reduce, l1, hist=None, numel=None):
         if hist is None:  # ours alone: a reused buffer
             hist = level0(self.be, n_models, score, source, names, reduce, scratch=True)
         sel = select(self.be, hist, requests, score, source, reduce, l1=l1)

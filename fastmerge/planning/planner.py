@@ -9,8 +9,9 @@ never looks inside a chunk; ``source()`` yields the chunks of one tensor (once p
 - ``one_pass(source, requests, n_models, numel, score, names, l1)``: the one-read-pass exact
   top-k (``topk_window``) as ``(Selection, total_l1)``, or None where it cannot run (no
   kernel, a Fisher score, several chunks) or its sampled window missed;
-- ``radix(source, requests, n_models, score, names, reduce, l1, hist=None)``: the two-level
-  radix selection (selection.py), always exact, as ``(Selection, total_l1 or None)``;
+- ``radix(source, requests, n_models, score, names, reduce, l1, hist=None, numel=None)``: the
+  two-level radix selection (selection.py, radix.py), always exact, as ``(Selection, total_l1
+  or None)``; ``Selection.passes`` says how many reads it made where the kernels count them;
 - ``stats(source, score, frows, irows, power, reduce)``: per model [total L1, kept L1,
   sum of preconditioned squares] (float64, summed over chunks and, through ``reduce``, ranks).
 
@@ -59,8 +60,8 @@ def select_thresholds(spec: MergeSpec, numel: int, kernels, source, names: Seque
         got = kernels.one_pass(source, flat, spec.n_models, numel, score, names, l1)
     passes = 1
     if got is None:
-        got = kernels.radix(source, flat, spec.n_models, score, names, reduce, l1, hist)
-        passes = 2
+        got = kernels.radix(source, flat, spec.n_models, score, names, reduce, l1, hist, numel)
+        passes = 2 if got[0].passes is None else got[0].passes  # 1: level 0 decided
     sel, total_l1 = got
     out, kept = per_model(reqs, sel, l1)
     return out, kept, total_l1, passes

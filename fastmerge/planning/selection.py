@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..abi import NONFINITE_BIN, NUM_BINS, RADIX_BITS, SCORE_MAGNITUDE
+from ..abi import NONFINITE_BIN, NUM_BINS, SCORE_MAGNITUDE
+from .radix import HistTables, select_tables
 from .thresholds import Selection, bits_to_floats, nonfinite_error, one_pass, unselected  # noqa: F401
 
 
@@ -58,7 +59,11 @@ class Histograms:
         return int(self.counts[0].numpy().sum())
 
     def total_l1(self) -> list[float]:
-        return self.sums.sum(1).tolist()
+        return self.tables().total_l1()
+
+    def tables(self) -> HistTables:
+        """The same tables as numpy arrays (shared memory)."""
+        return HistTables(self.counts.numpy(), self.sums.numpy())
 
 
 # The selection bookkeeping below runs once per tensor on [rows, 65536] tables. It used torch
@@ -136,37 +141,18 @@ def level0(backend, n_models: int, score: int, source: ChunkSource,
     return Histograms(counts, sums)
 
 
-def _kth_bins(counts: np.ndarray, ks: np.ndarray, above: np.ndarray):
-    """For each row, the bin holding its k-th largest element (bins ordered high to low) and
-    the count strictly above that bin. counts: int64 [R, NUM_BINS]; ks, above: int64 [R]."""
-    desc = np.cumsum(counts[:, ::-1], axis=1)   # desc[r, j]: count in bins >= NUM_BINS-1-j
-    desc += above[:, None]
-    pos = (desc < ks[:, None]).sum(1)           # first j with desc >= k (desc is sorted)
-    prev = np.where(pos > 0, desc[np.arange(len(pos)), np.maximum(pos - 1, 0)], above)
-    return NUM_BINS - 1 - pos, prev
-
-
 def select(backend, hist: Histograms, requests: Sequence[tuple[int, int]], score: int,
            source: ChunkSource, reduce: Optional[Callable] = None,
            l1: bool = True) -> Selection:
     """Exact T(k) for each (model, k) request; k <= 0 gives inf, k >= n gives 0.0.
-    ``l1=False`` skips the L1 of what each threshold keeps (``kept_l1`` is then None)."""
-    thresholds, pending, kept = unselected(
-        requests, hist.numel, (lambda i: float(hist.sums[i].sum())) if l1 else None)
-    if pending:
-        rows = np.array([requests[r][0] for r in pending], dtype=np.int64)
-        ks = np.array([requests[r][1] for r in pending], dtype=np.int64)
-        b, above = _kth_bins(hist.counts.numpy()[rows], ks, np.zeros_like(ks))
-        targets = torch.from_numpy(np.stack([rows, b], axis=1))
-        counts, sums = accumulate(backend, source, score, targets, 1, reduce, "level1")
-        low, _ = _kth_bins(counts.numpy(), ks, above)
-        values = bits_to_floats(((b << RADIX_BITS) | low).tolist())
-        for row, r in enumerate(pending):
-            thresholds[r] = values[row]
-            if l1:
-                kept[r] = float(hist.sums[int(rows[row]), int(b[row]) + 1:].sum())
-                kept[r] += float(sums[row, int(low[row]):].sum())
-    return Selection(thresholds, kept)
+    ``l1=False`` skips the L1 of what each threshold keeps (``kept_l1`` is then None).
+    The bookkeeping is radix.py's, shared with the torch-free CoreKernels."""
+    def level1(targets):
+        counts, sums = accumulate(backend, source, score, torch.from_numpy(targets), 1, reduce,
+                                  "level1")
+        return counts.numpy(), sums.numpy()
+    sel, _ = select_tables(hist.tables(), requests, level1, l1)
+    return sel
 
 
 def single_chunk(source: ChunkSource) -> Optional[Chunk]:

@@ -18,6 +18,7 @@ class Selection:
     """k-th largest score for each request (model, k), and what the threshold keeps."""
     thresholds: list[float]
     kept_l1: Optional[list[float]]
+    passes: Optional[int] = None  # read passes the selection made, where the kernels count them
 
 
 def selection_requests(spec: MergeSpec, numel: int) -> list[list[int]]:
