@@ -1,7 +1,8 @@
 """``fastmerge merge`` without torch (fastmerge/pipeline/native.py, fastmerge._core): every file
 of the output byte for byte merge_checkpoints' on backend "cpu" (methods x chunking x dtypes
-x LiNeS x shards x copied tensors), the CLI never importing torch, the per-tensor fall back
-to the radix selection on backend "cpu", and the same errors with nothing left behind."""
+x LiNeS x shards x copied tensors), the CLI never importing torch, the per-tensor radix
+selection on _core after a window miss or over a chunked tensor, and the same errors with nothing
+left behind."""
 from __future__ import annotations
 
 import os
@@ -133,11 +134,11 @@ def test_device_backend_env_and_torchrun_take_the_engine(ckpts, monkeypatch):
 
 
 @pytest.mark.parametrize("why", ["miss", "chunked"])
-def test_a_window_miss_or_chunked_selection_falls_back_for_that_tensor_only(ckpts, tmp_path,
+def test_a_window_miss_or_chunked_selection_takes_the_radix_selection(ckpts, tmp_path,
                                                                            monkeypatch, why):
     """A sampled window that missed, or a selection over a tensor split into chunks: that
-    tensor's selection runs the radix selection (backend "cpu" on the same bytes); the merge
-    goes on, on the same kernels, and its output is the engine's."""
+    tensor's selection runs the radix selection (on _core's histograms, without torch); the
+    merge goes on, on the same kernels, and its output is the engine's."""
     from fastmerge.pipeline import core_kernels
     cfg = _cfg(ckpts, "breadcrumbs_ties")
     kw = {"max_chunk_elems": 1000} if why == "chunked" else {}
