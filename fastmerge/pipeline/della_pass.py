@@ -29,44 +29,59 @@ def _torch_chunk(ch):
             [codes[m.dtype] for m in ch.models], ch.offset, ch.base.numel())
 
 
-def merge(passes, method, name, job, src, writer, writes) -> bool:
-    """Merge della tensor ``name`` on the kernel; False (nothing done) where it does not take
-    it, and the caller runs the reference."""
+class DellaPoint:
+    """One della tensor of one merge on the kernel: ``reduce`` over the chunks, then ``apply``
+    per chunk (pipeline/method_pass.py drives them, a sweep's points sharing each read)."""
+
+    def __init__(self, passes, kern, name, st):
+        self.passes, self.kern, self.name, self.st = passes, kern, name, st
+        self.as_bytes = hasattr(passes.k, "to_torch")   # CoreKernels: chunks are bytes views
+        self.convert = _bytes_chunk if self.as_bytes else _torch_chunk
+        self.buffers: dict = {}
+
+    def reduce(self, chunks) -> None:
+        self.kern.reduce(self._convert(ch) for ch in chunks)
+
+    def _convert(self, ch):
+        try:
+            return self.convert(ch)
+        except _Unsupported:   # point() checked the dtypes: a loader that changed them
+            raise ValueError(f"tensor {self.name!r}: the della kernel cannot read its "
+                             f"inputs' dtypes") from None
+
+    def apply(self, ch, slot: int):
+        """The merged chunk as the writer takes it (into this point's buffer of ``slot``)."""
+        c = self._convert(ch)
+        del ch
+        out, buf = _output(self.as_bytes, self.st, c[5], self.buffers, slot)
+        self.kern.apply(c, buf, DTYPE_CODES[self.st])
+        return out
+
+
+def point(passes, method, name, job, base, models):
+    """A DellaPoint for della tensor ``name``, or None where the kernel does not take it
+    (another method, no base, a dtype it does not read) and the caller runs the reference."""
     st = passes.r.out_st[name]
     nthreads = getattr(passes.k, "nthreads", None)   # CoreKernels'; TorchKernels: torch's
     if nthreads is None:
         import torch
         nthreads = torch.get_num_threads()
     kern = kernel_for(method, job, nthreads)
-    if kern is None or st not in DTYPE_CODES:
-        return False
-    # the masks kept between the passes count in the memory budget: beyond a quarter of what
-    # the chunks in flight may take, the apply pass ranks again instead (slower, no memory)
-    chunking = passes.r.chunking
-    kern.keep_masks = kern.mask_bytes <= chunking.chunk_elems * chunking.bytes_per_elem // 4
-    as_bytes = hasattr(passes.k, "to_torch")   # CoreKernels: chunks are bytes views
-    convert = _bytes_chunk if as_bytes else _torch_chunk
-    written = False
-    buffers: dict = {}
-    try:
-        kern.reduce(convert(ch) for ch in src())
-        for ch in src():
-            c = convert(ch)
-            del ch
-            offset, numel = c[4], c[5]
-            slot = writes.slot()
-            out, buf = _output(as_bytes, st, numel, buffers, slot)
-            kern.apply(c, buf, DTYPE_CODES[st])
-            del c
-            written = True
-            writes.submit(slot, passes.write_checked, writer, name, offset, offset + numel, st,
-                          out)
-            del out, buf
-    except _Unsupported:
-        if written:
-            raise
-        return False
-    return True
+    if kern is None or st not in DTYPE_CODES or base is None or \
+            any(c.info(n).st not in DTYPE_CODES for c, n in [base, *models]):
+        return None
+    return DellaPoint(passes, kern, name, st)
+
+
+def share_masks(points: list, chunking) -> None:
+    """The masks kept between the passes count in the memory budget: while those of the
+    points merged together fit in a quarter of what the chunks in flight may take, a point
+    keeps its own; the others' apply passes rank again instead (slower, no memory)."""
+    room = chunking.chunk_elems * chunking.bytes_per_elem // 4
+    for p in points:
+        p.kern.keep_masks = p.kern.mask_bytes <= room
+        if p.kern.keep_masks:
+            room -= p.kern.mask_bytes
 
 
 def _output(as_bytes: bool, st: str, numel: int, buffers: dict, slot: int):

@@ -23,7 +23,7 @@ import math
 
 from ..methods import resolve_spec
 from ..methods.core import Chunk as RefChunk
-from ..methods.core import Job, check_finite, gram_matrix
+from ..methods.core import Job, Method, check_finite, gram_matrix
 from ..methods.mergekit_methods import MERGEKIT_METHODS
 from ..planning.planner import plan_rows
 from . import della_pass
@@ -46,23 +46,243 @@ def units_for(passes, name: str, method, job: Job, units: list) -> list:
 
 def merge_tensor(passes, name, spec, src, units, writer, writes) -> None:
     """Merge tensor ``name`` (a recipe.mergekit_params.MergekitSpec) into ``writer``."""
-    method = MERGEKIT_METHODS[spec.method]
-    inputs, k = passes.inputs, passes.k
-    shape = tuple(int(s) for s in inputs.reference.info(name).shape)
-    base, models = inputs.sources(name)   # a slice's route, or the same name everywhere
-    with_base = base is not None and method.schema.base != "ignored"
-    has_base, n = method.view(base is not None, len(models))
-    job = Job(shape, spec.params, name, spec.seed, has_base, n)
-    mine = units_for(passes, name, method, job, units)
-    if mine is not units:
-        src = passes.source(mine)
-    # CoreKernels' chunks are bytes (it converts them with to_torch); TorchKernels' are tensors
-    ops = CoreOps(k) if hasattr(k, "to_torch") else TorchOps(k)
-    comb = method.combination(job)
-    if comb is not None:
-        _linear(passes, ops, name, job, comb, with_base, src, writer, writes)
-    else:
-        _reference(passes, ops, method, name, job, with_base, src, writer, writes)
+    merge_points([Point(passes, name, spec, units, writer, writes)], name, units, src,
+                 passes.source)
+
+
+class Point:
+    """One merge (a sweep point, or the merge) of one tensor: what its method declares, and
+    its phases (Gram pre-pass, reduction, apply per chunk) for ``merge_points`` to drive."""
+
+    def __init__(self, passes, name, spec, units, writer, writes):
+        method = MERGEKIT_METHODS[spec.method]
+        self.passes, self.name, self.method, self.writer, self.writes = \
+            passes, name, method, writer, writes
+        inputs = passes.inputs
+        shape = tuple(int(s) for s in inputs.reference.info(name).shape)
+        base, models = inputs.sources(name)   # a slice's route, or the same name everywhere
+        self.n_models = len(models)
+        self.first = models[0]
+        self.with_base = base is not None and method.schema.base != "ignored"
+        has_base, n = method.view(base is not None, len(models))
+        self.job = Job(shape, spec.params, name, spec.seed, has_base, n)
+        self.units = units_for(passes, name, method, self.job, units)
+        # CoreKernels' chunks are bytes (it converts them with to_torch); TorchKernels' tensors
+        self.ops = CoreOps(passes.k) if hasattr(passes.k, "to_torch") else TorchOps(passes.k)
+        self.st = passes.r.out_st[name]
+        self.comb = method.combination(self.job)
+        self.della = None if self.comb is not None else \
+            della_pass.point(passes, method, name, self.job, base, models)
+        self.subs = self.stats = self.coeffs = self.plan = None
+        self.copy = False
+
+    @property
+    def gram_key(self):
+        """Points with the same key take the same Gram matrix (of the same inputs)."""
+        if self.comb is None or self.comb.gram is None:
+            return None
+        return self.comb.gram == "tasks", self.with_base
+
+    def set_gram(self, gram, src) -> None:
+        """The coefficients from the Gram matrix (None: the method needs none) and the plan of
+        the fused weighted sum, or a copy of the one input."""
+        name, job = self.name, self.job
+        if gram is not None and not all(math.isfinite(x) for row in gram for x in row):
+            bad = next(i for i in range(len(gram)) if not math.isfinite(gram[i][i]))
+            raise _nonfinite(name, _which(bad, self.n_models))
+        coeffs = [float(c) for c in self.comb.coefficients(gram)]
+        if not all(math.isfinite(c) for c in coeffs):
+            raise ValueError(f"tensor {name!r}: {job_label(job)} gave non-finite coefficients "
+                             f"{coeffs}")
+        self.coeffs = coeffs
+        first = self.first
+        self.copy = coeffs == [1.0] and not self.with_base and \
+            first[0].info(first[1]).st == self.st
+        if not self.copy:
+            spec = resolve_spec("linear", len(coeffs), weights=coeffs, normalize=False)
+            self.plan = plan_rows(spec, math.prod(job.shape), name, self.passes.k, src)
+
+    def reducer(self):
+        """A callable taking the tensor's chunks (re-iterable) and keeping what this point's
+        apply needs, or None where nothing is gathered over the whole tensor."""
+        if self.comb is not None:
+            return None
+        if self.della is not None:
+            return self.della.reduce
+        if type(self.method).reduce is Method.reduce:
+            return None
+        return self._reduce
+
+    def _reduce(self, chunks) -> None:
+        self.subs = _Sub(self.ops, self.method, self.job, self.with_base, lambda: chunks,
+                         self.n_models)
+        self.stats = self.method.reduce(self.job, self.subs)
+
+    def apply(self, ch) -> None:
+        """This point's output of chunk ``ch``, handed to its writer."""
+        passes, name, st = self.passes, self.name, self.st
+        off, stop = ch.offset, ch.offset + passes.k.chunk_numel(ch)
+        if self.della is not None:
+            slot = self.writes.slot()
+            out = self.della.apply(ch, slot)
+        elif self.comb is None:
+            if self.subs is None:
+                self.subs = _Sub(self.ops, self.method, self.job, self.with_base, None,
+                                 self.n_models)
+            import torch
+            out = torch.cat([self.method.apply(self.job, c, self.stats).reshape(-1)
+                             for c in self.subs.of(ch)])
+            slot = self.writes.slot()
+            out = self.ops.output(out, st)
+        elif self.copy:   # one input taken whole (passthrough): its bytes are the output
+            out = ch.models[0]
+            slot = self.writes.slot()
+        else:
+            slot = self.writes.slot()
+            out, bad = passes.k.merge(self.ops.weighted_inputs(ch, self.with_base), self.plan,
+                                      st, slot)
+            for i, c in enumerate(bad):
+                if c:
+                    raise _nonfinite(name, _which(i, self.n_models))
+        del ch
+        self.writes.submit(slot, passes.write_checked, self.writer, name, off, stop, st, out)
+
+
+def merge_points(points: list, name: str, units: list, src, source) -> None:
+    """Merge tensor ``name`` for every point of ``points`` (a sweep's, or the merge's one)
+    from shared reads: points on the same chunks (``units``: read by ``src``; others by
+    ``source(their units)``) take one Gram pre-pass per Gram matrix they need, one read
+    feeding every reduction (fan_out), then one read of each chunk feeding every apply. So
+    a tensor is read at most twice (pre-pass + apply) whatever the number of points; a
+    reduction that reads the tensor twice itself (sce) makes it three."""
+    della_pass.share_masks([p.della for p in points if p.della is not None],
+                           points[0].passes.r.chunking)
+    groups: dict = {}
+    for p in points:
+        groups.setdefault(tuple(p.units), []).append(p)
+    for key, pts in groups.items():
+        p_src = src if list(key) == list(units) else source(pts[0].units)
+        _gram_pass(pts, p_src)
+        fan_out(p_src, [r for r in (p.reducer() for p in pts) if r is not None])
+        for ch in p_src():   # the one read of each chunk; every point's output from it
+            for p in pts:
+                p.apply(ch)
+            del ch
+
+
+def _gram_pass(points: list, src) -> None:
+    keys: dict = {}
+    for p in points:
+        if p.comb is not None:
+            keys.setdefault(p.gram_key, []).append(p)
+    grams = dict.fromkeys(keys)
+    if any(k is not None for k in keys):
+        for ch in src():
+            for k, pts in keys.items():
+                if k is None:
+                    continue
+                g = pts[0].ops.gram(ch, *k)
+                acc = grams[k]
+                grams[k] = g if acc is None else \
+                    [[a + b for a, b in zip(r, q)] for r, q in zip(acc, g)]
+            del ch
+    for k, pts in keys.items():
+        for p in pts:
+            p.set_gram(grams[k], src)
+
+
+class _Again:
+    """``src``'s chunks, read again on each iteration."""
+
+    def __init__(self, src):
+        self.src = src
+
+    def __iter__(self):
+        return iter(self.src())
+
+
+_END = object()
+
+
+def fan_out(src, consumers: list) -> None:
+    """Run every ``consumer(chunks)`` (a reduction over the tensor's chunks, re-iterable) on
+    one read of ``src`` per round: each consumer runs in its own thread on a queue the reader
+    fills, one chunk ahead; a consumer that iterates again asks for another round. Their work
+    on a chunk is serialised (one lock), so the scratch memory is one consumer's. One
+    consumer runs on ``src`` directly."""
+    if len(consumers) <= 1:
+        for c in consumers:
+            c(_Again(src))
+        return
+    import queue
+    import threading
+    status: queue.Queue = queue.Queue()
+    feeds = [queue.Queue(maxsize=1) for _ in consumers]
+    errors: list = [None] * len(consumers)
+    work = threading.Lock()
+
+    def rounds(j):
+        class Rounds:
+            def __iter__(self):
+                status.put((j, True))
+                held, done = False, False
+                try:
+                    while True:
+                        item = feeds[j].get()
+                        if item is _END:
+                            done = True
+                            return
+                        work.acquire()
+                        held = True
+                        yield item
+                        del item
+                        work.release()
+                        held = False
+                finally:
+                    if held:
+                        work.release()
+                    while not done:   # left early: drain the round the reader feeds
+                        done = feeds[j].get() is _END
+        return Rounds()
+
+    def run(j):
+        try:
+            consumers[j](rounds(j))
+        except BaseException as exc:
+            errors[j] = exc
+        finally:
+            status.put((j, False))
+
+    threads = [threading.Thread(target=run, args=(j,), name="fastmerge-reduce", daemon=True)
+               for j in range(len(consumers))]
+    for t in threads:
+        t.start()
+    active = set(range(len(consumers)))
+    try:
+        while active:
+            want = []
+            for _ in range(len(active)):
+                j, more = status.get()
+                if more:
+                    want.append(j)
+                else:
+                    active.discard(j)
+            if not want:
+                break
+            try:
+                for ch in src():
+                    for j in want:
+                        feeds[j].put(ch)
+                    del ch
+            finally:
+                for j in want:
+                    feeds[j].put(_END)
+    finally:
+        for t in threads:
+            t.join()
+    for e in errors:
+        if e is not None:
+            raise e
 
 
 def _nonfinite(name: str, which: str) -> ValueError:
@@ -72,46 +292,6 @@ def _nonfinite(name: str, which: str) -> ValueError:
 
 def _which(i: int, n_models: int) -> str:
     return f"model {i}" if i < n_models else "the base model"
-
-
-def _linear(passes, ops, name, job, comb, with_base, src, writer, writes) -> None:
-    models = passes.inputs.sources(name)[1]
-    first, n_models = models[0], len(models)
-    gram = None
-    if comb.gram is not None:
-        for ch in src():
-            g = ops.gram(ch, comb.gram == "tasks", with_base)
-            gram = g if gram is None else [[a + b for a, b in zip(r, q)] for r, q in zip(gram, g)]
-            del ch
-        if not all(math.isfinite(x) for row in gram for x in row):
-            bad = next(i for i in range(len(gram)) if not math.isfinite(gram[i][i]))
-            raise _nonfinite(name, _which(bad, n_models))
-    coeffs = [float(c) for c in comb.coefficients(gram)]
-    if not all(math.isfinite(c) for c in coeffs):
-        raise ValueError(f"tensor {name!r}: {job_label(job)} gave non-finite coefficients "
-                         f"{coeffs}")
-    st = passes.r.out_st[name]
-    if coeffs == [1.0] and not with_base and first[0].info(first[1]).st == st:
-        for ch in src():   # one input taken whole (passthrough): its bytes are the output
-            off, stop = ch.offset, ch.offset + passes.k.chunk_numel(ch)
-            out = ch.models[0]
-            del ch
-            slot = writes.slot()
-            writes.submit(slot, passes.write_checked, writer, name, off, stop, st, out)
-            del out
-        return
-    spec = resolve_spec("linear", len(coeffs), weights=coeffs, normalize=False)
-    plan = plan_rows(spec, math.prod(job.shape), name, passes.k, src)
-    for ch in src():
-        off, stop = ch.offset, ch.offset + passes.k.chunk_numel(ch)
-        slot = writes.slot()
-        out, bad = passes.k.merge(ops.weighted_inputs(ch, with_base), plan, st, slot)
-        del ch
-        for i, c in enumerate(bad):
-            if c:
-                raise _nonfinite(name, _which(i, n_models))
-        writes.submit(slot, passes.write_checked, writer, name, off, stop, st, out)
-        del out
 
 
 def job_label(job: Job) -> str:
@@ -143,28 +323,6 @@ class _Sub:
     def __iter__(self):
         for ch in self.src():
             yield from self.of(ch)
-
-
-def _reference(passes, ops, method, name, job, with_base, src, writer, writes) -> None:
-    if della_pass.merge(passes, method, name, job, src, writer, writes):
-        return
-    _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes)
-
-
-def _reference_pass(passes, ops, method, name, job, with_base, src, writer, writes) -> None:
-    import torch
-    n_models = len(passes.inputs.sources(name)[1])
-    subs = _Sub(ops, method, job, with_base, src, n_models)
-    stats = method.reduce(job, subs)
-    st = passes.r.out_st[name]
-    for ch in src():
-        off, stop = ch.offset, ch.offset + passes.k.chunk_numel(ch)
-        out = torch.cat([method.apply(job, c, stats).reshape(-1) for c in subs.of(ch)])
-        del ch
-        slot = writes.slot()
-        out = ops.output(out, st)
-        writes.submit(slot, passes.write_checked, writer, name, off, stop, st, out)
-        del out
 
 
 # --------------------------------------------------------------------------- kernels' chunks

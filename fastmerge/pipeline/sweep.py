@@ -49,7 +49,7 @@ from .budget import (
 from .driver import _Passes, _Writes, out_chunk_bytes, prepare, resolve
 from .inputs import check_output_apart_from_inputs, name_files
 from .launch_env import env_rank, local_world_size
-from .method_pass import merge_tensor as merge_mergekit_tensor
+from .method_pass import Point, merge_points
 from .sliced import (
     close_inputs,
     hub_downloads,
@@ -261,19 +261,23 @@ def _merge_tensor(members: list, lead: Member, name: str, src) -> None:
 
 
 def _merge_mergekit_points(members: list, name: str, src) -> list:
-    """The points of a mergekit method (recipe/mergekit_params.py) merged one after the other
-    through method_pass, as ``fastmerge merge`` does (their reductions read the tensor again;
-    the inputs are opened once); the other points, left to the fused loop."""
-    rest = []
-    for m in members:
-        if not m.r.cfg.is_mergekit_method:
-            rest.append(m)
-            continue
-        t = time.perf_counter()
-        merge_mergekit_tensor(m.eng, name, m.prepared.specs[name], src, m.eng.units(name),
-                              m.writer, m.writes)
-        m.seconds += time.perf_counter() - t
-    return rest
+    """The points of a mergekit method (recipe/mergekit_params.py) merged together through
+    method_pass.merge_points, as ``fastmerge merge`` merges each: one Gram pre-pass per Gram
+    matrix, one read feeding every reduction, one read of each chunk feeding every point's
+    apply; the other points, left to the fused loop."""
+    ours = [m for m in members if m.r.cfg.is_mergekit_method]
+    if not ours:
+        return members
+    t = time.perf_counter()
+    lead = ours[0]
+    units = lead.eng.units(name)
+    points = [Point(m.eng, name, m.prepared.specs[name], units, m.writer, m.writes)
+              for m in ours]
+    merge_points(points, name, units, src, lead.eng.source)
+    share = (time.perf_counter() - t) / len(ours)   # the shared passes, split evenly
+    for m in ours:
+        m.seconds += share
+    return [m for m in members if not m.r.cfg.is_mergekit_method]
 
 
 class _Bar:
