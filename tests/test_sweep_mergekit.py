@@ -74,6 +74,9 @@ CASES = {
     "mixed": (lambda p: _models(p, "model_stock"), ["merge_method=model_stock,karcher"], 2),
     "mixed_della": (lambda p: _models(p, "della", weight=0.5, density=0.5, epsilon=0.1),
                     ["merge_method=della,della_linear", "lambda=0.5,1.0"], 4),
+    # fastmerge's methods beside mergekit's in one pass: the apply read shared by all
+    "with_fastmerge": (lambda p: _models(p, "model_stock"),
+                       ["merge_method=model_stock,task_arithmetic,linear,karcher"], 4),
     "nuslerp": (lambda p: _models(p, "nuslerp", weight=0.5), ["weight=0.2,0.5,0.8"], 3),
     "della_density": (lambda p: _models(p, "della", weight=0.5, density=0.5, epsilon=0.1),
                       ["density=0.3,0.6,0.8", "epsilon=0.05,0.15"], 6),
@@ -139,6 +142,15 @@ def test_k_points_read_each_chunk_at_most_twice(ckpts, tmp_path, monkeypatch, me
     assert counts[2] == counts[5]
 
 
+def test_fastmerge_and_mergekit_points_share_the_apply_read(ckpts, tmp_path, monkeypatch):
+    loads = _count_loads(monkeypatch)
+    cfg = _write(tmp_path, _models(ckpts, "model_stock"))
+    rows = sweep(cfg, tmp_path / "out", ["merge_method=model_stock,task_arithmetic,karcher"],
+                 max_chunk_elems=512)
+    assert {r["pass"] for r in rows} == {1}
+    assert max(loads.values()) == 2   # the Gram matrices' read, then every point's apply
+
+
 def test_k_reference_points_share_each_read(ckpts, tmp_path, monkeypatch):
     """sce (its reduction reads the tensor twice) x 3 points: 3 reads of each chunk, as one
     point's merge, not 3 x 3."""
@@ -200,3 +212,33 @@ def test_fan_out_error_is_raised_and_nothing_hangs():
 
     with pytest.raises(ValueError, match="NaN/Inf"):
         fan_out(_source([1, 2, 3], reads), [good, bad, good])
+
+
+@pytest.mark.parametrize("case", ["slerp_t", "della_density", "sce"])
+def test_points_are_merges_on_torch_kernels(ckpts, tmp_path, case):
+    """The same on TorchKernels (chunks as torch tensors: TorchOps, della's torch buffers)."""
+    make, grid, n = CASES[case]
+    cfg = _write(tmp_path, make(ckpts))
+    out = tmp_path / "out"
+    argv = ["sweep", str(cfg), str(out), "--quiet", "--backend", "torch"]
+    assert main(argv + [x for g in grid[:1] for x in ("--grid", g)]) == 0
+    for p in sorted(x for x in out.iterdir() if x.is_dir()):
+        one = tmp_path / "single" / p.name
+        point_cfg = tmp_path / f"{p.name}.yml"
+        point_cfg.write_text((p / "fastmerge_config.yml").read_text())
+        assert main(["merge", str(point_cfg), str(one), "--quiet", "--backend", "torch"]) == 0
+        _same_dirs(p, one)
+        assert b'"backend": "torch"' in (p / "model.safetensors.index.json").read_bytes()
+
+
+def test_fan_out_reader_error_stops_every_consumer():
+    def src():
+        yield 1
+        raise OSError("truncated file")
+
+    def twice(chunks):
+        for _ in range(2):
+            sum(chunks)
+
+    with pytest.raises(OSError, match="truncated"):
+        fan_out(src, [twice, twice, lambda chunks: None])

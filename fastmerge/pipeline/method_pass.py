@@ -148,47 +148,58 @@ class Point:
         self.writes.submit(slot, passes.write_checked, self.writer, name, off, stop, st, out)
 
 
-def merge_points(points: list, name: str, units: list, src, source) -> None:
+def merge_points(points: list, name: str, units: list, src, source, also=None) -> None:
     """Merge tensor ``name`` for every point of ``points`` (a sweep's, or the merge's one)
-    from shared reads: points on the same chunks (``units``: read by ``src``; others by
-    ``source(their units)``) take one Gram pre-pass per Gram matrix they need, one read
-    feeding every reduction (fan_out), then one read of each chunk feeding every apply. So
-    a tensor is read at most twice (pre-pass + apply) whatever the number of points; a
-    reduction that reads the tensor twice itself (sce) makes it three."""
+    from shared reads: points on the same chunks (``units``, read by ``src``; others by
+    ``source(their units)``) take one read per round feeding every Gram matrix they need and
+    every reduction (fan_out), then one read of each chunk feeding every point's apply (and
+    ``also(chunk)``, on ``units``' chunks: the sweep's other points). So a tensor is read at
+    most twice (pre-pass + apply) whatever the number of points; a reduction that reads the
+    tensor twice itself (sce) makes it three."""
     della_pass.share_masks([p.della for p in points if p.della is not None],
                            points[0].passes.r.chunking)
-    groups: dict = {}
+    groups: dict = {tuple(units): []}
     for p in points:
         groups.setdefault(tuple(p.units), []).append(p)
     for key, pts in groups.items():
-        p_src = src if list(key) == list(units) else source(pts[0].units)
-        _gram_pass(pts, p_src)
-        fan_out(p_src, [r for r in (p.reducer() for p in pts) if r is not None])
+        main = list(key) == list(units)
+        if not pts and not (main and also is not None):
+            continue
+        p_src = src if main else source(pts[0].units)
+        fan_out(p_src, _gram_consumers(pts, p_src) +
+                [r for r in (p.reducer() for p in pts) if r is not None])
         for ch in p_src():   # the one read of each chunk; every point's output from it
             for p in pts:
                 p.apply(ch)
+            if main and also is not None:
+                also(ch)
             del ch
 
 
-def _gram_pass(points: list, src) -> None:
+def _gram_consumers(points: list, src) -> list:
+    """One reduction per Gram matrix the points need (points with the same key share it);
+    points needing none get their coefficients now."""
     keys: dict = {}
     for p in points:
-        if p.comb is not None:
+        if p.comb is None:
+            continue
+        if p.gram_key is None:
+            p.set_gram(None, src)
+        else:
             keys.setdefault(p.gram_key, []).append(p)
-    grams = dict.fromkeys(keys)
-    if any(k is not None for k in keys):
-        for ch in src():
-            for k, pts in keys.items():
-                if k is None:
-                    continue
-                g = pts[0].ops.gram(ch, *k)
-                acc = grams[k]
-                grams[k] = g if acc is None else \
-                    [[a + b for a, b in zip(r, q)] for r, q in zip(acc, g)]
-            del ch
-    for k, pts in keys.items():
-        for p in pts:
-            p.set_gram(grams[k], src)
+
+    def consumer(key, pts):
+        def gram_of(chunks):
+            gram = None
+            for ch in chunks:
+                g = pts[0].ops.gram(ch, *key)
+                gram = g if gram is None else \
+                    [[a + b for a, b in zip(r, q)] for r, q in zip(gram, g)]
+                del ch
+            for p in pts:
+                p.set_gram(gram, src)
+        return gram_of
+    return [consumer(k, pts) for k, pts in keys.items()]
 
 
 class _Again:
@@ -201,7 +212,11 @@ class _Again:
         return iter(self.src())
 
 
-_END = object()
+_END, _ABORT = object(), object()
+
+
+class _Aborted(Exception):
+    """The reader stopped (its error is the one raised)."""
 
 
 def fan_out(src, consumers: list) -> None:
@@ -232,6 +247,9 @@ def fan_out(src, consumers: list) -> None:
                         if item is _END:
                             done = True
                             return
+                        if item is _ABORT:
+                            done = True
+                            raise _Aborted
                         work.acquire()
                         held = True
                         yield item
@@ -242,7 +260,7 @@ def fan_out(src, consumers: list) -> None:
                     if held:
                         work.release()
                     while not done:   # left early: drain the round the reader feeds
-                        done = feeds[j].get() is _END
+                        done = feeds[j].get() in (_END, _ABORT)
         return Rounds()
 
     def run(j):
@@ -258,6 +276,7 @@ def fan_out(src, consumers: list) -> None:
     for t in threads:
         t.start()
     active = set(range(len(consumers)))
+    ok = False
     try:
         while active:
             want = []
@@ -277,11 +296,15 @@ def fan_out(src, consumers: list) -> None:
             finally:
                 for j in want:
                     feeds[j].put(_END)
+        ok = True
     finally:
+        if not ok:   # the read failed: a consumer asking for another round stops there
+            for j in active:
+                feeds[j].put(_ABORT)
         for t in threads:
             t.join()
     for e in errors:
-        if e is not None:
+        if e is not None and not isinstance(e, _Aborted):
             raise e
 
 

@@ -230,9 +230,30 @@ def _shared_loop(members: list, lead: Member, quiet: bool) -> None:
 
 
 def _merge_tensor(members: list, lead: Member, name: str, src) -> None:
-    members = _merge_mergekit_points(members, name, src)
-    if not members:
+    """Tensor ``name`` for every point: fastmerge's methods' plans (shared selections), then
+    the points of mergekit's methods (method_pass.merge_points) with every point's output of
+    a chunk computed from its one read."""
+    ours = [m for m in members if m.r.cfg.is_mergekit_method]
+    rest = [m for m in members if not m.r.cfg.is_mergekit_method]
+    apply = _fused_points(rest, lead, name, src) if rest else None
+    if not ours:
+        for ch in src():    # the one read of each chunk; every point's fused pass on it
+            apply(ch)
+            del ch
         return
+    t = time.perf_counter()
+    units = lead.eng.units(name)
+    points = [Point(m.eng, name, m.prepared.specs[name], units, m.writer, m.writes)
+              for m in ours]
+    merge_points(points, name, units, src, lead.eng.source, also=apply)
+    share = (time.perf_counter() - t) / len(ours)   # the shared passes, split evenly (rough)
+    for m in ours:
+        m.seconds += share
+
+
+def _fused_points(members: list, lead: Member, name: str, src):
+    """The plans of fastmerge's methods' points (one selection for those selecting on the
+    same scores) and the function merging a chunk for each of them."""
     numel = lead.eng.numel(name)
     s = time.perf_counter()
     shared = shared_thresholds(members, name, numel, lead.k, src)
@@ -244,7 +265,8 @@ def _merge_tensor(members: list, lead: Member, name: str, src) -> None:
     share = (time.perf_counter() - s) / len(members)
     for m in members:
         m.seconds += share / 2   # the shared selection, split evenly (rough)
-    for ch in src():    # the one read of each chunk; every point's fused pass on it
+
+    def apply(ch):
         for m, plan in zip(members, plans):
             t = time.perf_counter()
             k, st = m.k, m.r.out_st[name]
@@ -257,27 +279,7 @@ def _merge_tensor(members: list, lead: Member, name: str, src) -> None:
             m.writes.submit(slot, m.eng.write_checked, m.writer, name, off, stop, st, out)
             del out
             m.seconds += time.perf_counter() - t
-        del ch
-
-
-def _merge_mergekit_points(members: list, name: str, src) -> list:
-    """The points of a mergekit method (recipe/mergekit_params.py) merged together through
-    method_pass.merge_points, as ``fastmerge merge`` merges each: one Gram pre-pass per Gram
-    matrix, one read feeding every reduction, one read of each chunk feeding every point's
-    apply; the other points, left to the fused loop."""
-    ours = [m for m in members if m.r.cfg.is_mergekit_method]
-    if not ours:
-        return members
-    t = time.perf_counter()
-    lead = ours[0]
-    units = lead.eng.units(name)
-    points = [Point(m.eng, name, m.prepared.specs[name], units, m.writer, m.writes)
-              for m in ours]
-    merge_points(points, name, units, src, lead.eng.source)
-    share = (time.perf_counter() - t) / len(ours)   # the shared passes, split evenly
-    for m in ours:
-        m.seconds += share
-    return [m for m in members if not m.r.cfg.is_mergekit_method]
+    return apply
 
 
 class _Bar:
