@@ -242,3 +242,22 @@ def test_fan_out_reader_error_stops_every_consumer():
 
     with pytest.raises(OSError, match="truncated"):
         fan_out(src, [twice, twice, lambda chunks: None])
+
+
+def test_budget_holds_every_points_outputs(ckpts, tmp_path, capsys):
+    """The budget covers each mergekit point's outputs of a chunk: room for one point at the
+    minimal chunk, not for three, splits the slerp points into passes (each still a merge)."""
+    from fastmerge.pipeline.budget import MIN_CHUNK_ELEMS, plan_chunking
+    from fastmerge.recipe.config import ConfigError, load_config
+    cfg = _write(tmp_path, _models(ckpts, "slerp", n=1, t=0.5))
+    info = load_config(cfg).info
+    # bf16 base + 1 model in, bf16 out
+    one = plan_chunking(2 ** 30, "cpu", 1, 2 * 2, 2, sparsifier=info.sparsifier)
+    budget = one.fixed + MIN_CHUNK_ELEMS * (one.bytes_per_elem + 2)
+    rows = sweep(cfg, tmp_path / "out", ["t=0.2,0.5,0.8"], memory_budget=budget, quiet=False)
+    assert len({r["pass"] for r in rows}) == 3
+    assert "passes over the inputs" in capsys.readouterr().err
+    _merge_each_point(tmp_path, rows)
+    with pytest.raises(ConfigError, match="points per pass"):
+        sweep(cfg, tmp_path / "out2", ["t=0.2,0.5,0.8"], memory_budget=budget,
+              points_per_pass=2)
