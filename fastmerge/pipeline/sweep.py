@@ -4,7 +4,9 @@ plan (thresholds per point, one selection serving every point that selects on th
 scores), kernels object (its own output buffers), writer thread and shards, under
 ``OUT_DIR/<point>/``, all in one atomic output directory. Every point's files are byte for
 byte ``fastmerge merge``'s of its config: the same resolve, prepare and kernels as
-driver.py, only the loop over tensors is shared.
+driver.py, only the loop over tensors is shared. The points of mergekit's methods are merged
+together per tensor (method_pass.merge_points): one pre-pass read feeding every Gram matrix
+and reduction they need, then the apply read shared with the fused pass.
 
 Points whose inputs differ (a method without a base among methods with one) or that need
 other kernels (second moments: torch) run in their own pass; the memory budget covers the
