@@ -62,7 +62,7 @@ class Point:
         shape = tuple(int(s) for s in inputs.reference.info(name).shape)
         base, models = inputs.sources(name)   # a slice's route, or the same name everywhere
         self.n_models = len(models)
-        self.first = models[0]
+        self.first = models[0] if models else None
         self.with_base = base is not None and method.schema.base != "ignored"
         has_base, n = method.view(base is not None, len(models))
         self.job = Job(shape, spec.params, name, spec.seed, has_base, n)
@@ -96,7 +96,7 @@ class Point:
                              f"{coeffs}")
         self.coeffs = coeffs
         first = self.first
-        self.copy = coeffs == [1.0] and not self.with_base and \
+        self.copy = coeffs == [1.0] and not self.with_base and first is not None and \
             first[0].info(first[1]).st == self.st
         if not self.copy:
             spec = resolve_spec("linear", len(coeffs), weights=coeffs, normalize=False)
