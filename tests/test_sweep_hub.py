@@ -6,39 +6,20 @@ from __future__ import annotations
 
 import collections
 
-import huggingface_hub
 import pytest
+import test_hub_precheck
 from engine_util import load_dir
-from test_hub_precheck import FakeHub, _cfg
+from test_hub_precheck import _cfg
 
 import fastmerge.pipeline.sweep as sw
-from fastmerge.cli.demo import make_synthetic_checkpoints
 from fastmerge.pipeline import CheckpointError, ConfigError, native
 
 pytestmark = pytest.mark.skipif(native._core() is None, reason="fastmerge._core not built")
 GRID = ["density=0.3,0.6"]
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep_hub")
-    p = make_synthetic_checkpoints(root / "a", n_models=2, layers=2, hidden=32, inter=48,
-                                   vocab=64, shards=2)
-    p["deep"] = make_synthetic_checkpoints(root / "b", n_models=1, layers=3, hidden=32,
-                                           inter=48, vocab=64, shards=1)["models"][0]
-    return p
-
-
-@pytest.fixture
-def hub(ckpts, tmp_path, monkeypatch):
-    fake = FakeHub(tmp_path)
-    fake.repos = {"org/base": ckpts["base"], "org/m0": ckpts["models"][0],
-                  "org/m1": ckpts["models"][1], "org/deep": ckpts["deep"]}
-    for name in ("snapshot_download", "hf_hub_download", "get_safetensors_metadata",
-                 "parse_safetensors_file_metadata"):
-        monkeypatch.setattr(huggingface_hub, name, getattr(fake, name))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    return fake
+# the fixtures of tests/test_hub_precheck.py: its synthetic checkpoints behind its fake hub
+ckpts, hub = test_hub_precheck.ckpts, test_hub_precheck.hub
 
 
 def test_headers_are_checked_before_the_download_and_points_match_local(hub, ckpts, tmp_path):
