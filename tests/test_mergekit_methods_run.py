@@ -9,31 +9,17 @@ import os
 import pytest
 import torch
 from engine_util import load_dir
+from mergekit_util import assert_close, run_mergekit, write_tiny_llamas
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RTOL = 2.0 ** -16       # float32 outputs: far below one bf16 ulp (2^-8)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("mkm")
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   vocab_size=64, max_position_embeddings=32,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = {k: v.clone() for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    paths = {}
-    for name in ("base", "ft0", "ft1", "ft2"):
-        sd = {k: v if name == "base" else v + 0.01 * torch.randn(v.shape, generator=g)
-              for k, v in base.items()}
-        model = transformers.LlamaForCausalLM(cfg)
-        model.load_state_dict(sd)
-        model.save_pretrained(root / name)
-        paths[name] = str(root / name)
-    return paths
+    return write_tiny_llamas(tmp_path_factory.mktemp("mkm"), ("base", "ft0", "ft1", "ft2"),
+                             0.01, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                             max_position_embeddings=32, tie_word_embeddings=False)
 
 
 def _config(ckpts, method, models, params=None, per_model=None, base=True):
@@ -47,29 +33,10 @@ def _config(ckpts, method, models, params=None, per_model=None, base=True):
     return cfg
 
 
-def run_mergekit(cfg, out, seed=0):
-    pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-    opts = MergeOptions(copy_tokenizer=False, quiet=True, random_seed=seed,
-                        write_model_card=False)
-    run_merge(MergeConfiguration.model_validate(cfg), str(out), options=opts)
-    return load_dir(out)
-
-
 def run_fastmerge(cfg, out, **kw):
     from fastmerge.pipeline.native import merge
     merge(cfg, out, **kw)
     return load_dir(out)
-
-
-def assert_close(got, want, rtol=RTOL):
-    assert set(got) == set(want), set(got) ^ set(want)
-    for k in want:
-        scale = float(want[k].abs().max()) or 1.0
-        err = float((got[k].float() - want[k].float()).abs().max())
-        assert err <= rtol * scale, (k, err, scale)
 
 
 W2 = [{"weight": 0.7}, {"weight": 0.4}]
@@ -104,7 +71,7 @@ SLOW = {"nuslerp_rows", "nuslerp_cols", "model_stock_fw", "sce", "arcee_fusion",
 def test_matches_mergekit(ckpts, tmp_path, case):
     method, models, params, per_model, base = CASES[case]
     cfg = _config(ckpts, method, models, params, per_model, base)
-    want = run_mergekit(cfg, tmp_path / "mk")
+    want = run_mergekit(cfg, tmp_path / "mk", seed=0)
     got = run_fastmerge(cfg, tmp_path / "fm")
     assert_close(got, want)
 
@@ -320,10 +287,10 @@ def test_mergekit_integration_routes(ckpts, tmp_path, case):
     import fastmerge.integrations.mergekit as fm_mk
     method, models, params, per_model, base = CASES[case]
     cfg = _config(ckpts, method, models, params, per_model, base)
-    want = run_mergekit(cfg, tmp_path / "mk")
+    want = run_mergekit(cfg, tmp_path / "mk", seed=0)
     fm_mk.reset_stats()
     with fm_mk.patched():
-        got = run_mergekit(cfg, tmp_path / "fm")
+        got = run_mergekit(cfg, tmp_path / "fm", seed=0)
     st = fm_mk.stats()
     assert st and all(k.startswith(f"fastmerge:{method}") for k in st), st
     assert_close(got, want)

@@ -15,37 +15,23 @@ import pytest
 import torch
 import yaml
 from engine_util import load_dir, write_yaml
+from mergekit_util import assert_close, run_mergekit, write_tiny_llamas
 
 import fastmerge
 from fastmerge.cli import main
 from fastmerge.recipe.config import ConfigError, parse_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RTOL = 2.0 ** -16       # float32 outputs: far below one bf16 ulp (2^-8)
 LAYERS = 5
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Four tiny float32 Llama checkpoints of 5 layers: b (base), x, y, z (b + noise)."""
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("slm")
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24,
-                                   num_hidden_layers=LAYERS, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=32,
-                                   max_position_embeddings=32, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = {k: v.clone() for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    paths = {}
-    for name in ("b", "x", "y", "z"):
-        sd = {k: v if name == "b" else v + 0.02 * torch.randn(v.shape, generator=g)
-              for k, v in base.items()}
-        model = transformers.LlamaForCausalLM(cfg)
-        model.load_state_dict(sd)
-        model.save_pretrained(root / name)
-        paths[name] = str(root / name)
-    return paths
+    return write_tiny_llamas(tmp_path_factory.mktemp("slm"), ("b", "x", "y", "z"), 0.02,
+                             hidden_size=16, intermediate_size=24, num_hidden_layers=LAYERS,
+                             num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
+                             max_position_embeddings=32, tie_word_embeddings=False)
 
 
 def src(model, a, b, **params):
@@ -53,24 +39,6 @@ def src(model, a, b, **params):
     if params:
         d["parameters"] = params
     return d
-
-
-def run_mergekit(raw, out):
-    pytest.importorskip("mergekit")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-    run_merge(MergeConfiguration.model_validate(raw), str(out),
-              options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
-    return load_dir(out)
-
-
-def assert_close(got, want, rtol=RTOL):
-    assert set(got) == set(want), set(got) ^ set(want)
-    for k in want:
-        scale = float(want[k].abs().max()) or 1.0
-        err = float((got[k].float() - want[k].float()).abs().max())
-        assert err <= rtol * scale, (k, err, scale)
 
 
 def cases(p):
