@@ -50,6 +50,27 @@ def load_dir(d) -> dict:
     return out
 
 
+def same_dirs(a, b) -> None:
+    """The two output folders hold the same files, byte for byte."""
+    a, b = Path(a), Path(b)
+    names = sorted(x.name for x in a.iterdir())
+    assert names == sorted(x.name for x in b.iterdir())
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), (a, n)
+
+
+def merge_each_point(tmp_path, rows) -> None:
+    """Each sweep point (a row of sweep.json) is byte for byte ``fastmerge merge`` of its own
+    config (the one the sweep wrote beside it)."""
+    from fastmerge.cli import main
+    for r in rows:
+        one = tmp_path / "single" / r["point"]
+        cfg = tmp_path / f"{r['point']}.yml"
+        cfg.write_text((Path(r["path"]) / "fastmerge_config.yml").read_text())
+        assert main(["merge", str(cfg), str(one), "--quiet"]) == 0
+        same_dirs(r["path"], one)
+
+
 def write_yaml(path, cfg: dict) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

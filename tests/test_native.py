@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_util import cli_merge_without_torch, fail_writes_after, load_dir, write_yaml
+from engine_util import (
+    cli_merge_without_torch,
+    fail_writes_after,
+    load_dir,
+    same_dirs,
+    write_yaml,
+)
 
 import fastmerge
 from fastmerge.backends import availability
@@ -49,13 +55,6 @@ def _cfg(p, method, **extra):
     return {"merge_method": method, "base_model": str(p["base"]), "models": models, **extra}
 
 
-def _same_dirs(a: Path, b: Path):
-    names = sorted(x.name for x in a.iterdir())
-    assert names == sorted(x.name for x in b.iterdir())
-    for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), n
-
-
 CASES = [
     ("task_arithmetic", {}, {}),
     ("linear", {}, {"max_chunk_elems": 1000}),
@@ -82,7 +81,7 @@ def test_output_is_the_engines_byte_for_byte(ckpts, tmp_path, method, extra, kw)
     assert native.why_not(load_config(cfg)) is None
     res = native.merge_natively(load_config(cfg), tmp_path / "native", **kw)
     want = fastmerge.merge_checkpoints(cfg, tmp_path / "engine", backend="cpu", **kw)
-    _same_dirs(res.output_dir, want.output_dir)
+    same_dirs(res.output_dir, want.output_dir)
     assert (res.tensors, res.shards, res.bytes_in, res.bytes_out) == \
         (want.tensors, want.shards, want.bytes_in, want.bytes_out)
     assert res.passes[-1] == "merge (without torch: fastmerge._core)"
@@ -96,7 +95,7 @@ def test_cli_merges_without_importing_torch(ckpts, tmp_path, method):
     assert f"{method} merged" in r.stdout
     want = fastmerge.merge_checkpoints(_cfg(ckpts, method), tmp_path / "engine",
                                        backend="cpu")
-    _same_dirs(tmp_path / "out", want.output_dir)
+    same_dirs(tmp_path / "out", want.output_dir)
 
 
 def test_import_fastmerge_is_lazy_and_registers_ops_on_use():
@@ -157,7 +156,7 @@ def test_a_window_miss_or_chunked_selection_takes_the_radix_selection(ckpts, tmp
     numel = {n: t.numel() for n, t in load_dir(ckpts["base"]).items()}
     want = len(merged) if why == "miss" else sum(numel[n] > 1000 for n in merged)
     assert 0 < len(seen) == want
-    _same_dirs(res.output_dir, fastmerge.merge_checkpoints(cfg, tmp_path / "e", backend="cpu",
+    same_dirs(res.output_dir, fastmerge.merge_checkpoints(cfg, tmp_path / "e", backend="cpu",
                                                            **kw).output_dir)
 
 
@@ -233,4 +232,4 @@ def test_existing_output_needs_overwrite(tiny):
 def test_dare_merge_under_a_small_budget(tiny, tmp_path):
     """A DARE merge under a 40 MiB budget writes what an unbounded one writes."""
     small = native.merge(tiny["cfg"], tmp_path / "small", memory_budget="40MiB")
-    _same_dirs(small.output_dir, native.merge(tiny["cfg"], tmp_path / "big").output_dir)
+    same_dirs(small.output_dir, native.merge(tiny["cfg"], tmp_path / "big").output_dir)

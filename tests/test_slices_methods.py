@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from engine_util import load_dir, write_yaml
+from engine_util import load_dir, merge_each_point, write_yaml
 from mergekit_util import assert_close, run_mergekit, write_tiny_llamas
 
 import fastmerge
@@ -341,13 +341,6 @@ def test_parse_errors():
 
 
 # ----------------------------------------------------------------------------- sweeps
-def _same_dirs(a: Path, b: Path):
-    names = sorted(x.name for x in a.iterdir())
-    assert names == sorted(x.name for x in b.iterdir())
-    for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), n
-
-
 @pytest.mark.parametrize("case,grid", [
     ("slerp", ["t=0.2,0.7", "slices[1].t=0.1,0.5"]),
     ("ties", ["density=0.3,0.8", "slices[0].sources[1].weight=0.2,0.9"]),
@@ -392,12 +385,7 @@ def test_sweep_points_are_merges(ckpts, tmp_path, case, grid):
     # 1) and a scaled one read differently, as do methods with a base and without
     passes = {"passthrough": [1, 2], "mixed": [1, 2, 3]}.get(case, [1] * n)
     assert sorted(r["pass"] for r in rows) == passes
-    for r in rows:
-        one = tmp_path / "single" / r["point"]
-        point_cfg = tmp_path / f"{r['point']}.yml"
-        point_cfg.write_text((Path(r["path"]) / "fastmerge_config.yml").read_text())
-        assert main(["merge", str(point_cfg), str(one), "--quiet"]) == 0
-        _same_dirs(Path(r["path"]), one)
+    merge_each_point(tmp_path, rows)
     if case == "slerp":   # the points differ where their t differs
         a, b2 = (load_dir(Path(r["path"])) for r in rows[:2])
         assert not torch.equal(a["model.layers.4.mlp.up_proj.weight"],

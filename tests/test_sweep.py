@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from engine_util import merge_each_point
 
 import fastmerge
 from fastmerge.cli import main
@@ -38,23 +39,6 @@ def _config(tmp_path, p, method, **extra) -> Path:
     return path
 
 
-def _same_dirs(a: Path, b: Path):
-    names = sorted(x.name for x in a.iterdir())
-    assert names == sorted(x.name for x in b.iterdir())
-    for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), n
-
-
-def _merge_each_point(tmp_path, rows):
-    """``fastmerge merge`` of each point's own config (the one the sweep wrote beside it)."""
-    for r in rows:
-        one = tmp_path / "single" / r["point"]
-        cfg = tmp_path / f"{r['point']}.yml"
-        cfg.write_text((Path(r["path"]) / "fastmerge_config.yml").read_text())
-        assert main(["merge", str(cfg), str(one), "--quiet"]) == 0
-        _same_dirs(Path(r["path"]), one)
-
-
 @pytest.mark.parametrize("method,grid,extra", [
     ("ties", ["density=0.2,0.5,0.9", "lambda=1,0.7"], {}),
     ("dare_ties", ["density=0.3,0.6", "models[1].weight=0.2,0.9"], {}),
@@ -73,7 +57,7 @@ def test_each_point_is_merge_byte_for_byte(ckpts, tmp_path, method, grid, extra)
     table = (tmp_path / "out" / "sweep.csv").read_text().splitlines()
     assert len(table) == n + 1
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())[0]["path"] == rows[0]["path"]
-    _merge_each_point(tmp_path, rows)
+    merge_each_point(tmp_path, rows)
 
 
 def test_each_chunk_is_loaded_once_per_pass(ckpts, tmp_path, monkeypatch):
@@ -103,7 +87,7 @@ def test_budget_too_small_splits_into_passes(ckpts, tmp_path, capsys):
                  quiet=False)
     assert len({r["pass"] for r in rows}) > 1
     assert "passes over the inputs" in capsys.readouterr().err
-    _merge_each_point(tmp_path, rows)
+    merge_each_point(tmp_path, rows)
     with pytest.raises(ConfigError, match="points per pass"):
         sweep(cfg, tmp_path / "out2", ["lambda=0.5,1,1.5"], memory_budget=budget,
               points_per_pass=3)
@@ -173,7 +157,7 @@ def test_one_point_and_existing_out_dir(ckpts, tmp_path, capsys):
     cfg = _config(tmp_path, ckpts, "ties")
     rows = fastmerge.sweep(cfg, tmp_path / "out", ["density=0.4"])
     assert len(rows) == 1
-    _merge_each_point(tmp_path, rows)
+    merge_each_point(tmp_path, rows)
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     capsys.readouterr()
     assert main(["sweep", str(cfg), str(tmp_path / "out"), "--grid", "density=0.5"]) == 1

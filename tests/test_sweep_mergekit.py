@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from engine_util import merge_each_point, same_dirs
 
 from fastmerge.cli import main
 from fastmerge.cli.demo import make_synthetic_checkpoints
@@ -51,22 +52,6 @@ def _slices(p, method, **params):
                                     {"model": y, "layer_range": [1, 2]}]}]}
 
 
-def _same_dirs(a: Path, b: Path):
-    names = sorted(x.name for x in a.iterdir())
-    assert names == sorted(x.name for x in b.iterdir())
-    for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), (a, n)
-
-
-def _merge_each_point(tmp_path, rows):
-    for r in rows:
-        one = tmp_path / "single" / r["point"]
-        cfg = tmp_path / f"{r['point']}.yml"
-        cfg.write_text((Path(r["path"]) / "fastmerge_config.yml").read_text())
-        assert main(["merge", str(cfg), str(one), "--quiet"]) == 0
-        _same_dirs(Path(r["path"]), one)
-
-
 CASES = {
     "slerp_t": (lambda p: _models(p, "slerp", n=1, t=0.5), ["t=0.1,0.5,0.9"], 3),
     # linear-combination methods in one pass, a Gram matrix each (of the task vectors, of
@@ -101,7 +86,7 @@ def test_points_are_merges_byte_for_byte(ckpts, tmp_path, case, chunk):
     cfg = _write(tmp_path, make(ckpts))
     rows = sweep(cfg, tmp_path / "out", grid, max_chunk_elems=chunk)
     assert len(rows) == n
-    _merge_each_point(tmp_path, rows)
+    merge_each_point(tmp_path, rows)
 
 
 def _count_loads(monkeypatch):
@@ -227,7 +212,7 @@ def test_points_are_merges_on_torch_kernels(ckpts, tmp_path, case):
         point_cfg = tmp_path / f"{p.name}.yml"
         point_cfg.write_text((p / "fastmerge_config.yml").read_text())
         assert main(["merge", str(point_cfg), str(one), "--quiet", "--backend", "torch"]) == 0
-        _same_dirs(p, one)
+        same_dirs(p, one)
         assert b'"backend": "torch"' in (p / "model.safetensors.index.json").read_bytes()
 
 
@@ -257,7 +242,7 @@ def test_budget_holds_every_points_outputs(ckpts, tmp_path, capsys):
     rows = sweep(cfg, tmp_path / "out", ["t=0.2,0.5,0.8"], memory_budget=budget, quiet=False)
     assert len({r["pass"] for r in rows}) == 3
     assert "passes over the inputs" in capsys.readouterr().err
-    _merge_each_point(tmp_path, rows)
+    merge_each_point(tmp_path, rows)
     with pytest.raises(ConfigError, match="points per pass"):
         sweep(cfg, tmp_path / "out2", ["t=0.2,0.5,0.8"], memory_budget=budget,
               points_per_pass=2)
