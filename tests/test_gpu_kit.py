@@ -3,7 +3,6 @@ the dry run lists every step and checks the tools, and the Python parts the kit 
 machine (argument parsing, env.json, the JUnit counts and the SUMMARY.md writer) work here."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,17 +10,14 @@ import subprocess
 import sys
 
 import pytest
+from bench_util import load_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 
 
 def _gpu():
-    spec = importlib.util.spec_from_file_location("fm_bench_gpu",
-                                                  os.path.join(ROOT, "benchmarks", "gpu.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu.py", "fm_bench_gpu")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")

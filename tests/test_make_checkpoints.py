@@ -2,22 +2,16 @@
 LlamaConfig where installed), is sharded with a correct index, and the same seed gives the
 same bytes."""
 import hashlib
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_util import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "make_checkpoints", REPO / "benchmarks" / "make_checkpoints.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("make_checkpoints.py", "make_checkpoints")
 
 
 mc = _module()
@@ -116,13 +110,7 @@ def test_layer_override_and_70b_shape():
 
 
 def _bench_large():
-    import sys
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_large",
-                                                  REPO / "benchmarks" / "bench_large.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_large.py", "bench_large", on_path=True)
 
 
 def test_bench_large_refuses_without_the_disk_and_creates_nothing(tmp_path, capsys):

@@ -4,24 +4,16 @@ default grid per size (K = 3 at 7B), the layer count the free disk allows at 7B 
 from __future__ import annotations
 
 import collections
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from bench_util import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 GB = 10 ** 9
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("fm_bench_sweep",
-                                                  ROOT / "benchmarks" / "bench_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_sweep.py", "fm_bench_sweep", on_path=True)
 
 
 def test_default_grids(bench):

@@ -3,7 +3,6 @@ CPU: the dry run lists it within the kit's time bound, and the script runs end t
 checkpoints (backend "cpu"), checking each point against its merge."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,16 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_util import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _kit_sweep():
-    spec = importlib.util.spec_from_file_location("fm_gpu_sweep",
-                                                  ROOT / "benchmarks" / "gpu_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_sweep.py", "fm_gpu_sweep")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")
