@@ -9,11 +9,11 @@ import collections
 from pathlib import Path
 
 import pytest
+import test_sweep
 import yaml
 from engine_util import merge_each_point, same_dirs
 
 from fastmerge.cli import main
-from fastmerge.cli.demo import make_synthetic_checkpoints
 from fastmerge.pipeline import native
 from fastmerge.pipeline.core_kernels import CoreKernels
 from fastmerge.pipeline.method_pass import fan_out
@@ -22,11 +22,8 @@ from fastmerge.pipeline.sweep import sweep
 pytestmark = pytest.mark.skipif(native._core() is None, reason="fastmerge._core not built")
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweepmk")
-    return make_synthetic_checkpoints(root, n_models=2, layers=2, hidden=32, inter=48,
-                                      vocab=64, shards=1)
+# tests/test_sweep.py's checkpoints: a base and two models of two layers
+ckpts = test_sweep.ckpts
 
 
 def _write(tmp_path, raw, name="c.yml") -> Path:
