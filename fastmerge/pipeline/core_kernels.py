@@ -185,11 +185,7 @@ class CoreKernels:
         if packed is None:
             packed = plan.compiled["core"] = pack_rows(plan.frows, plan.irows)
         fp, ip = packed
-        nbytes = ch.numel * ST_SIZES[out_st]
-        if self.buffers[slot] is None or len(self.buffers[slot]) < nbytes:
-            self.buffers[slot] = None
-            self.buffers[slot] = bytearray(nbytes)
-        out = memoryview(self.buffers[slot])[:nbytes]
+        out = self.out_buffer(slot, ch.numel * ST_SIZES[out_st])
         ids, spec = plan.ids, plan.spec
         base_code, codes = self._codes(ch)
         bad = self.core.fused_merge(
@@ -198,6 +194,14 @@ class CoreKernels:
             float(spec.scale), float(spec.power), float(spec.eps), ch.offset, ch.numel, out,
             DTYPE_CODES[out_st], self.nthreads)
         return out, bad
+
+    def out_buffer(self, slot: int, nbytes: int) -> memoryview:
+        """Output ``slot``'s buffer (its last write is done), kept from tensor to tensor: a
+        fresh one per tensor would be zeroed and faulted in again, page by page."""
+        if self.buffers[slot] is None or len(self.buffers[slot]) < nbytes:
+            self.buffers[slot] = None
+            self.buffers[slot] = bytearray(nbytes)
+        return memoryview(self.buffers[slot])[:nbytes]
 
     @staticmethod
     def chunk_numel(ch: BytesChunk) -> int:

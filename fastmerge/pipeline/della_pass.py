@@ -37,7 +37,6 @@ class DellaPoint:
         self.passes, self.kern, self.name, self.st = passes, kern, name, st
         self.as_bytes = hasattr(passes.k, "to_torch")   # CoreKernels: chunks are bytes views
         self.convert = _bytes_chunk if self.as_bytes else _torch_chunk
-        self.buffers: dict = {}
 
     def reduce(self, chunks) -> None:
         self.kern.reduce(self._convert(ch) for ch in chunks)
@@ -50,10 +49,10 @@ class DellaPoint:
                              f"inputs' dtypes") from None
 
     def apply(self, ch, slot: int):
-        """The merged chunk as the writer takes it (into this point's buffer of ``slot``)."""
+        """The merged chunk as the writer takes it (into the kernels' buffer of ``slot``)."""
         c = self._convert(ch)
         del ch
-        out, buf = _output(self.as_bytes, self.st, c[5], self.buffers, slot)
+        out, buf = _output(self.passes.k if self.as_bytes else None, self.st, c[5], slot)
         self.kern.apply(c, buf, DTYPE_CODES[self.st])
         return out
 
@@ -84,16 +83,12 @@ def share_masks(points: list, chunking) -> None:
             room -= p.kern.mask_bytes
 
 
-def _output(as_bytes: bool, st: str, numel: int, buffers: dict, slot: int):
-    """(the chunk's output as the writer takes it, the writable buffer the kernel fills): a
-    bytes buffer reused per write slot (its last write is done when the slot is handed out),
-    or a CPU tensor of the output dtype."""
-    if as_bytes:
-        nbytes = numel * (4 if st == "F32" else 2)
-        if slot not in buffers or len(buffers[slot]) < nbytes:
-            buffers[slot] = None
-            buffers[slot] = bytearray(nbytes)
-        view = memoryview(buffers[slot])[:nbytes]
+def _output(kernels, st: str, numel: int, slot: int):
+    """(the chunk's output as the writer takes it, the writable buffer the kernel fills):
+    CoreKernels' buffer of the write slot, kept from tensor to tensor (its last write is done
+    when the slot is handed out), or a CPU tensor of the output dtype."""
+    if kernels is not None:
+        view = kernels.out_buffer(slot, numel * (4 if st == "F32" else 2))
         return view, view
     import torch
 
