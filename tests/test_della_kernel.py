@@ -127,6 +127,23 @@ def test_kernel_matches_reference(method, dtype, shape, case):
             assert torch.equal(masks[i], want), i
 
 
+@pytest.mark.parametrize("row", [255, 256, 1027, 4099])
+@pytest.mark.parametrize("case", ["plain", "ties"])
+def test_masks_of_rows_ranked_in_lanes(row, case):
+    """Rows of 256+ columns whose varying |d| bits and columns fit 32 bits are ranked by the
+    four-lane sort (della.cpp, radix_sort_lanes): the reference's masks, bit for bit, at
+    lengths on either side of the switch and not divisible by 4."""
+    base, models = _inputs((3, row), torch.bfloat16, case)
+    params = _params("plain")
+    job = _job(DELLA, base.shape, params, 2)
+    _, k = _run(DELLA, job, base, models, torch.bfloat16)
+    masks = _kernel_masks(k, base.numel())
+    for i in range(2):
+        d = models[i].reshape(-1).float() - base.reshape(-1).float()
+        want = della_mask(d, 0, k.row_len, k.density[i], k.epsilon[i], job.seed, job.name, i)
+        assert torch.equal(masks[i], want), i
+
+
 def _params_cases():
     return ("dense", "eps0", "negeps", "norescale", "normalize")
 

@@ -211,6 +211,40 @@ def test_merge_failure_leaves_no_parent_directory(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["in"]
 
 
+def _fake_fallocate(err):
+    def fallocate(fd, mode, offset, length):
+        import ctypes
+        ctypes.set_errno(err)
+        return -1
+    return fallocate
+
+
+def test_a_disk_too_small_for_the_shards_fails_at_the_start(tmp_path, monkeypatch):
+    """The shards' blocks are reserved when they are opened: fallocate's ENOSPC is the one-line
+    disk-full error, before any tensor is merged, and nothing is left behind."""
+    p = make_synthetic_checkpoints(tmp_path / "in", n_models=2, layers=1, hidden=32, inter=48,
+                                   vocab=64, shards=1, only=("q_proj",))
+    cfg = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}}
+                                                for m in p["models"]]}
+    monkeypatch.setattr(writer, "_fallocate", _fake_fallocate(errno.ENOSPC))
+    with pytest.raises(OutputError, match="disk full"):
+        merge_natively(load_config(cfg), tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_a_file_system_without_fallocate_writes_the_same_shards(tmp_path, monkeypatch):
+    p = make_synthetic_checkpoints(tmp_path / "in", n_models=2, layers=1, hidden=32, inter=48,
+                                   vocab=64, shards=1, only=("q_proj",))
+    cfg = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}}
+                                                for m in p["models"]]}
+    merge_natively(load_config(cfg), tmp_path / "a")
+    monkeypatch.setattr(writer, "_fallocate", _fake_fallocate(errno.EOPNOTSUPP))
+    merge_natively(load_config(cfg), tmp_path / "b")
+    for f in sorted(os.listdir(tmp_path / "a")):
+        if f.endswith(".safetensors"):
+            assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_termination_signal_unwinds_and_handlers_are_restored(tmp_path, sig):
     signum = getattr(signal, sig)

@@ -24,6 +24,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kSmallRow = 64;  // rows up to this length sort with std::sort
+constexpr int64_t kLaneRow = 256;  // rows from this length sort 32-bit items in four lanes
 constexpr double kTwo32 = 4294967296.0;
 
 // Work buffers of one thread, sized for one row (malloc: no exception leaves an omp region).
@@ -36,7 +37,7 @@ struct RowBuffers {
   uint32_t* words = nullptr;   // [len] Philox words
   uint64_t* items = nullptr;   // [len] (|d| bits << 32 | column), sorted
   uint64_t* tmp = nullptr;     // [len] the radix sort's other buffer
-  uint32_t* counts = nullptr;  // [4][2048] digit counters
+  uint32_t* counts = nullptr;  // [4][2048] digit counters (per pass, or per lane)
   float* acc = nullptr;        // [3][len] float32 sums of the combine, then the output row
 
   bool alloc(int64_t len, int n) {
@@ -82,13 +83,20 @@ void build_thresholds(double density, double eps, int64_t len, uint64_t* thr) {
   }
 }
 
+// Digits of the LSD radix sort for a row of len items: buckets ~ the row length, so the
+// counters' prefix sums stay cheap.
+inline int digit_bits(int64_t len) {
+  int digit = 8;
+  while (digit < 11 && (int64_t{1} << (digit + 1)) <= len) ++digit;
+  return digit;
+}
+
 // LSD radix sort of the packed items by the key bits [lo, lo + width) (the bits that vary in
 // the row: the others are equal in every item, so they do not order them); stable, so ties
 // keep the column order. Returns the sorted buffer (items or tmp).
 uint64_t* radix_sort(uint64_t* it, uint64_t* tmp, uint32_t* counts, int64_t len, int lo,
                      int width) {
-  int digit = 8;  // buckets ~ the row length: the counters' prefix sums stay cheap
-  while (digit < 11 && (int64_t{1} << (digit + 1)) <= len) ++digit;
+  const int digit = digit_bits(len);
   const int passes = (width + digit - 1) / digit;
   const int bits = (width + passes - 1) / passes;
   const uint32_t mask = (1u << bits) - 1u;
@@ -116,6 +124,60 @@ uint64_t* radix_sort(uint64_t* it, uint64_t* tmp, uint32_t* counts, int64_t len,
   return src;
 }
 
+// The packed-item radix sort of radix_sort on 32-bit items (varying key bits << cb | column),
+// each pass in four lanes (quarters of the row, each with its own counters, placed one after
+// another): the counter updates form four independent chains instead of one, which the skewed
+// digits of |d| (its exponent bits) kept serialised. Returns the sorted buffer (it or tmp).
+uint32_t* radix_sort_lanes(uint32_t* it, uint32_t* tmp, uint32_t* counts, int64_t len, int cb,
+                           int width) {
+  const int digit = digit_bits(len);
+  const int passes = (width + digit - 1) / digit;
+  const int bits = (width + passes - 1) / passes;
+  const uint32_t mask = (1u << bits) - 1u;
+  const size_t buckets = size_t{1} << bits;
+  const int64_t q4 = len / 4;  // lane 3 also takes the len % 4 last items
+  uint32_t* src = it;
+  uint32_t* dst = tmp;
+  for (int q = 0; q < passes; ++q) {
+    const int shift = cb + q * bits;
+    uint32_t* h0 = counts;
+    uint32_t* h1 = h0 + buckets;
+    uint32_t* h2 = h1 + buckets;
+    uint32_t* h3 = h2 + buckets;
+    memset(counts, 0, sizeof(uint32_t) * 4 * buckets);
+    const uint32_t* s1 = src + q4;
+    const uint32_t* s2 = src + 2 * q4;
+    const uint32_t* s3 = src + 3 * q4;
+    for (int64_t k = 0; k < q4; ++k) {
+      ++h0[(src[k] >> shift) & mask];
+      ++h1[(s1[k] >> shift) & mask];
+      ++h2[(s2[k] >> shift) & mask];
+      ++h3[(s3[k] >> shift) & mask];
+    }
+    for (int64_t k = 4 * q4; k < len; ++k) ++h3[(src[k] >> shift) & mask];
+    const uint32_t first = (src[0] >> shift) & mask;
+    if (h0[first] + h1[first] + h2[first] + h3[first] == static_cast<uint32_t>(len)) continue;
+    uint32_t sum = 0;
+    for (size_t c = 0; c < buckets; ++c) {  // a digit's lane 0 items, then lane 1's, ...
+      for (uint32_t* h : {h0 + c, h1 + c, h2 + c, h3 + c}) {
+        const uint32_t m = *h;
+        *h = sum;
+        sum += m;
+      }
+    }
+    for (int64_t k = 0; k < q4; ++k) {
+      const uint32_t a = src[k], b = s1[k], c = s2[k], e = s3[k];
+      dst[h0[(a >> shift) & mask]++] = a;
+      dst[h1[(b >> shift) & mask]++] = b;
+      dst[h2[(c >> shift) & mask]++] = c;
+      dst[h3[(e >> shift) & mask]++] = e;
+    }
+    for (int64_t k = 4 * q4; k < len; ++k) dst[h3[(src[k] >> shift) & mask]++] = src[k];
+    std::swap(src, dst);
+  }
+  return src;
+}
+
 // keep[k] = words[k] < thr[rank of column k by |d|, ties by column].
 void keep_ranked(const float* d, int64_t len, const uint64_t* thr, RowBuffers& b, uint8_t* keep) {
   const uint32_t* words = b.words;
@@ -127,24 +189,35 @@ void keep_ranked(const float* d, int64_t len, const uint64_t* thr, RowBuffers& b
     for (int64_t r = 0; r < len; ++r) keep[idx[r]] = words[idx[r]] < thr[r];
     return;
   }
-  uint64_t* it = b.items;
   const uint32_t k0 = abs_bits(d[0]);
   uint32_t vary = 0;
-  for (int64_t k = 0; k < len; ++k) {
-    const uint32_t key = abs_bits(d[k]);
-    vary |= key ^ k0;
-    it[k] = (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(k);
-  }
+  for (int64_t k = 0; k < len; ++k) vary |= abs_bits(d[k]) ^ k0;
   if (vary == 0) {  // all |d| equal: the ranks are the columns
     for (int64_t k = 0; k < len; ++k) keep[k] = words[k] < thr[k];
     return;
   }
-  if (len <= kSmallRow) {
-    std::sort(it, it + len);  // (bits, column) pairs are distinct: the order is the stable one
-  } else {
-    const int lo = __builtin_ctz(vary), hi = 31 - __builtin_clz(vary);
-    it = radix_sort(it, b.tmp, b.counts, len, lo, hi - lo + 1);
+  const int lo = __builtin_ctz(vary), hi = 31 - __builtin_clz(vary), width = hi - lo + 1;
+  const int cb = 64 - __builtin_clzll(static_cast<uint64_t>(len - 1));  // column bits (len > 1)
+  if (len >= kLaneRow && width + cb <= 32) {  // the common case: 32-bit items
+    uint32_t* it = reinterpret_cast<uint32_t*>(b.items);
+    const uint32_t wmask = width == 32 ? ~0u : (1u << width) - 1u;
+    for (int64_t k = 0; k < len; ++k)
+      it[k] = (((abs_bits(d[k]) >> lo) & wmask) << cb) | static_cast<uint32_t>(k);
+    it = radix_sort_lanes(it, reinterpret_cast<uint32_t*>(b.tmp), b.counts, len, cb, width);
+    const uint32_t cmask = (1u << cb) - 1u;
+    for (int64_t r = 0; r < len; ++r) {
+      const uint32_t k = it[r] & cmask;
+      keep[k] = words[k] < thr[r];
+    }
+    return;
   }
+  uint64_t* it = b.items;
+  for (int64_t k = 0; k < len; ++k)
+    it[k] = (static_cast<uint64_t>(abs_bits(d[k])) << 32) | static_cast<uint64_t>(k);
+  if (len <= kSmallRow)
+    std::sort(it, it + len);  // (bits, column) pairs are distinct: the order is the stable one
+  else
+    it = radix_sort(it, b.tmp, b.counts, len, lo, width);
   for (int64_t r = 0; r < len; ++r) {
     const uint32_t k = static_cast<uint32_t>(it[r]);
     keep[k] = words[k] < thr[r];
