@@ -127,16 +127,18 @@ def test_kernel_matches_reference(method, dtype, shape, case):
             assert torch.equal(masks[i], want), i
 
 
-@pytest.mark.parametrize("row", [255, 256, 1027, 4099])
+@pytest.mark.parametrize("row", [127, 128, 1027, 4099])
 @pytest.mark.parametrize("case", ["plain", "ties"])
-def test_masks_of_rows_ranked_in_lanes(row, case):
-    """Rows of 256+ columns whose varying |d| bits and columns fit 32 bits are ranked by the
-    four-lane sort (della.cpp, radix_sort_lanes): the reference's masks, bit for bit, at
-    lengths on either side of the switch and not divisible by 4."""
-    base, models = _inputs((3, row), torch.bfloat16, case)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_masks_of_rows_ranked_in_lanes(row, case, dtype):
+    """Rows of 128+ columns are ranked by the four-lane sort (della.cpp, radix_sort_lanes), on
+    32-bit items where the varying |d| bits and the columns fit (bf16 task values), else on
+    64-bit ones (float32): the reference's masks, bit for bit, at lengths on either side of the
+    switch and not divisible by 4."""
+    base, models = _inputs((3, row), dtype, case)
     params = _params("plain")
     job = _job(DELLA, base.shape, params, 2)
-    _, k = _run(DELLA, job, base, models, torch.bfloat16)
+    _, k = _run(DELLA, job, base, models, dtype)
     masks = _kernel_masks(k, base.numel())
     for i in range(2):
         d = models[i].reshape(-1).float() - base.reshape(-1).float()

@@ -24,7 +24,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kSmallRow = 64;  // rows up to this length sort with std::sort
-constexpr int64_t kLaneRow = 256;  // rows from this length sort 32-bit items in four lanes
+constexpr int64_t kLaneRow = 128;  // rows from this length sort in four lanes
 constexpr double kTwo32 = 4294967296.0;
 
 // Work buffers of one thread, sized for one row (malloc: no exception leaves an omp region).
@@ -124,30 +124,31 @@ uint64_t* radix_sort(uint64_t* it, uint64_t* tmp, uint32_t* counts, int64_t len,
   return src;
 }
 
-// The packed-item radix sort of radix_sort on 32-bit items (varying key bits << cb | column),
-// each pass in four lanes (quarters of the row, each with its own counters, placed one after
-// another): the counter updates form four independent chains instead of one, which the skewed
-// digits of |d| (its exponent bits) kept serialised. Returns the sorted buffer (it or tmp).
-uint32_t* radix_sort_lanes(uint32_t* it, uint32_t* tmp, uint32_t* counts, int64_t len, int cb,
-                           int width) {
+// radix_sort in four lanes (quarters of the row, each with its own counters, placed one after
+// another), on 32-bit items (varying key bits << cb | column) where they fit, else on the
+// packed 64-bit items: the counter updates form four independent chains instead of one, which
+// the skewed digits of |d| (its exponent bits) kept serialised. ``shift0``: the key's lowest
+// varying bit in an item. Returns the sorted buffer (it or tmp).
+template <typename Item>
+Item* radix_sort_lanes(Item* it, Item* tmp, uint32_t* counts, int64_t len, int shift0, int width) {
   const int digit = digit_bits(len);
   const int passes = (width + digit - 1) / digit;
   const int bits = (width + passes - 1) / passes;
   const uint32_t mask = (1u << bits) - 1u;
   const size_t buckets = size_t{1} << bits;
   const int64_t q4 = len / 4;  // lane 3 also takes the len % 4 last items
-  uint32_t* src = it;
-  uint32_t* dst = tmp;
+  Item* src = it;
+  Item* dst = tmp;
   for (int q = 0; q < passes; ++q) {
-    const int shift = cb + q * bits;
+    const int shift = shift0 + q * bits;
     uint32_t* h0 = counts;
     uint32_t* h1 = h0 + buckets;
     uint32_t* h2 = h1 + buckets;
     uint32_t* h3 = h2 + buckets;
     memset(counts, 0, sizeof(uint32_t) * 4 * buckets);
-    const uint32_t* s1 = src + q4;
-    const uint32_t* s2 = src + 2 * q4;
-    const uint32_t* s3 = src + 3 * q4;
+    const Item* s1 = src + q4;
+    const Item* s2 = src + 2 * q4;
+    const Item* s3 = src + 3 * q4;
     for (int64_t k = 0; k < q4; ++k) {
       ++h0[(src[k] >> shift) & mask];
       ++h1[(s1[k] >> shift) & mask];
@@ -155,7 +156,7 @@ uint32_t* radix_sort_lanes(uint32_t* it, uint32_t* tmp, uint32_t* counts, int64_
       ++h3[(s3[k] >> shift) & mask];
     }
     for (int64_t k = 4 * q4; k < len; ++k) ++h3[(src[k] >> shift) & mask];
-    const uint32_t first = (src[0] >> shift) & mask;
+    const size_t first = (src[0] >> shift) & mask;
     if (h0[first] + h1[first] + h2[first] + h3[first] == static_cast<uint32_t>(len)) continue;
     uint32_t sum = 0;
     for (size_t c = 0; c < buckets; ++c) {  // a digit's lane 0 items, then lane 1's, ...
@@ -166,7 +167,7 @@ uint32_t* radix_sort_lanes(uint32_t* it, uint32_t* tmp, uint32_t* counts, int64_
       }
     }
     for (int64_t k = 0; k < q4; ++k) {
-      const uint32_t a = src[k], b = s1[k], c = s2[k], e = s3[k];
+      const Item a = src[k], b = s1[k], c = s2[k], e = s3[k];
       dst[h0[(a >> shift) & mask]++] = a;
       dst[h1[(b >> shift) & mask]++] = b;
       dst[h2[(c >> shift) & mask]++] = c;
@@ -198,7 +199,7 @@ void keep_ranked(const float* d, int64_t len, const uint64_t* thr, RowBuffers& b
   }
   const int lo = __builtin_ctz(vary), hi = 31 - __builtin_clz(vary), width = hi - lo + 1;
   const int cb = 64 - __builtin_clzll(static_cast<uint64_t>(len - 1));  // column bits (len > 1)
-  if (len >= kLaneRow && width + cb <= 32) {  // the common case: 32-bit items
+  if (len >= kLaneRow && width + cb <= 32) {                            // 32-bit items
     uint32_t* it = reinterpret_cast<uint32_t*>(b.items);
     const uint32_t wmask = width == 32 ? ~0u : (1u << width) - 1u;
     for (int64_t k = 0; k < len; ++k)
@@ -216,8 +217,10 @@ void keep_ranked(const float* d, int64_t len, const uint64_t* thr, RowBuffers& b
     it[k] = (static_cast<uint64_t>(abs_bits(d[k])) << 32) | static_cast<uint64_t>(k);
   if (len <= kSmallRow)
     std::sort(it, it + len);  // (bits, column) pairs are distinct: the order is the stable one
-  else
+  else if (len < kLaneRow)
     it = radix_sort(it, b.tmp, b.counts, len, lo, width);
+  else
+    it = radix_sort_lanes(it, b.tmp, b.counts, len, 32 + lo, width);
   for (int64_t r = 0; r < len; ++r) {
     const uint32_t k = static_cast<uint32_t>(it[r]);
     keep[k] = words[k] < thr[r];
