@@ -94,7 +94,22 @@ def inputs_dir(work: Path, size: str, layers: int) -> Path:
 
 def run(args) -> int:
     work = Path(args.workdir)
+    made_work = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
+    made: list = []   # what this run wrote: removed however it ends (--keep: not the inputs)
+    try:
+        return _run(args, work, made)
+    finally:
+        for path in made:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if made_work and not any(work.iterdir()):
+            work.rmdir()
+
+
+def _run(args, work: Path, made: list) -> int:
     k = grid_points(args.grid)
     full = mc.SIZES[args.size][0]
     have = {n: sum(f.stat().st_size for f in bl.files_under([inputs_dir(work, args.size, n)]))
@@ -111,13 +126,17 @@ def run(args) -> int:
         return 0
     ck = inputs_dir(work, args.size, layers)
     if not (ck / "base").exists():
+        if not args.keep:
+            made.append(ck)
         mc.make_checkpoints(ck, args.size, layers=layers, fine_tunes=args.fine_tunes)
     models = sorted(ck.glob("ft*"))
     files = bl.files_under([ck / "base", *models])
     in_bytes = sum(f.stat().st_size for f in files)
     cfg = work / "sweep.yml"
+    made.append(cfg)
     write_config(cfg, ck / "base", models)
     points = point_configs(cfg, args.grid, work)
+    made.extend(points)
     out_bytes = k * sum(f.stat().st_size for f in files if f.parent.name == "base")
     load = bl.load_avg()
     evicted = bl.check_eviction(files)
@@ -125,6 +144,7 @@ def run(args) -> int:
     rows = []
     # the sweep: one read
     out = work / "sweep-out"
+    made.append(out)
     shutil.rmtree(out, ignore_errors=True)
     bl.evict(files)
     grid_args = [x for g in args.grid for x in ("--grid", g)]
@@ -140,6 +160,7 @@ def run(args) -> int:
         total, peak = 0.0, 0
         for p in points:
             o = work / "loop-out"
+            made.append(o)
             shutil.rmtree(o, ignore_errors=True)
             bl.evict(files)
             res = bl.run_measured(fastmerge_cmd("merge", p, o, "--quiet", "--memory-budget",
@@ -152,8 +173,6 @@ def run(args) -> int:
         rows.append((f"loop of {k} x fastmerge merge", total, peak))
     load = max(load, bl.load_avg())
     report(args, k, layers, in_bytes, out_bytes, floor, evicted, rows, load)
-    if not args.keep:
-        shutil.rmtree(ck, ignore_errors=True)
     return 0
 
 
