@@ -92,9 +92,9 @@ def run(args) -> list:
                     ("mergekit", [bin_of("mergekit-yaml"), str(path), str(work / "out_mk"),
                                   "--no-copy-tokenizer"])):
                 # both write into a fresh directory: deleting the last output (fastmerge's
-                # --overwrite) is no part of either merge
-                for out in ("out_fm", "out_mk"):
-                    shutil.rmtree(work / out, ignore_errors=True)
+                # --overwrite) is no part of either merge; fastmerge's stays for the cp row
+                shutil.rmtree(work / ("out_fm" if tool == "fastmerge" else "out_mk"),
+                              ignore_errors=True)
                 wall, rss = timed(cmd, env)
                 if tool not in best or wall < best[tool][0]:
                     best[tool] = (wall, rss)
@@ -151,10 +151,22 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/mergekit_methods.md"))
     p.add_argument("--plot", default=str(ROOT / "docs/mergekit_methods.png"))
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    write(run(args), args)
+    work = Path(args.workdir)
+    made = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        write(run(args), args)
+    finally:  # outputs and configs always; the checkpoints unless --keep (disk is limited)
+        for name in ("out_fm", "out_mk", "out_cp") + (() if args.keep else
+                                                       (f"ckpt_{args.size}",)):
+            shutil.rmtree(work / name, ignore_errors=True)
+        for cfg in work.glob("*.yml"):
+            cfg.unlink()
+        if made and not any(work.iterdir()):
+            work.rmdir()
     return 0
 
 
