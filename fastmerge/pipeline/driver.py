@@ -137,6 +137,14 @@ def prefetched(items: Sequence, load: Callable, pool: ThreadPoolExecutor) -> Ite
                 pass
 
 
+def processing_order(names: Sequence, nbytes: Callable) -> list:
+    """The merge pass's order: the largest tensors first (ties in output order), so the last
+    ones, whose compute and write nothing follows to overlap, are the smallest (a Llama's
+    lm_head came last: its whole merge and write were the run's tail). Every tensor is merged
+    on its own and written at its place in the layout, so the bytes do not depend on it."""
+    return sorted(names, key=lambda x: -nbytes(x))
+
+
 class _Writes:
     """A writer thread with two output slots: a slot is handed out once its last write has
     finished, so at most two outputs are in flight (one written, one computed)."""
@@ -370,6 +378,7 @@ class _Passes:
     def merge(self, order, specs, writer, thresholds, bar):
         k = self.k
         writes = _Writes()
+        order = processing_order(order, self.in_bytes)
         sources = self.tensor_sources(order, set(specs))
         try:
             for j, (name, is_merged, src) in enumerate(sources):
@@ -538,6 +547,7 @@ def _run(r: Resolved, k, overwrite: bool, quiet: bool, t0: float,
                 writer.close(check=True)
             finally:
                 writer.close()
+            nonfinite.found = {x: nonfinite.found[x] for x in r.mine if x in nonfinite.found}
             if k.dist.is_index_writer(r.rank):
                 write_extras(adir.tmp, layout, cfg, inputs, p.resolved, p.per_tensor,
                              p.config_text)
