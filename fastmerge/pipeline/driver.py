@@ -92,7 +92,7 @@ class SingleProcess:
         return element_ranges(shape, chunk_elems)
 
     @staticmethod
-    def reducer():
+    def reducer(name=None):
         return None
 
     @staticmethod
@@ -135,6 +135,19 @@ def prefetched(items: Sequence, load: Callable, pool: ThreadPoolExecutor) -> Ite
                 fut.result()
             except BaseException:
                 pass
+
+
+def processing_order(names: Sequence, nbytes: Callable, split=()) -> list:
+    """The merge pass's order: the tensors in ``split`` (split over ranks) first, in the given
+    order, then the others largest first (ties in output order), so the last ones, whose
+    compute and write nothing follows to overlap, are the smallest (a Llama's lm_head came
+    last: its whole merge and write were the run's tail). Every tensor is merged on its own and
+    written at its place in the layout, so the bytes do not depend on the order, except that a
+    split tensor's thresholds are summed over the ranks and collectives pair up by call order,
+    not by tensor: every rank must reach the split tensors in one sequence (their bytes on a
+    rank, by which they would sort, differ between ranks when the rows do not divide evenly)."""
+    first = [x for x in names if x in split]
+    return first + sorted((x for x in names if x not in split), key=lambda x: -nbytes(x))
 
 
 class _Writes:
@@ -261,8 +274,9 @@ class _Passes:
                                          self.r.rows.get(name))]
 
     def reduce(self, name):
-        """The planner's reduce for a tensor split over ranks, else None."""
-        return self.k.dist.reducer() if name in self.r.rows else None
+        """The planner's reduce for a tensor split over ranks (it checks that every rank
+        reduces this tensor), else None."""
+        return self.k.dist.reducer(name) if name in self.r.rows else None
 
     def load(self, unit, only_reference=False):
         name, s, e = unit
@@ -370,6 +384,7 @@ class _Passes:
     def merge(self, order, specs, writer, thresholds, bar):
         k = self.k
         writes = _Writes()
+        order = processing_order(order, self.in_bytes, self.r.rows)
         sources = self.tensor_sources(order, set(specs))
         try:
             for j, (name, is_merged, src) in enumerate(sources):
@@ -538,6 +553,7 @@ def _run(r: Resolved, k, overwrite: bool, quiet: bool, t0: float,
                 writer.close(check=True)
             finally:
                 writer.close()
+            nonfinite.found = {x: nonfinite.found[x] for x in r.mine if x in nonfinite.found}
             if k.dist.is_index_writer(r.rank):
                 write_extras(adir.tmp, layout, cfg, inputs, p.resolved, p.per_tensor,
                              p.config_text)

@@ -9,14 +9,17 @@ are trivial; the engine only ever calls them. See docs/distributed.md.
   ranks and merged first, by every rank in the same order; the other tensors are whole, and
   balanced by bytes (greedy longest-first, ``assign_tensors``).
 - ``reducer`` / ``allreduce_histograms`` / ``allreduce_sum``: sum per-rank histograms and
-  statistics. A split tensor's per-tensor thresholds and statistics pass ``reducer()`` to
-  ``plan_tensor``; ``scope="model"`` reduces its level-0 and level-1 histograms; LiNeS
-  ``alpha: auto`` its L1 sums. Histogram counts are integers, so every threshold is exactly
-  the single-process one; DARE masks are keyed by global element offsets, so the merged
-  values are bitwise those of a single-process merge. (The float64 sums that ride along,
-  the L1 norms of ``rescale: l1`` on split tensors and of LiNeS ``alpha: auto``, add in
-  another order; they become float32 factors, so they could differ only if a last-bit
-  float64 difference crossed a float32 rounding boundary: odds ~1e-8 per factor.)
+  statistics. A split tensor's per-tensor thresholds and statistics pass ``reducer(name)``
+  to ``plan_tensor`` (its first call checks that every rank is at that tensor: collectives
+  pair up by call order, so the split tensors must come in one order on every rank, which
+  driver.processing_order keeps); ``scope="model"`` reduces its level-0 and level-1
+  histograms; LiNeS ``alpha: auto`` its L1 sums. Histogram counts are integers, so every
+  threshold is exactly the single-process one; DARE masks are keyed by global element
+  offsets, so the merged values are bitwise those of a single-process merge. (The float64
+  sums that ride along, the L1 norms of ``rescale: l1`` on split tensors and of LiNeS
+  ``alpha: auto``, add in another order; they become float32 factors, so they could differ
+  only if a last-bit float64 difference crossed a float32 rounding boundary: odds ~1e-8 per
+  factor.)
 - ``output_directory`` / ``shard_writer``: one output directory for all ranks. Rank 0 builds
   the hidden temporary directory beside OUT_DIR and lays out every shard file (headers, full
   size); after a barrier every rank ``pwrite``s its tensors (or row ranges) at their offsets.
@@ -178,10 +181,36 @@ def _reduce_in_place(*tensors: torch.Tensor) -> None:
             allreduce_sum(t)
 
 
-def reducer():
+def reducer(name: Optional[str] = None):
     """The ``reduce`` callable of plan_tensor/level0/select for data split over ranks (sums
-    histograms and statistics in place), or None in one process."""
-    return _reduce_in_place if world()[1] > 1 else None
+    histograms and statistics in place), or None in one process. With ``name`` (one split
+    tensor's reductions) its first call checks that every rank reduces that tensor."""
+    if world()[1] == 1:
+        return None
+    if name is None:
+        return _reduce_in_place
+    checked = []
+
+    def reduce(*tensors: torch.Tensor) -> None:
+        if not checked:
+            _check_same_tensor(name)
+            checked.append(True)
+        _reduce_in_place(*tensors)
+    return reduce
+
+
+def _check_same_tensor(name: str) -> None:
+    """Collective: raise unless every rank is at tensor ``name``. Collectives pair up by call
+    order, so ranks that reached their split tensors in different orders would otherwise sum
+    one tensor's histograms with another's, silently (same shapes)."""
+    import torch.distributed as dist
+    d = int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little")
+    both = torch.tensor([d, -d], dtype=torch.int64)     # max of both: every rank's d is equal
+    _collective(dist.all_reduce, both, op=dist.ReduceOp.MAX)
+    if int(both[0]) != d or int(both[1]) != -d:
+        raise RuntimeError(f"rank {world()[0]} reduces tensor {name!r} while another rank "
+                           f"reduces another tensor: the ranks merge their split tensors in "
+                           f"different orders (a fastmerge bug)")
 
 
 # ----------------------------------------------------------------------------- assignment
