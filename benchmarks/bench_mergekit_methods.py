@@ -127,20 +127,29 @@ def write(rows, args) -> None:
     lines += ["", "passthrough copies one whole model; frankenmerge is a `slices:` "
               "passthrough of layers [0, 2L/3) + [L/3, L) of one model (4L/3 output layers), "
               "its cp row a copy of as many bytes (the output).", ""]
-    Path(args.out).write_text("\n".join(lines))
+    from bench_large import keep_notes
+    Path(args.out).write_text(keep_notes(Path(args.out), "\n".join(lines)))
+    plot(rows, args.size, args.plot)
+
+
+def plot(rows, size: str, path) -> None:
+    """Wall time per method and tool, titled with the machine (every figure names it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    from machine_info import cpu_model
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [b["fastmerge"][0] for _, b in rows], 0.4, label="fastmerge")
-    ax.bar([x + 0.2 for x in xs], [b["mergekit"][0] for _, b in rows], 0.4, label="mergekit")
+    ax.bar([x + 0.2 for x in xs], [b["mergekit"][0] for _, b in rows], 0.4,
+           label="mergekit-yaml 0.1.5")
     ax.set_xticks(list(xs), [m for m, _ in rows])
     ax.set_ylabel("wall time, s")
-    ax.set_title(f"mergekit's methods, {args.size} bf16 checkpoints")
+    ax.set_title(f"mergekit's methods, {size} bf16 checkpoints\n"
+                 f"({cpu_model()}, {os.cpu_count()} cores)", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:

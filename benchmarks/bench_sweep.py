@@ -207,8 +207,15 @@ def report(args, k, layers, in_bytes, out_bytes, floor, evicted, rows, load) -> 
     lines.append("")
     path = Path(args.results)
     path.write_text(bl.keep_notes(path, "\n".join(lines)))
-    plot(rows, floor, Path(args.plot), lines[0][2:])
+    plot(rows, floor, Path(args.plot), plot_title(lines[0][2:]))
     print("\n".join(lines))
+
+
+def plot_title(heading: str) -> str:
+    """The table's heading on two lines, with the machine (every figure names it)."""
+    head, _, rest = heading.partition(" (")
+    return f"{head}\n({rest}; {bl.machine_short()})" if rest else \
+        f"{head}\n({bl.machine_short()})"
 
 
 def plot(rows, floor, path: Path, title: str) -> None:
@@ -219,7 +226,7 @@ def plot(rows, floor, path: Path, title: str) -> None:
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
     names = ["floor"] + [r[0] for r in rows]
     ax.barh(0, floor["read"], color="tab:blue", label="read inputs once")
     ax.barh(0, floor["write"], left=floor["read"], color="tab:orange",
