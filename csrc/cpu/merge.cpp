@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "merge_impl.h"
+#include "stats_avx512.h"
 
 namespace fastmerge {
 namespace cpu {
@@ -86,11 +87,17 @@ void stats_range(const StatsCtx& c, int64_t begin, int64_t end, double* acc) {
     models[i] = c.models[i];
     models[i].rescale = 1.0f;
   }
+  // the AVX-512 block (stats_avx512.cpp: the merge's fused DARE Philox, the same sums) where
+  // it applies, block by block and model by model, else the code below
+  const bool fast = detail::stats_fast_applies(in);
   for (int64_t s0 = begin; s0 < end; s0 += kBlock) {
     const int len = static_cast<int>(end - s0 < kBlock ? end - s0 : kBlock);
     const uint64_t j0 = static_cast<uint64_t>(c.offset + s0);
     if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
     for (int i = 0; i < in.n; ++i) {
+      if (fast && detail::stats_block_fast(in, i, models[i], c.score, has_base ? bb : nullptr, s0,
+                                           j0, len, tt, tot[i], kept[i]))
+        continue;
       load_task_block(in.models[i], in.model_dtypes[i], s0, len, bb, has_base, tt);
       const float* v = nullptr;
       if (in.has_moments) {

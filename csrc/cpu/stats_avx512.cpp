@@ -1,0 +1,216 @@
+// fastmerge CPU backend: the L1 statistics of one model over one block on AVX-512 (the
+// statistics pass of rescale="l1", model_stats in merge.cpp).
+//
+// Why: the generic block code draws the DARE words into a buffer (philox_block.cpp), writes the
+// sparsified block and sums it again; here the keep decisions come from the merge's own fused
+// Philox (dare_keep64 of merge_avx512.h, the same words in the same order) straight into mask
+// registers, and the sums are two float64 vectors per model kept in registers for the block.
+// Same sums, bit for bit: lane l of the 8 float64 lanes adds |t| of the block's elements
+// k = l (mod 8) in element order, exactly as l1_sums in merge.cpp (the elements are loaded in
+// element order, the even/odd DARE masks interleaved back with pdep); a dropped element adds
+// nothing where the generic code adds |t * 0| = +0 (x + 0 = x for the lanes, which start at
+// +0 and never become -0). A block with a NaN/Inf task-vector value (where |t * 0| is NaN),
+// a length not a multiple of 32 or a keep mode other than DARE / all / none / magnitude band
+// is left to the generic code (returns false with nothing added).
+#include "stats_avx512.h"
+
+#include "merge_impl.h"
+
+namespace fastmerge {
+namespace cpu {
+namespace detail {
+
+#ifdef FM_MERGE_AVX512
+#define FM_STATS_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,bmi2"), noinline))
+#define FM_STATS_INLINE \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,bmi2"), always_inline)) inline
+
+namespace {
+
+// keep kinds of this path
+constexpr int ST_ALL = 0, ST_NONE = 1, ST_DARE = 2, ST_DARE_WORDS = 3, ST_BAND = 4;
+
+// 16 task-vector values of elements k..k+15 in element order (m: bf16 bits or float32)
+template <bool SRC_BF16, bool HAS_BASE>
+FM_STATS_INLINE __m512 task16(const void* m, const float* bb, int k) {
+  __m512 t;
+  if (SRC_BF16) {
+    const __m256i h =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(m) + k));
+    t = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    t = _mm512_loadu_ps(static_cast<const float*>(m) + k);
+  }
+  if (HAS_BASE) t = _mm512_sub_ps(t, _mm512_loadu_ps(bb + k));
+  return t;
+}
+
+// The running sums over 32 elements at g whose keep bits (element order) are keep32.
+template <int KIND, bool SRC_BF16, bool HAS_BASE>
+FM_STATS_INLINE void sums32(const void* m, const float* bb, const FmModel& p, int g,
+                            uint32_t keep32, __m512d* tot, __m512d* kept, __m512i* amax) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m512i a = _mm512_and_si512(
+        _mm512_castps_si512(task16<SRC_BF16, HAS_BASE>(m, bb, g + 16 * h)), abs_mask);
+    *amax = _mm512_max_epu32(*amax, a);
+    uint32_t keep16 = keep32 >> (16 * h);
+    if (KIND == ST_BAND) {  // fm_band_keep(|t|, lo, hi)
+      const __m512 s = _mm512_castsi512_ps(a);
+      __mmask16 k = _mm512_cmp_ps_mask(s, _mm512_set1_ps(p.lo), _CMP_GE_OQ);
+      if (p.hi != fm_inf()) k = _mm512_mask_cmp_ps_mask(k, s, _mm512_set1_ps(p.hi), _CMP_LT_OQ);
+      keep16 = k;
+    }
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_castsi512_ps(a)));
+    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(_mm512_castsi512_ps(a), 1));
+    *tot = _mm512_add_pd(_mm512_add_pd(*tot, lo), hi);
+    if (KIND == ST_ALL) {
+      *kept = _mm512_add_pd(_mm512_add_pd(*kept, lo), hi);
+    } else if (KIND != ST_NONE) {
+      *kept = _mm512_mask_add_pd(*kept, static_cast<__mmask8>(keep16), *kept, lo);
+      *kept = _mm512_mask_add_pd(*kept, static_cast<__mmask8>(keep16 >> 8), *kept, hi);
+    }
+  }
+}
+
+// element-order keep bits of a group of 32 from its even / odd halves (dare_keep64's order)
+FM_STATS_INLINE uint32_t interleave(__mmask16 even, __mmask16 odd) {
+  return _pdep_u32(even, 0x55555555u) | _pdep_u32(odd, 0xAAAAAAAAu);
+}
+
+template <int KIND, bool SRC_BF16, bool HAS_BASE>
+FM_STATS_FN bool stats_model(const void* m, const float* bb, const FmModel& p, uint64_t j0, int len,
+                             double* tot8, double* kept8) {
+  __m512d tot = _mm512_loadu_pd(tot8), kept = _mm512_loadu_pd(kept8);
+  __m512i amax = _mm512_setzero_si512();
+#define FM_SUMS32(g, keep) sums32<KIND, SRC_BF16, HAS_BASE>(m, bb, p, g, keep, &tot, &kept, &amax)
+  if (KIND == ST_DARE) {  // the merge pass's fused Philox: one 16-lane step per 64 elements
+    const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.dare_threshold & 0xFFFFFFFFu));
+    DarePhilox ph;
+    dare_philox_init(&ph, p.key_lo, p.key_hi, j0 >> 2);
+    int g = 0;
+    for (; g + 128 <= len; g += 128) {
+      __mmask16 k[8];
+      dare_keep64<2>(&ph, thr, k);
+      FM_SUMS32(g, interleave(k[0], k[1]));
+      FM_SUMS32(g + 32, interleave(k[2], k[3]));
+      FM_SUMS32(g + 64, interleave(k[4], k[5]));
+      FM_SUMS32(g + 96, interleave(k[6], k[7]));
+    }
+    for (; g < len; g += 64) {
+      __mmask16 k[4];
+      dare_keep64<1>(&ph, thr, k);
+      FM_SUMS32(g, interleave(k[0], k[1]));
+      if (g + 32 < len) FM_SUMS32(g + 32, interleave(k[2], k[3]));
+    }
+  } else if (KIND == ST_DARE_WORDS) {  // a block the fused counters do not serve
+    const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.dare_threshold & 0xFFFFFFFFu));
+    alignas(64) uint32_t w[kBlock];
+    philox_dare_block(p.key_lo, p.key_hi, j0, len, w);
+    for (int g = 0; g < len; g += 32) {
+      const uint32_t k0 = _mm512_cmplt_epu32_mask(_mm512_load_si512(w + g), thr);
+      const uint32_t k1 = _mm512_cmplt_epu32_mask(_mm512_load_si512(w + g + 16), thr);
+      FM_SUMS32(g, k0 | (k1 << 16));
+    }
+  } else {
+    for (int g = 0; g < len; g += 32) FM_SUMS32(g, 0u);
+  }
+#undef FM_SUMS32
+  if (_mm512_reduce_max_epu32(amax) >= 0x7F800000u) return false;
+  _mm512_storeu_pd(tot8, tot);
+  _mm512_storeu_pd(kept8, kept);
+  return true;
+}
+
+template <int KIND>
+inline bool stats_kind(const void* m, bool bf16, const float* bb, const FmModel& p, uint64_t j0,
+                       int len, double* tot8, double* kept8) {
+  if (bb != nullptr) {
+    return bf16 ? stats_model<KIND, true, true>(m, bb, p, j0, len, tot8, kept8)
+                : stats_model<KIND, false, true>(m, bb, p, j0, len, tot8, kept8);
+  }
+  return bf16 ? stats_model<KIND, true, false>(m, bb, p, j0, len, tot8, kept8)
+              : stats_model<KIND, false, false>(m, bb, p, j0, len, tot8, kept8);
+}
+
+// a float16 block as float32, vectorised for this instruction set
+FM_STATS_FN void load_half_block(const void* p, int64_t s0, int len, float* dst) {
+  load_block(p, DTYPE_FLOAT16, s0, len, dst);
+}
+
+}  // namespace
+
+bool stats_fast_applies(const Inputs& in) {
+  static const bool cpu_ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("bmi2");
+  }();
+  return cpu_ok && merge_fast_path_enabled() && !in.has_moments;
+}
+
+bool stats_block_fast(const Inputs& in, int i, const FmModel& p, int score, const float* bb,
+                      int64_t s0, uint64_t j0, int len, float* scratch, double* tot8,
+                      double* kept8) {
+  if (len % 32 != 0) return false;
+  int kind;
+  switch (p.mode) {
+    case MODE_KEEP_ALL: kind = ST_ALL; break;
+    case MODE_KEEP_NONE: kind = ST_NONE; break;
+    case MODE_BAND:
+      if (score != SCORE_MAGNITUDE) return false;
+      kind = ST_BAND;
+      break;
+    case MODE_DARE:  // a threshold of 2^32 or more keeps all, 0 none (word < threshold)
+      kind = p.dare_threshold == 0              ? ST_NONE
+             : p.dare_threshold > 0xFFFFFFFFull ? ST_ALL
+             : dare_fused_applies(j0, len)      ? ST_DARE
+                                                : ST_DARE_WORDS;
+      break;
+    default: return false;
+  }
+  const int dtype = in.model_dtypes[i];
+  // the cache lines of the block kPrefetchAhead on: the Philox work between the loads leaves
+  // the hardware prefetcher behind (as in the merge pass)
+  const int64_t p0 = s0 + kPrefetchAhead;
+  if (p0 < in.numel) {
+    const int plen = static_cast<int>(in.numel - p0 < kBlock ? in.numel - p0 : kBlock);
+    if (i == 0 && in.base != nullptr) prefetch_block(in.base, in.base_dtype, p0, plen);
+    prefetch_block(in.models[i], dtype, p0, plen);
+  }
+  const void* m;
+  if (dtype == DTYPE_BFLOAT16) {
+    m = static_cast<const uint16_t*>(in.models[i]) + s0;
+  } else if (dtype == DTYPE_FLOAT32) {
+    m = static_cast<const float*>(in.models[i]) + s0;
+  } else {  // float16: a float32 block first
+    load_half_block(in.models[i], s0, len, scratch);
+    m = scratch;
+  }
+  const bool bf16 = dtype == DTYPE_BFLOAT16;
+  switch (kind) {
+    case ST_ALL: return stats_kind<ST_ALL>(m, bf16, bb, p, j0, len, tot8, kept8);
+    case ST_NONE: return stats_kind<ST_NONE>(m, bf16, bb, p, j0, len, tot8, kept8);
+    case ST_BAND: return stats_kind<ST_BAND>(m, bf16, bb, p, j0, len, tot8, kept8);
+    case ST_DARE: return stats_kind<ST_DARE>(m, bf16, bb, p, j0, len, tot8, kept8);
+    default: return stats_kind<ST_DARE_WORDS>(m, bf16, bb, p, j0, len, tot8, kept8);
+  }
+}
+#undef FM_STATS_FN
+#undef FM_STATS_INLINE
+
+#else  // no AVX-512 path on this compiler / architecture
+
+bool stats_fast_applies(const Inputs&) { return false; }
+bool stats_block_fast(const Inputs&, int, const FmModel&, int, const float*, int64_t, uint64_t, int,
+                      float*, double*, double*) {
+  return false;
+}
+
+#endif  // FM_MERGE_AVX512
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace fastmerge
