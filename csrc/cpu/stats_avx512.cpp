@@ -48,13 +48,12 @@ FM_STATS_INLINE __m512 task16(const void* m, const float* bb, int k) {
 // The running sums over 32 elements at g whose keep bits (element order) are keep32.
 template <int KIND, bool SRC_BF16, bool HAS_BASE>
 FM_STATS_INLINE void sums32(const void* m, const float* bb, const FmModel& p, int g,
-                            uint32_t keep32, __m512d* tot, __m512d* kept, __m512i* amax) {
+                            uint32_t keep32, __m512d* tot, __m512d* kept) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
     const __m512i a = _mm512_and_si512(
         _mm512_castps_si512(task16<SRC_BF16, HAS_BASE>(m, bb, g + 16 * h)), abs_mask);
-    *amax = _mm512_max_epu32(*amax, a);
     uint32_t keep16 = keep32 >> (16 * h);
     if (KIND == ST_BAND) {  // fm_band_keep(|t|, lo, hi)
       const __m512 s = _mm512_castsi512_ps(a);
@@ -83,8 +82,7 @@ template <int KIND, bool SRC_BF16, bool HAS_BASE>
 FM_STATS_FN bool stats_model(const void* m, const float* bb, const FmModel& p, uint64_t j0, int len,
                              double* tot8, double* kept8) {
   __m512d tot = _mm512_loadu_pd(tot8), kept = _mm512_loadu_pd(kept8);
-  __m512i amax = _mm512_setzero_si512();
-#define FM_SUMS32(g, keep) sums32<KIND, SRC_BF16, HAS_BASE>(m, bb, p, g, keep, &tot, &kept, &amax)
+#define FM_SUMS32(g, keep) sums32<KIND, SRC_BF16, HAS_BASE>(m, bb, p, g, keep, &tot, &kept)
   if (KIND == ST_DARE) {  // the merge pass's fused Philox: one 16-lane step per 64 elements
     const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.dare_threshold & 0xFFFFFFFFu));
     DarePhilox ph;
@@ -117,7 +115,9 @@ FM_STATS_FN bool stats_model(const void* m, const float* bb, const FmModel& p, u
     for (int g = 0; g < len; g += 32) FM_SUMS32(g, 0u);
   }
 #undef FM_SUMS32
-  if (_mm512_reduce_max_epu32(amax) >= 0x7F800000u) return false;
+  // a NaN/Inf |t| makes its tot lane NaN/Inf (a float64 sum of float32 magnitudes cannot
+  // overflow), so finite lanes mean a finite block (lanes already non-finite: the generic code)
+  if (_mm512_fpclass_pd_mask(tot, 0x99) != 0) return false;  // QNaN, +Inf, -Inf, SNaN
   _mm512_storeu_pd(tot8, tot);
   _mm512_storeu_pd(kept8, kept);
   return true;
