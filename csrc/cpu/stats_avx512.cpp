@@ -30,45 +30,42 @@ namespace {
 // keep kinds of this path
 constexpr int ST_ALL = 0, ST_NONE = 1, ST_DARE = 2, ST_DARE_WORDS = 3, ST_BAND = 4;
 
-// 16 task-vector values of elements k..k+15 in element order (m: bf16 bits or float32)
+// |t| of the 8 elements k..k+7 in element order (m: bf16 bits or float32), 256 bits wide:
+// half the work of a 512-bit operation where the float64 sums need 8 lanes at a time anyway
 template <bool SRC_BF16, bool HAS_BASE>
-FM_STATS_INLINE __m512 task16(const void* m, const float* bb, int k) {
-  __m512 t;
+FM_STATS_INLINE __m256 abs_task8(const void* m, const float* bb, int k) {
+  __m256 t;
   if (SRC_BF16) {
-    const __m256i h =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(m) + k));
-    t = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(m) + k));
+    t = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   } else {
-    t = _mm512_loadu_ps(static_cast<const float*>(m) + k);
+    t = _mm256_loadu_ps(static_cast<const float*>(m) + k);
   }
-  if (HAS_BASE) t = _mm512_sub_ps(t, _mm512_loadu_ps(bb + k));
-  return t;
+  if (HAS_BASE) t = _mm256_sub_ps(t, _mm256_loadu_ps(bb + k));
+  return _mm256_castsi256_ps(
+      _mm256_and_si256(_mm256_castps_si256(t), _mm256_set1_epi32(0x7FFFFFFF)));
 }
 
 // The running sums over 32 elements at g whose keep bits (element order) are keep32.
 template <int KIND, bool SRC_BF16, bool HAS_BASE>
 FM_STATS_INLINE void sums32(const void* m, const float* bb, const FmModel& p, int g,
                             uint32_t keep32, __m512d* tot, __m512d* kept) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
-#pragma GCC unroll 2
-  for (int h = 0; h < 2; ++h) {
-    const __m512i a = _mm512_and_si512(
-        _mm512_castps_si512(task16<SRC_BF16, HAS_BASE>(m, bb, g + 16 * h)), abs_mask);
-    uint32_t keep16 = keep32 >> (16 * h);
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    const __m256 a = abs_task8<SRC_BF16, HAS_BASE>(m, bb, g + 8 * q);
+    __mmask8 keep8 = static_cast<__mmask8>(keep32 >> (8 * q));
     if (KIND == ST_BAND) {  // fm_band_keep(|t|, lo, hi)
-      const __m512 s = _mm512_castsi512_ps(a);
-      __mmask16 k = _mm512_cmp_ps_mask(s, _mm512_set1_ps(p.lo), _CMP_GE_OQ);
-      if (p.hi != fm_inf()) k = _mm512_mask_cmp_ps_mask(k, s, _mm512_set1_ps(p.hi), _CMP_LT_OQ);
-      keep16 = k;
+      keep8 = _mm256_cmp_ps_mask(a, _mm256_set1_ps(p.lo), _CMP_GE_OQ);
+      if (p.hi != fm_inf())
+        keep8 = _mm256_mask_cmp_ps_mask(keep8, a, _mm256_set1_ps(p.hi), _CMP_LT_OQ);
     }
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_castsi512_ps(a)));
-    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(_mm512_castsi512_ps(a), 1));
-    *tot = _mm512_add_pd(_mm512_add_pd(*tot, lo), hi);
+    const __m512d d = _mm512_cvtps_pd(a);
+    *tot = _mm512_add_pd(*tot, d);
     if (KIND == ST_ALL) {
-      *kept = _mm512_add_pd(_mm512_add_pd(*kept, lo), hi);
+      *kept = _mm512_add_pd(*kept, d);
     } else if (KIND != ST_NONE) {
-      *kept = _mm512_mask_add_pd(*kept, static_cast<__mmask8>(keep16), *kept, lo);
-      *kept = _mm512_mask_add_pd(*kept, static_cast<__mmask8>(keep16 >> 8), *kept, hi);
+      *kept = _mm512_mask_add_pd(*kept, keep8, *kept, d);
     }
   }
 }
