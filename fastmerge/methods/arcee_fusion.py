@@ -11,7 +11,7 @@ has more than 10^6 elements, so its mask there is random.
 """
 from __future__ import annotations
 
-from .core import Chunk, Job, Method, rows_view
+from .core import GATHERED, GATHERED_PEAK, Chunk, Job, Method, rows_view
 from .lazy_torch import torch
 from .schema import MethodSchema
 
@@ -50,6 +50,10 @@ class ArceeFusion(Method):
         q1, med, q3 = (torch.kthvalue(imp, idx + 1).values
                        for idx in ((n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4))
         return float(med + 1.5 * (q3 - q1))
+
+    def state_bytes(self, job: Job) -> tuple[int, int]:
+        # every float32 importance, then kthvalue's float32 copy and int64 indices
+        return GATHERED * job.numel, GATHERED_PEAK * job.numel
 
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         if chunk.numel == 0:

@@ -16,6 +16,11 @@ from typing import Any
 from .lazy_torch import torch
 from .schema import MethodSchema
 
+# bytes per element of a reduction that gathers one float32 value per element of the tensor
+# (a reference's exact quantiles), then at most while torch.kthvalue selects: its float32
+# copy and int64 indices beside them
+GATHERED, GATHERED_PEAK = 4, 16
+
 
 @dataclass
 class Chunk:
@@ -92,6 +97,12 @@ class Method:
 
     def apply(self, job: Job, chunk: Chunk, stats: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def state_bytes(self, job: Job) -> tuple[int, int]:
+        """(held, peak): bytes ``reduce`` keeps while it reads the chunks of ``job``'s tensor,
+        and at most while it finishes; the memory budget counts them (a sweep's points hold
+        theirs at once). Only what grows with the tensor: a few float64 sums are not counted."""
+        return 0, 0
 
     def combination(self, job: Job) -> Combination | None:
         """The per-tensor linear combination this job reduces to, or None where the output is

@@ -14,7 +14,7 @@ kept (mergekit's topk keeps an arbitrary subset of the ties).
 """
 from __future__ import annotations
 
-from .core import Chunk, Job, Method
+from .core import GATHERED, GATHERED_PEAK, Chunk, Job, Method
 from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
@@ -49,6 +49,12 @@ class Sce(Method):
         if k == 0:
             return float("inf")
         return float(torch.kthvalue(var, var.numel() - k + 1).values)
+
+    def state_bytes(self, job: Job) -> tuple[int, int]:
+        # select_topk in (0, 1): every float32 variance, then kthvalue's copy and indices
+        if not 0 < job.params["select_topk"] < 1:
+            return 0, 0
+        return GATHERED * job.numel, GATHERED_PEAK * job.numel
 
     def _masked(self, chunk: Chunk, threshold):
         tv = torch.stack([m - chunk.base for m in chunk.models])

@@ -170,6 +170,13 @@ class NuSlerp(Method):
         c0, c1 = _nuslerp_coefficients(total, t)
         return c0.float(), c1.float()
 
+    def state_bytes(self, job: Job) -> tuple[int, int]:
+        # row_wise: 3 float64 sums per column, then the coefficients' float64 temporaries
+        if self.mode(job) != "columns":
+            return 0, 0
+        cols = self.align(job)
+        return 24 * cols, 96 * cols
+
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         v0, v1 = self._pair(chunk)
         if v0.numel() == 0:

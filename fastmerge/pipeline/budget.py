@@ -62,6 +62,7 @@ class Chunking:
     chunk_elems: int        # elements per chunk (before row alignment)
     bytes_per_elem: int     # what one element of a chunk costs in memory, all buffers
     fixed: int
+    reserved: int = 0       # of ``fixed``: whole-tensor reductions' state (reduce_state.py)
 
     def describe(self) -> str:
         return (f"{self.chunk_elems:,} elements per chunk "
@@ -70,13 +71,14 @@ class Chunking:
 
 def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_elem: int,
                   out_itemsize: int, extra_work: int = 0, device: str = "cpu",
-                  sparsifier: str = "dare") -> Chunking:
+                  sparsifier: str = "dare", reserved: int = 0, why: str = "") -> Chunking:
     """Largest chunk such that 3 loaded chunks (current, prefetched, one the caller still
     holds), 3 output chunks (computing, queued, being written), and for the C++ CPU kernels a
     4th (a freed output kept for reuse, ``backends.output_cache_limit``), and the backend's
-    scratch fit in ``budget`` bytes, after the histograms and a fixed allowance."""
+    scratch fit in ``budget`` bytes, after the histograms, a fixed allowance and ``reserved``
+    (what a reduction keeps over a whole tensor; ``why`` says so in the error)."""
     hist = 2 * (n_models + 1) * NUM_BINS * 16
-    fixed = FIXED_OVERHEAD + hist
+    fixed = FIXED_OVERHEAD + hist + reserved
     if device == "cpu":
         outs = 4 if backend_name == "cpu" else 3
         per = 3 * in_bytes_per_elem + outs * out_itemsize + \
@@ -89,8 +91,8 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
         need = fixed + MIN_CHUNK_ELEMS * per
         raise ConfigError(f"memory budget {budget} bytes ({budget / 2 ** 20:.1f} MiB) is too "
                           f"small for this merge: it needs at least {need} bytes "
-                          f"({need / 2 ** 20:.1f} MiB)")
-    return Chunking(int(elems), per, fixed)
+                          f"({need / 2 ** 20:.1f} MiB){why}")
+    return Chunking(int(elems), per, fixed, reserved)
 
 
 def element_ranges(shape: Sequence[int], max_elems: int) -> list[tuple[int, int]]:

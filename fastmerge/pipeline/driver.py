@@ -57,6 +57,7 @@ from ..output.writer import AtomicDirectory, ShardLayout, ShardWriter
 from ..planning.planner import SELECTING, RowPlan, plan_rows, select_thresholds
 from ..planning.thresholds import nonfinite_error
 from ..recipe.config import ConfigError, MergeConfig, ParameterResolver, load_config
+from . import reduce_state
 from .budget import (
     Chunking,
     element_ranges,
@@ -231,10 +232,12 @@ def resolve(cfg: MergeConfig, inputs: Inputs, *, chunking_name: str, device: str
     in_per_elem = (n + (1 if inputs.base is not None else 0)) * in_item + \
         (n * 4 if info.needs_second_moments else 0)
     alpha_auto = cfg.lines is not None and cfg.lines.alpha == "auto"
+    state = reduce_state.point_state(cfg, inputs, base_specs)
     chunking = plan_chunking(budget, chunking_name, n, in_per_elem,
                              max([ST_SIZES[out_st[x]] for x in merged] or [4]),
                              extra_work=12 if alpha_auto else 0, device=str(device),
-                             sparsifier=info.sparsifier)
+                             sparsifier=info.sparsifier, reserved=state.peak,
+                             why=reduce_state.describe(state))
     if max_chunk_elems is not None:
         chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))
     # a mergekit method's reductions span the whole tensor: its tensors stay whole per rank

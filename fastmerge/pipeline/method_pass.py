@@ -223,8 +223,10 @@ def fan_out(src, consumers: list) -> None:
     """Run every ``consumer(chunks)`` (a reduction over the tensor's chunks, re-iterable) on
     one read of ``src`` per round: each consumer runs in its own thread on a queue the reader
     fills, one chunk ahead; a consumer that iterates again asks for another round. Their work
-    on a chunk is serialised (one lock), so the scratch memory is one consumer's. One
-    consumer runs on ``src`` directly."""
+    on a chunk is serialised (one lock), so the scratch memory is one consumer's; so is the
+    work after a round's last chunk, until the consumer asks for another round or returns (a
+    gathering reduction's peak, reduce_state.py, is one consumer's at a time). One consumer
+    runs on ``src`` directly."""
     if len(consumers) <= 1:
         for c in consumers:
             c(_Again(src))
@@ -235,10 +237,17 @@ def fan_out(src, consumers: list) -> None:
     feeds = [queue.Queue(maxsize=1) for _ in consumers]
     errors: list = [None] * len(consumers)
     work = threading.Lock()
+    finishing = [False] * len(consumers)   # consumer j holds ``work`` after its round's end
+
+    def end_finishing(j):
+        if finishing[j]:
+            finishing[j] = False
+            work.release()
 
     def rounds(j):
         class Rounds:
             def __iter__(self):
+                end_finishing(j)
                 status.put((j, True))
                 held, done = False, False
                 try:
@@ -246,6 +255,8 @@ def fan_out(src, consumers: list) -> None:
                         item = feeds[j].get()
                         if item is _END:
                             done = True
+                            work.acquire()
+                            finishing[j] = True
                             return
                         if item is _ABORT:
                             done = True
@@ -269,6 +280,7 @@ def fan_out(src, consumers: list) -> None:
         except BaseException as exc:
             errors[j] = exc
         finally:
+            end_finishing(j)
             status.put((j, False))
 
     threads = [threading.Thread(target=run, args=(j,), name="fastmerge-reduce", daemon=True)

@@ -42,6 +42,7 @@ from ..planning.planner import SELECTING, plan_rows
 from ..planning.thresholds import Selection, nonfinite_error, per_model, selection_requests
 from ..recipe.config import ConfigError, load_config
 from ..recipe.grid import expand
+from . import reduce_state
 from .budget import (
     MIN_CHUNK_ELEMS,
     Chunking,
@@ -101,19 +102,28 @@ def _make_kernels(cfg, device, backend):
 
 def chunking_for(members: list, budget: int, max_chunk_elems=None) -> Optional[Chunking]:
     """The chunk size when ``members`` share each loaded chunk: one point's cost per element
-    plus the output buffers of the others (their scratch is reused point after point), or
-    None when the budget cannot hold a minimal chunk for all of them."""
-    r0 = members[0].r
-    one = r0.chunking
-    outs = 4 if members[0].k.chunking_name == "cpu" and str(members[0].k.device) == "cpu" else 3
-    item = max([ST_SIZES[m.r.out_st[x]] for m in members for x in m.r.inputs.merged] or [4])
-    per = one.bytes_per_elem + (len(members) - 1) * outs * item
-    elems = (budget - one.fixed) // per
+    plus the output buffers of the others (their scratch is reused point after point), after
+    what their reductions keep over a whole tensor at once (reduce_state.py), or None when
+    the budget cannot hold a minimal chunk for all of them."""
+    fixed, per, reserved = pass_cost(members)
+    elems = (budget - fixed) // per
     if elems < MIN_CHUNK_ELEMS:
         return None
     if max_chunk_elems is not None:
         elems = min(elems, int(max_chunk_elems))
-    return Chunking(int(elems), per, one.fixed)
+    return Chunking(int(elems), per, fixed, reserved)
+
+
+def pass_cost(members: list) -> tuple:
+    """(fixed bytes, bytes per chunk element, of the fixed: the reductions' state) of a pass
+    merging ``members`` together."""
+    one = members[0].r.chunking
+    outs = 4 if members[0].k.chunking_name == "cpu" and str(members[0].k.device) == "cpu" else 3
+    item = max([ST_SIZES[m.r.out_st[x]] for m in members for x in m.r.inputs.merged] or [4])
+    per = one.bytes_per_elem + (len(members) - 1) * outs * item
+    reserved = reduce_state.in_flight(
+        reduce_state.point_state(m.r.cfg, m.r.inputs, m.r.base_specs) for m in members)
+    return one.fixed - one.reserved + reserved, per, reserved
 
 
 def output_bytes(m: Member) -> int:
@@ -472,22 +482,34 @@ def _plan_passes(groups: list, budget: int, per_pass: Optional[int], max_chunk_e
     for g in groups:
         ms = g.members
         p = min(per_pass or len(ms), len(ms))
-        while p > 0 and chunking_for(ms[:p], budget, max_chunk_elems) is None:
+        while p > 0 and (bad := _unfit(ms, p, budget)) is not None:
             if per_pass is not None:
-                need = ms[0].r.chunking.fixed + MIN_CHUNK_ELEMS * (
-                    ms[0].r.chunking.bytes_per_elem + (p - 1) * 4 * 4)
+                fixed, per, reserved = pass_cost(bad)
+                need = fixed + MIN_CHUNK_ELEMS * per
+                held = f" and {reserved / 2 ** 20:.1f} MiB of their whole-tensor statistics" \
+                    if reserved else ""
                 raise ConfigError(f"memory budget {budget / 2 ** 20:.1f} MiB cannot hold the "
-                                  f"outputs of {p} points per pass (about {need / 2 ** 20:.1f} "
-                                  f"MiB); lower --points-per-pass or raise --memory-budget")
+                                  f"outputs{held} of {p} points per pass (about "
+                                  f"{need / 2 ** 20:.1f} MiB); lower --points-per-pass or "
+                                  f"raise --memory-budget")
             p -= 1
         if p < len(ms) and per_pass is None:
             _note(quiet, f"sweep: the memory budget ({budget / 2 ** 20:.0f} MiB) holds the "
-                         f"outputs of {p} of {len(ms)} points at once: "
+                         f"outputs and statistics of {p} of {len(ms)} points at once: "
                          f"{-(-len(ms) // p)} passes over the inputs")
         for s in range(0, len(ms), p):
             chunk = ms[s:s + p]
             out.append((g, chunk, chunking_for(chunk, budget, max_chunk_elems)))
     return out
+
+
+def _unfit(ms: list, p: int, budget: int) -> Optional[list]:
+    """The first pass of ``p`` points of ``ms`` the budget cannot hold, or None (one point
+    alone always fits: its merge's resolve checked it)."""
+    for s in range(0, len(ms), p):
+        if chunking_for(ms[s:s + p], budget) is None:
+            return ms[s:s + p]
+    return None
 
 
 def _check_disk(target: Path, members: list) -> None:

@@ -1,0 +1,169 @@
+"""What mergekit methods' reductions keep over a whole tensor (arcee_fusion's importances,
+sce's variances, row_wise nuslerp's column sums) counted in the memory budget: a merge's
+minimum includes it, a sweep's pass holds every point's at once and one point's finishing
+peak (method_pass.fan_out finishes one consumer at a time), and a budget that holds fewer
+points splits them into passes whose outputs are still ``fastmerge merge``'s byte for byte."""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+
+import pytest
+import test_sweep
+from engine_util import merge_each_point, write_yaml
+
+from fastmerge.cli import main
+from fastmerge.methods.core import GATHERED, GATHERED_PEAK, Job
+from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
+from fastmerge.pipeline import native
+from fastmerge.pipeline.budget import MIN_CHUNK_ELEMS, plan_chunking
+from fastmerge.pipeline.method_pass import fan_out
+from fastmerge.pipeline.reduce_state import ReduceState, in_flight
+from fastmerge.pipeline.sweep import sweep
+from fastmerge.recipe.config import ConfigError, load_config
+
+pytestmark = pytest.mark.skipif(native._core() is None, reason="fastmerge._core not built")
+
+ckpts = test_sweep.ckpts   # a bf16 base and two models of two layers
+
+
+def _params(name, **given):
+    return MERGEKIT_METHODS[name].schema.resolve(given, given.pop("_n", 2))
+
+
+@pytest.mark.parametrize("method,params,state", [
+    ("arcee_fusion", {"_n": 1}, (GATHERED, GATHERED_PEAK)),
+    ("sce", {"select_topk": 0.5}, (GATHERED, GATHERED_PEAK)),
+    ("sce", {"select_topk": 1.0}, (0, 0)),     # nothing selected: no gather
+    ("sce", {"select_topk": 0.0}, (0, 0)),
+])
+def test_gathering_reductions_state(method, params, state):
+    job = Job((48, 32), _params(method, **params), "w")
+    assert MERGEKIT_METHODS[method].state_bytes(job) == (state[0] * 1536, state[1] * 1536)
+
+
+def test_other_methods_keep_no_whole_tensor_state():
+    """Gram matrices, L1 sums and counts are a few float64 values per tensor; row_wise nuslerp
+    keeps 3 float64 sums per column."""
+    shape = (48, 32)
+    for name, given in [("slerp", {"t": 0.5, "_n": 1}), ("karcher", {}), ("multislerp",
+                        {"weight": [1.0, 1.0]}), ("model_stock", {}),
+                        ("model_stock", {"filter_wise": True}), ("nearswap", {"t": 0.1, "_n": 1}),
+                        ("ram", {}), ("ramplus_tl", {}), ("passthrough", {"_n": 1}),
+                        ("della", {"density": 0.5, "weight": 0.5}),
+                        ("della_linear", {"density": 0.5, "weight": 0.5}),
+                        ("nuslerp", {"weight": [1.0, 2.0]}),
+                        ("nuslerp", {"weight": [1.0, 2.0], "nuslerp_flatten": False})]:
+        job = Job(shape, _params(name, **given), "w")
+        assert MERGEKIT_METHODS[name].state_bytes(job) == (0, 0), name
+    cols = Job(shape, _params("nuslerp", weight=[1.0, 2.0], nuslerp_flatten=False,
+                              nuslerp_row_wise=True), "w")
+    held, peak = MERGEKIT_METHODS["nuslerp"].state_bytes(cols)
+    assert held == 24 * 32 and peak >= held
+
+
+def test_in_flight_is_every_held_state_and_one_peak():
+    a, b = ReduceState(4, 16), ReduceState(0, 0)
+    assert in_flight([]) == 0 and in_flight([b, b]) == 0
+    assert in_flight([a]) == 16 and in_flight([a, a, a]) == 3 * 4 + 12
+    assert in_flight([a, b, ReduceState(10, 20)]) == 14 + 12
+
+
+def _largest_numel(directory) -> int:
+    out = 0
+    for f in directory.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            head = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for k, v in head.items():
+            if k != "__metadata__":
+                n = 1
+                for s in v["shape"]:
+                    n *= s
+                out = max(out, n)
+    return out
+
+
+def _arcee(tmp_path, p):
+    return write_yaml(tmp_path / "arcee.yml", {
+        "merge_method": "arcee_fusion", "base_model": str(p["base"]),
+        "models": [{"model": str(p["models"][0])}]})
+
+
+def _need(cfg, p, k: int) -> int:
+    """The budget a pass of k arcee_fusion points needs at the minimal chunk: bf16 base + 1
+    model in, 2-byte outputs; every point's importances held, one point's selection peak."""
+    one = plan_chunking(2 ** 30, "cpu", 1, 2 * 2, 2, sparsifier=load_config(cfg).info.sparsifier)
+    n = _largest_numel(p["base"])
+    state = k * GATHERED * n + (GATHERED_PEAK - GATHERED) * n
+    return one.fixed + state + MIN_CHUNK_ELEMS * (one.bytes_per_elem + (k - 1) * 4 * 2)
+
+
+def test_merge_minimum_counts_the_reduction(ckpts, tmp_path, capsys):
+    cfg = _arcee(tmp_path, ckpts)
+    need = _need(cfg, ckpts, 1)
+    assert main(["merge", str(cfg), str(tmp_path / "low"), "--quiet",
+                 "--memory-budget", str(need - 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"needs at least {need} bytes" in err and "arcee_fusion's statistics" in err
+    assert main(["merge", str(cfg), str(tmp_path / "ok"), "--quiet",
+                 "--memory-budget", str(need)]) == 0
+
+
+@pytest.mark.parametrize("room,passes", [(4, 1), (2, 2), (1, 4)])
+def test_sweep_passes_hold_every_points_reduction(ckpts, tmp_path, capsys, room, passes):
+    """4 arcee_fusion points: a budget of exactly what `room` points need (their outputs and
+    importances) runs them `room` at a time; one byte less, fewer; each point is a merge."""
+    cfg = _arcee(tmp_path, ckpts)
+    grid = ["dtype=bfloat16,float16", "out_dtype=bfloat16,float16"]
+    need = _need(cfg, ckpts, room)
+    rows = sweep(cfg, tmp_path / "out", grid, memory_budget=need, quiet=False)
+    assert len({r["pass"] for r in rows}) == passes
+    merge_each_point(tmp_path, rows)
+    if room > 1:
+        capsys.readouterr()
+        rows = sweep(cfg, tmp_path / "out1", grid, memory_budget=need - 1, quiet=False)
+        assert len({r["pass"] for r in rows}) > passes
+        assert "passes over the inputs" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="whole-tensor statistics of 2 points per pass"):
+            sweep(cfg, tmp_path / "out2", grid, memory_budget=_need(cfg, ckpts, 2) - 1,
+                  points_per_pass=2)
+
+
+def test_sce_points_of_unequal_state_are_planned_per_pass(ckpts, tmp_path):
+    """select_topk 1 gathers nothing, below 1 gathers: every pass of the plan is checked on
+    its own points, not only the first (here the first pair fits, the second does not)."""
+    cfg = write_yaml(tmp_path / "sce.yml", {
+        "merge_method": "sce", "base_model": str(ckpts["base"]),
+        "models": [{"model": str(m)} for m in ckpts["models"]]})
+    one = plan_chunking(2 ** 30, "cpu", 2, 3 * 2, 2, sparsifier=load_config(cfg).info.sparsifier)
+    n = _largest_numel(ckpts["base"])
+    budget = one.fixed + GATHERED_PEAK * n + MIN_CHUNK_ELEMS * (one.bytes_per_elem + 4 * 2)
+    rows = sweep(cfg, tmp_path / "out", ["select_topk=1.0,0.5,0.9,0.4"], memory_budget=budget)
+    assert len(rows) == 4 and len({r["pass"] for r in rows}) == 4
+    merge_each_point(tmp_path, rows)
+
+
+def test_fan_out_finishes_one_consumer_at_a_time():
+    """The work after a round's last chunk (a gathering reduction's selection) is serialised
+    like the work on each chunk, also between rounds (sce reads twice)."""
+    busy, worst, lock = [0], [0], threading.Lock()
+
+    def finish():
+        with lock:
+            busy[0] += 1
+            worst[0] = max(worst[0], busy[0])
+        time.sleep(0.02)
+        with lock:
+            busy[0] -= 1
+
+    def gather(chunks):
+        for _ in range(2):
+            assert sum(chunks) == 6
+            finish()
+
+    def src():
+        yield from (1, 2, 3)
+    fan_out(src, [gather] * 4)
+    assert worst[0] == 1
