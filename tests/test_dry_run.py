@@ -59,3 +59,60 @@ def test_cli_dry_run_does_not_import_torch(ckpts, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "dry run of dare_ties" in r.stdout and "statistics" in r.stdout
     assert not (tmp_path / "out").exists()
+
+
+def _slices_cfg(p, method, slices, **extra):
+    return {"merge_method": method, "base_model": str(p["base"]), "slices": slices, **extra}
+
+
+def _src(model, lo, hi):
+    return {"model": str(model), "layer_range": [lo, hi]}
+
+
+def test_slices_count_distinct_models_and_show_each_tensors_sources(ckpts, tmp_path,
+                                                                    no_weight_reads):
+    """A frankenmerge of two models over 3 slices, one of them spelled twice, with a base for
+    its config.json: 2 models and the base (no tensor read from it), not 4; each output
+    tensor names the input tensor it is copied from."""
+    b, x, y = ckpts["base"], *ckpts["models"]
+    franken = _slices_cfg(ckpts, "passthrough", [{"sources": [_src(x, 0, 2)]},
+                                                 {"sources": [_src(y, 1, 2)]},
+                                                 {"sources": [_src(f"{x}/", 0, 1)]}])
+    text = native.dry_run(franken, tmp_path / "out")
+    assert f"dry run of passthrough over 3 slices (2 models, base {b}) -> " in text
+    assert f"inputs: base = {b} (its config.json only: no tensor read); " \
+           f"m0 = {x} (also written {x}/); m1 = {y}\n" in text
+    assert "model.layers.2.mlp.up_proj.weight  [48, 32]  BF16->BF16  copied from " \
+           "m1:model.layers.1.mlp.up_proj.weight\n" in text
+    assert "model.layers.3.mlp.up_proj.weight  [48, 32]  BF16->BF16  copied from " \
+           "m0:model.layers.0.mlp.up_proj.weight\n" in text
+    assert "tensors: 0 merged, 39 copied" in text and not (tmp_path / "out").exists()
+
+
+def test_slices_with_the_base_as_a_source(ckpts, tmp_path, no_weight_reads):
+    """slerp over slices reading the base and one model: 1 model and the base, as a
+    'models:' slerp says; the merged tensor lists both sources, base first."""
+    b, x, y = ckpts["base"], *ckpts["models"]
+    cfg = _slices_cfg(ckpts, "slerp", [{"sources": [_src(b, 0, 2), _src(x, 0, 2)]},
+                                       {"sources": [_src(b, 1, 2), _src(x, 0, 1)]}],
+                      parameters={"t": 0.5})
+    text = native.dry_run(cfg, tmp_path / "out")
+    assert f"dry run of slerp over 2 slices (1 model, base {b}) -> " in text
+    assert f"inputs: base = {b}; m0 = {x}\n" in text
+    assert "model.layers.2.mlp.up_proj.weight  [48, 32]  BF16->BF16  slerp params #0  <- " \
+           "base:model.layers.1.mlp.up_proj.weight, m0:model.layers.0.mlp.up_proj.weight\n" \
+        in text
+    one = _cfg(ckpts, "slerp", parameters={"t": 0.5})
+    one["models"] = one["models"][:1]
+    for m in one["models"]:
+        m.pop("parameters")
+    assert "dry run of slerp (1 model, base" in native.dry_run(one, tmp_path / "out")
+
+
+def test_cli_dry_run_of_slices_does_not_import_torch(ckpts, tmp_path):
+    x, y = ckpts["models"]
+    yml = write_yaml(tmp_path / "s.yml", _slices_cfg(
+        ckpts, "passthrough", [{"sources": [_src(x, 0, 1)]}, {"sources": [_src(y, 1, 2)]}]))
+    r = cli_merge_without_torch(yml, tmp_path / "out", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "over 2 slices (2 models, base" in r.stdout and "copied from m1:" in r.stdout

@@ -14,6 +14,7 @@ hub model fails, as in a merge.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 from ..checkpoint.safetensors_file import ST_SIZES
@@ -60,6 +61,60 @@ def _read_passes(r: Resolved, k, name: str, spec) -> list[str]:
     return out
 
 
+def _same_model(c) -> tuple:
+    """One key per model whatever its spelling in the config (``./a``, ``a/``): its directory,
+    and a LoRA adapter's."""
+    adapter = getattr(c, "adapter_dir", None)
+    return (str(Path(c.dir).resolve()), None if adapter is None else
+            str(Path(adapter).resolve()))
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+class _SliceInputs:
+    """A 'slices:' merge's inputs as a user counts them: the distinct models its slices read
+    (the base apart, as for 'models:'), each with a short label for the per-tensor sources."""
+
+    def __init__(self, cfg, inputs):
+        opened = inputs.plan.opened            # spelling in the config -> opened checkpoint
+        base = opened.get(cfg.base_model) if cfg.base_model is not None else None
+        self.base_key = _same_model(base) if base is not None else None
+        self.keys, spellings = {}, {}         # id(checkpoint) -> model key; key -> spellings
+        for spelling, c in opened.items():
+            self.keys[id(c)] = _same_model(c)
+            spellings.setdefault(_same_model(c), []).append(spelling)
+        read = {self.keys[id(c)] for bs, ms in inputs.routes.values()
+                for c, _ in ([bs] if bs is not None else []) + ms}
+        self.labels = {self.base_key: "base"} if self.base_key is not None else {}
+        legend = []
+        for key, names in spellings.items():
+            if key == self.base_key:   # as base_model spells it
+                names = [cfg.base_model] + [x for x in names if x != cfg.base_model]
+            also = f" (also written {', '.join(names[1:])})" if len(names) > 1 else ""
+            if key == self.base_key:
+                only = "" if key in read else " (its config.json only: no tensor read)"
+                legend.insert(0, f"base = {names[0]}{also}{only}")
+                continue
+            self.labels[key] = label = f"m{len(self.labels) - (self.base_key is not None)}"
+            legend.append(f"{label} = {names[0]}{also}")
+        self.n_models = len(self.labels) - (self.base_key is not None)
+        self.legend = "inputs: " + "; ".join(legend)
+        self.routes = inputs.routes
+
+    def head(self, cfg) -> str:
+        base = f", base {cfg.base_model}" if self.base_key is not None else ""
+        return (f"{cfg.method_as_written} over {_plural(len(cfg.slices), 'slice')} "
+                f"({_plural(self.n_models, 'model')}{base})")
+
+    def sources(self, name: str) -> str:
+        """The input tensors output ``name`` reads, as ``label:tensor``."""
+        bs, ms = self.routes[name]
+        return ", ".join(f"{self.labels[self.keys[id(c)]]}:{t}"
+                         for c, t in ([bs] if bs is not None else []) + ms)
+
+
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -78,6 +133,7 @@ def describe_plan(r: Resolved, k, budget: int) -> str:
         read += 2 * sum(inputs.in_bytes(x) for x in r.my_merged)
     if r.alpha_auto:
         passes.append("LiNeS alpha=auto statistics (merge at lambda=1, L=1)")
+    sliced = _SliceInputs(cfg, inputs) if inputs.routes is not None else None
     lines, per_tensor_reads = [], 0
     for x in r.mine:
         info = ref.info(x)
@@ -87,6 +143,10 @@ def describe_plan(r: Resolved, k, budget: int) -> str:
             per_tensor_reads += reads * inputs.in_bytes(x)
             what = f"{cfg.method} params #{index.get(x, 0)}" + \
                 (f" [{', '.join(pre)}]" if pre else "")
+            if sliced is not None:
+                what += f"  <- {sliced.sources(x)}"
+        elif sliced is not None:
+            what = f"copied from {sliced.sources(x)}"
         else:
             what = "copied from the reference model"
         lines.append(f"  {x}  {list(info.shape)}  {info.st}->{r.out_st[x]}  {what}")
@@ -95,10 +155,11 @@ def describe_plan(r: Resolved, k, budget: int) -> str:
     written = sum(ref.info(x).numel * ST_SIZES[r.out_st[x]] for x in r.mine)
     largest = max((ref.info(x).numel for x in r.mine), default=0)
     need = r.chunking.fixed + min(largest, r.chunking.chunk_elems) * r.chunking.bytes_per_elem
+    what = sliced.head(cfg) if sliced is not None else (
+        f"{cfg.method_as_written} ({_plural(len(inputs.models), 'model')}"
+        f"{', base ' + cfg.base_model if cfg.base_model and inputs.base is not None else ''})")
     head = [
-        f"fastmerge: dry run of {cfg.method_as_written} ({len(inputs.models)} models"
-        f"{', base ' + cfg.base_model if cfg.base_model and inputs.base is not None else ''})"
-        f" -> {r.out_dir}",
+        f"fastmerge: dry run of {what} -> {r.out_dir}",
         f"kernels: {k.name} on {k.device} ({k.merge_pass_label}); "
         f"{r.chunking.describe()}",
         f"tensors: {len(r.my_merged)} merged, {len(r.mine) - len(r.my_merged)} copied; "
@@ -106,6 +167,8 @@ def describe_plan(r: Resolved, k, budget: int) -> str:
         f"bytes: {_size(read)} read (weights {_size(read_all)}), {_size(written)} written; "
         f"memory: {need / 2 ** 20:.0f} MiB needed of a {budget / 2 ** 20:.0f} MiB budget",
     ]
+    if sliced is not None:
+        head.append(sliced.legend)
     if r.alpha_auto:
         head.append("LiNeS alpha: auto (computed by its pre-pass; parameters below at "
                     "alpha = 1)")
