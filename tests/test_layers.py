@@ -57,6 +57,7 @@ TORCH_FREE = [
     "methods/slerp", "methods/karcher", "methods/model_stock", "methods/della", "methods/sce",
     "methods/nearswap", "methods/arcee_fusion", "methods/ram", "methods/passthrough",
     "recipe/mergekit_params", "pipeline/method_pass", "pipeline/della_pass", "backends/cpu/della",
+    "pipeline/reduce_state",
 ]
 
 
