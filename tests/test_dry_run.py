@@ -92,7 +92,7 @@ def test_slices_count_distinct_models_and_show_each_tensors_sources(ckpts, tmp_p
 def test_slices_with_the_base_as_a_source(ckpts, tmp_path, no_weight_reads):
     """slerp over slices reading the base and one model: 1 model and the base, as a
     'models:' slerp says; the merged tensor lists both sources, base first."""
-    b, x, y = ckpts["base"], *ckpts["models"]
+    b, x = ckpts["base"], ckpts["models"][0]
     cfg = _slices_cfg(ckpts, "slerp", [{"sources": [_src(b, 0, 2), _src(x, 0, 2)]},
                                        {"sources": [_src(b, 1, 2), _src(x, 0, 1)]}],
                       parameters={"t": 0.5})

@@ -12,10 +12,11 @@ import time
 
 import pytest
 import test_sweep
+import torch
 from engine_util import merge_each_point, write_yaml
 
 from fastmerge.cli import main
-from fastmerge.methods.core import GATHERED, GATHERED_PEAK, Job
+from fastmerge.methods.core import GATHERED, Job, gather_values, order_statistics
 from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
 from fastmerge.pipeline import native
 from fastmerge.pipeline.budget import MIN_CHUNK_ELEMS, plan_chunking
@@ -34,8 +35,8 @@ def _params(name, **given):
 
 
 @pytest.mark.parametrize("method,params,state", [
-    ("arcee_fusion", {"_n": 1}, (GATHERED, GATHERED_PEAK)),
-    ("sce", {"select_topk": 0.5}, (GATHERED, GATHERED_PEAK)),
+    ("arcee_fusion", {"_n": 1}, (GATHERED, GATHERED)),   # selected in place: no more
+    ("sce", {"select_topk": 0.5}, (GATHERED, GATHERED)),
     ("sce", {"select_topk": 1.0}, (0, 0)),     # nothing selected: no gather
     ("sce", {"select_topk": 0.0}, (0, 0)),
 ])
@@ -93,10 +94,10 @@ def _arcee(tmp_path, p):
 
 def _need(cfg, p, k: int) -> int:
     """The budget a pass of k arcee_fusion points needs at the minimal chunk: bf16 base + 1
-    model in, 2-byte outputs; every point's importances held, one point's selection peak."""
+    model in, 2-byte outputs; every point's importances held (selected in place)."""
     one = plan_chunking(2 ** 30, "cpu", 1, 2 * 2, 2, sparsifier=load_config(cfg).info.sparsifier)
     n = _largest_numel(p["base"])
-    state = k * GATHERED * n + (GATHERED_PEAK - GATHERED) * n
+    state = k * GATHERED * n
     return one.fixed + state + MIN_CHUNK_ELEMS * (one.bytes_per_elem + (k - 1) * 4 * 2)
 
 
@@ -139,7 +140,7 @@ def test_sce_points_of_unequal_state_are_planned_per_pass(ckpts, tmp_path):
         "models": [{"model": str(m)} for m in ckpts["models"]]})
     one = plan_chunking(2 ** 30, "cpu", 2, 3 * 2, 2, sparsifier=load_config(cfg).info.sparsifier)
     n = _largest_numel(ckpts["base"])
-    budget = one.fixed + GATHERED_PEAK * n + MIN_CHUNK_ELEMS * (one.bytes_per_elem + 4 * 2)
+    budget = one.fixed + GATHERED * n + MIN_CHUNK_ELEMS * (one.bytes_per_elem + 4 * 2)
     rows = sweep(cfg, tmp_path / "out", ["select_topk=1.0,0.5,0.9,0.4"], memory_budget=budget)
     assert len(rows) == 4 and len({r["pass"] for r in rows}) == 4
     merge_each_point(tmp_path, rows)
@@ -167,3 +168,30 @@ def test_fan_out_finishes_one_consumer_at_a_time():
         yield from (1, 2, 3)
     fan_out(src, [gather] * 4)
     assert worst[0] == 1
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "all_equal", "all_zero", "one", "odd",
+                                  "inf", "nan"])
+def test_order_statistics_are_kthvalues(case):
+    """The in-place selection arcee_fusion and sce use gives torch.kthvalue's values (NaN
+    largest), for the quartile indices arcee_fusion asks."""
+    g = torch.Generator().manual_seed(0)
+    n = {"one": 1, "odd": 1001}.get(case, 4096)
+    x = torch.randn(n, generator=g)
+    if case == "ties":
+        x = torch.round(x * 2) / 2
+    elif case == "all_equal":
+        x = torch.full((n,), 0.75)
+    elif case == "all_zero":
+        x = torch.zeros(n)
+    elif case == "inf":
+        x[::7] = float("inf")
+        x[::11] = float("-inf")
+    elif case == "nan":
+        x[::5] = float("nan")
+    ks = ((n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4, n - 1, 0)
+    want = torch.stack([torch.kthvalue(x, k + 1).values for k in ks])
+    pieces = list(x.split(300))
+    got = order_statistics(gather_values(n, pieces, lambda c: c), ks)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])

@@ -11,7 +11,7 @@ has more than 10^6 elements, so its mask there is random.
 """
 from __future__ import annotations
 
-from .core import GATHERED, GATHERED_PEAK, Chunk, Job, Method, rows_view
+from .core import GATHERED, Chunk, Job, Method, gather_values, order_statistics, rows_view
 from .lazy_torch import torch
 from .schema import MethodSchema
 
@@ -42,18 +42,16 @@ class ArceeFusion(Method):
                           chunk.models[0].reshape(-1, cols)).reshape(-1)
 
     def reduce(self, job: Job, chunks):
-        # The reference gathers every importance; the pipeline will use a streamed selection.
-        imp = torch.cat([self._importance(job, c) for c in chunks])
+        # every importance gathered (4 bytes per element, state_bytes), selected in place
+        imp = gather_values(job.numel, chunks, lambda c: self._importance(job, c))
         n = imp.numel()
         if n == 0:
             return None
-        q1, med, q3 = (torch.kthvalue(imp, idx + 1).values
-                       for idx in ((n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4))
+        q1, med, q3 = order_statistics(imp, ((n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4))
         return float(med + 1.5 * (q3 - q1))
 
     def state_bytes(self, job: Job) -> tuple[int, int]:
-        # every float32 importance, then kthvalue's float32 copy and int64 indices
-        return GATHERED * job.numel, GATHERED_PEAK * job.numel
+        return GATHERED * job.numel, GATHERED * job.numel
 
     def apply(self, job: Job, chunk: Chunk, stats) -> torch.Tensor:
         if chunk.numel == 0:

@@ -17,9 +17,8 @@ from .lazy_torch import torch
 from .schema import MethodSchema
 
 # bytes per element of a reduction that gathers one float32 value per element of the tensor
-# (a reference's exact quantiles), then at most while torch.kthvalue selects: its float32
-# copy and int64 indices beside them
-GATHERED, GATHERED_PEAK = 4, 16
+# (a reference's exact quantiles: gather_values, then order_statistics in place)
+GATHERED = 4
 
 
 @dataclass
@@ -158,6 +157,27 @@ class Method:
         stats = self.reduce(job, chunks)
         out = [self.apply(job, c, stats) for c in chunks]
         return (torch.cat(out) if out else torch.zeros(0)).reshape(shape)
+
+
+def gather_values(numel: int, chunks, values) -> torch.Tensor:
+    """``values(chunk)`` (float32, one per element) of every chunk, in one float32 tensor of
+    ``numel`` filled in place: 4 bytes per element, never a list of pieces and its copy."""
+    out = torch.empty(numel, dtype=torch.float32)
+    pos = 0
+    for c in chunks:
+        v = values(c).reshape(-1)
+        out[pos:pos + v.numel()] = v
+        pos += v.numel()
+    return out[:pos]
+
+
+def order_statistics(values: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """The ``ks``-th smallest (0-based) of a flat float32 CPU tensor, as torch.kthvalue gives
+    them (NaN largest), by partitioning ``values`` in place: kthvalue would copy the tensor and
+    add int64 indices, 3x its memory again."""
+    a = values.numpy()
+    a.partition(sorted(set(ks)))
+    return torch.from_numpy(a[list(ks)].copy())
 
 
 def split_chunks(base, models, align: int, chunk_elems: int | None) -> list[Chunk]:

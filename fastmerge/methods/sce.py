@@ -14,7 +14,7 @@ kept (mergekit's topk keeps an arbitrary subset of the ties).
 """
 from __future__ import annotations
 
-from .core import GATHERED, GATHERED_PEAK, Chunk, Job, Method
+from .core import GATHERED, Chunk, Job, Method, gather_values, order_statistics
 from .lazy_torch import torch
 from .schema import MethodSchema, Param
 
@@ -43,18 +43,18 @@ class Sce(Method):
             return None
         if frac <= 0:
             return float("inf")
-        # The reference gathers every variance; the pipeline will use a streamed selection.
-        var = torch.cat([variance(c) for c in chunks])
+        # every variance gathered (4 bytes per element, state_bytes), selected in place
+        var = gather_values(job.numel, chunks, variance)
         k = int(int(torch.count_nonzero(var)) * frac)
         if k == 0:
             return float("inf")
-        return float(torch.kthvalue(var, var.numel() - k + 1).values)
+        return float(order_statistics(var, [var.numel() - k])[0])
 
     def state_bytes(self, job: Job) -> tuple[int, int]:
-        # select_topk in (0, 1): every float32 variance, then kthvalue's copy and indices
+        # select_topk in (0, 1): every variance, selected in place
         if not 0 < job.params["select_topk"] < 1:
             return 0, 0
-        return GATHERED * job.numel, GATHERED_PEAK * job.numel
+        return GATHERED * job.numel, GATHERED * job.numel
 
     def _masked(self, chunk: Chunk, threshold):
         tv = torch.stack([m - chunk.base for m in chunk.models])
