@@ -19,7 +19,7 @@ from fastmerge.cli import main
 from fastmerge.methods.core import GATHERED, Job, gather_values, order_statistics
 from fastmerge.methods.mergekit_methods import MERGEKIT_METHODS
 from fastmerge.pipeline import native
-from fastmerge.pipeline.budget import MIN_CHUNK_ELEMS, plan_chunking
+from fastmerge.pipeline.budget import MIN_CHUNK_ELEMS, plan_chunking, work_bytes_per_element
 from fastmerge.pipeline.method_pass import fan_out
 from fastmerge.pipeline.reduce_state import ReduceState, in_flight
 from fastmerge.pipeline.sweep import sweep
@@ -94,11 +94,14 @@ def _arcee(tmp_path, p):
 
 def _need(cfg, p, k: int) -> int:
     """The budget a pass of k arcee_fusion points needs at the minimal chunk: bf16 base + 1
-    model in, 2-byte outputs; every point's importances held (selected in place)."""
+    model in, 2-byte outputs; every point's importances held (selected in place), and each
+    point's reduction thread its own scratch."""
     one = plan_chunking(2 ** 30, "cpu", 1, 2 * 2, 2, sparsifier=load_config(cfg).info.sparsifier)
     n = _largest_numel(p["base"])
     state = k * GATHERED * n
-    return one.fixed + state + MIN_CHUNK_ELEMS * (one.bytes_per_elem + (k - 1) * 4 * 2)
+    scratch = work_bytes_per_element("cpu", 1) if k > 1 else 0
+    return one.fixed + state + MIN_CHUNK_ELEMS * (one.bytes_per_elem + (k - 1) * (4 * 2 +
+                                                                                 scratch))
 
 
 def test_merge_minimum_counts_the_reduction(ckpts, tmp_path, capsys):
@@ -140,7 +143,8 @@ def test_sce_points_of_unequal_state_are_planned_per_pass(ckpts, tmp_path):
         "models": [{"model": str(m)} for m in ckpts["models"]]})
     one = plan_chunking(2 ** 30, "cpu", 2, 3 * 2, 2, sparsifier=load_config(cfg).info.sparsifier)
     n = _largest_numel(ckpts["base"])
-    budget = one.fixed + GATHERED * n + MIN_CHUNK_ELEMS * (one.bytes_per_elem + 4 * 2)
+    per = one.bytes_per_elem + 4 * 2 + work_bytes_per_element("cpu", 2)
+    budget = one.fixed + GATHERED * n + MIN_CHUNK_ELEMS * per
     rows = sweep(cfg, tmp_path / "out", ["select_topk=1.0,0.5,0.9,0.4"], memory_budget=budget)
     assert len(rows) == 4 and len({r["pass"] for r in rows}) == 4
     merge_each_point(tmp_path, rows)

@@ -41,6 +41,26 @@ def point_state(cfg, inputs, specs: dict) -> ReduceState:
     return ReduceState(held, best.peak, best.tensor, best.method)
 
 
+def runs_reference_reduce(cfg, inputs, specs: dict) -> bool:
+    """Whether some merged tensor of this merge takes its method's float32 reference
+    reduction (method_pass.Point.reducer: no Gram matrix, not della's kernel): in a sweep
+    it runs on a thread of its own, whose scratch glibc keeps in that thread's own arena."""
+    if not cfg.is_mergekit_method:
+        return False
+    from ..methods.core import Job, Method
+    from ..methods.mergekit_methods import MERGEKIT_METHODS
+    for x in inputs.merged:
+        spec = specs.get(x)
+        if spec is None:
+            continue
+        method = MERGEKIT_METHODS[spec.method]
+        job = Job(tuple(int(s) for s in inputs.reference.info(x).shape), spec.params, x)
+        if type(method).reduce is not Method.reduce and method.combination(job) is None and \
+                not spec.method.startswith("della"):
+            return True
+    return False
+
+
 def in_flight(states) -> int:
     """Bytes the reductions of points merged together need at once: each holds its own while
     the shared read feeds them, and one at a time goes up to its peak to finish."""

@@ -48,6 +48,7 @@ from .budget import (
     Chunking,
     release_freed_memory_promptly,
     trim_freed_memory,
+    work_bytes_per_element,
 )
 from .driver import _Passes, _Writes, out_chunk_bytes, prepare, resolve
 from .inputs import check_output_apart_from_inputs, name_files
@@ -121,6 +122,13 @@ def pass_cost(members: list) -> tuple:
     outs = 4 if members[0].k.chunking_name == "cpu" and str(members[0].k.device) == "cpu" else 3
     item = max([ST_SIZES[m.r.out_st[x]] for m in members for x in m.r.inputs.merged] or [4])
     per = one.bytes_per_elem + (len(members) - 1) * outs * item
+    # reference reductions run on a thread each (method_pass.fan_out): one at a time, but each
+    # thread's freed scratch stays resident in its own glibc arena
+    threads = sum(reduce_state.runs_reference_reduce(m.r.cfg, m.r.inputs, m.r.base_specs)
+                  for m in members)
+    if threads > 1:
+        per += (threads - 1) * work_bytes_per_element(members[0].k.chunking_name,
+                                                      len(members[0].r.inputs.models))
     reserved = reduce_state.in_flight(
         reduce_state.point_state(m.r.cfg, m.r.inputs, m.r.base_specs) for m in members)
     return one.fixed - one.reserved + reserved, per, reserved
