@@ -1,0 +1,146 @@
+"""How the merge pass reads a tensor split into chunks (pipeline/driver.py, _TensorChunks): a
+method with a pre-pass (dare_ties' L1 statistics, ties' selection) reads each chunk twice,
+once from disk on the reader thread and once more, from the page cache, on its own thread;
+the next tensor's first chunk is read while this tensor's last chunk and later pass are
+computed; at most three chunks are loaded at once, as budget.plan_chunking counts; the output
+is the unchunked merge's, byte for byte."""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter
+
+import pytest
+import torch
+from engine_util import load_dir, write_yaml
+
+from fastmerge.cli.demo import make_synthetic_checkpoints
+from fastmerge.pipeline import load_config, native
+from fastmerge.pipeline.core_kernels import CoreKernels
+
+pytestmark = pytest.mark.skipif(native._core() is None, reason="fastmerge._core is not built")
+CHUNK = 1100  # elements: embed_tokens/lm_head (64 x 32) and the MLP matrices (48 x 32) split,
+#              the attention matrices (32 x 32) whole
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return make_synthetic_checkpoints(tmp_path_factory.mktemp("ahead"), n_models=2, layers=2,
+                                      hidden=32, inter=48, vocab=64, shards=1)
+
+
+def _cfg(p, method):
+    params = {"weight": 0.5} if method == "task_arithmetic" else {"weight": 0.5, "density": 0.5}
+    return {"merge_method": method, "base_model": str(p["base"]), "dtype": "bfloat16",
+            "models": [{"model": str(m), "parameters": params} for m in p["models"]]}
+
+
+class Recorder:
+    """Every CoreKernels.load: (thread, tensor, start) in call order, and how many loaded
+    chunks were alive at most."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.alive, self.most = [], 0, 0
+        self.lock = threading.Lock()
+        load = CoreKernels.load
+
+        def recorded(kernels, name, start, stop, only_reference=False):
+            ch = load(kernels, name, start, stop, only_reference)
+            with self.lock:
+                self.calls.append((threading.current_thread().name, name, start))
+                self.alive += 1
+                self.most = max(self.most, self.alive)
+            weakref.finalize(ch, self.released)
+            return ch
+        monkeypatch.setattr(CoreKernels, "load", recorded)
+
+    def released(self):
+        with self.lock:
+            self.alive -= 1
+
+
+def _merge(tmp_path, ckpts, method, out, **kw):
+    cfg = load_config(write_yaml(tmp_path / f"{out}.yml", _cfg(ckpts, method)))
+    return native.merge_natively(cfg, tmp_path / out, **kw)
+
+
+# ties: a third read where the level-1 bins guessed from the first chunk missed (radix.py)
+@pytest.mark.parametrize("method,reads", [("dare_ties", {2}), ("ties", {2, 3}),
+                                          ("task_arithmetic", {1})])
+def test_chunked_tensors_are_read_once_more_from_their_own_thread(ckpts, tmp_path,
+                                                                  monkeypatch, method, reads):
+    rec = Recorder(monkeypatch)
+    res = _merge(tmp_path, ckpts, method, "out", max_chunk_elems=CHUNK)
+    assert res.chunk_elems == CHUNK
+    per_unit = Counter((name, start) for _, name, start in rec.calls)
+    chunked = {name for name, start in per_unit if start > 0}
+    assert len(chunked) == 2 + 2 * 3          # embed_tokens, lm_head, 3 MLP matrices a layer
+    for (name, _), n in per_unit.items():
+        assert n in (reads if name in chunked else {1}), name
+    threads = Counter(t.split("_")[0] for t, _, _ in rec.calls)
+    # every first read on the reader thread, every second one on the re-reader: the main
+    # thread never waits for a read it could not have started earlier
+    assert threads == {"fastmerge-read": len(per_unit),
+                       **({"fastmerge-reread": len(rec.calls) - len(per_unit)}
+                          if max(reads) > 1 else {})}
+    assert rec.most <= 3
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
+def test_the_next_tensor_is_read_during_the_last_chunk(ckpts, tmp_path, monkeypatch, method):
+    """On the reader thread, each tensor's first chunk comes right after the last chunk of
+    the tensor before (no read of that tensor's later pass between them)."""
+    rec = Recorder(monkeypatch)
+    _merge(tmp_path, ckpts, method, "out", max_chunk_elems=CHUNK)
+    first = [(name, start) for t, name, start in rec.calls if t.startswith("fastmerge-read_")]
+    assert len(first) == len(set(first))           # the reader reads each chunk once
+    names = [name for name, _ in first]
+    runs = [names[0]] + [b for a, b in zip(names, names[1:]) if a != b]
+    assert len(runs) == len(set(runs))             # tensor after tensor, never back
+    for a, b in zip(first, first[1:]):
+        if a[0] != b[0]:
+            assert b[1] == 0
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_chunked_output_is_the_unchunked_one(ckpts, tmp_path, method):
+    _merge(tmp_path, ckpts, method, "whole")
+    _merge(tmp_path, ckpts, method, "chunked", max_chunk_elems=CHUNK)
+    whole, chunked = load_dir(tmp_path / "whole"), load_dir(tmp_path / "chunked")
+    assert whole.keys() == chunked.keys()
+    for name, t in whole.items():
+        assert t.dtype == chunked[name].dtype, name
+        assert t.flatten().view(torch.uint8).equal(chunked[name].flatten().view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
+def test_the_next_read_starts_before_the_last_merge_of_a_chunked_tensor(ckpts, tmp_path,
+                                                                         monkeypatch, method):
+    """When the last chunk of a tensor of several is merged, the next tensor's first chunk is
+    being read already (here: its read starts within 10 s, while that merge waits)."""
+    started, cond = [], threading.Condition()
+    load, merge = CoreKernels.load, CoreKernels.merge
+    n_tensors = len(load_dir(ckpts["base"]))
+
+    def recorded(kernels, name, start, stop, only_reference=False):
+        with cond:
+            if name not in started:
+                started.append(name)
+                cond.notify_all()
+        return load(kernels, name, start, stop, only_reference)
+
+    late = []
+
+    def merged(kernels, ch, plan, out_st, slot):
+        name = plan.tensor_name
+        last = ch.offset > 0 and ch.offset + ch.numel == kernels.inputs.reference.info(
+            name).numel
+        if last and len(started) < n_tensors:
+            with cond:
+                if not cond.wait_for(lambda: started[-1] != name, timeout=10):
+                    late.append(name)
+        return merge(kernels, ch, plan, out_st, slot)
+    monkeypatch.setattr(CoreKernels, "load", recorded)
+    monkeypatch.setattr(CoreKernels, "merge", merged)
+    _merge(tmp_path, ckpts, method, "out", max_chunk_elems=CHUNK)
+    assert len(started) == n_tensors and not late
