@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import Counter
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from engine_util import load_dir, write_yaml
 
 from fastmerge.cli.demo import make_synthetic_checkpoints
 from fastmerge.pipeline import load_config, native
+from fastmerge.pipeline.budget import element_ranges
 from fastmerge.pipeline.core_kernels import CoreKernels
 
 pytestmark = pytest.mark.skipif(native._core() is None, reason="fastmerge._core is not built")
@@ -36,7 +36,7 @@ def _cfg(p, method):
 
 
 class Recorder:
-    """Every CoreKernels.load: (thread, tensor, start) in call order, and how many loaded
+    """Every CoreKernels.load: (thread, tensor, start, stop) in call order, and how many loaded
     chunks were alive at most."""
 
     def __init__(self, monkeypatch):
@@ -47,7 +47,7 @@ class Recorder:
         def recorded(kernels, name, start, stop, only_reference=False):
             ch = load(kernels, name, start, stop, only_reference)
             with self.lock:
-                self.calls.append((threading.current_thread().name, name, start))
+                self.calls.append((threading.current_thread().name, name, start, stop))
                 self.alive += 1
                 self.most = max(self.most, self.alive)
             weakref.finalize(ch, self.released)
@@ -64,25 +64,36 @@ def _merge(tmp_path, ckpts, method, out, **kw):
     return native.merge_natively(cfg, tmp_path / out, **kw)
 
 
-# ties: a third read where the level-1 bins guessed from the first chunk missed (radix.py)
-@pytest.mark.parametrize("method,reads", [("dare_ties", {2}), ("ties", {2, 3}),
-                                          ("task_arithmetic", {1})])
-def test_chunked_tensors_are_read_once_more_from_their_own_thread(ckpts, tmp_path,
-                                                                  monkeypatch, method, reads):
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
+def test_a_chunked_tensors_reads_and_their_threads(ckpts, tmp_path, monkeypatch, method):
+    """On the reader thread, each chunk once (ties: the first chunk, read ahead, then the
+    whole tensor for the one-pass top-k); on the re-reader, the merge pass's chunks where a
+    pre-pass read them first; never on the main thread."""
     rec = Recorder(monkeypatch)
+    radix = []
+    monkeypatch.setattr(CoreKernels, "radix", lambda *a, **k: radix.append(1))
     res = _merge(tmp_path, ckpts, method, "out", max_chunk_elems=CHUNK)
-    assert res.chunk_elems == CHUNK
-    per_unit = Counter((name, start) for _, name, start in rec.calls)
-    chunked = {name for name, start in per_unit if start > 0}
+    assert res.chunk_elems == CHUNK and not radix
+    shapes = {name: tuple(t.shape) for name, t in load_dir(ckpts["base"]).items()}
+    by_thread: dict = {}
+    for thread, name, start, stop in rec.calls:
+        by_thread.setdefault(thread.split("_")[0], {}).setdefault(name, []).append(
+            (start, stop))
+    assert set(by_thread) == ({"fastmerge-read"} if method == "task_arithmetic" else
+                              {"fastmerge-read", "fastmerge-reread"})
+    chunked = {name for name, units in by_thread["fastmerge-read"].items()
+               if any(start > 0 for start, _ in units) or len(units) > 1}
     assert len(chunked) == 2 + 2 * 3          # embed_tokens, lm_head, 3 MLP matrices a layer
-    for (name, _), n in per_unit.items():
-        assert n in (reads if name in chunked else {1}), name
-    threads = Counter(t.split("_")[0] for t, _, _ in rec.calls)
-    # every first read on the reader thread, every second one on the re-reader: the main
-    # thread never waits for a read it could not have started earlier
-    assert threads == {"fastmerge-read": len(per_unit),
-                       **({"fastmerge-reread": len(rec.calls) - len(per_unit)}
-                          if max(reads) > 1 else {})}
+    for name, units in by_thread["fastmerge-read"].items():
+        if name not in chunked:
+            assert len(units) == 1, name
+            continue
+        chunks = element_ranges(shapes[name], CHUNK)
+        numel = chunks[-1][1]
+        assert len(chunks) == 2, name
+        assert units == ([chunks[0], (0, numel)] if method == "ties" else chunks), name
+        if method != "task_arithmetic":
+            assert by_thread["fastmerge-reread"][name] == chunks, name
     assert rec.most <= 3
 
 
@@ -92,9 +103,10 @@ def test_the_next_tensor_is_read_during_the_last_chunk(ckpts, tmp_path, monkeypa
     the tensor before (no read of that tensor's later pass between them)."""
     rec = Recorder(monkeypatch)
     _merge(tmp_path, ckpts, method, "out", max_chunk_elems=CHUNK)
-    first = [(name, start) for t, name, start in rec.calls if t.startswith("fastmerge-read_")]
-    assert len(first) == len(set(first))           # the reader reads each chunk once
-    names = [name for name, _ in first]
+    first = [(name, start, stop) for t, name, start, stop in rec.calls
+             if t.startswith("fastmerge-read_")]
+    assert len(first) == len(set(first))           # the reader reads each unit once
+    names = [name for name, _, _ in first]
     runs = [names[0]] + [b for a, b in zip(names, names[1:]) if a != b]
     assert len(runs) == len(set(runs))             # tensor after tensor, never back
     for a, b in zip(first, first[1:]):

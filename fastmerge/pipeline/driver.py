@@ -145,9 +145,26 @@ class _TensorChunks:
     one, the next of this tensor, the next tensor's first), as budget.plan_chunking counts."""
 
     def __init__(self, units: Sequence, load: Callable, pool: ThreadPoolExecutor,
-                 first: Optional[Future], then: Callable, again: ThreadPoolExecutor):
+                 first: Optional[Future], then: Callable, again: ThreadPoolExecutor,
+                 whole_unit: Optional[tuple] = None):
         self.units, self.load, self.pool = list(units), load, pool
         self.first, self.then, self.again = first, then, again
+        self.whole_unit = whole_unit
+        # the planner's one-pass top-k reads ``whole()`` where given (planner.select_thresholds)
+        self.whole = self._whole if whole_unit is not None else None
+
+    def _whole(self) -> list:
+        """The whole tensor as one chunk, for a first pass that needs it whole (the one-pass
+        top-k, as at a budget where the tensor is one chunk); given only where it takes at most
+        two chunks, so with the next tensor's first chunk three are loaded at once. The first
+        chunk read ahead is let go (its pages are in the page cache: mapped again here)."""
+        self.first = None
+        if self.then is None:
+            return [self.again.submit(self.load, self.whole_unit).result()]
+        fut = self.pool.submit(self.load, self.whole_unit)
+        self.then, then = None, self.then
+        then()
+        return [fut.result()]
 
     def __call__(self) -> Iterator:
         return self._chunks()
@@ -357,9 +374,12 @@ class _Passes:
                     src = (lambda c: (lambda: [c]))(chunk)
                     del chunk
                 else:
+                    numel = units[-1][2] - units[0][1]
                     src = _TensorChunks(units, (lambda r: lambda u: self.load(u, r))(
                         only_reference), self.reader, fut, (lambda i: lambda: read_ahead(i))(
-                        j + 1), self.rereader)
+                        j + 1), self.rereader, (name, units[0][1], units[-1][2]) if
+                        numel <= 2 * self.r.chunking.chunk_elems and not only_reference and
+                        name not in self.r.rows else None)
                 del fut
                 yield name, not only_reference, src
                 del src
