@@ -323,6 +323,9 @@ class _Passes:
         # loads share one pinned staging buffer (streaming.ChunkLoader): one thread then
         self.rereader = self.reader if str(kernels.device) != "cpu" else \
             ThreadPoolExecutor(1, thread_name_prefix="fastmerge-reread")
+        # a tensor of two chunks read whole for the one-pass top-k: the CPU kernels' (its
+        # copies stay within a chunk's scratch allowance), on mapped bytes (no staging buffer)
+        self.whole_ok = kernels.name == "cpu" and str(kernels.device) == "cpu"
         self.plans: dict = {}
         self.passes: list = []
 
@@ -378,8 +381,8 @@ class _Passes:
                     src = _TensorChunks(units, (lambda r: lambda u: self.load(u, r))(
                         only_reference), self.reader, fut, (lambda i: lambda: read_ahead(i))(
                         j + 1), self.rereader, (name, units[0][1], units[-1][2]) if
-                        numel <= 2 * self.r.chunking.chunk_elems and not only_reference and
-                        name not in self.r.rows else None)
+                        self.whole_ok and numel <= 2 * self.r.chunking.chunk_elems and
+                        not only_reference and name not in self.r.rows else None)
                 del fut
                 yield name, not only_reference, src
                 del src
