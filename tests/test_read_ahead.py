@@ -156,3 +156,29 @@ def test_the_next_read_starts_before_the_last_merge_of_a_chunked_tensor(ckpts, t
     monkeypatch.setattr(CoreKernels, "merge", merged)
     _merge(tmp_path, ckpts, method, "out", max_chunk_elems=CHUNK)
     assert len(started) == n_tensors and not late
+
+
+def test_only_tensors_of_two_chunks_are_read_whole(ckpts, tmp_path, monkeypatch):
+    """ties at 600 elements a chunk: the attention matrices (2 chunks) take the one-pass top-k
+    on the whole tensor, the MLP matrices and embeddings (3-4 chunks) the radix selection."""
+    radix, whole = [], []
+    got = CoreKernels.radix
+
+    def counted(kernels, source, *a, **k):
+        radix.append(a[3][0])
+        return got(kernels, source, *a, **k)
+    monkeypatch.setattr(CoreKernels, "radix", counted)
+    one = CoreKernels.one_pass
+
+    def one_pass(kernels, source, *a, **k):
+        chunks = source()
+        if isinstance(chunks, list) and a[2] > 600:
+            whole.append(a[4][0])
+        return one(kernels, lambda: chunks, *a, **k)
+    monkeypatch.setattr(CoreKernels, "one_pass", one_pass)
+    _merge(tmp_path, ckpts, "ties", "out", max_chunk_elems=600)
+    shapes = {name: tuple(t.shape) for name, t in load_dir(ckpts["base"]).items()}
+    n_chunks = {name: len(element_ranges(s, 600)) for name, s in shapes.items()}
+    assert whole and radix
+    assert sorted(whole) == sorted(x for x, c in n_chunks.items() if c == 2)
+    assert sorted(radix) == sorted(x for x, c in n_chunks.items() if c > 2)
