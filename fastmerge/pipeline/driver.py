@@ -138,6 +138,64 @@ def prefetched(items: Sequence, load: Callable, pool: ThreadPoolExecutor) -> Ite
                 pass
 
 
+class _TensorChunks:
+    """The chunks of one tensor of several, ``src()`` once per pass, loaded one ahead in
+    ``pool``. The first pass takes its first chunk from ``first`` (read ahead while the tensor
+    before was merged) and calls ``then()`` once it has asked for its last chunk: the next
+    tensor's first read, queued behind it, so at most three chunks are loaded at once (this
+    one, the next of this tensor, the next tensor's first), as budget.plan_chunking counts."""
+
+    def __init__(self, units: Sequence, load: Callable, pool: ThreadPoolExecutor,
+                 first: Optional[Future], then: Callable, again: ThreadPoolExecutor,
+                 whole_unit: Optional[tuple] = None):
+        self.units, self.load, self.pool = list(units), load, pool
+        self.first, self.then, self.again = first, then, again
+        self.whole_unit = whole_unit
+        # the planner's one-pass top-k reads ``whole()`` where given (planner.select_thresholds)
+        self.whole = self._whole if whole_unit is not None else None
+
+    def _whole(self) -> list:
+        """The whole tensor as one chunk, for a first pass that needs it whole (the one-pass
+        top-k, as at a budget where the tensor is one chunk); given only where it takes at most
+        two chunks, so with the next tensor's first chunk three are loaded at once. The first
+        chunk read ahead is let go (its pages are in the page cache: mapped again here)."""
+        self.first = None
+        if self.then is None:
+            return [self.again.submit(self.load, self.whole_unit).result()]
+        fut = self.pool.submit(self.load, self.whole_unit)
+        self.then, then = None, self.then
+        then()
+        return [fut.result()]
+
+    def __call__(self) -> Iterator:
+        return self._chunks()
+
+    def _chunks(self) -> Iterator:
+        # a later pass reads again what the first one just read (from the page cache): on
+        # its own thread, not queued behind the next tensor's read from disk
+        pool = self.pool if self.then is not None else self.again
+        fut, self.first = self.first, None
+        if fut is None:
+            fut = pool.submit(self.load, self.units[0])
+        n = len(self.units)
+        try:
+            for k in range(n):
+                cur = fut.result()
+                fut = pool.submit(self.load, self.units[k + 1]) if k + 1 < n else None
+                if k + 2 == n and self.then is not None:
+                    self.then, then = None, self.then
+                    then()
+                yield cur
+                del cur
+        finally:
+            if fut is not None:
+                fut.cancel()
+                try:
+                    fut.result()
+                except BaseException:
+                    pass
+
+
 def processing_order(names: Sequence, nbytes: Callable, split=()) -> list:
     """The merge pass's order: the tensors in ``split`` (split over ranks) first, in the given
     order, then the others largest first (ties in output order), so the last ones, whose
@@ -264,11 +322,20 @@ class _Passes:
         self.r, self.k, self.progress, self.nonfinite = r, kernels, progress, nonfinite
         self.inputs = r.inputs
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="fastmerge-read")
+        # a tensor's later passes read on their own thread (_TensorChunks); on a GPU the
+        # loads share one pinned staging buffer (streaming.ChunkLoader): one thread then
+        self.rereader = self.reader if str(kernels.device) != "cpu" else \
+            ThreadPoolExecutor(1, thread_name_prefix="fastmerge-reread")
+        # a tensor of two chunks read whole for the one-pass top-k: the CPU kernels' (its
+        # copies stay within a chunk's scratch allowance), on mapped bytes (no staging buffer)
+        self.whole_ok = kernels.name == "cpu" and str(kernels.device) == "cpu"
         self.plans: dict = {}
         self.passes: list = []
 
     def close(self):
         self.reader.shutdown(wait=True, cancel_futures=True)
+        if self.rereader is not self.reader:
+            self.rereader.shutdown(wait=True, cancel_futures=True)
 
     def units(self, name):
         shape = self.inputs.reference.info(name).shape
@@ -289,30 +356,41 @@ class _Passes:
         return lambda: prefetched(units, lambda u: self.load(u, only_reference), self.reader)
 
     def tensor_sources(self, order, merged):
-        """(name, is_merged, src) for each tensor of ``order`` in turn, ``src()`` its chunks; a
-        tensor of one chunk is read one tensor ahead on the reader thread. Close the generator
-        when done (it cancels a read still pending)."""
-        jobs = [(name, self.units(name)) for name in order]
+        """(name, is_merged, src) for each tensor of ``order`` in turn, ``src()`` its chunks
+        (once per pass). Each tensor's first chunk is read ahead on the reader thread: a
+        tensor of one chunk as soon as the one before is in hand, a tensor of several once
+        the first pass over the one before has asked for its last chunk (_TensorChunks), so
+        the reader is not idle while that tensor's last chunk and its later passes (the
+        statistics or selection pass, then the merge) are computed. Close the generator when
+        done (it cancels a read still pending)."""
+        jobs = [(name, self.units(name), name not in merged) for name in order]
+        ahead: dict = {}   # job index -> the future of its first chunk
 
-        def submit(j):
-            if j < len(jobs) and len(jobs[j][1]) == 1:
-                return self.reader.submit(self.load, jobs[j][1][0], jobs[j][0] not in merged)
-            return None
-        fut = submit(0)
+        def read_ahead(j):
+            if j < len(jobs) and j not in ahead:
+                ahead[j] = self.reader.submit(self.load, jobs[j][1][0], jobs[j][2])
+        read_ahead(0)
         try:
-            for j, (name, units) in enumerate(jobs):
-                is_merged = name in merged
+            for j, (name, units, only_reference) in enumerate(jobs):
+                read_ahead(j)
+                fut = ahead.pop(j)
                 if len(units) == 1:
-                    chunk = fut.result() if fut is not None else self.load(units[0], not is_merged)
-                    fut = submit(j + 1)
+                    chunk = fut.result()
+                    read_ahead(j + 1)
                     src = (lambda c: (lambda: [c]))(chunk)
                     del chunk
                 else:
-                    src = self.source(units, not is_merged)
-                yield name, is_merged, src
+                    numel = units[-1][2] - units[0][1]
+                    src = _TensorChunks(units, (lambda r: lambda u: self.load(u, r))(
+                        only_reference), self.reader, fut, (lambda i: lambda: read_ahead(i))(
+                        j + 1), self.rereader, (name, units[0][1], units[-1][2]) if
+                        self.whole_ok and numel <= 2 * self.r.chunking.chunk_elems and
+                        not only_reference and name not in self.r.rows else None)
+                del fut
+                yield name, not only_reference, src
                 del src
         finally:
-            if fut is not None:
+            for fut in ahead.values():
                 fut.cancel()
 
     def numel(self, name):

@@ -57,7 +57,11 @@ def select_thresholds(spec: MergeSpec, numel: int, kernels, source, names: Seque
     score = pass_ids(spec)["score"]
     got = None
     if hist is None and reduce is None:
-        got = kernels.one_pass(source, flat, spec.n_models, numel, score, names, l1)
+        # a tensor of two chunks may offer itself whole (pipeline/driver.py, _TensorChunks):
+        # the one-pass top-k then runs as on one chunk, same thresholds (exact either way);
+        # not for l1, whose float sums would add in another order than over the chunks
+        whole = None if l1 else getattr(source, "whole", None)
+        got = kernels.one_pass(whole or source, flat, spec.n_models, numel, score, names, l1)
     passes = 1
     if got is None:
         got = kernels.radix(source, flat, spec.n_models, score, names, reduce, l1, hist, numel)
