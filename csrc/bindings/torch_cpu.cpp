@@ -233,6 +233,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_window_cpu(
   return topk_window_impl(base, models, requests, l1, 5.0, 2);
 }
 
+// Level 1 of |t| for rows (model, prefix) of `targets` that each bin widths[r] consecutive
+// prefixes, added into the flat int64 counts / float64 sums of sum(widths) * NUM_BINS cells:
+// backend "cpu"'s guessed bins of a chunked selection, gathered in its level-0 read
+// (fastmerge/planning/radix.py radix_select_one_read; _core binds the same kernel).
+void score_histogram_windows(const std::optional<at::Tensor>& base,
+                             const std::vector<at::Tensor>& models, const at::Tensor& targets,
+                             const std::vector<int>& widths, at::Tensor& counts, at::Tensor& sums) {
+  TORCH_CHECK(!models.empty(), "fastmerge (cpu): score_histogram_windows needs a model");
+  TORCH_CHECK(targets.dim() == 2 && targets.size(1) == 2 &&
+                  targets.size(0) == static_cast<int64_t>(widths.size()),
+              "fastmerge (cpu): targets must be [T, 2] with T widths, got ", targets.sizes());
+  const int64_t T = targets.size(0);
+  const at::Tensor tg = targets.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* tp = tg.data_ptr<int64_t>();
+  FM_CHECK(fm::checks::histogram_args(fm::SCORE_MAGNITUDE, 1, tp, T,
+                                      static_cast<int64_t>(models.size()), 0));
+  int64_t cells = 0;
+  for (int64_t r = 0; r < T; ++r) {
+    const int w = widths[static_cast<size_t>(r)];
+    TORCH_CHECK(w >= 1 && tp[2 * r + 1] + w <= fm::NUM_BINS, "fastmerge (cpu): row ", r,
+                ": prefixes [prefix, prefix + width) must be bins");
+    cells += static_cast<int64_t>(w) * fm::NUM_BINS;
+  }
+  TORCH_CHECK(
+      counts.numel() == cells && counts.scalar_type() == at::kLong && counts.is_contiguous() &&
+          sums.numel() == cells && sums.scalar_type() == at::kDouble && sums.is_contiguous(),
+      "fastmerge (cpu): counts / sums must be contiguous int64 / float64 of ", cells, " values");
+  check_cpu(counts, "counts");
+  check_cpu(sums, "sums");
+  std::vector<at::Tensor> hold;
+  fm::cpu::Inputs in = make_inputs(base, models, {}, hold);
+  const bool ok = fm::cpu::score_histogram_windows(in, tp, widths.data(), static_cast<int>(T),
+                                                   counts.data_ptr<int64_t>(),
+                                                   sums.data_ptr<double>(), threads());
+  TORCH_CHECK(ok, "fastmerge (cpu): could not allocate the histogram work buffers");
+}
+
 // --------------------------------------------------------------------- test helpers
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_window_test(
     const std::optional<at::Tensor>& base, const std::vector<at::Tensor>& models,
@@ -353,6 +390,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dare_key", &dare_key, "splitmix64(seed ^ fnv1a64(name) ^ i * golden)");
   mod.def("round_to", &round_to, "float32 -> bf16/fp16 by the header's rounding");
   mod.def("load_float", &load_float, "bf16/fp16/fp32 -> float32 by the header's loads");
+  mod.def("score_histogram_windows", &score_histogram_windows,
+          "level-1 histograms of |t| for rows of several consecutive prefixes, added in place");
   mod.def("topk_window", &topk_window_test,
           "topk_window with the window margin and the scan path chosen (for tests)");
   mod.def(

@@ -19,6 +19,9 @@ class Backend:
     # one-pass exact top-k of one chunk (fastmerge::topk_window); only the CPU kernels have a
     # fast one, elsewhere the radix selection (two histogram passes) runs
     topk_window: Optional[Callable] = None
+    # level-1 histograms of rows of consecutive prefixes (the CPU kernels, fastmerge._C): lets
+    # a chunked selection gather its guessed level-1 bins in the level-0 read
+    score_histogram_windows: Optional[Callable] = None
 
     def histogram_into(self, chunk: Chunk, score: int, targets: torch.Tensor, level: int,
                        counts: torch.Tensor, sums: torch.Tensor) -> None:

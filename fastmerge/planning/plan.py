@@ -10,9 +10,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..abi import SCORE_MAGNITUDE
 from ..methods import MergeSpec
 from .planner import RowPlan, plan_rows, select_thresholds
-from .selection import ChunkSource, Histograms, level0, select, select_one_pass, single_chunk
+from .selection import (ChunkSource, Histograms, level0, select, select_one_pass, select_one_read,
+                        single_chunk)
 
 
 @dataclass
@@ -64,6 +66,10 @@ class BackendKernels:
         return select_one_pass(self.be, chunk, n_models, requests, score, names, l1)
 
     def radix(self, source, requests, n_models, score, names, reduce, l1, hist=None, numel=None):
+        if hist is None and reduce is None and numel and score == SCORE_MAGNITUDE and \
+                getattr(self.be, "score_histogram_windows", None) is not None:
+            # level 0 and the guessed level-1 bins in one read of each chunk
+            return select_one_read(self.be, source, n_models, requests, numel, names, l1)
         if hist is None:  # ours alone: a reused buffer
             hist = level0(self.be, n_models, score, source, names, reduce, scratch=True)
         sel = select(self.be, hist, requests, score, source, reduce, l1=l1)

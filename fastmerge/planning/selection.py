@@ -14,6 +14,12 @@ comes from the same passes.
 where the backend has the ``topk_window`` kernel (the CPU backend): one read pass over a
 window of score values chosen from a sample, exact where it decides; when a window misses,
 the caller falls back to the radix selection.
+
+``select_one_read`` is the radix selection of a magnitude score over several chunks (or after a
+window miss) where the backend bins several level-1 prefixes at once
+(``score_histogram_windows``, the CPU backend): radix.py's ``radix_select_one_read``, the
+algorithm the torch-free CoreKernels run, fed by the backend's histogram ops, so the level-1
+bins the first chunk points at are gathered in the level-0 read.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 
 from ..abi import NONFINITE_BIN, NUM_BINS, SCORE_MAGNITUDE
-from .radix import HistTables, select_tables
+from .radix import HistTables, radix_select_one_read, select_tables
 from .thresholds import Selection, bits_to_floats, nonfinite_error, one_pass, unselected  # noqa: F401
 
 
@@ -178,3 +184,22 @@ def select_one_pass(backend, chunk: Chunk, n_models: int, requests: Sequence[tup
         req = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
         return [x.tolist() for x in backend.topk_window(chunk.base, list(chunk.models), req, l1)]
     return one_pass(requests, chunk.models[0].numel(), n_models, l1, names, kernel)
+
+
+def select_one_read(backend, source: ChunkSource, n_models: int,
+                    requests: Sequence[tuple[int, int]], numel: int, names: Sequence[str] = (),
+                    l1: bool = True):
+    """``select``'s result (with ``Selection.passes``: 1, or 2 where a guessed bin missed) and
+    the per-model total L1 (None unless ``l1``) of a magnitude score, reading each chunk once
+    where the first chunk's level 0 predicts the k-th bins (radix.radix_select_one_read)."""
+    def hist_chunk(chunk, targets, level, tables):
+        backend.histogram_into(chunk, SCORE_MAGNITUDE, torch.from_numpy(targets), level,
+                               torch.from_numpy(tables.counts), torch.from_numpy(tables.sums))
+
+    def windows_chunk(chunk, rows, widths, counts, sums):
+        backend.score_histogram_windows(chunk.base, list(chunk.models), torch.from_numpy(rows),
+                                        list(widths), torch.from_numpy(counts),
+                                        torch.from_numpy(sums))
+    sel, total, sel.passes = radix_select_one_read(n_models, requests, source, hist_chunk,
+                                                   windows_chunk, numel, names, l1)
+    return sel, total

@@ -15,8 +15,11 @@ def availability() -> tuple[bool, str]:
 
 
 def backend():
+    from ... import _C
     from ..primitives import dispatcher_backend
-    return dispatcher_backend("cpu", with_topk_window=True)
+    be = dispatcher_backend("cpu", with_topk_window=True)
+    be.score_histogram_windows = _C.score_histogram_windows
+    return be
 
 
 def core():
