@@ -13,8 +13,15 @@ import torch
 from ..abi import SCORE_MAGNITUDE
 from ..methods import MergeSpec
 from .planner import RowPlan, plan_rows, select_thresholds
-from .selection import (ChunkSource, Histograms, level0, select, select_one_pass, select_one_read,
-                        single_chunk)
+from .selection import (
+    ChunkSource,
+    Histograms,
+    level0,
+    select,
+    select_one_pass,
+    select_one_read,
+    single_chunk,
+)
 
 
 @dataclass
