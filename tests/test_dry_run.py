@@ -37,7 +37,7 @@ def test_prints_the_plan_without_reading_or_writing(ckpts, tmp_path, no_weight_r
     assert "dry run of ties (2 models" in text
     assert "LiNeS alpha=auto statistics" in text and "merge (without torch" in text
     assert "model.layers.1.mlp.up_proj.weight  [48, 32]  BF16->BF16  ties params #" in text
-    assert "radix selection x2" in text            # 1536 elements in chunks of 1000
+    assert "radix selection x1 (x2 on a missed guess)" in text   # 1536 elements, chunks of 1000
     assert "top-k window (radix on a miss)" in text
     assert " MB read" in text and "MiB needed" in text
 

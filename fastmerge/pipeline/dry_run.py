@@ -52,8 +52,12 @@ def _read_passes(r: Resolved, k, name: str, spec) -> list[str]:
     one_chunk = len(element_ranges(r.inputs.reference.info(name).shape,
                                    r.chunking.chunk_elems)) == 1
     if spec.sparsifier in SELECTING and not r.model_scope:
-        window = one_chunk and spec.score != "fisher" and k.chunking_name == "cpu"
-        out.append("top-k window (radix on a miss)" if window else "radix selection x2")
+        # the CPU kernels guess a chunked tensor's level-1 bins from its first chunk
+        # (planning/radix.py radix_select_one_read); ranks sum their histograms: two reads
+        guess = spec.score != "fisher" and k.chunking_name == "cpu"
+        out.append("top-k window (radix on a miss)" if one_chunk and guess else
+                   "radix selection x1 (x2 on a missed guess)" if guess and name not in r.rows
+                   else "radix selection x2")
         if spec.rescale == "l1":
             return out
     if needs_l1(spec) or (spec.combine == "ota" and spec.ota_normalize == "global"):
@@ -139,7 +143,7 @@ def describe_plan(r: Resolved, k, budget: int) -> str:
         info = ref.info(x)
         if x in specs:
             pre = _read_passes(r, k, x, specs[x])
-            reads = sum(2 if p.startswith("radix") else 1 for p in pre)
+            reads = sum(2 if p.startswith("radix selection x2") else 1 for p in pre)
             per_tensor_reads += reads * inputs.in_bytes(x)
             what = f"{cfg.method} params #{index.get(x, 0)}" + \
                 (f" [{', '.join(pre)}]" if pre else "")
