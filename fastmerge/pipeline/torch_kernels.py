@@ -19,6 +19,9 @@ from .streaming import ChunkLoader
 
 class TorchKernels(BackendKernels):
     merge_pass_label = "merge"
+    # a chunked selection's guessed level-1 tables stay within the 2 (N + 1) histogram rows
+    # the memory budget reserves (budget.plan_chunking): N + 2 beside the N level-0 rows
+    window_rows_extra = 2
 
     def __init__(self, backend, device="cpu", dist=parallel):
         super().__init__(backend)

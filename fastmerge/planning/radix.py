@@ -176,28 +176,27 @@ def guess_windows(first: HistTables, requests, pending, numel: int, width: int):
 
 def radix_select_one_read(n_models: int, requests, source: Callable, hist_chunk: Callable,
                           windows_chunk: Callable, numel: int, names: Sequence[str] = (),
-                          l1: bool = True, width: int = 16):
+                          l1: bool = True, width: int = 16, max_rows: Optional[int] = None):
     """``radix_select`` that reads each chunk once where it can: with each chunk's level-0
     histograms (``hist_chunk(chunk, targets, level, tables)`` adds one chunk's into the
     tables) go the level-1 histograms of the bins the first chunk's level 0 points at
     (``guess_windows``; ``windows_chunk(chunk, rows, widths, counts, sums)`` adds them); a
     request whose k-th bin is among them needs no second read, the others get a level-1 read
-    as in ``radix_select``. Exact either way. Returns (Selection, per-model total L1 or None,
-    read passes made)."""
+    as in ``radix_select``. Exact either way. ``max_rows``: at most that many level-1 tables
+    (1 MiB each) in all, the window of each request narrowed to fit. Returns (Selection,
+    per-model total L1 or None, read passes made)."""
     t0 = np.array([[i, 0] for i in range(n_models)], dtype=np.int64)
     pending = [r for r, (_, k) in enumerate(requests) if 0 < k < numel]
+    if max_rows is not None and pending:
+        width = max(1, min(width, max_rows // len(pending)))
     hist = HistTables.zeros(n_models)
     rows, widths, wc, ws = None, [], None, None
     for ch in source():
-        if rows is None:
-            first = HistTables.zeros(n_models)
-            hist_chunk(ch, t0, 0, first)
-            hist.add(first)
-            rows, widths = guess_windows(first, requests, pending, numel, width)
+        hist_chunk(ch, t0, 0, hist)
+        if rows is None:   # hist holds the first chunk's level 0 alone
+            rows, widths = guess_windows(hist, requests, pending, numel, width)
             wc = np.zeros(sum(widths) * NUM_BINS, dtype=np.int64)
             ws = np.zeros(sum(widths) * NUM_BINS, dtype=np.float64)
-        else:
-            hist_chunk(ch, t0, 0, hist)
         if widths:
             windows_chunk(ch, rows, widths, wc, ws)
         del ch

@@ -188,10 +188,11 @@ def select_one_pass(backend, chunk: Chunk, n_models: int, requests: Sequence[tup
 
 def select_one_read(backend, source: ChunkSource, n_models: int,
                     requests: Sequence[tuple[int, int]], numel: int, names: Sequence[str] = (),
-                    l1: bool = True):
+                    l1: bool = True, max_rows: Optional[int] = None):
     """``select``'s result (with ``Selection.passes``: 1, or 2 where a guessed bin missed) and
     the per-model total L1 (None unless ``l1``) of a magnitude score, reading each chunk once
-    where the first chunk's level 0 predicts the k-th bins (radix.radix_select_one_read)."""
+    where the first chunk's level 0 predicts the k-th bins (radix.radix_select_one_read);
+    ``max_rows`` caps the guessed level-1 tables (1 MiB each) held during the read."""
     def hist_chunk(chunk, targets, level, tables):
         backend.histogram_into(chunk, SCORE_MAGNITUDE, torch.from_numpy(targets), level,
                                torch.from_numpy(tables.counts), torch.from_numpy(tables.sums))
@@ -201,5 +202,6 @@ def select_one_read(backend, source: ChunkSource, n_models: int,
                                         list(widths), torch.from_numpy(counts),
                                         torch.from_numpy(sums))
     sel, total, sel.passes = radix_select_one_read(n_models, requests, source, hist_chunk,
-                                                   windows_chunk, numel, names, l1)
+                                                   windows_chunk, numel, names, l1,
+                                                   max_rows=max_rows)
     return sel, total
