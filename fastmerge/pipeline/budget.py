@@ -95,6 +95,14 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
     return Chunking(int(elems), per, fixed, reserved)
 
 
+def selection_window_rows(n_models: int, chunk_elems: int) -> int:
+    """The level-1 tables (1 MiB each) a chunked selection may guess and hold in its level-0
+    read (planning/radix.py radix_select_one_read) within the budget: the 2 (N + 1) histogram
+    rows ``plan_chunking`` reserves less the N level-0 ones, and the C++ kernels' per-element
+    scratch of a chunk, idle while a tensor is selected."""
+    return n_models + 2 + work_bytes_per_element("cpu", n_models) * chunk_elems // (NUM_BINS * 16)
+
+
 def element_ranges(shape: Sequence[int], max_elems: int) -> list[tuple[int, int]]:
     """[start, stop) element ranges covering a tensor, whole rows per range when a row fits."""
     n = math.prod(shape)

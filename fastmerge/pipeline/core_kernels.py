@@ -17,6 +17,7 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 from .. import abi
@@ -26,6 +27,7 @@ from ..checkpoint.safetensors_file import ST_SIZES
 from ..methods.kernel_params import pack_rows
 from ..output.report import nonfinite_in
 from ..planning.thresholds import one_pass
+from .budget import selection_window_rows
 from .driver import SingleProcess
 
 # safetensors dtype -> the kernels' raw-pointer dtype code
@@ -62,6 +64,7 @@ class CoreKernels:
     dist = SingleProcess()
 
     def __init__(self):
+        self.window_rows = None   # n_models -> the guessed level-1 tables the budget allows
         self.core = core()
         self.nthreads = threads()
         self.buffers: list = [None, None]
@@ -72,7 +75,7 @@ class CoreKernels:
         self.inputs = inputs
 
     def configure(self, chunking, out_chunk_bytes: int) -> None:
-        pass
+        self.window_rows = partial(selection_window_rows, chunk_elems=chunking.chunk_elems)
 
     def start(self) -> None:
         pass
@@ -125,9 +128,10 @@ class CoreKernels:
                                       reduce, l1, hist)
         if hist is None and numel:   # level 0 and guessed level-1 bins in one read of a chunk
             from ..planning.radix import radix_select_one_read
+            cap = None if self.window_rows is None else self.window_rows(n_models)
             sel, total, sel.passes = radix_select_one_read(
                 n_models, requests, source, self._histogram_chunk, self._windows_chunk, numel,
-                names, l1)
+                names, l1, max_rows=cap)
             return sel, total
         from ..planning.radix import radix_select
         sel, total, sel.passes = radix_select(n_models, requests, self._histogram(source), names,

@@ -5,6 +5,8 @@ through plan.BackendKernels, the fused pass through ``Backend.merge``; torchrun'
 come from parallel.py."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..backends.cpu import output_cache_limit
@@ -14,14 +16,12 @@ from ..output.report import nonfinite_in
 from ..planning.plan import BackendKernels, TensorPlan
 from ..planning.selection import Chunk, release_scratch
 from . import parallel
+from .budget import selection_window_rows
 from .streaming import ChunkLoader
 
 
 class TorchKernels(BackendKernels):
     merge_pass_label = "merge"
-    # a chunked selection's guessed level-1 tables stay within the 2 (N + 1) histogram rows
-    # the memory budget reserves (budget.plan_chunking): N + 2 beside the N level-0 rows
-    window_rows_extra = 2
 
     def __init__(self, backend, device="cpu", dist=parallel):
         super().__init__(backend)
@@ -39,6 +39,7 @@ class TorchKernels(BackendKernels):
 
     def configure(self, chunking, out_chunk_bytes: int) -> None:
         output_cache_limit(self.be, out_chunk_bytes)
+        self.window_rows = partial(selection_window_rows, chunk_elems=chunking.chunk_elems)
 
     def start(self) -> None:
         if str(self.device).startswith("cuda"):

@@ -62,9 +62,9 @@ class TensorPlan:
 
 class BackendKernels:
     """The planner's kernels (planner.py) over torch Chunks on a backends.Backend."""
-    # guessed level-1 tables of a chunked selection beyond the N level-0 ones: no cap here
-    # (merge_tensors has no memory budget); the pipeline's TorchKernels set one
-    window_rows_extra: Optional[int] = None
+    # n_models -> the most guessed level-1 tables a chunked selection may hold; None: no cap
+    # (merge_tensors has no memory budget), the pipeline's TorchKernels set one from theirs
+    window_rows = None
 
     def __init__(self, backend):
         self.be = backend
@@ -79,9 +79,8 @@ class BackendKernels:
         if hist is None and reduce is None and numel and score == SCORE_MAGNITUDE and \
                 getattr(self.be, "score_histogram_windows", None) is not None:
             # level 0 and the guessed level-1 bins in one read of each chunk
-            extra = self.window_rows_extra
-            return select_one_read(self.be, source, n_models, requests, numel, names, l1,
-                                   None if extra is None else n_models + extra)
+            cap = None if self.window_rows is None else self.window_rows(n_models)
+            return select_one_read(self.be, source, n_models, requests, numel, names, l1, cap)
         if hist is None:  # ours alone: a reused buffer
             hist = level0(self.be, n_models, score, source, names, reduce, scratch=True)
         sel = select(self.be, hist, requests, score, source, reduce, l1=l1)
