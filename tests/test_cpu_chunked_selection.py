@@ -260,3 +260,31 @@ def test_checkpoint_merge_reads_each_chunked_tensor_twice(wide, tmp_path, monkey
     assert a.keys() == b.keys()
     for n in a:
         assert torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)), n
+
+
+@pytest.mark.parametrize("max_rows", [1, 4, None])
+def test_window_rows_capped_and_still_exact(max_rows, monkeypatch):
+    """``max_rows`` (the pipeline's budget.selection_window_rows) bounds the guessed level-1
+    tables; narrower guesses may cost a second read, never a wrong threshold."""
+    from fastmerge.planning import radix
+    g = torch.Generator().manual_seed(8)
+    b = torch.randn(60000, generator=g)
+    base = b.to(torch.float16)
+    models = [(b + 0.01 * torch.randn(60000, generator=g)).to(torch.float16) for _ in range(3)]
+    rows = []
+    real = radix.guess_windows
+
+    def spy(*a):
+        got = real(*a)
+        rows.append(sum(got[1]))
+        return got
+    monkeypatch.setattr(radix, "guess_windows", spy)
+    reqs = [(i, k) for i in range(3) for k in (600, 20000)]
+    reads = []
+    from fastmerge.planning.selection import select_one_read
+    sel, _ = select_one_read(get_backend("cpu", "cpu"), _source(base, models, 17000, reads), 3,
+                             reqs, 60000, ("w",), True, max_rows)
+    assert rows[0] <= (16 * len(reqs) if max_rows is None else max(max_rows, len(reqs)))
+    assert len(reads) == sel.passes
+    for (i, k), thr in zip(reqs, sel.thresholds):
+        assert thr == _ref_threshold(base, models[i], k)
