@@ -255,7 +255,9 @@ def test_checkpoint_merge_reads_each_chunked_tensor_twice(wide, tmp_path, monkey
         # one selection read + the merge (a second selection read where a guess misses)
         assert len(one[n]) == reads[n] * len(set(one[n])) and reads[n] in (2, 3), n
         assert len(seen[n]) == 3 * len(set(seen[n])), n   # two selection reads + the merge
-    assert set(reads.values()) == {2}   # on these tensors every guess holds the k-th
+    # ties: one request per model, every guess holds its k-th here; a band's two requests
+    # per model share the rows the budget allows, narrower guesses that may miss
+    assert set(reads.values()) == {2} if method == "ties" else 2 in reads.values()
     a, b = load_dir(res.output_dir), load_dir(two_res.output_dir)
     assert a.keys() == b.keys()
     for n in a:

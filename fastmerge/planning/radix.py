@@ -12,10 +12,11 @@ often have no low bits at all, and a selection whose every k-th bin is such a bi
 inputs once instead of twice.
 
 ``radix_select_one_read`` (CoreKernels and backend "cpu", a tensor of several chunks) reads
-each chunk once: the first chunk's level 0 points at the bins likely to hold each k-th largest, and their
-level-1 histograms are gathered with level 0 from then on; only a request whose bin was
-missed costs a second read. The extra rows cost some CPU where the inputs sit in the page
-cache, and save a whole read of the tensor where they do not (a merge under a small budget).
+each chunk once: the first chunk's level 0 points at the bins likely to hold each k-th
+largest, and their level-1 histograms are gathered with level 0 from then on; only a request
+whose bin was missed costs a second read. The extra rows cost some CPU where the inputs sit
+in the page cache, and save a whole read of the tensor where they do not (a merge under a
+small budget).
 """
 from __future__ import annotations
 
@@ -183,8 +184,8 @@ def radix_select_one_read(n_models: int, requests, source: Callable, hist_chunk:
     (``guess_windows``; ``windows_chunk(chunk, rows, widths, counts, sums)`` adds them); a
     request whose k-th bin is among them needs no second read, the others get a level-1 read
     as in ``radix_select``. Exact either way. ``max_rows``: at most that many level-1 tables
-    (1 MiB each) in all (one per request at least), each request's window narrowed to fit. Returns (Selection,
-    per-model total L1 or None, read passes made)."""
+    (1 MiB each) in all (one per request at least), each request's window narrowed to fit.
+    Returns (Selection, per-model total L1 or None, read passes made)."""
     t0 = np.array([[i, 0] for i in range(n_models)], dtype=np.int64)
     pending = [r for r, (_, k) in enumerate(requests) if 0 < k < numel]
     if max_rows is not None and pending:
