@@ -46,6 +46,10 @@ if [ -z "${PYTHON:-}" ] && ! "$PY" -c 'import torch' >/dev/null 2>&1 \
   PY=python  # the interpreter that has torch
 fi
 SCALE="${FM_KIT_SCALE:-1}"
+# pip installs ninja into the interpreter's scripts folder, which is not on PATH when a venv's
+# python is named without activating it; torch then falls back to a serial build (140 s limit).
+PY_SCRIPTS="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)"
+[ -n "$PY_SCRIPTS" ] && [ -d "$PY_SCRIPTS" ] && export PATH="$PATH:$PY_SCRIPTS"
 
 # Per-step time limits in seconds (sum 10 minutes).
 # The Triton step compiles one kernel per specialisation the suites launch (~1-2 s each).
@@ -119,6 +123,8 @@ if [ "$DRY" = 1 ]; then
   [ -n "$CUDA_HOME_FOUND" ] && check nvcc 1 "CUDA_HOME=$CUDA_HOME_FOUND" \
     || check nvcc 0 "no nvcc in /usr/local/cuda or on PATH (the build step will fail)"
   "$PY" -c 'import pytest' 2>/dev/null && check pytest 1 "" || check pytest 0 "pytest is not importable"
+  command -v ninja >/dev/null 2>&1 && check ninja 1 "$(command -v ninja)" \
+    || check ninja 0 "no ninja on PATH or beside $PY (the build compiles serially and may time out)"
   command -v nvidia-smi >/dev/null 2>&1 && check nvidia-smi 1 "" || check nvidia-smi 0 "(optional: driver version)"
   [ -f benchmarks/make_checkpoints.py ] && check checkpoints 1 "benchmarks/make_checkpoints.py" \
     || check checkpoints 0 "benchmarks/make_checkpoints.py (the streamed merge is skipped without it)"

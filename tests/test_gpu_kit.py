@@ -33,6 +33,7 @@ def test_dry_run_lists_steps_and_tools(tmp_path):
     total = int(res.stdout.split("total time bound: ")[1].split("s")[0])
     assert total <= 600
     assert "torch" in res.stdout and "dry run: nothing was built or run" in res.stdout
+    assert "ninja" in res.stdout  # found beside PYTHON too: without it the build is serial
     assert not out.exists()  # a dry run writes nothing
 
 
