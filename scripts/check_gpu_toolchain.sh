@@ -82,7 +82,10 @@ COPY="$WORK/repo"
 [ -n "$LOGS" ] || LOGS="$WORK/logs"
 mkdir -p "$COPY" "$LOGS" || die "cannot create $LOGS"
 LOGS="$(cd "$LOGS" && pwd)"
-cleanup() { [ "$KEEP" = 1 ] || rm -rf "$COPY" "$WORK/triton-cache" "$WORK/setup.out"; }
+cleanup() {
+  [ "$KEEP" = 1 ] || rm -rf "$COPY" "$WORK/triton-cache" "$WORK/setup.out"
+  rmdir "$WORK" 2>/dev/null || true  # empty when the logs went to --out
+}
 trap cleanup EXIT
 
 # The repository's files as git sees them (tracked + untracked, not ignored: no .so, no build/)
