@@ -39,10 +39,11 @@ from ._mode import interpreting
 _BLOCK_INTERP = 8192
 
 
-# Above 16 models the merge kernel wants more than 128 registers a thread (ptxas, sm_90, TIES:
-# N = 16 127, N = 32 255, one block of 256 threads per SM); capped at 128 it keeps two blocks
-# resident for 200 bytes of spills at N = 32 (`compile_check --regs --many-models`). Not yet
-# measured on a GPU: FASTMERGE_TRITON_MAXNREG overrides the cap (0: none).
+# Above 16 models the merge kernel wants more than 128 registers a thread (ptxas, sm_90, TIES,
+# triton 3.9: N = 16 127, N = 32 255, one block of 256 threads per SM); capped at 128 it keeps
+# two blocks resident for ~200 bytes of spills at N = 32 (`compile_check --regs --many-models`).
+# Triton 3.6 (the GPU kit's) allocates more: N = 8 138, N = 16 149, N = 32 capped with 188
+# bytes of spills. Not yet measured on a GPU: FASTMERGE_TRITON_MAXNREG overrides the cap (0: none).
 _MAXNREG_ABOVE = 16
 
 
