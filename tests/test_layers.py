@@ -49,6 +49,7 @@ TORCH_FREE = [
     "output/__init__", "output/writer", "output/report", "output/model_card",
     "pipeline/__init__", "pipeline/native", "pipeline/driver", "pipeline/core_kernels",
     "pipeline/inputs", "pipeline/budget", "pipeline/dry_run", "pipeline/sliced",
+    "pipeline/stored_output",
     "pipeline/launch_env",
     "cli/__init__",
     # mergekit's methods: schemas and linear-combination coefficients without torch (their

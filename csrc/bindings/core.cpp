@@ -78,14 +78,19 @@ std::vector<fm::FmModel> unpack(const py::bytes& fparams, const py::bytes& ipara
   return out;
 }
 
+// (count, chunk index of the first or -1) of the NaN/Inf values a kernel's store wrote
+using Stored = std::tuple<int64_t, int64_t>;
+
 // The fused merge of one chunk into `out` (numel elements of out_dtype); returns the per-model
-// counts of NaN/Inf task-vector values. Second-moment combines (ota, fisher) are not bound.
-std::vector<int64_t> fused_merge(const py::object& base, int base_dtype, const py::list& models,
-                                 const std::vector<int>& model_dtypes, const py::bytes& fparams,
-                                 const py::bytes& iparams, int combine, int score, int elect,
-                                 int elect_on, int normalize, int consensus_k, double scale,
-                                 double power, double eps, int64_t offset, int64_t numel,
-                                 const py::object& out, int out_dtype, int nthreads) {
+// counts of NaN/Inf task-vector values and the store's count of NaN/Inf output values (so the
+// pipeline makes no second pass over the output). Second-moment combines (ota, fisher) are not
+// bound.
+std::tuple<std::vector<int64_t>, Stored> fused_merge(
+    const py::object& base, int base_dtype, const py::list& models,
+    const std::vector<int>& model_dtypes, const py::bytes& fparams, const py::bytes& iparams,
+    int combine, int score, int elect, int elect_on, int normalize, int consensus_k, double scale,
+    double power, double eps, int64_t offset, int64_t numel, const py::object& out, int out_dtype,
+    int nthreads) {
   check(fm::checks::merge_enums(combine, score, elect, elect_on, normalize));
   if (combine == fm::COMBINE_OTA || score != fm::SCORE_MAGNITUDE)
     check("combine " + std::to_string(combine) + " / score " + std::to_string(score) +
@@ -98,14 +103,15 @@ std::vector<int64_t> fused_merge(const py::object& base, int base_dtype, const p
       v.in.n, ms.data(), combine, score, elect, elect_on, normalize, consensus_k,
       static_cast<float>(scale), static_cast<float>(power), static_cast<float>(eps));
   std::vector<int64_t> nonfinite(static_cast<size_t>(v.in.n), 0);
+  fm::cpu::StoredNonfinite stored;
   bool ok;
   {
     py::gil_scoped_release free_gil;
     ok = fm::cpu::fused_merge(v.in, cfg, ms.data(), offset, o, out_dtype, nonfinite.data(),
-                              nthreads);
+                              nthreads, &stored);
   }
   if (!ok) throw std::bad_alloc();
-  return nonfinite;
+  return {nonfinite, {stored.count, stored.first}};
 }
 
 // Per model: (sum |t_i|, sum |t_i| over kept elements, sum max(v_i, 0)^power) of one chunk.
@@ -152,9 +158,10 @@ topk_window(const py::object& base, int base_dtype, const py::list& models,
 
 // della / della_linear over a chunk of whole rows (della.cpp): with `out` None the reduce pass
 // (returns l1 plus this chunk's L1 sums, and may fill `mask`), else the apply pass into `out`;
-// both return the per-input NaN/Inf counts (models, then the base). `mask`: None, or a buffer
+// both return the per-input NaN/Inf counts (models, then the base), and the store's count of
+// NaN/Inf output values as fused_merge ((0, -1) for the reduce pass). `mask`: None, or a buffer
 // of n * mask_rows * ceil(row_len / 64) uint64 words (the whole tensor's keep bits).
-std::tuple<std::vector<double>, std::vector<int64_t>> della(
+std::tuple<std::vector<double>, std::vector<int64_t>, Stored> della(
     const py::object& base, int base_dtype, const py::list& models,
     const std::vector<int>& model_dtypes, int64_t row_len, int64_t offset, int64_t numel,
     const std::vector<double>& density, const std::vector<double>& epsilon,
@@ -199,14 +206,16 @@ std::tuple<std::vector<double>, std::vector<int64_t>> della(
   }
   void* o = apply ? const_cast<void*>(view(v, out, out_dtype, numel, "out", -1, true)) : nullptr;
   std::vector<int64_t> nonfinite(n + 1, 0);
+  fm::cpu::StoredNonfinite stored;
   bool ok;
   {
     py::gil_scoped_release free_gil;
-    ok = apply ? fm::cpu::della_apply(v.in, p, offset, o, out_dtype, nonfinite.data(), nthreads)
+    ok = apply ? fm::cpu::della_apply(v.in, p, offset, o, out_dtype, nonfinite.data(), nthreads,
+                                      &stored)
                : fm::cpu::della_reduce(v.in, p, offset, l1.data(), nonfinite.data(), nthreads);
   }
   if (!ok) throw std::bad_alloc();
-  return {l1, nonfinite};
+  return {l1, nonfinite, {stored.count, stored.first}};
 }
 
 // Radix digit histograms of |t_i| over one chunk (csrc/cpu/histogram.cpp), added in place into
@@ -338,5 +347,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("score_histogram_windows", &score_histogram_windows,
         "level-1 histograms of |t| for rows of several consecutive prefixes");
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
+  m.def("set_merge_fast_path", &fm::cpu::set_merge_fast_path,
+        "whether fused_merge takes its AVX-512 block path (for tests); returns the previous");
   m.def("count_nonfinite", &count_nonfinite, "(count, first index) of a buffer's NaN/Inf values");
 }

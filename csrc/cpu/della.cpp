@@ -379,11 +379,13 @@ inline uint64_t* mask_row(const DellaParams& p, int i, int64_t row) {
 // Rows [r0, r1) of the chunk per dynamically scheduled item: about kChunk elements each.
 int64_t rows_per_item(int64_t len) { return len >= kChunk ? 1 : kChunk / len; }
 
-// Runs body(buffers, row) over the chunk's rows on nthreads threads, each row loaded first;
-// per-thread NaN/Inf counts are added to nonfinite[n + 1]. False if a work buffer could not
-// be allocated.
+// Runs body(buffers, row, written) over the chunk's rows on nthreads threads, each row loaded
+// first; per-thread NaN/Inf counts are added to nonfinite[n + 1], and what the bodies count in
+// their thread's `written` to *stored (when given). False if a work buffer could not be
+// allocated.
 template <typename Body>
-bool for_rows(const Inputs& in, int64_t len, int nthreads, int64_t* nonfinite, Body body) {
+bool for_rows(const Inputs& in, int64_t len, int nthreads, int64_t* nonfinite,
+              StoredNonfinite* stored, Body body) {
   const int64_t rows = in.numel / len;
   const int64_t per = rows_per_item(len);
   const int64_t items = (rows + per - 1) / per;
@@ -391,6 +393,7 @@ bool for_rows(const Inputs& in, int64_t len, int nthreads, int64_t* nonfinite, B
   if (nt > items) nt = static_cast<int>(items < 1 ? 1 : items);
   if (nt > 64) nt = 64;
   int64_t nf[64][FM_MAX_MODELS + 1] = {};
+  StoredNonfinite written[64];
   bool failed[64] = {};
 #pragma omp parallel num_threads(nt)
   {
@@ -404,7 +407,7 @@ bool for_rows(const Inputs& in, int64_t len, int nthreads, int64_t* nonfinite, B
       const int64_t end = (q + 1) * per < rows ? (q + 1) * per : rows;
       for (int64_t r = q * per; r < end; ++r) {
         load_row(in, r * len, len, b.base, b.d, nf[tid]);
-        body(b, r);
+        body(b, r, written[tid]);
       }
     }
   }
@@ -412,6 +415,7 @@ bool for_rows(const Inputs& in, int64_t len, int nthreads, int64_t* nonfinite, B
   for (int t = 0; t < nt; ++t) {
     ok = ok && !failed[t];
     for (int i = 0; i <= in.n; ++i) nonfinite[i] += nf[t][i];
+    if (stored != nullptr) stored->add(written[t].count, written[t].first);
   }
   return ok;
 }
@@ -426,15 +430,16 @@ bool della_reduce(const Inputs& in, const DellaParams& p, int64_t offset, double
   const int n = in.n;
   double* sums = static_cast<double*>(malloc(sizeof(double) * 2 * static_cast<size_t>(rows * n)));
   if (sums == nullptr) return false;
-  const bool ok = for_rows(in, len, nthreads, nonfinite, [&](RowBuffers& b, int64_t r) {
-    for (int i = 0; i < n; ++i) {
-      const float* d = b.d + static_cast<size_t>(i) * static_cast<size_t>(len);
-      uint8_t* keep = b.keep + static_cast<size_t>(i) * static_cast<size_t>(len);
-      keep_row(p, i, d, len, static_cast<uint64_t>(offset + r * len), b, keep);
-      if (p.mask != nullptr) store_bits(keep, len, mask_row(p, i, row0 + r));
-      l1_row(d, keep, len, sums + 2 * (r * n + i));
-    }
-  });
+  const bool ok = for_rows(
+      in, len, nthreads, nonfinite, nullptr, [&](RowBuffers& b, int64_t r, StoredNonfinite&) {
+        for (int i = 0; i < n; ++i) {
+          const float* d = b.d + static_cast<size_t>(i) * static_cast<size_t>(len);
+          uint8_t* keep = b.keep + static_cast<size_t>(i) * static_cast<size_t>(len);
+          keep_row(p, i, d, len, static_cast<uint64_t>(offset + r * len), b, keep);
+          if (p.mask != nullptr) store_bits(keep, len, mask_row(p, i, row0 + r));
+          l1_row(d, keep, len, sums + 2 * (r * n + i));
+        }
+      });
   for (int64_t r = 0; ok && r < rows; ++r)  // rows in order: the same sums in any chunking
     for (int q = 0; q < 2 * n; ++q) l1[q] += sums[2 * r * n + q];
   free(sums);
@@ -442,7 +447,7 @@ bool della_reduce(const Inputs& in, const DellaParams& p, int64_t offset, double
 }
 
 bool della_apply(const Inputs& in, const DellaParams& p, int64_t offset, void* out, int out_dtype,
-                 int64_t* nonfinite, int nthreads) {
+                 int64_t* nonfinite, int nthreads, StoredNonfinite* stored) {
   const int64_t len = p.row_len;
   if (in.numel == 0 || len <= 0) return true;
   const int64_t row0 = offset / len;
@@ -451,21 +456,25 @@ bool della_apply(const Inputs& in, const DellaParams& p, int64_t offset, void* o
   float lin_div = 0.0f;
   for (int i = 0; i < n; ++i) lin_div = lin_div + p.weight[i];
   if (fabsf(lin_div) < 1e-8f) lin_div = 1.0f;
-  return for_rows(in, len, nthreads, nonfinite, [&](RowBuffers& b, int64_t r) {
-    for (int i = 0; i < n; ++i) {
-      const float* d = b.d + static_cast<size_t>(i) * static_cast<size_t>(len);
-      uint8_t* keep = b.keep + static_cast<size_t>(i) * static_cast<size_t>(len);
-      if (p.mask != nullptr)
-        load_bits(mask_row(p, i, row0 + r), len, keep);
-      else
-        keep_row(p, i, d, len, static_cast<uint64_t>(offset + r * len), b, keep);
-    }
-    combine_row(p, n, len, b.d, b.keep, b.base, b.acc, lin_div);
-    for (int64_t s = 0; s < len; s += kBlock) {
-      const int m = static_cast<int>(len - s < kBlock ? len - s : kBlock);
-      store_block(out, out_dtype, r * len + s, m, b.acc + s);
-    }
-  });
+  return for_rows(in, len, nthreads, nonfinite, stored,
+                  [&](RowBuffers& b, int64_t r, StoredNonfinite& written) {
+                    for (int i = 0; i < n; ++i) {
+                      const float* d = b.d + static_cast<size_t>(i) * static_cast<size_t>(len);
+                      uint8_t* keep = b.keep + static_cast<size_t>(i) * static_cast<size_t>(len);
+                      if (p.mask != nullptr)
+                        load_bits(mask_row(p, i, row0 + r), len, keep);
+                      else
+                        keep_row(p, i, d, len, static_cast<uint64_t>(offset + r * len), b, keep);
+                    }
+                    combine_row(p, n, len, b.d, b.keep, b.base, b.acc, lin_div);
+                    for (int64_t s = 0; s < len; s += kBlock) {
+                      const int m = static_cast<int>(len - s < kBlock ? len - s : kBlock);
+                      int64_t first;
+                      const int64_t bad =
+                          store_block(out, out_dtype, r * len + s, m, b.acc + s, &first);
+                      written.add(bad, r * len + s + first);
+                    }
+                  });
 }
 
 }  // namespace cpu

@@ -50,11 +50,26 @@ void topk_window(const Inputs& in, const int64_t* req_model, const int64_t* req_
 void model_stats(const Inputs& in, int score, const FmModel* models, float power, int64_t offset,
                  double* out, int nthreads);
 
+// NaN/Inf values a kernel stored to its output chunk: their count and the chunk index of the
+// first (-1: none). Taken in the store, on the bits written (a finite float32 can round to Inf
+// in float16), so the pipeline needs no second pass over the output (count_nonfinite_values).
+struct StoredNonfinite {
+  int64_t count = 0;
+  int64_t first = -1;
+  void add(int64_t c, int64_t at) {
+    if (c == 0) return;
+    count += c;
+    if (first < 0 || at < first) first = at;
+  }
+};
+
 // The fused one-pass merge: writes numel elements of out_dtype to out and adds the per-model
-// counts of non-finite task-vector values to nonfinite[N]. False if a work buffer could not be
-// allocated (the output is then incomplete).
+// counts of non-finite task-vector values to nonfinite[N]; with `stored`, adds what the store
+// wrote that is NaN/Inf. False if a work buffer could not be allocated (the output is then
+// incomplete).
 bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models, int64_t offset,
-                 void* out, int out_dtype, int64_t* nonfinite, int nthreads);
+                 void* out, int out_dtype, int64_t* nonfinite, int nthreads,
+                 StoredNonfinite* stored = nullptr);
 
 // out[k] = the DARE word of element j0 + k for k < len (semantics v2: word j & 3 of Philox4x32-10
 // of counter j >> 2, so one call per four elements), on the widest SIMD unit the CPU has
@@ -87,9 +102,10 @@ struct DellaParams {
 // and the base. False if a work buffer could not be allocated.
 bool della_reduce(const Inputs& in, const DellaParams& p, int64_t offset, double* l1,
                   int64_t* nonfinite, int nthreads);
-// The merged chunk (numel elements of out_dtype); nonfinite as della_reduce.
+// The merged chunk (numel elements of out_dtype); nonfinite as della_reduce, `stored` as
+// fused_merge's.
 bool della_apply(const Inputs& in, const DellaParams& p, int64_t offset, void* out, int out_dtype,
-                 int64_t* nonfinite, int nthreads);
+                 int64_t* nonfinite, int nthreads, StoredNonfinite* stored = nullptr);
 
 // Whether fused_merge takes the AVX-512 block path of merge_avx512.h where it applies (on by
 // default; tests switch it off to compare it byte for byte with the generic code). set_*

@@ -54,17 +54,41 @@ FM_FORCE_INLINE int64_t count_nonfinite(const float* __restrict x, int len) {
   return c;
 }
 
-FM_FORCE_INLINE void store_block(void* p, int dtype, int64_t start, int len,
-                                 const float* __restrict src) {
-  if (dtype == DTYPE_BFLOAT16) {
-    uint16_t* __restrict d = static_cast<uint16_t*>(p) + start;
-    for (int k = 0; k < len; ++k) d[k] = fm_float_to_bf16(src[k]);
-  } else if (dtype == DTYPE_FLOAT16) {
-    uint16_t* __restrict d = static_cast<uint16_t*>(p) + start;
-    for (int k = 0; k < len; ++k) d[k] = fm_float_to_half(src[k]);
-  } else {
-    memcpy(static_cast<float*>(p) + start, src, sizeof(float) * static_cast<size_t>(len));
+// Rounds a float32 block to the output dtype and stores it at element `start` of p; returns
+// the count of NaN/Inf values stored and, when some, the block index of the first in *first.
+// The test is on the stored bits (exponent all ones): a max over their magnitudes folded into
+// the rounding loop, the values counted only when it says some are there (rare).
+FM_FORCE_INLINE int64_t store_block(void* p, int dtype, int64_t start, int len,
+                                    const float* __restrict src, int64_t* first) {
+  if (dtype == DTYPE_FLOAT32) {
+    uint32_t* __restrict d = static_cast<uint32_t*>(p) + start;
+    int32_t amax = 0;  // magnitudes as signed: a max the baseline ISA has too
+    for (int k = 0; k < len; ++k) {
+      const uint32_t x = fm_f2u(src[k]);
+      d[k] = x;
+      const int32_t a = static_cast<int32_t>(x & 0x7FFFFFFFu);
+      amax = a > amax ? a : amax;
+    }
+    return amax < 0x7F800000 ? 0 : count_nonfinite_values(d, len, dtype, first);
   }
+  uint16_t* __restrict d = static_cast<uint16_t*>(p) + start;
+  int16_t amax = 0;
+  if (dtype == DTYPE_BFLOAT16) {
+    for (int k = 0; k < len; ++k) {
+      const uint16_t x = fm_float_to_bf16(src[k]);
+      d[k] = x;
+      const int16_t a = static_cast<int16_t>(x & 0x7FFFu);
+      amax = a > amax ? a : amax;
+    }
+    return amax < 0x7F80 ? 0 : count_nonfinite_values(d, len, dtype, first);
+  }
+  for (int k = 0; k < len; ++k) {
+    const uint16_t x = fm_float_to_half(src[k]);
+    d[k] = x;
+    const int16_t a = static_cast<int16_t>(x & 0x7FFFu);
+    amax = a > amax ? a : amax;
+  }
+  return amax < 0x7C00 ? 0 : count_nonfinite_values(d, len, dtype, first);
 }
 
 // elements ahead of the current block whose cache lines the fused merge prefetches

@@ -31,13 +31,16 @@ namespace {
 
 using detail::MergeCtx;
 
-void merge_range(const MergeCtx& ctx, int64_t begin, int64_t end, int64_t* nonfinite, bool* done) {
+void merge_range(const MergeCtx& ctx, int64_t begin, int64_t end, int64_t* nonfinite,
+                 StoredNonfinite* stored, bool* done) {
   switch (ctx.cfg.combine) {
     case COMBINE_LINEAR:
-    case COMBINE_SUM: detail::merge_range_linear_sum(ctx, begin, end, nonfinite, done); break;
+    case COMBINE_SUM:
+      detail::merge_range_linear_sum(ctx, begin, end, nonfinite, stored, done);
+      break;
     case COMBINE_TIES:
-    case COMBINE_OTA: detail::merge_range_ties_ota(ctx, begin, end, nonfinite, done); break;
-    default: detail::merge_range_consensus(ctx, begin, end, nonfinite, done); break;
+    case COMBINE_OTA: detail::merge_range_ties_ota(ctx, begin, end, nonfinite, stored, done); break;
+    default: detail::merge_range_consensus(ctx, begin, end, nonfinite, stored, done); break;
   }
 }
 
@@ -126,7 +129,8 @@ void stats_range(const StatsCtx& c, int64_t begin, int64_t end, double* acc) {
 }  // namespace
 
 bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* models, int64_t offset,
-                 void* out, int out_dtype, int64_t* nonfinite, int nthreads) {
+                 void* out, int out_dtype, int64_t* nonfinite, int nthreads,
+                 StoredNonfinite* stored) {
   if (in.numel == 0) return true;
   bool need_v = false;
   if (cfg.combine != COMBINE_LINEAR && in.has_moments) {
@@ -144,6 +148,7 @@ bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* mode
   // of kChunk elements handed out dynamically, so a thread that the OS preempts (a shared
   // machine) does not hold the others up; the result does not depend on the split.
   int64_t nf[64 * FM_MAX_MODELS];
+  StoredNonfinite written[64];
   bool failed[64];
   const int threads = nt < 64 ? nt : 64;
   for (int q = 0; q < 64 * FM_MAX_MODELS; ++q) nf[q] = 0;
@@ -158,14 +163,16 @@ bool fused_merge(const Inputs& in, const FmMergeConfig& cfg, const FmModel* mode
       const int64_t begin = q * kChunk;
       const int64_t end = in.numel - begin > kChunk ? begin + kChunk : in.numel;
       bool done = false;
-      merge_range(ctx, begin, end, mine, &done);
+      merge_range(ctx, begin, end, mine, &written[tid], &done);
       if (!done) failed[tid] = true;
     }
   }
   bool ok = true;
   for (int t = 0; t < 64; ++t) ok = ok && !failed[t];
-  for (int t = 0; t < threads; ++t)
+  for (int t = 0; t < threads; ++t) {
     for (int i = 0; i < in.n; ++i) nonfinite[i] += nf[static_cast<size_t>(t) * FM_MAX_MODELS + i];
+    if (stored != nullptr) stored->add(written[t].count, written[t].first);
+  }
   return ok;
 }
 

@@ -350,23 +350,31 @@ FM_AVX512_INLINE __m512i fast_round_bf16(__m512 o) {
 }
 
 // out = b + scale * q, rounded to the output dtype and stored in element order: bf16 packed
-// straight from the even/odd halves, other dtypes through a float32 block.
+// straight from the even/odd halves, other dtypes through a float32 block. Returns the count of
+// NaN/Inf values stored (and the block index of the first in *first), as store_block: a max
+// over the magnitudes of the bf16 words written, counted only when it says some are there.
 template <bool HAS_BASE>
-FM_AVX512_INLINE void fast_store(const float* __restrict q, const float* __restrict bb, float scale,
-                                 int len, void* out, int out_dtype, int64_t s0) {
+FM_AVX512_INLINE int64_t fast_store(const float* __restrict q, const float* __restrict bb,
+                                    float scale, int len, void* out, int out_dtype, int64_t s0,
+                                    int64_t* first) {
   const __m512 vs = _mm512_set1_ps(scale);
   const bool mul = scale != 1.0f;
   if (out_dtype == DTYPE_BFLOAT16) {
     const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
+    __m512i amax = _mm512_setzero_si512();
     uint16_t* dst = static_cast<uint16_t*>(out) + s0;
     for (int g = 0; g < len; g += 32) {
       const __m512i e =
           _mm512_srli_epi32(fast_round_bf16(fast_value<HAS_BASE>(q, bb, vs, mul, g)), 16);
       const __m512i o = fast_round_bf16(fast_value<HAS_BASE>(q, bb, vs, mul, g + 16));
       // e | (o & 0xFFFF0000)
-      _mm512_storeu_si512(dst + g, _mm512_ternarylogic_epi32(e, o, odd_mask, 0xF8));
+      const __m512i packed = _mm512_ternarylogic_epi32(e, o, odd_mask, 0xF8);
+      _mm512_storeu_si512(dst + g, packed);
+      amax = _mm512_max_epu16(amax, _mm512_and_si512(packed, magnitude));
     }
-    return;
+    if (_mm512_cmpge_epu16_mask(amax, _mm512_set1_epi16(0x7F80)) == 0) return 0;
+    return count_nonfinite_values(dst, len, DTYPE_BFLOAT16, first);
   }
   alignas(64) float ob[kBlock];
   const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -378,15 +386,15 @@ FM_AVX512_INLINE void fast_store(const float* __restrict q, const float* __restr
     _mm512_store_ps(ob + g, _mm512_permutex2var_ps(e, i0, o));
     _mm512_store_ps(ob + g + 16, _mm512_permutex2var_ps(e, i1, o));
   }
-  store_block(out, out_dtype, s0, len, ob);
+  return store_block(out, out_dtype, s0, len, ob, first);
 }
 
 // One block [s0, s0 + len) of a fast-path merge (len a multiple of 32): false, with nothing
 // written, when a task-vector value is not finite (the caller then runs the generic block).
-// u: CAP rows of kBlock floats.
+// u: CAP rows of kBlock floats; `stored` counts the NaN/Inf values written.
 template <int COMBINE, int NS, bool HAS_BASE>
 FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t s0, int len,
-                             float (*uu)[kBlock]) {
+                             float (*uu)[kBlock], StoredNonfinite* stored) {
   const FmMergeConfig& cfg = ctx.cfg;
   const Inputs& in = *ctx.in;
   const int n = NS > 0 ? NS : cfg.n;
@@ -424,7 +432,10 @@ FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t
   }
   if (amax >= 0x7F800000u) return false;
   fast_combine<COMBINE, NS>(cfg, models, uu, vote, len, q);
-  fast_store<HAS_BASE>(q, bb, cfg.scale, len, ctx.out, ctx.out_dtype, s0);
+  int64_t first;
+  const int64_t bad =
+      fast_store<HAS_BASE>(q, bb, cfg.scale, len, ctx.out, ctx.out_dtype, s0, &first);
+  stored->add(bad, s0 + first);
   return true;
 }
 
@@ -458,9 +469,9 @@ inline bool fast_path_applies(const MergeCtx& ctx) {
 
 template <int COMBINE, int NS>
 inline bool fast_block_any(const MergeCtx& ctx, const FmModel* models, int64_t s0, int len,
-                           float (*uu)[kBlock]) {
-  return ctx.in->base != nullptr ? fast_block<COMBINE, NS, true>(ctx, models, s0, len, uu)
-                                 : fast_block<COMBINE, NS, false>(ctx, models, s0, len, uu);
+                           float (*uu)[kBlock], StoredNonfinite* stored) {
+  return ctx.in->base != nullptr ? fast_block<COMBINE, NS, true>(ctx, models, s0, len, uu, stored)
+                                 : fast_block<COMBINE, NS, false>(ctx, models, s0, len, uu, stored);
 }
 #undef FM_AVX512_FN
 #undef FM_AVX512_INLINE

@@ -4,8 +4,9 @@
 
 namespace fastmerge::cpu::detail {
 
-void merge_range_consensus(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
-  merge_range_either<COMBINE_CONSENSUS_SUM, COMBINE_CONSENSUS_TIES>(ctx, b, e, nf, done);
+void merge_range_consensus(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf,
+                           StoredNonfinite* st, bool* done) {
+  merge_range_either<COMBINE_CONSENSUS_SUM, COMBINE_CONSENSUS_TIES>(ctx, b, e, nf, st, done);
 }
 
 }  // namespace fastmerge::cpu::detail

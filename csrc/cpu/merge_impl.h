@@ -191,6 +191,7 @@ template <int COMBINE, int NS>
 __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(const MergeCtx& ctx,
                                                                      int64_t begin, int64_t end,
                                                                      int64_t* nonfinite,
+                                                                     StoredNonfinite* stored,
                                                                      bool* done) {
   constexpr int CAP = NS > 0 ? NS : FM_MAX_MODELS;
   constexpr bool kLinear = COMBINE == COMBINE_LINEAR;
@@ -247,7 +248,8 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(const Merge
     }
 #ifdef FM_MERGE_AVX512
     if constexpr (kFastCombine) {
-      if (fast && len % 32 == 0 && fast_block_any<COMBINE, NS>(ctx, models, s0, len, tt)) continue;
+      if (fast && len % 32 == 0 && fast_block_any<COMBINE, NS>(ctx, models, s0, len, tt, stored))
+        continue;
     }
 #endif
     if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
@@ -297,7 +299,9 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(const Merge
     } else {
       combine_loop<COMBINE, NS>(cfg, models, tt, ss, vv, bb, len, ob);
     }
-    store_block(ctx.out, ctx.out_dtype, s0, len, ob);
+    int64_t first;
+    const int64_t bad = store_block(ctx.out, ctx.out_dtype, s0, len, ob, &first);
+    stored->add(bad, s0 + first);
   }
   free(work);
   *done = true;
@@ -305,32 +309,35 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(const Merge
 
 template <int COMBINE>
 FM_FORCE_INLINE void merge_range_n(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf,
-                                   bool* done) {
+                                   StoredNonfinite* st, bool* done) {
   switch (ctx.cfg.n) {
-    case 1: merge_range_impl<COMBINE, 1>(ctx, b, e, nf, done); break;
-    case 2: merge_range_impl<COMBINE, 2>(ctx, b, e, nf, done); break;
-    case 3: merge_range_impl<COMBINE, 3>(ctx, b, e, nf, done); break;
-    case 4: merge_range_impl<COMBINE, 4>(ctx, b, e, nf, done); break;
-    case 8: merge_range_impl<COMBINE, 8>(ctx, b, e, nf, done); break;
-    default: merge_range_impl<COMBINE, 0>(ctx, b, e, nf, done); break;
+    case 1: merge_range_impl<COMBINE, 1>(ctx, b, e, nf, st, done); break;
+    case 2: merge_range_impl<COMBINE, 2>(ctx, b, e, nf, st, done); break;
+    case 3: merge_range_impl<COMBINE, 3>(ctx, b, e, nf, st, done); break;
+    case 4: merge_range_impl<COMBINE, 4>(ctx, b, e, nf, st, done); break;
+    case 8: merge_range_impl<COMBINE, 8>(ctx, b, e, nf, st, done); break;
+    default: merge_range_impl<COMBINE, 0>(ctx, b, e, nf, st, done); break;
   }
 }
 
 // a translation unit's two combines: merge_range_n<A> where the config's combine is A, else <B>
 template <int A, int B>
 FM_FORCE_INLINE void merge_range_either(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf,
-                                        bool* done) {
+                                        StoredNonfinite* st, bool* done) {
   if (ctx.cfg.combine == A) {
-    merge_range_n<A>(ctx, b, e, nf, done);
+    merge_range_n<A>(ctx, b, e, nf, st, done);
   } else {
-    merge_range_n<B>(ctx, b, e, nf, done);
+    merge_range_n<B>(ctx, b, e, nf, st, done);
   }
 }
 
 // one per translation unit (merge_group_*.cpp): the combines that unit instantiates
-void merge_range_linear_sum(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done);
-void merge_range_ties_ota(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done);
-void merge_range_consensus(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done);
+void merge_range_linear_sum(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf,
+                            StoredNonfinite* st, bool* done);
+void merge_range_ties_ota(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf,
+                          StoredNonfinite* st, bool* done);
+void merge_range_consensus(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf,
+                           StoredNonfinite* st, bool* done);
 
 }  // namespace detail
 }  // namespace cpu

@@ -3,8 +3,9 @@
 
 namespace fastmerge::cpu::detail {
 
-void merge_range_ties_ota(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf, bool* done) {
-  merge_range_either<COMBINE_TIES, COMBINE_OTA>(ctx, b, e, nf, done);
+void merge_range_ties_ota(const MergeCtx& ctx, int64_t b, int64_t e, int64_t* nf,
+                          StoredNonfinite* st, bool* done) {
+  merge_range_either<COMBINE_TIES, COMBINE_OTA>(ctx, b, e, nf, st, done);
 }
 
 }  // namespace fastmerge::cpu::detail

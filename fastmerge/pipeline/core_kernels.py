@@ -2,7 +2,8 @@
 bytes, and the C++ CPU kernels run on them through fastmerge._core (pybind11): the one-pass
 top-k (csrc/cpu/select.cpp), the statistics pass, the fused merge into two reused output
 buffers. Same kernels, parameters and chunk offsets as backend "cpu": the output is byte for
-byte the torch backends' (tests/test_golden_outputs.py).
+byte the torch backends' (tests/test_golden_outputs.py). The kernels count the NaN/Inf values
+they store, so an output chunk comes with its check (stored_output.StoreChecked).
 
 The radix selection (a sampled top-k window that missed, a selection over a tensor of several
 chunks, ``scope: model``) runs on _core's histograms (planning/radix.py, the bookkeeping the
@@ -29,6 +30,7 @@ from ..output.report import nonfinite_in
 from ..planning.thresholds import one_pass
 from .budget import selection_window_rows
 from .driver import SingleProcess
+from .stored_output import StoreChecked
 
 # safetensors dtype -> the kernels' raw-pointer dtype code
 DTYPE_CODES = {"F32": abi.DTYPE_FLOAT32, "F16": abi.DTYPE_FLOAT16, "BF16": abi.DTYPE_BFLOAT16}
@@ -192,12 +194,12 @@ class CoreKernels:
         out = self.out_buffer(slot, ch.numel * ST_SIZES[out_st])
         ids, spec = plan.ids, plan.spec
         base_code, codes = self._codes(ch)
-        bad = self.core.fused_merge(
+        bad, stored = self.core.fused_merge(
             ch.base, base_code, ch.models, codes, fp, ip, ids["combine"], ids["score"],
             ids["elect"], ids["elect_on"], ids["normalize"], spec.consensus_k,
             float(spec.scale), float(spec.power), float(spec.eps), ch.offset, ch.numel, out,
             DTYPE_CODES[out_st], self.nthreads)
-        return out, bad
+        return StoreChecked.of(out, stored), bad
 
     def out_buffer(self, slot: int, nbytes: int) -> memoryview:
         """Output ``slot``'s buffer (its last write is done), kept from tensor to tensor: a
@@ -213,10 +215,12 @@ class CoreKernels:
 
     @staticmethod
     def nonfinite_of(out, out_st: str):
+        if isinstance(out, StoreChecked):   # the kernel's store counted them
+            return out.nonfinite
         return nonfinite_in(out, out_st)
 
     def write(self, writer, name, offset, out) -> None:
-        writer.write_bytes(name, offset, out)
+        writer.write_bytes(name, offset, out.data if isinstance(out, StoreChecked) else out)
 
     def write_copy(self, writer, name, offset, ch: BytesChunk) -> None:
         writer.write_bytes(name, offset, ch.reference)

@@ -6,6 +6,7 @@ What the kernel does not take (other dtypes, no base) runs the float32 reference
 from __future__ import annotations
 
 from ..backends.cpu.della import DTYPE_CODES, kernel_for
+from .stored_output import StoreChecked
 
 
 class _Unsupported(Exception):
@@ -53,8 +54,8 @@ class DellaPoint:
         c = self._convert(ch)
         del ch
         out, buf = _output(self.passes.k if self.as_bytes else None, self.st, c[5], slot)
-        self.kern.apply(c, buf, DTYPE_CODES[self.st])
-        return out
+        stored = self.kern.apply(c, buf, DTYPE_CODES[self.st])
+        return StoreChecked.of(out, stored) if self.as_bytes else out
 
 
 def point(passes, method, name, job, base, models):

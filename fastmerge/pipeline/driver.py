@@ -26,7 +26,8 @@ What a kernels object provides (both classes implement all of it):
 - ``merge(chunk, plan, out_st, slot)`` -> (output, per-model NaN/Inf counts): the fused pass
   of a planner.RowPlan into output ``slot`` (0 or 1: a buffer whose write has finished);
 - ``write(writer, name, offset, output)``, ``write_copy(writer, name, offset, chunk)``,
-  ``chunk_numel(chunk)``, ``nonfinite_of(output, out_st)`` (report.nonfinite_in's answer);
+  ``chunk_numel(chunk)``, ``nonfinite_of(output, out_st)`` (report.nonfinite_in's answer: the
+  count a kernel's store took where it reported one, else a pass over the output);
 - ``lines_sums(chunk, plan)`` -> (||sum_i t_i||_1, ||merged - base||_1) of one chunk;
 - ``reduce_floats(values)``: summed over ranks.
 """

@@ -70,15 +70,17 @@ class DellaKernel:
             self.mask = bytearray(self.mask_bytes)
         l1 = [0.0] * (2 * self.n)
         for ch in chunks:
-            l1, bad = self._call(ch, l1)
+            l1, bad, _ = self._call(ch, l1)
             self._check(bad)
         self.scale = [1.0 if d >= 1 or l1[2 * i + 1] <= 0 else l1[2 * i] / l1[2 * i + 1]
                       for i, d in enumerate(self.density)]
 
-    def apply(self, ch, out, out_code: int) -> None:
-        """The merged chunk into ``out`` (a writable buffer of the chunk in ``out_code``)."""
-        _, bad = self._call(ch, [0.0] * (2 * self.n), out, out_code)
+    def apply(self, ch, out, out_code: int) -> tuple:
+        """The merged chunk into ``out`` (a writable buffer of the chunk in ``out_code``);
+        returns (count, first index or -1) of the NaN/Inf values the kernel stored."""
+        _, bad, stored = self._call(ch, [0.0] * (2 * self.n), out, out_code)
         self._check(bad)
+        return stored
 
 
 def kernel_for(method, job, nthreads: int):
