@@ -56,8 +56,8 @@ FM_FORCE_INLINE int64_t count_nonfinite(const float* __restrict x, int len) {
 
 // Rounds a float32 block to the output dtype and stores it at element `start` of p; returns
 // the count of NaN/Inf values stored and, when some, the block index of the first in *first.
-// The test is on the stored bits (exponent all ones): a max over their magnitudes folded into
-// the rounding loop, the values counted only when it says some are there (rare).
+// The test is a max over the stored magnitudes folded into the rounding loop (exponent all ones
+// iff NaN/Inf), the values counted on the stored bits only when it says some are there (rare).
 FM_FORCE_INLINE int64_t store_block(void* p, int dtype, int64_t start, int len,
                                     const float* __restrict src, int64_t* first) {
   if (dtype == DTYPE_FLOAT32) {
@@ -72,8 +72,8 @@ FM_FORCE_INLINE int64_t store_block(void* p, int dtype, int64_t start, int len,
     return amax < 0x7F800000 ? 0 : count_nonfinite_values(d, len, dtype, first);
   }
   uint16_t* __restrict d = static_cast<uint16_t*>(p) + start;
-  int16_t amax = 0;
   if (dtype == DTYPE_BFLOAT16) {
+    int16_t amax = 0;
     for (int k = 0; k < len; ++k) {
       const uint16_t x = fm_float_to_bf16(src[k]);
       d[k] = x;
@@ -82,13 +82,16 @@ FM_FORCE_INLINE int64_t store_block(void* p, int dtype, int64_t start, int len,
     }
     return amax < 0x7F80 ? 0 : count_nonfinite_values(d, len, dtype, first);
   }
+  for (int k = 0; k < len; ++k) d[k] = fm_float_to_half(src[k]);
+  // float16: a max over the float32 magnitudes against fm_float_to_half's own bound (|x| >= 65520
+  // rounds to Inf, NaN stays NaN: the same answer as the bits written give), in its own loop,
+  // since folded into the branchy conversion loop it cost more than the separate pass saved
+  int32_t xmax = 0;
   for (int k = 0; k < len; ++k) {
-    const uint16_t x = fm_float_to_half(src[k]);
-    d[k] = x;
-    const int16_t a = static_cast<int16_t>(x & 0x7FFFu);
-    amax = a > amax ? a : amax;
+    const int32_t a = static_cast<int32_t>(fm_f2u(src[k]) & 0x7FFFFFFFu);
+    xmax = a > xmax ? a : xmax;
   }
-  return amax < 0x7C00 ? 0 : count_nonfinite_values(d, len, dtype, first);
+  return xmax < 0x477FF000 ? 0 : count_nonfinite_values(d, len, dtype, first);
 }
 
 // elements ahead of the current block whose cache lines the fused merge prefetches
