@@ -133,6 +133,22 @@ def test_fast_path_counts_what_rounding_to_bf16_overflows():
         assert out.nonfinite == (3, 7) == _pass_over(data, "BF16")
 
 
+def test_float16_bound():
+    """float32 results either side of float16's rounding bound (65520 rounds to Inf, the float32
+    below it to 65504): exactly those at or above it counted, in any block position."""
+    numel = 1100
+    base = torch.zeros(numel)
+    model = torch.zeros(numel)
+    below = torch.tensor(65520.0).nextafter(torch.tensor(0.0)).item()
+    values = {5: below, 6: 65520.0, 511: -65520.0, 512: -below, 1099: float(65504)}
+    for at, v in values.items():
+        model[at] = v
+    out, data = _core_merge("task_arithmetic", base, [model], "F16")
+    written = torch.frombuffer(bytearray(data), dtype=torch.float16)
+    assert out.nonfinite == (2, 6) == _pass_over(data, "F16")
+    assert written[5] == 65504 and written[512] == -65504 and torch.isinf(written[[6, 511]]).all()
+
+
 def test_nan_from_finite_inputs_is_counted():
     """lambda 0 times an overflowed sum is NaN: counted too (exponent all ones)."""
     from fastmerge.pipeline.core_kernels import BytesChunk, CoreKernels

@@ -469,10 +469,8 @@ bool della_apply(const Inputs& in, const DellaParams& p, int64_t offset, void* o
                     combine_row(p, n, len, b.d, b.keep, b.base, b.acc, lin_div);
                     for (int64_t s = 0; s < len; s += kBlock) {
                       const int m = static_cast<int>(len - s < kBlock ? len - s : kBlock);
-                      int64_t first;
-                      const int64_t bad =
-                          store_block(out, out_dtype, r * len + s, m, b.acc + s, &first);
-                      written.add(bad, r * len + s + first);
+                      if (store_block(out, out_dtype, r * len + s, m, b.acc + s))
+                        count_stored(out, out_dtype, r * len + s, m, &written);
                     }
                   });
 }

@@ -55,11 +55,11 @@ FM_FORCE_INLINE int64_t count_nonfinite(const float* __restrict x, int len) {
 }
 
 // Rounds a float32 block to the output dtype and stores it at element `start` of p; returns
-// the count of NaN/Inf values stored and, when some, the block index of the first in *first.
-// The test is a max over the stored magnitudes folded into the rounding loop (exponent all ones
-// iff NaN/Inf), the values counted on the stored bits only when it says some are there (rare).
-FM_FORCE_INLINE int64_t store_block(void* p, int dtype, int64_t start, int len,
-                                    const float* __restrict src, int64_t* first) {
+// whether some value stored is NaN/Inf (then count_stored counts them on the bits written).
+// The test is a max over the stored magnitudes folded into the rounding loop (exponent all
+// ones iff NaN/Inf).
+FM_FORCE_INLINE bool store_block(void* p, int dtype, int64_t start, int len,
+                                 const float* __restrict src) {
   if (dtype == DTYPE_FLOAT32) {
     uint32_t* __restrict d = static_cast<uint32_t*>(p) + start;
     int32_t amax = 0;  // magnitudes as signed: a max the baseline ISA has too
@@ -69,7 +69,7 @@ FM_FORCE_INLINE int64_t store_block(void* p, int dtype, int64_t start, int len,
       const int32_t a = static_cast<int32_t>(x & 0x7FFFFFFFu);
       amax = a > amax ? a : amax;
     }
-    return amax < 0x7F800000 ? 0 : count_nonfinite_values(d, len, dtype, first);
+    return amax >= 0x7F800000;
   }
   uint16_t* __restrict d = static_cast<uint16_t*>(p) + start;
   if (dtype == DTYPE_BFLOAT16) {
@@ -80,7 +80,7 @@ FM_FORCE_INLINE int64_t store_block(void* p, int dtype, int64_t start, int len,
       const int16_t a = static_cast<int16_t>(x & 0x7FFFu);
       amax = a > amax ? a : amax;
     }
-    return amax < 0x7F80 ? 0 : count_nonfinite_values(d, len, dtype, first);
+    return amax >= 0x7F80;
   }
   for (int k = 0; k < len; ++k) d[k] = fm_float_to_half(src[k]);
   // float16: a max over the float32 magnitudes against fm_float_to_half's own bound (|x| >= 65520
@@ -91,7 +91,18 @@ FM_FORCE_INLINE int64_t store_block(void* p, int dtype, int64_t start, int len,
     const int32_t a = static_cast<int32_t>(fm_f2u(src[k]) & 0x7FFFFFFFu);
     xmax = a > xmax ? a : xmax;
   }
-  return xmax < 0x477FF000 ? 0 : count_nonfinite_values(d, len, dtype, first);
+  return xmax >= 0x477FF000;
+}
+
+// The NaN/Inf values of the stored block [start, start + len) of p (the rare path of the
+// store's test), added to *stored; out of line, so the kernels' block loops carry no call.
+__attribute__((noinline, cold)) inline void count_stored(const void* p, int dtype, int64_t start,
+                                                         int len, StoredNonfinite* stored) {
+  const int64_t size = dtype == DTYPE_FLOAT32 ? 4 : 2;
+  int64_t first = -1;
+  const int64_t c =
+      count_nonfinite_values(static_cast<const char*>(p) + start * size, len, dtype, &first);
+  stored->add(c, start + first);
 }
 
 // elements ahead of the current block whose cache lines the fused merge prefetches

@@ -350,13 +350,11 @@ FM_AVX512_INLINE __m512i fast_round_bf16(__m512 o) {
 }
 
 // out = b + scale * q, rounded to the output dtype and stored in element order: bf16 packed
-// straight from the even/odd halves, other dtypes through a float32 block. Returns the count of
-// NaN/Inf values stored (and the block index of the first in *first), as store_block: a max
-// over the magnitudes of the bf16 words written, counted only when it says some are there.
+// straight from the even/odd halves, other dtypes through a float32 block. Returns whether
+// some value stored is NaN/Inf, as store_block (for bf16 a max over the words written).
 template <bool HAS_BASE>
-FM_AVX512_INLINE int64_t fast_store(const float* __restrict q, const float* __restrict bb,
-                                    float scale, int len, void* out, int out_dtype, int64_t s0,
-                                    int64_t* first) {
+FM_AVX512_INLINE bool fast_store(const float* __restrict q, const float* __restrict bb, float scale,
+                                 int len, void* out, int out_dtype, int64_t s0) {
   const __m512 vs = _mm512_set1_ps(scale);
   const bool mul = scale != 1.0f;
   if (out_dtype == DTYPE_BFLOAT16) {
@@ -373,8 +371,7 @@ FM_AVX512_INLINE int64_t fast_store(const float* __restrict q, const float* __re
       _mm512_storeu_si512(dst + g, packed);
       amax = _mm512_max_epu16(amax, _mm512_and_si512(packed, magnitude));
     }
-    if (_mm512_cmpge_epu16_mask(amax, _mm512_set1_epi16(0x7F80)) == 0) return 0;
-    return count_nonfinite_values(dst, len, DTYPE_BFLOAT16, first);
+    return _mm512_cmpge_epu16_mask(amax, _mm512_set1_epi16(0x7F80)) != 0;
   }
   alignas(64) float ob[kBlock];
   const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -386,15 +383,15 @@ FM_AVX512_INLINE int64_t fast_store(const float* __restrict q, const float* __re
     _mm512_store_ps(ob + g, _mm512_permutex2var_ps(e, i0, o));
     _mm512_store_ps(ob + g + 16, _mm512_permutex2var_ps(e, i1, o));
   }
-  return store_block(out, out_dtype, s0, len, ob, first);
+  return store_block(out, out_dtype, s0, len, ob);
 }
 
 // One block [s0, s0 + len) of a fast-path merge (len a multiple of 32): false, with nothing
 // written, when a task-vector value is not finite (the caller then runs the generic block).
-// u: CAP rows of kBlock floats; `stored` counts the NaN/Inf values written.
+// u: CAP rows of kBlock floats; *bad: whether some value written is NaN/Inf.
 template <int COMBINE, int NS, bool HAS_BASE>
 FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t s0, int len,
-                             float (*uu)[kBlock], StoredNonfinite* stored) {
+                             float (*uu)[kBlock], bool* bad) {
   const FmMergeConfig& cfg = ctx.cfg;
   const Inputs& in = *ctx.in;
   const int n = NS > 0 ? NS : cfg.n;
@@ -432,10 +429,7 @@ FM_AVX512_FN bool fast_block(const MergeCtx& ctx, const FmModel* models, int64_t
   }
   if (amax >= 0x7F800000u) return false;
   fast_combine<COMBINE, NS>(cfg, models, uu, vote, len, q);
-  int64_t first;
-  const int64_t bad =
-      fast_store<HAS_BASE>(q, bb, cfg.scale, len, ctx.out, ctx.out_dtype, s0, &first);
-  stored->add(bad, s0 + first);
+  *bad = fast_store<HAS_BASE>(q, bb, cfg.scale, len, ctx.out, ctx.out_dtype, s0);
   return true;
 }
 
@@ -469,9 +463,9 @@ inline bool fast_path_applies(const MergeCtx& ctx) {
 
 template <int COMBINE, int NS>
 inline bool fast_block_any(const MergeCtx& ctx, const FmModel* models, int64_t s0, int len,
-                           float (*uu)[kBlock], StoredNonfinite* stored) {
-  return ctx.in->base != nullptr ? fast_block<COMBINE, NS, true>(ctx, models, s0, len, uu, stored)
-                                 : fast_block<COMBINE, NS, false>(ctx, models, s0, len, uu, stored);
+                           float (*uu)[kBlock], bool* bad) {
+  return ctx.in->base != nullptr ? fast_block<COMBINE, NS, true>(ctx, models, s0, len, uu, bad)
+                                 : fast_block<COMBINE, NS, false>(ctx, models, s0, len, uu, bad);
 }
 #undef FM_AVX512_FN
 #undef FM_AVX512_INLINE

@@ -248,8 +248,11 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(const Merge
     }
 #ifdef FM_MERGE_AVX512
     if constexpr (kFastCombine) {
-      if (fast && len % 32 == 0 && fast_block_any<COMBINE, NS>(ctx, models, s0, len, tt, stored))
+      bool bad = false;
+      if (fast && len % 32 == 0 && fast_block_any<COMBINE, NS>(ctx, models, s0, len, tt, &bad)) {
+        if (bad) count_stored(ctx.out, ctx.out_dtype, s0, len, stored);
         continue;
+      }
     }
 #endif
     if (has_base) load_block(in.base, in.base_dtype, s0, len, bb);
@@ -299,9 +302,8 @@ __attribute__((noinline)) FM_CPU_CLONES static void merge_range_impl(const Merge
     } else {
       combine_loop<COMBINE, NS>(cfg, models, tt, ss, vv, bb, len, ob);
     }
-    int64_t first;
-    const int64_t bad = store_block(ctx.out, ctx.out_dtype, s0, len, ob, &first);
-    stored->add(bad, s0 + first);
+    if (store_block(ctx.out, ctx.out_dtype, s0, len, ob))
+      count_stored(ctx.out, ctx.out_dtype, s0, len, stored);
   }
   free(work);
   *done = true;
