@@ -116,3 +116,14 @@ def test_cli_dry_run_of_slices_does_not_import_torch(ckpts, tmp_path):
     r = cli_merge_without_torch(yml, tmp_path / "out", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "over 2 slices (2 models, base" in r.stdout and "copied from m1:" in r.stdout
+
+
+def test_a_tensor_of_two_chunks_read_whole_is_shown_as_the_merge_reads_it(ckpts, tmp_path,
+                                                                          no_weight_reads):
+    """At 1000 elements a chunk the MLP matrices (1536 elements, 2 chunks) are read whole for
+    the one-pass top-k in the merge (driver.read_whole_for_topk), the embeddings (2048, 3
+    chunks) take the one-read radix selection."""
+    text = native.dry_run(_cfg(ckpts), tmp_path / "out", max_chunk_elems=1000)
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith("  model.")}
+    assert "top-k window" in lines["model.layers.1.mlp.up_proj.weight"]
+    assert "radix selection x1" in lines["model.embed_tokens.weight"]

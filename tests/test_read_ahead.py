@@ -182,3 +182,31 @@ def test_only_tensors_of_two_chunks_are_read_whole(ckpts, tmp_path, monkeypatch)
     assert whole and radix
     assert sorted(whole) == sorted(x for x, c in n_chunks.items() if c == 2)
     assert sorted(radix) == sorted(x for x, c in n_chunks.items() if c > 2)
+
+
+def test_the_whole_tensor_is_offered_only_to_a_score_the_one_pass_takes():
+    """ffg's Fisher score has no one-pass top-k: the planner must not hand the kernels the
+    whole tensor (a wasted read of two chunks and their second moments) before the radix."""
+    from fastmerge.methods import resolve_spec
+    from fastmerge.planning.planner import select_thresholds
+
+    class Done(Exception):
+        pass
+
+    class Kernels:
+        def one_pass(self, source, *a):
+            source()   # as CoreKernels / BackendKernels: the source first, the score after
+            return None
+
+        def radix(self, *a, **k):
+            raise Done
+
+    def src():
+        return iter(())
+    whole = []
+    src.whole = lambda: whole.append(1) or []
+    for method in ("ffg", "ties"):
+        with pytest.raises(Done):
+            select_thresholds(resolve_spec(method, 2, density=0.5), 100, Kernels(), src,
+                              ("t",), l1=False)
+    assert whole == [1]   # ties' magnitude only

@@ -197,6 +197,15 @@ class _TensorChunks:
                     pass
 
 
+def read_whole_for_topk(r, kernels, name: str) -> bool:
+    """Whether merged tensor ``name`` offers itself whole (at most two chunks) to the planner's
+    one-pass top-k (_TensorChunks.whole): on the CPU kernels (its copies stay within a chunk's
+    scratch allowance), on mapped bytes (no staging buffer), not split over ranks. The merge
+    and its dry run (dry_run.py) ask this one question."""
+    return kernels.name == "cpu" and str(kernels.device) == "cpu" and name not in r.rows and \
+        r.inputs.reference.info(name).numel <= 2 * r.chunking.chunk_elems
+
+
 def processing_order(names: Sequence, nbytes: Callable, split=()) -> list:
     """The merge pass's order: the tensors in ``split`` (split over ranks) first, in the given
     order, then the others largest first (ties in output order), so the last ones, whose
@@ -327,9 +336,6 @@ class _Passes:
         # loads share one pinned staging buffer (streaming.ChunkLoader): one thread then
         self.rereader = self.reader if str(kernels.device) != "cpu" else \
             ThreadPoolExecutor(1, thread_name_prefix="fastmerge-reread")
-        # a tensor of two chunks read whole for the one-pass top-k: the CPU kernels' (its
-        # copies stay within a chunk's scratch allowance), on mapped bytes (no staging buffer)
-        self.whole_ok = kernels.name == "cpu" and str(kernels.device) == "cpu"
         self.plans: dict = {}
         self.passes: list = []
 
@@ -381,12 +387,11 @@ class _Passes:
                     src = (lambda c: (lambda: [c]))(chunk)
                     del chunk
                 else:
-                    numel = units[-1][2] - units[0][1]
                     src = _TensorChunks(units, (lambda r: lambda u: self.load(u, r))(
                         only_reference), self.reader, fut, (lambda i: lambda: read_ahead(i))(
                         j + 1), self.rereader, (name, units[0][1], units[-1][2]) if
-                        self.whole_ok and numel <= 2 * self.r.chunking.chunk_elems and
-                        not only_reference and name not in self.r.rows else None)
+                        not only_reference and read_whole_for_topk(self.r, self.k, name)
+                        else None)
                 del fut
                 yield name, not only_reference, src
                 del src

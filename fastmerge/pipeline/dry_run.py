@@ -23,7 +23,7 @@ from ..output.report import apply_lines, resolved_parameters
 from ..planning.planner import SELECTING
 from ..recipe.config import MergeConfig, load_config
 from .budget import element_ranges
-from .driver import Resolved, resolved_merge
+from .driver import Resolved, read_whole_for_topk, resolved_merge
 from .sliced import open_headers_only
 
 # said after the error of an uncached hub model that cannot be opened from its headers
@@ -55,7 +55,11 @@ def _read_passes(r: Resolved, k, name: str, spec) -> list[str]:
         # the CPU kernels guess a chunked tensor's level-1 bins from its first chunk
         # (planning/radix.py radix_select_one_read); ranks sum their histograms: two reads
         guess = spec.score != "fisher" and k.chunking_name == "cpu"
-        out.append("top-k window (radix on a miss)" if one_chunk and guess else
+        # a tensor of two chunks is read whole for the window where the merge does so
+        # (driver.read_whole_for_topk; not with rescale: l1, nor in alpha=auto's own pass)
+        window = one_chunk or (spec.rescale != "l1" and not r.alpha_auto and
+                               read_whole_for_topk(r, k, name))
+        out.append("top-k window (radix on a miss)" if window and guess else
                    "radix selection x1 (x2 on a missed guess)" if guess and name not in r.rows
                    else "radix selection x2")
         if spec.rescale == "l1":

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ..abi import F_HI, F_LO, F_OTA_SCALE, F_RESCALE
+from ..abi import F_HI, F_LO, F_OTA_SCALE, F_RESCALE, SCORE_MAGNITUDE
 from ..methods import MergeSpec
 from ..methods.kernel_params import keep_rows, needs_l1, pass_ids, rescale_factors
 from .thresholds import per_model, selection_requests
@@ -59,8 +59,9 @@ def select_thresholds(spec: MergeSpec, numel: int, kernels, source, names: Seque
     if hist is None and reduce is None:
         # a tensor of two chunks may offer itself whole (pipeline/driver.py, _TensorChunks):
         # the one-pass top-k then runs as on one chunk, same thresholds (exact either way);
-        # not for l1, whose float sums would add in another order than over the chunks
-        whole = None if l1 else getattr(source, "whole", None)
+        # not for l1, whose float sums would add in another order than over the chunks, nor
+        # for a score the one-pass kernels do not take (the whole read would be wasted)
+        whole = None if l1 or score != SCORE_MAGNITUDE else getattr(source, "whole", None)
         got = kernels.one_pass(whole or source, flat, spec.n_models, numel, score, names, l1)
     passes = 1
     if got is None:
