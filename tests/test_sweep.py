@@ -176,3 +176,21 @@ def test_disk_too_small_is_refused_before_starting(ckpts, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="outputs need .* GB free"):
         sweep(cfg, tmp_path / "out", ["density=0.2,0.5"])
     assert not (tmp_path / "out").exists()
+
+
+def test_shared_selection_reads_a_two_chunk_tensor_whole_as_the_merge(ckpts, tmp_path,
+                                                                       monkeypatch):
+    """At 1000 elements a chunk the MLP matrices (1536 elements) are two chunks: a merge
+    selects on the whole tensor (the one-pass top-k, driver.read_whole_for_topk), and so does
+    the sweep's selection shared by its densities; the radix only for the larger ones."""
+    radix = []
+    real = CoreKernels.radix
+
+    def counted(self, source, requests, n_models, score, names, *a, **k):
+        radix.append(names[0])
+        return real(self, source, requests, n_models, score, names, *a, **k)
+    monkeypatch.setattr(CoreKernels, "radix", counted)
+    cfg = _config(tmp_path, ckpts, "ties")
+    rows = sweep(cfg, tmp_path / "out", ["density=0.2,0.6"], max_chunk_elems=1000)
+    assert not [x for x in radix if ".mlp." in x] and radix    # the embeddings: 3 chunks
+    merge_each_point(tmp_path, rows)

@@ -38,7 +38,7 @@ from ..output.writer import (
     output_dir_at_start,
     parse_size,
 )
-from ..planning.planner import SELECTING, plan_rows
+from ..planning.planner import SELECTING, one_pass_source, plan_rows
 from ..planning.thresholds import Selection, nonfinite_error, per_model, selection_requests
 from ..recipe.config import ConfigError, load_config
 from ..recipe.grid import expand
@@ -156,8 +156,8 @@ def shared_thresholds(members: list, name: str, numel: int, k0, src) -> dict:
         reqs = {j: selection_requests(members[j].prepared.specs[name], numel) for j in js}
         flat = [(i, kk) for j in js for i, ks in enumerate(reqs[j]) for kk in ks]
         reduce = members[js[0]].eng.reduce(name)   # rows split over ranks: summed histograms
-        got = k0.one_pass(src, flat, n, numel, score, (name,), False) if reduce is None \
-            else None
+        got = k0.one_pass(one_pass_source(src, score, False), flat, n, numel, score, (name,),
+                          False) if reduce is None else None
         if got is None:
             got = k0.radix(src, flat, n, score, (name,), reduce, False)
         sel, pos = got[0], 0

@@ -47,6 +47,15 @@ class RowPlan:
     compiled: dict = field(default_factory=dict, repr=False)
 
 
+def one_pass_source(source, score: int, l1: bool):
+    """What the one-pass top-k reads: a tensor of two chunks may offer itself whole
+    (pipeline/driver.py, _TensorChunks.whole), so the top-k runs as on one chunk, same
+    thresholds (exact either way); not for l1, whose float sums would add in another order
+    than over the chunks, nor for a score the one-pass kernels do not take (a wasted read)."""
+    whole = None if l1 or score != SCORE_MAGNITUDE else getattr(source, "whole", None)
+    return whole or source
+
+
 def select_thresholds(spec: MergeSpec, numel: int, kernels, source, names: Sequence[str] = (),
                       reduce=None, l1: bool = True, hist=None):
     """Per-model (lo, hi), the L1 each keeps and the per-model total L1 (both None unless
@@ -57,12 +66,8 @@ def select_thresholds(spec: MergeSpec, numel: int, kernels, source, names: Seque
     score = pass_ids(spec)["score"]
     got = None
     if hist is None and reduce is None:
-        # a tensor of two chunks may offer itself whole (pipeline/driver.py, _TensorChunks):
-        # the one-pass top-k then runs as on one chunk, same thresholds (exact either way);
-        # not for l1, whose float sums would add in another order than over the chunks, nor
-        # for a score the one-pass kernels do not take (the whole read would be wasted)
-        whole = None if l1 or score != SCORE_MAGNITUDE else getattr(source, "whole", None)
-        got = kernels.one_pass(whole or source, flat, spec.n_models, numel, score, names, l1)
+        got = kernels.one_pass(one_pass_source(source, score, l1), flat, spec.n_models, numel,
+                               score, names, l1)
     passes = 1
     if got is None:
         got = kernels.radix(source, flat, spec.n_models, score, names, reduce, l1, hist, numel)
