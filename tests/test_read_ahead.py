@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,31 @@ def test_the_whole_tensor_is_offered_only_to_a_score_the_one_pass_takes():
             select_thresholds(resolve_spec(method, 2, density=0.5), 100, Kernels(), src,
                               ("t",), l1=False)
     assert whole == [1]   # ties' magnitude only
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+@pytest.mark.parametrize("at", [2, 5])
+def test_an_interrupt_mid_tensor_leaves_no_thread_mapping_or_output(ckpts, tmp_path,
+                                                                     monkeypatch, method, at):
+    """Ctrl-C (or SIGTERM, which the writer turns into the same exception) while a chunked
+    tensor is merged, the next one read ahead and its re-read pending: the reader threads are
+    joined, no input stays mapped, no output directory is left."""
+    import gc
+    merge = CoreKernels.merge
+    calls = []
+
+    def interrupted(kernels, *a, **k):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return merge(kernels, *a, **k)
+    monkeypatch.setattr(CoreKernels, "merge", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _merge(tmp_path, ckpts, method, "out", max_chunk_elems=CHUNK)
+    gc.collect()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("fastmerge-")]
+    maps = Path("/proc/self/maps")
+    if maps.exists():   # Linux: the process's mappings
+        assert not [ln for ln in maps.read_text().splitlines()
+                    if str(ckpts["base"].parent) in ln]
+    assert not (tmp_path / "out").exists()

@@ -119,15 +119,20 @@ class SingleProcess:
 
 
 # ----------------------------------------------------------------------------- streaming
-def prefetched(items: Sequence, load: Callable, pool: ThreadPoolExecutor) -> Iterator:
-    """Yield load(item) for each item, loading the next one in ``pool`` meanwhile."""
+def prefetched(items: Sequence, load: Callable, pool: ThreadPoolExecutor,
+               first: Optional[Future] = None, then: Optional[Callable] = None) -> Iterator:
+    """Yield load(item) for each item, loading the next one in ``pool`` meanwhile; ``first``:
+    the first item's load, submitted already; ``then()`` is called once the last item's load
+    is submitted, before the item before it is yielded."""
     if not items:
         return
-    fut: Optional[Future] = pool.submit(load, items[0])
+    fut: Optional[Future] = first if first is not None else pool.submit(load, items[0])
     try:
         for k in range(len(items)):
             cur = fut.result()
             fut = pool.submit(load, items[k + 1]) if k + 1 < len(items) else None
+            if k + 2 == len(items) and then is not None:
+                then()
             yield cur
             del cur
     finally:
@@ -175,26 +180,14 @@ class _TensorChunks:
         # a later pass reads again what the first one just read (from the page cache): on
         # its own thread, not queued behind the next tensor's read from disk
         pool = self.pool if self.then is not None else self.again
-        fut, self.first = self.first, None
-        if fut is None:
-            fut = pool.submit(self.load, self.units[0])
-        n = len(self.units)
-        try:
-            for k in range(n):
-                cur = fut.result()
-                fut = pool.submit(self.load, self.units[k + 1]) if k + 1 < n else None
-                if k + 2 == n and self.then is not None:
-                    self.then, then = None, self.then
-                    then()
-                yield cur
-                del cur
-        finally:
-            if fut is not None:
-                fut.cancel()
-                try:
-                    fut.result()
-                except BaseException:
-                    pass
+        first, self.first = self.first, None
+        yield from prefetched(self.units, self.load, pool, first,
+                              self._then if self.then is not None else None)
+
+    def _then(self) -> None:
+        if self.then is not None:
+            self.then, then = None, self.then
+            then()
 
 
 def read_whole_for_topk(r, kernels, name: str) -> bool:
