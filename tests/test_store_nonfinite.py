@@ -262,3 +262,28 @@ def test_overflow_error_from_the_store_count(tmp_path, no_second_pass, method):
                                               rf"{12 * 32 + 3}\b.*float16"):
         merge_natively(cfg, tmp_path / "out", max_chunk_elems=32)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out_st", ["BF16", "F16"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_first_index_when_the_first_work_item_is_finite(method, out_st):
+    """The NaN/Inf values only in later work items (65536 elements each, two threads), the
+    earliest in the last one a thread takes: the count's first index is the smallest, on both
+    the AVX-512 block path and the generic code (the other tests put one at element 0)."""
+    lib = core()
+    numel = 4 * 65536 + 123
+    for at in ([3 * 65536 + 1, 65536 + 700], [131071], [65536 + 5, 2 * 65536 + 9]):
+        g = torch.Generator().manual_seed(len(at))
+        base = torch.randn(numel, generator=g)
+        models = []
+        for _ in range(2):
+            m = base + 0.01 * torch.randn(numel, generator=g)
+            m[at] = base[at] + 3e38
+            models.append(m.to(torch.bfloat16))
+        for fast in (True, False):
+            old = lib.set_merge_fast_path(fast)
+            try:
+                out, data = _core_merge(method, base.to(torch.bfloat16), models, out_st)
+            finally:
+                lib.set_merge_fast_path(old)
+            assert out.nonfinite == _pass_over(data, out_st) == (len(at), min(at)), (at, fast)
