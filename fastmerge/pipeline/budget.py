@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..abi import NUM_BINS
 from ..checkpoint import libc
@@ -42,19 +43,54 @@ def trim_freed_memory() -> None:
 
 
 FIXED_OVERHEAD = 16 * 2 ** 20   # thread stacks, python objects, allocator slack
+TABLE_BYTES = NUM_BINS * 16      # one histogram row: int64 counts + float64 sums
+THREAD_TABLE_BYTES = NUM_BINS * 8   # a kernel thread's own uint64 counts of one row
+# requests per model of a selection (a band has a lower and an upper threshold)
+SELECT_REQUESTS = {"topk": 1, "band": 2}
+
+
+def kernel_threads() -> int:
+    """The compiled kernels' thread count (pipeline/core_kernels.py threads(): OpenMP's)."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
 
 
 def work_bytes_per_element(backend_name: str, n_models: int, extra: int = 0,
-                           sparsifier: str = "dare") -> int:
+                           sparsifier: str = "dare", combine: str = "") -> int:
     """Scratch memory a backend needs per element of a chunk, beyond its inputs and output.
 
     The torch backend materialises float32 task vectors, masks and temporaries (measured for
     N = 3: 66 B/elem task arithmetic, 100-200 top-k/band/consensus, 300 DARE, whose Philox
-    runs in int64 torch ops); the compiled kernels stream."""
+    runs in int64 torch ops). The compiled kernels (backend "cpu", fastmerge._core) stream
+    the fused merge, DARE's statistics and the Gram matrix in per-thread blocks of a few KiB
+    (nothing per element); what they hold per element is a selection's (``select_bytes``).
+    mergekit's other methods run their float32 reference on the chunk (N + 1 float32 inputs
+    and a float32 output) or keep della's masks: the allowance they were measured under."""
     if backend_name == "torch":
         per_model = {"none": 24, "dare": 80}.get(sparsifier, 48)
         return per_model * (n_models + 1) + 32 + extra
-    return 8 * (n_models + 2) + extra
+    if combine == "mergekit" or sparsifier not in ("none", "dare", *SELECT_REQUESTS):
+        return 8 * (n_models + 2) + extra
+    return select_bytes(sparsifier, n_models) + extra
+
+
+def select_bytes(sparsifier: str, n_models: int) -> int:
+    """Per chunk element, a magnitude selection's scratch on the compiled kernels: the
+    one-pass top-k (csrc/cpu/select.cpp) copies at most n/4 + 4096 float32 scores per request
+    (1 B per element of the tensor, which is read whole at up to two chunks: 2 B per chunk
+    element), and one thread per request narrows a subset of those copies (2 B more); the
+    radix selection over more chunks spends the same room on guessed level-1 tables
+    (``selection_window_rows``)."""
+    return 4 * SELECT_REQUESTS.get(sparsifier, 0) * n_models
+
+
+def thread_tables_bytes(sparsifier: str, n_models: int, threads: int) -> int:
+    """The level-0 histogram rows each kernel thread keeps for the rest of the run
+    (csrc/cpu/histogram.cpp's thread-local tables grow to the largest request and stay)."""
+    return threads * n_models * THREAD_TABLE_BYTES if sparsifier in SELECT_REQUESTS else 0
 
 
 @dataclass
@@ -63,6 +99,7 @@ class Chunking:
     bytes_per_elem: int     # what one element of a chunk costs in memory, all buffers
     fixed: int
     reserved: int = 0       # of ``fixed``: whole-tensor reductions' state (reduce_state.py)
+    work: Optional[int] = None   # of ``bytes_per_elem``: the kernels' scratch
 
     def describe(self) -> str:
         return (f"{self.chunk_elems:,} elements per chunk "
@@ -71,20 +108,26 @@ class Chunking:
 
 def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_elem: int,
                   out_itemsize: int, extra_work: int = 0, device: str = "cpu",
-                  sparsifier: str = "dare", reserved: int = 0, why: str = "") -> Chunking:
+                  sparsifier: str = "dare", reserved: int = 0, why: str = "",
+                  combine: str = "", threads: Optional[int] = None) -> Chunking:
     """Largest chunk such that 3 loaded chunks (current, prefetched, one the caller still
     holds), 3 output chunks (computing, queued, being written), and for the C++ CPU kernels a
     4th (a freed output kept for reuse, ``backends.output_cache_limit``), and the backend's
-    scratch fit in ``budget`` bytes, after the histograms, a fixed allowance and ``reserved``
-    (what a reduction keeps over a whole tensor; ``why`` says so in the error)."""
-    hist = 2 * (n_models + 1) * NUM_BINS * 16
-    fixed = FIXED_OVERHEAD + hist + reserved
+    scratch fit in ``budget`` bytes, after the histograms (and the kernel threads' own level-0
+    rows), a fixed allowance and ``reserved`` (what a reduction keeps over a whole tensor;
+    ``why`` says so in the error)."""
+    hist = 2 * (n_models + 1) * TABLE_BYTES
+    work = 0
     if device == "cpu":
         outs = 4 if backend_name == "cpu" else 3
-        per = 3 * in_bytes_per_elem + outs * out_itemsize + \
-            work_bytes_per_element(backend_name, n_models, extra_work, sparsifier)
+        work = work_bytes_per_element(backend_name, n_models, extra_work, sparsifier, combine)
+        per = 3 * in_bytes_per_elem + outs * out_itemsize + work
+        if backend_name != "torch":
+            hist += thread_tables_bytes(sparsifier, n_models,
+                                        kernel_threads() if threads is None else threads)
     else:  # host: one pinned staging set + outputs copied back; device memory is separate
         per = 2 * in_bytes_per_elem + 3 * out_itemsize
+    fixed = FIXED_OVERHEAD + hist + reserved
     avail = budget - fixed
     elems = avail // per if avail > 0 else 0
     if elems < MIN_CHUNK_ELEMS:
@@ -92,15 +135,21 @@ def plan_chunking(budget: int, backend_name: str, n_models: int, in_bytes_per_el
         raise ConfigError(f"memory budget {budget} bytes ({budget / 2 ** 20:.1f} MiB) is too "
                           f"small for this merge: it needs at least {need} bytes "
                           f"({need / 2 ** 20:.1f} MiB){why}")
-    return Chunking(int(elems), per, fixed, reserved)
+    return Chunking(int(elems), per, fixed, reserved, work)
 
 
-def selection_window_rows(n_models: int, chunk_elems: int) -> int:
-    """The level-1 tables (1 MiB each) a chunked selection may guess and hold in its level-0
-    read (planning/radix.py radix_select_one_read) within the budget: the 2 (N + 1) histogram
-    rows ``plan_chunking`` reserves less the N level-0 ones, and the C++ kernels' per-element
-    scratch of a chunk, idle while a tensor is selected."""
-    return n_models + 2 + work_bytes_per_element("cpu", n_models) * chunk_elems // (NUM_BINS * 16)
+def selection_window_rows(n_models: int, chunk_elems: int, threads: int = 1,
+                          work: Optional[int] = None) -> int:
+    """The level-1 tables a chunked selection may guess and hold in its level-0 read
+    (planning/radix.py radix_select_one_read) within the budget: the 2 (N + 1) histogram
+    rows ``plan_chunking`` reserves less the N level-0 ones, and the kernels' per-element
+    scratch of a chunk (``work``; the compiled kernels' of a top-k where not given), idle
+    while a tensor is selected. A table costs its row (1 MiB) and each kernel thread's own
+    counts of it (512 KiB, csrc/cpu/histogram.cpp), which stay after the call."""
+    if work is None:
+        work = select_bytes("topk", n_models)
+    room = (n_models + 2) * TABLE_BYTES + work * chunk_elems
+    return room // (TABLE_BYTES + threads * THREAD_TABLE_BYTES)
 
 
 def element_ranges(shape: Sequence[int], max_elems: int) -> list[tuple[int, int]]:

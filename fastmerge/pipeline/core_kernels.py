@@ -77,7 +77,8 @@ class CoreKernels:
         self.inputs = inputs
 
     def configure(self, chunking, out_chunk_bytes: int) -> None:
-        self.window_rows = partial(selection_window_rows, chunk_elems=chunking.chunk_elems)
+        self.window_rows = partial(selection_window_rows, chunk_elems=chunking.chunk_elems,
+                                   threads=self.nthreads, work=chunking.work)
 
     def start(self) -> None:
         pass

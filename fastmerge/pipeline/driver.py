@@ -275,6 +275,11 @@ class Resolved:
             spec0.sparsifier in SELECTING
 
 
+def _all_sources(inputs: Inputs, name: str) -> list:
+    base, models = inputs.sources(name)
+    return ([base] if base is not None else []) + list(models)
+
+
 def resolve(cfg: MergeConfig, inputs: Inputs, *, chunking_name: str, device: str, dist,
             budget: int, out_dir: Path, shard_bytes: int, seed=None, lines_pattern=None,
             max_chunk_elems=None) -> Resolved:
@@ -289,15 +294,17 @@ def resolve(cfg: MergeConfig, inputs: Inputs, *, chunking_name: str, device: str
               for x in merged}
     out_st.update({x: ref.info(x).st for x in inputs.copied})
     info = cfg.info
-    in_item = max([ref.info(x).itemsize for x in merged] or [2])
-    in_per_elem = (n + (1 if inputs.base is not None else 0)) * in_item + \
+    # each input's own dtype (mixed inputs: a float32 model beside a bfloat16 base)
+    in_per_elem = max([sum(c.info(t).itemsize for c, t in _all_sources(inputs, x))
+                       for x in merged] or [(n + 1) * 2]) + \
         (n * 4 if info.needs_second_moments else 0)
     alpha_auto = cfg.lines is not None and cfg.lines.alpha == "auto"
     state = reduce_state.point_state(cfg, inputs, base_specs)
     chunking = plan_chunking(budget, chunking_name, n, in_per_elem,
                              max([ST_SIZES[out_st[x]] for x in merged] or [4]),
                              extra_work=12 if alpha_auto else 0, device=str(device),
-                             sparsifier=info.sparsifier, reserved=state.peak,
+                             sparsifier=info.sparsifier, combine=info.combine,
+                             reserved=state.peak,
                              why=reduce_state.describe(state))
     if max_chunk_elems is not None:
         chunking.chunk_elems = max(1, min(chunking.chunk_elems, int(max_chunk_elems)))

@@ -39,7 +39,8 @@ class TorchKernels(BackendKernels):
 
     def configure(self, chunking, out_chunk_bytes: int) -> None:
         output_cache_limit(self.be, out_chunk_bytes)
-        self.window_rows = partial(selection_window_rows, chunk_elems=chunking.chunk_elems)
+        self.window_rows = partial(selection_window_rows, chunk_elems=chunking.chunk_elems,
+                                   threads=torch.get_num_threads(), work=chunking.work)
 
     def start(self) -> None:
         if str(self.device).startswith("cuda"):
