@@ -114,3 +114,68 @@ def test_peak_rss_stays_under_the_budget(tmp_path, path):
                          method, weights=[0.5, 0.5], density=0.5, normalize=False,
                          tensor_name=name, backend=backend)
     assert torch.equal(got, want)
+
+
+def _probe():
+    """benchmarks/memory_probe.py (its inputs, configs and child process)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("memory_probe",
+                                                  REPO / "benchmarks" / "memory_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+PROBE_BUDGET = 64 * 2 ** 20
+# a top-k and a band selection over 3 chunks (radix with guessed level-1 tables), DARE's L1
+# statistics pass, della's masks, a Gram pre-pass: the paths whose scratch the budget counts
+PROBE_CASES = [("ties", "bf16"), ("breadcrumbs_ties", "mixed"), ("dare_ties", "bf16"),
+               ("della", "mixed"), ("slerp", "bf16")]
+
+
+@pytest.fixture(scope="module")
+def probe_inputs(tmp_path_factory):
+    from fastmerge.pipeline import native
+    if native._core() is None:
+        pytest.skip("fastmerge._core is not built")
+    probe = _probe()
+    root = tmp_path_factory.mktemp("probe")
+    shape = dict(probe.SHAPE, layers=1)
+    return probe, root, {k: (probe.make_inputs(root / k, k, shape),
+                             probe.warm_inputs(root / k, k)) for k in ("bf16", "mixed")}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("method,kind", PROBE_CASES)
+def test_the_compiled_kernels_peak_stays_within_the_budget(probe_inputs, method, kind):
+    """fastmerge merge's path (budget.work_bytes_per_element of the compiled kernels) on
+    2816x1024 tensors of several chunks at a 64 MiB budget: peak RSS growth within it."""
+    probe, root, inputs = probe_inputs
+    got = probe.measure(root, method, kind, PROBE_BUDGET, *inputs[kind])
+    assert "error" not in got, got.get("error")
+    assert got["chunk"] < 2816 * 1024   # several chunks
+    assert got["grew"] <= PROBE_BUDGET, \
+        f"{method} ({kind}): peak RSS grew {got['grew'] / 2 ** 20:.1f} MiB over a 64 MiB budget"
+
+
+def test_llama_7b_mlp_matrices_are_one_chunk_at_2_gib():
+    """A bf16 base + 2 fine-tunes at 2 GiB on the compiled kernels: every 4096x11008 matrix is
+    one chunk (read once), for a top-k and a band selection too; the window tables a chunked
+    selection guesses, with each kernel thread's own counts, stay within its scratch."""
+    from fastmerge.pipeline.budget import (
+        TABLE_BYTES,
+        THREAD_TABLE_BYTES,
+        plan_chunking,
+        selection_window_rows,
+    )
+    for sparsifier in ("none", "dare", "topk", "band"):
+        for threads in (1, 16, 64):
+            c = plan_chunking(2 << 30, "cpu", 2, 3 * 2, 2, sparsifier=sparsifier,
+                              threads=threads)
+            assert c.chunk_elems >= 4096 * 11008, (sparsifier, threads)
+            rows = selection_window_rows(2, c.chunk_elems, threads, c.work)
+            assert rows * (TABLE_BYTES + threads * THREAD_TABLE_BYTES) <= \
+                4 * TABLE_BYTES + c.work * c.chunk_elems
+    # mergekit's methods keep the allowance their float32 reference was measured under
+    c = plan_chunking(2 << 30, "cpu", 2, 3 * 2, 2, sparsifier="none", combine="mergekit")
+    assert c.work == 8 * (2 + 2)

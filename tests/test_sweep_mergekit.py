@@ -234,7 +234,8 @@ def test_budget_holds_every_points_outputs(ckpts, tmp_path, capsys):
     cfg = _write(tmp_path, _models(ckpts, "slerp", n=1, t=0.5))
     info = load_config(cfg).info
     # bf16 base + 1 model in, bf16 out
-    one = plan_chunking(2 ** 30, "cpu", 1, 2 * 2, 2, sparsifier=info.sparsifier)
+    one = plan_chunking(2 ** 30, "cpu", 1, 2 * 2, 2, sparsifier=info.sparsifier,
+                        combine=info.combine)
     budget = one.fixed + MIN_CHUNK_ELEMS * (one.bytes_per_elem + 2)
     rows = sweep(cfg, tmp_path / "out", ["t=0.2,0.5,0.8"], memory_budget=budget, quiet=False)
     assert len({r["pass"] for r in rows}) == 3

@@ -96,10 +96,12 @@ def _need(cfg, p, k: int) -> int:
     """The budget a pass of k arcee_fusion points needs at the minimal chunk: bf16 base + 1
     model in, 2-byte outputs; every point's importances held (selected in place), and each
     point's reduction thread its own scratch."""
-    one = plan_chunking(2 ** 30, "cpu", 1, 2 * 2, 2, sparsifier=load_config(cfg).info.sparsifier)
+    info = load_config(cfg).info
+    one = plan_chunking(2 ** 30, "cpu", 1, 2 * 2, 2, sparsifier=info.sparsifier,
+                        combine=info.combine)
     n = _largest_numel(p["base"])
     state = k * GATHERED * n
-    scratch = work_bytes_per_element("cpu", 1) if k > 1 else 0
+    scratch = work_bytes_per_element("cpu", 1, combine="mergekit") if k > 1 else 0
     return one.fixed + state + MIN_CHUNK_ELEMS * (one.bytes_per_elem + (k - 1) * (4 * 2 +
                                                                                  scratch))
 
@@ -141,9 +143,11 @@ def test_sce_points_of_unequal_state_are_planned_per_pass(ckpts, tmp_path):
     cfg = write_yaml(tmp_path / "sce.yml", {
         "merge_method": "sce", "base_model": str(ckpts["base"]),
         "models": [{"model": str(m)} for m in ckpts["models"]]})
-    one = plan_chunking(2 ** 30, "cpu", 2, 3 * 2, 2, sparsifier=load_config(cfg).info.sparsifier)
+    info = load_config(cfg).info
+    one = plan_chunking(2 ** 30, "cpu", 2, 3 * 2, 2, sparsifier=info.sparsifier,
+                        combine=info.combine)
     n = _largest_numel(ckpts["base"])
-    per = one.bytes_per_elem + 4 * 2 + work_bytes_per_element("cpu", 2)
+    per = one.bytes_per_elem + 4 * 2 + work_bytes_per_element("cpu", 2, combine="mergekit")
     budget = one.fixed + GATHERED * n + MIN_CHUNK_ELEMS * per
     rows = sweep(cfg, tmp_path / "out", ["select_topk=1.0,0.5,0.9,0.4"], memory_budget=budget)
     assert len(rows) == 4 and len({r["pass"] for r in rows}) == 4

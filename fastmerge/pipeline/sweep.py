@@ -112,7 +112,7 @@ def chunking_for(members: list, budget: int, max_chunk_elems=None) -> Optional[C
         return None
     if max_chunk_elems is not None:
         elems = min(elems, int(max_chunk_elems))
-    return Chunking(int(elems), per, fixed, reserved)
+    return Chunking(int(elems), per, fixed, reserved, members[0].r.chunking.work)
 
 
 def pass_cost(members: list) -> tuple:
@@ -128,7 +128,8 @@ def pass_cost(members: list) -> tuple:
                   for m in members)
     if threads > 1:
         per += (threads - 1) * work_bytes_per_element(members[0].k.chunking_name,
-                                                      len(members[0].r.inputs.models))
+                                                      len(members[0].r.inputs.models),
+                                                      combine=members[0].r.cfg.info.combine)
     reserved = reduce_state.in_flight(
         reduce_state.point_state(m.r.cfg, m.r.inputs, m.r.base_specs) for m in members)
     return one.fixed - one.reserved + reserved, per, reserved
