@@ -141,13 +141,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="64,128", help="MiB, comma-separated")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--hidden", type=int, default=SHAPE["hidden"])
+    ap.add_argument("--inter", type=int, default=SHAPE["inter"])
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    shape = dict(SHAPE, hidden=a.hidden, inter=a.inter)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for kind in a.kinds.split(","):
-            inputs = make_inputs(root / kind, kind)
+            inputs = make_inputs(root / kind, kind, shape)
             warm = warm_inputs(root / kind, kind)
             for method in a.methods.split(","):
                 for mib in a.budgets.split(","):
