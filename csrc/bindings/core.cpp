@@ -349,5 +349,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   m.def("set_merge_fast_path", &fm::cpu::set_merge_fast_path,
         "whether fused_merge takes its AVX-512 block path (for tests); returns the previous");
+  m.def("set_store_half_isa", &fm::cpu::set_store_half_isa,
+        "float16 store conversion: 0 scalar, 1 F16C, 2 best (for tests); returns the previous");
   m.def("count_nonfinite", &count_nonfinite, "(count, first index) of a buffer's NaN/Inf values");
 }

@@ -400,6 +400,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("output_cache_bytes", &fm::cpu::output_cache_bytes, "bytes the output cache holds");
   mod.def("set_merge_fast_path", &fm::cpu::set_merge_fast_path,
           "fused_merge's AVX-512 block path on/off (returns the previous setting; for tests)");
+  mod.def("set_store_half_isa", &fm::cpu::set_store_half_isa,
+          "float16 store conversion: 0 scalar, 1 F16C, 2 best (for tests); returns the previous");
   mod.def("isa", &fm::cpu::isa_name, "instruction set the kernels dispatch to");
   mod.def("max_threads", &threads, "threads the kernels use (at::get_num_threads)");
 }

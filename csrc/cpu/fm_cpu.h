@@ -119,6 +119,12 @@ bool set_merge_fast_path(bool on);
 bool gram_matrix(const void* const* vecs, const int* dtypes, int n, int64_t numel, bool tasks,
                  double* out, int nthreads);
 
+// The float16 output store (store_half.cpp): len values of src rounded as fm_float_to_half into
+// dst; returns whether one written is NaN/Inf. set_store_half_isa picks its conversion (0 the
+// scalar reference, 1 F16C, 2 the best this CPU has; for tests) and returns the previous setting.
+bool store_half(const float* __restrict src, int len, uint16_t* __restrict dst);
+int set_store_half_isa(int isa);
+
 // Which instruction set the multiversioned kernels picked on this machine (for reports).
 const char* isa_name();
 

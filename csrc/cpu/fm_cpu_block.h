@@ -82,16 +82,7 @@ FM_FORCE_INLINE bool store_block(void* p, int dtype, int64_t start, int len,
     }
     return amax >= 0x7F80;
   }
-  for (int k = 0; k < len; ++k) d[k] = fm_float_to_half(src[k]);
-  // float16: a max over the float32 magnitudes against fm_float_to_half's own bound (|x| >= 65520
-  // rounds to Inf, NaN stays NaN: the same answer as the bits written give), in its own loop,
-  // since folded into the branchy conversion loop it cost more than the separate pass saved
-  int32_t xmax = 0;
-  for (int k = 0; k < len; ++k) {
-    const int32_t a = static_cast<int32_t>(fm_f2u(src[k]) & 0x7FFFFFFFu);
-    xmax = a > xmax ? a : xmax;
-  }
-  return xmax >= 0x477FF000;
+  return store_half(src, len, d);  // store_half.cpp: F16C / AVX-512 where the CPU has them
 }
 
 // The NaN/Inf values of the stored block [start, start + len) of p (the rare path of the
