@@ -148,6 +148,7 @@ class BinFile:
 class BinCheckpoint(Checkpoint):
     """A model directory of ``.bin`` weights: the same rules as a safetensors directory (every
     file resolves inside it; with an index, exactly the tensors it lists)."""
+    copies_chunks = True   # each chunk a copy out of the mapping (pipeline/budget.py)
 
     def __init__(self, directory, label: str = ""):
         self.dir = Path(directory)

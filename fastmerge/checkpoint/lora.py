@@ -128,6 +128,7 @@ def _open_weights(directory: Path):
 class LoraCheckpoint:
     """``base`` (a Checkpoint or BinCheckpoint) with the adapter in ``adapter_dir`` applied
     (``adapter``: its weights file already opened, e.g. a hub adapter's header alone)."""
+    copies_chunks = True   # each chunk computed: base + the adapter's delta
 
     def __init__(self, base, adapter_dir, label: str = "", adapter=None):
         self.base = base

@@ -103,6 +103,13 @@ class Method:
         theirs at once). Only what grows with the tensor: a few float64 sums are not counted."""
         return 0, 0
 
+    def work_bytes(self, job: Job) -> int | None:
+        """Bytes per chunk element the float32 reference's ``reduce`` and ``apply`` hold at
+        once (the chunk's float32 inputs, sub-block temporaries, float32 output), for the
+        memory budget; None: within the allowance every mergekit method gets
+        (pipeline/budget.py work_bytes_per_element)."""
+        return None
+
     def combination(self, job: Job) -> Combination | None:
         """The per-tensor linear combination this job reduces to, or None where the output is
         not one (per-element weights, masks, per-row coefficients)."""

@@ -56,11 +56,20 @@ class Sce(Method):
             return 0, 0
         return GATHERED * job.numel, GATHERED * job.numel
 
+    def work_bytes(self, job: Job) -> int | None:
+        # the N + 1 float32 inputs of a chunk, then per element of a sub-block at most: the
+        # masked task vectors as float32 and float64 (reduce: 12 N) or the task vectors with
+        # their weights (apply: 8 N), the variance/majority rows and the float32 output
+        n = job.n_models
+        return 4 * (n + 1) + 12 * n + 16
+
     def _masked(self, chunk: Chunk, threshold):
+        # in place where the values are the same bits: the scratch per element is what the
+        # memory budget counts (chunk_work_bytes)
         tv = torch.stack([m - chunk.base for m in chunk.models])
         if threshold is None:
             return tv
-        return tv * (variance(chunk) >= threshold)
+        return tv.mul_(torch.var(tv, dim=0, unbiased=False) >= threshold)
 
     def reduce(self, job: Job, chunks):
         n = job.n_models
@@ -69,7 +78,7 @@ class Sce(Method):
         threshold = self._threshold(job, chunks)
         sq = torch.zeros(n, dtype=torch.float64)
         for c in chunks:
-            sq += self._masked(c, threshold).double().square().sum(dim=1)
+            sq += self._masked(c, threshold).double().square_().sum(dim=1)
         s = sq / max(job.numel, 1)
         total = float(s.sum())
         weights = torch.full((n,), 1.0 / n) if abs(total) < WEIGHT_SUM_FLOOR else (s / total)
@@ -81,8 +90,8 @@ class Sce(Method):
         threshold, weights = stats
         tv = self._masked(chunk, threshold)
         majority = torch.where(tv.sum(0) >= 0, 1.0, -1.0)
-        ew = weights[:, None] * (tv.sign() == majority).float()
-        return chunk.base + (tv * ew).sum(0) / ew.sum(0).clamp(min=WEIGHT_SUM_FLOOR)
+        ew = tv.sign().eq_(majority).mul_(weights[:, None])   # w_i e_i
+        return chunk.base + tv.mul_(ew).sum(0) / ew.sum(0).clamp(min=WEIGHT_SUM_FLOOR)
 
 
 SCE = Sce()

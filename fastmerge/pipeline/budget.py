@@ -42,6 +42,16 @@ def trim_freed_memory() -> None:
         malloc_trim(0)
 
 
+def release_heap_pages() -> None:
+    """The free pages inside glibc's heaps back to the OS now (malloc_trim(0)), thresholds
+    unchanged: after a tensor whose sub-8 MiB temporaries (a float32 reference's, or the
+    chunk copies of ``.bin``/LoRA inputs made on the read-ahead threads) leave the heaps
+    fragmented, so the next tensor's do not grow them further. No-op off glibc."""
+    malloc_trim = libc.function("malloc_trim", [ctypes.c_size_t])
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
 FIXED_OVERHEAD = 16 * 2 ** 20   # thread stacks, python objects, allocator slack
 TABLE_BYTES = NUM_BINS * 16      # one histogram row: int64 counts + float64 sums
 THREAD_TABLE_BYTES = NUM_BINS * 8   # a kernel thread's own uint64 counts of one row

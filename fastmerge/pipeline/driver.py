@@ -64,6 +64,7 @@ from .budget import (
     element_ranges,
     plan_chunking,
     release_freed_memory_promptly,
+    release_heap_pages,
     trim_freed_memory,
 )
 from .inputs import Inputs, merge_settings, name_files
@@ -302,7 +303,7 @@ def resolve(cfg: MergeConfig, inputs: Inputs, *, chunking_name: str, device: str
     state = reduce_state.point_state(cfg, inputs, base_specs)
     chunking = plan_chunking(budget, chunking_name, n, in_per_elem,
                              max([ST_SIZES[out_st[x]] for x in merged] or [4]),
-                             extra_work=12 if alpha_auto else 0, device=str(device),
+                             extra_work=(12 if alpha_auto else 0) + state.work, device=str(device),
                              sparsifier=info.sparsifier, combine=info.combine,
                              reserved=state.peak,
                              why=reduce_state.describe(state))
@@ -473,6 +474,8 @@ class _Passes:
         writes = _Writes()
         order = processing_order(order, self.in_bytes, self.r.rows)
         sources = self.tensor_sources(order, set(specs))
+        copies = any(getattr(c, "copies_chunks", False)
+                     for c in [self.inputs.base, *self.inputs.models] if c is not None)
         try:
             for j, (name, is_merged, src) in enumerate(sources):
                 if not is_merged:
@@ -488,6 +491,8 @@ class _Passes:
                     except ValueError as exc:
                         raise name_files(exc, self.inputs, name) from None
                 del src
+                if copies:   # their freed copies stay in the reader threads' heaps
+                    release_heap_pages()
                 bar.update(self.in_bytes(name))
                 bar.set_postfix_str(f"{j + 1}/{len(order)} tensors", refresh=False)
             writes.flush()

@@ -27,7 +27,7 @@ from ..methods.core import Job, Method, check_finite, gram_matrix
 from ..methods.mergekit_methods import MERGEKIT_METHODS
 from ..planning.planner import plan_rows
 from . import della_pass
-from .budget import element_ranges
+from .budget import element_ranges, release_heap_pages
 
 SUB_ELEMS = 1 << 20   # elements per sub-block: bounds the float32/float64 temporaries
 
@@ -174,6 +174,8 @@ def merge_points(points: list, name: str, units: list, src, source, also=None) -
             if main and also is not None:
                 also(ch)
             del ch
+    if any(p.subs is not None for p in points):   # a float32 reference ran (torch)
+        release_heap_pages()
 
 
 def _gram_consumers(points: list, src) -> list:

@@ -19,6 +19,7 @@ class ReduceState:
     peak: int = 0      # at most, while the reduction finishes
     tensor: str = ""   # the tensor with that peak (named in the budget's error)
     method: str = ""
+    work: int = 0      # per chunk element: a reference's scratch beyond the usual allowance
 
 
 def point_state(cfg, inputs, specs: dict) -> ReduceState:
@@ -27,18 +28,25 @@ def point_state(cfg, inputs, specs: dict) -> ReduceState:
         return ReduceState()
     from ..methods.core import Job
     from ..methods.mergekit_methods import MERGEKIT_METHODS
+    from .budget import work_bytes_per_element
     best = ReduceState()
-    held = 0
+    held = work = 0
     for x in inputs.merged:
         spec = specs.get(x)
         if spec is None:
             continue
         shape = tuple(int(s) for s in inputs.reference.info(x).shape)
-        h, p = MERGEKIT_METHODS[spec.method].state_bytes(Job(shape, spec.params, x))
+        method = MERGEKIT_METHODS[spec.method]
+        job = Job(shape, spec.params, x, n_models=spec.n_models)
+        h, p = method.state_bytes(job)
         held = max(held, h)
         if p > best.peak:
             best = ReduceState(0, p, x, spec.method)
-    return ReduceState(held, best.peak, best.tensor, best.method)
+        own = method.work_bytes(job)
+        if own is not None:
+            allowance = work_bytes_per_element("cpu", spec.n_models, combine="mergekit")
+            work = max(work, own - allowance)
+    return ReduceState(held, best.peak, best.tensor, best.method, work)
 
 
 def runs_reference_reduce(cfg, inputs, specs: dict) -> bool:
