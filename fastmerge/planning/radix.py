@@ -184,17 +184,19 @@ def radix_select_one_read(n_models: int, requests, source: Callable, hist_chunk:
     (``guess_windows``; ``windows_chunk(chunk, rows, widths, counts, sums)`` adds them); a
     request whose k-th bin is among them needs no second read, the others get a level-1 read
     as in ``radix_select``. Exact either way. ``max_rows``: at most that many level-1 tables
-    (1 MiB each) in all (one per request at least), each request's window narrowed to fit.
-    Returns (Selection, per-model total L1 or None, read passes made)."""
+    (1 MiB each) held at once: the windows get what the level-1 tables of the pending
+    requests leave (none where that is less than one row per request: then two reads), and
+    are dropped before a second read. Returns (Selection, per-model total L1 or None, read
+    passes made)."""
     t0 = np.array([[i, 0] for i in range(n_models)], dtype=np.int64)
     pending = [r for r, (_, k) in enumerate(requests) if 0 < k < numel]
     if max_rows is not None and pending:
-        width = max(1, min(width, max_rows // len(pending)))
+        width = min(width, (max_rows - len(pending)) // len(pending))
     hist = HistTables.zeros(n_models)
     rows, widths, wc, ws = None, [], None, None
     for ch in source():
         hist_chunk(ch, t0, 0, hist)
-        if rows is None:   # hist holds the first chunk's level 0 alone
+        if rows is None and width > 0:   # hist holds the first chunk's level 0 alone
             rows, widths = guess_windows(hist, requests, pending, numel, width)
             wc = np.zeros(sum(widths) * NUM_BINS, dtype=np.int64)
             ws = np.zeros(sum(widths) * NUM_BINS, dtype=np.float64)
@@ -214,15 +216,23 @@ def radix_select_one_read(n_models: int, requests, source: Callable, hist_chunk:
         return None
 
     def level1(targets):
+        nonlocal wc, ws
+        hit = [(j, table(m, p)) for j, (m, p) in enumerate(targets.tolist())]
+        miss = [j for j, got in hit if got is None]
+        if len(miss) == len(targets):   # the level-1 tables themselves, as radix_select's
+            wc = ws = None
+            t = HistTables.zeros(len(targets))
+            for ch in source():
+                hist_chunk(ch, targets, 1, t)
+                del ch
+            reread.append(1)
+            return t.counts, t.sums
         c1 = np.zeros((len(targets), NUM_BINS), dtype=np.int64)
         s1 = np.zeros((len(targets), NUM_BINS), dtype=np.float64)
-        miss = []
-        for j, (m, p) in enumerate(targets.tolist()):
-            got = table(m, p)
-            if got is None:
-                miss.append(j)
-            else:
+        for j, got in hit:
+            if got is not None:
                 c1[j], s1[j] = got
+        hit = wc = ws = None   # the windows are read: dropped before a second read
         if miss:
             reread.append(1)
             t = HistTables.zeros(len(miss))
