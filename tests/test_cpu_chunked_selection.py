@@ -279,10 +279,12 @@ def test_checkpoint_merge_reads_each_chunked_tensor_twice(wide, tmp_path, monkey
         assert torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)), n
 
 
-@pytest.mark.parametrize("max_rows", [1, 4, None])
+@pytest.mark.parametrize("max_rows", [1, 4, 12, 18, 30, None])
 def test_window_rows_capped_and_still_exact(max_rows, monkeypatch):
     """``max_rows`` (the pipeline's budget.selection_window_rows) bounds the guessed level-1
-    tables; narrower guesses may cost a second read, never a wrong threshold."""
+    tables together with the pending requests' own level-1 tables; narrower guesses (none
+    where fewer than 2 rows per request fit) may cost a second read, never a wrong
+    threshold."""
     from fastmerge.planning import radix
     g = torch.Generator().manual_seed(8)
     b = torch.randn(60000, generator=g)
@@ -301,7 +303,10 @@ def test_window_rows_capped_and_still_exact(max_rows, monkeypatch):
     from fastmerge.planning.selection import select_one_read
     sel, _ = select_one_read(get_backend("cpu", "cpu"), _source(base, models, 17000, reads), 3,
                              reqs, 60000, ("w",), True, max_rows)
-    assert rows[0] <= (16 * len(reqs) if max_rows is None else max(max_rows, len(reqs)))
+    if max_rows is not None and max_rows < 2 * len(reqs):
+        assert rows == [] and sel.passes == 2
+    else:
+        assert rows[0] <= (16 * len(reqs) if max_rows is None else max_rows - len(reqs))
     assert len(reads) == sel.passes
     for (i, k), thr in zip(reqs, sel.thresholds):
         assert thr == _ref_threshold(base, models[i], k)
