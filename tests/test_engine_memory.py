@@ -128,9 +128,10 @@ def _probe():
 
 PROBE_BUDGET = 64 * 2 ** 20
 # a top-k and a band selection over 3 chunks (radix with guessed level-1 tables), DARE's L1
-# statistics pass, della's masks, a Gram pre-pass: the paths whose scratch the budget counts
+# statistics pass, della's masks, a Gram pre-pass: the paths whose scratch the budget counts;
+# sce's float32 reference (Method.work_bytes) and .bin chunk copies (heaps trimmed per tensor)
 PROBE_CASES = [("ties", "bf16"), ("breadcrumbs_ties", "mixed"), ("dare_ties", "bf16"),
-               ("della", "mixed"), ("slerp", "bf16")]
+               ("della", "mixed"), ("slerp", "bf16"), ("sce", "bf16"), ("ties", "bin")]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def probe_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     shape = dict(probe.SHAPE, layers=1)
     return probe, root, {k: (probe.make_inputs(root / k, k, shape),
-                             probe.warm_inputs(root / k, k)) for k in ("bf16", "mixed")}
+                             probe.warm_inputs(root / k, k)) for k in ("bf16", "mixed", "bin")}
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
