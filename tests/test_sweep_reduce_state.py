@@ -203,3 +203,21 @@ def test_order_statistics_are_kthvalues(case):
     got = order_statistics(gather_values(n, pieces, lambda c: c), ks)
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+def test_sce_chunks_count_its_reference_scratch(ckpts, tmp_path):
+    """sce's float32 reference holds more per chunk element than mergekit methods' allowance
+    (Method.work_bytes): the budget plans its chunk with the difference as extra scratch."""
+    job = Job((48, 32), _params("sce", select_topk=1.0), "w", n_models=2)
+    own = MERGEKIT_METHODS["sce"].work_bytes(job)
+    extra = own - work_bytes_per_element("cpu", 2, combine="mergekit")
+    assert extra > 0 and MERGEKIT_METHODS["model_stock"].work_bytes(job) is None
+    cfg = write_yaml(tmp_path / "sce.yml", {
+        "merge_method": "sce", "base_model": str(ckpts["base"]),
+        "parameters": {"select_topk": 1.0},   # nothing gathered: no whole-tensor state
+        "models": [{"model": str(m)} for m in ckpts["models"]]})
+    budget = 64 * 2 ** 20
+    res = native.merge(cfg, tmp_path / "out", memory_budget=budget)
+    want = plan_chunking(budget, "cpu", 2, 3 * 2, 2, extra_work=extra, sparsifier="none",
+                         combine="mergekit")
+    assert res.chunk_elems == want.chunk_elems
