@@ -358,7 +358,15 @@ class _Passes:
 
     def load(self, unit, only_reference=False):
         name, s, e = unit
+        if self.copies_chunks:   # the copies freed since the last load leave the heaps
+            release_heap_pages()
         return self.k.load(name, s, e, only_reference)
+
+    @property
+    def copies_chunks(self) -> bool:
+        """Whether an input's chunks are copies (.bin, LoRA) rather than mapped views."""
+        return any(getattr(c, "copies_chunks", False)
+                   for c in [self.inputs.base, *self.inputs.models] if c is not None)
 
     def source(self, units, only_reference=False):
         return lambda: prefetched(units, lambda u: self.load(u, only_reference), self.reader)
@@ -474,8 +482,7 @@ class _Passes:
         writes = _Writes()
         order = processing_order(order, self.in_bytes, self.r.rows)
         sources = self.tensor_sources(order, set(specs))
-        copies = any(getattr(c, "copies_chunks", False)
-                     for c in [self.inputs.base, *self.inputs.models] if c is not None)
+        copies = self.copies_chunks
         try:
             for j, (name, is_merged, src) in enumerate(sources):
                 if not is_merged:
