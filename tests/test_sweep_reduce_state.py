@@ -221,3 +221,25 @@ def test_sce_chunks_count_its_reference_scratch(ckpts, tmp_path):
     want = plan_chunking(budget, "cpu", 2, 3 * 2, 2, extra_work=extra, sparsifier="none",
                          combine="mergekit")
     assert res.chunk_elems == want.chunk_elems
+
+
+def test_sweep_threads_count_sces_reference_scratch(ckpts, tmp_path):
+    """Two gathering sce points merged in one pass: the second point's reduction thread keeps
+    the allowance plus sce's extra scratch per chunk element; a budget one byte short of that
+    splits them into two passes (outputs still ``fastmerge merge``'s)."""
+    cfg = write_yaml(tmp_path / "sce.yml", {
+        "merge_method": "sce", "base_model": str(ckpts["base"]),
+        "models": [{"model": str(m)} for m in ckpts["models"]]})
+    job = Job((48, 32), _params("sce", select_topk=0.5), "w", n_models=2)
+    allowance = work_bytes_per_element("cpu", 2, combine="mergekit")
+    extra = MERGEKIT_METHODS["sce"].work_bytes(job) - allowance
+    one = plan_chunking(2 ** 30, "cpu", 2, 3 * 2, 2, extra_work=extra, sparsifier="none",
+                        combine="mergekit")
+    n = _largest_numel(ckpts["base"])
+    per = one.bytes_per_elem + 4 * 2 + allowance + extra
+    fits = one.fixed + 2 * GATHERED * n + MIN_CHUNK_ELEMS * per
+    for budget, passes in ((fits, 1), (fits - 1, 2)):
+        out = tmp_path / f"out{passes}"
+        rows = sweep(cfg, out, ["select_topk=0.5,0.6"], memory_budget=budget)
+        assert len({r["pass"] for r in rows}) == passes, budget
+    merge_each_point(tmp_path, rows)

@@ -126,12 +126,15 @@ def pass_cost(members: list) -> tuple:
     # thread's freed scratch stays resident in its own glibc arena
     threads = sum(reduce_state.runs_reference_reduce(m.r.cfg, m.r.inputs, m.r.base_specs)
                   for m in members)
+    states = [reduce_state.point_state(m.r.cfg, m.r.inputs, m.r.base_specs) for m in members]
+    # a reference's scratch beyond the allowance (sce's): the first point's is in ``one``
+    work = max(s.work for s in states)
+    per += work - states[0].work
     if threads > 1:
-        per += (threads - 1) * work_bytes_per_element(members[0].k.chunking_name,
-                                                      len(members[0].r.inputs.models),
-                                                      combine=members[0].r.cfg.info.combine)
-    reserved = reduce_state.in_flight(
-        reduce_state.point_state(m.r.cfg, m.r.inputs, m.r.base_specs) for m in members)
+        per += (threads - 1) * (work + work_bytes_per_element(
+            members[0].k.chunking_name, len(members[0].r.inputs.models),
+            combine=members[0].r.cfg.info.combine))
+    reserved = reduce_state.in_flight(states)
     return one.fixed - one.reserved + reserved, per, reserved
 
 
