@@ -38,9 +38,12 @@ namespace cpu {
 namespace detail {
 
 #ifdef FM_MERGE_AVX512
-#define FM_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), noinline))
-#define FM_AVX512_INLINE \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), always_inline)) inline
+// One target for the AVX-512 kernels (merge, DARE statistics): every CPU with these has BMI2,
+// and a lambda handed to dare_keep_groups needs its caller's exact target to be inlined.
+#define FM_AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,bmi2"
+#define FM_AVX512_FN __attribute__((target(FM_AVX512_TARGET), noinline))
+#define FM_AVX512_INLINE __attribute__((target(FM_AVX512_TARGET), always_inline)) inline
+#define FM_AVX512_LAMBDA __attribute__((target(FM_AVX512_TARGET), always_inline))
 
 // keep kinds of the fast path (a model's FmModel::mode and hi decide which)
 constexpr int FAST_BAND_INF = 0;  // |t| >= lo
@@ -138,6 +141,32 @@ FM_AVX512_INLINE void dare_keep64(DarePhilox* st, __m512i thr, __mmask16* keep) 
   }
 }
 
+// group(g, even, odd) for each group of 32 elements of a block of len (a multiple of 32), with
+// the keep masks of its even / odd elements drawn from the counters of j0 (dare_fused_applies):
+// one 16-lane Philox step per 64 elements, two states interleaved while 128 remain. The merge
+// (fast_model) and the statistics pass (stats_avx512.cpp) draw their masks through this loop.
+template <class Group>
+FM_AVX512_INLINE void dare_keep_groups(const FmModel& p, uint64_t j0, int len, Group&& group) {
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.dare_threshold & 0xFFFFFFFFu));
+  DarePhilox ph;
+  dare_philox_init(&ph, p.key_lo, p.key_hi, j0 >> 2);
+  int g = 0;
+  for (; g + 128 <= len; g += 128) {
+    __mmask16 k[8];
+    dare_keep64<2>(&ph, thr, k);
+    group(g, k[0], k[1]);
+    group(g + 32, k[2], k[3]);
+    group(g + 64, k[4], k[5]);
+    group(g + 96, k[6], k[7]);
+  }
+  for (; g < len; g += 64) {
+    __mmask16 k[4];
+    dare_keep64<1>(&ph, thr, k);
+    group(g, k[0], k[1]);
+    if (g + 32 < len) group(g + 32, k[2], k[3]);
+  }
+}
+
 // Whether the fused DARE path serves the block of len elements at global index j0: j0 a
 // multiple of 4 (element 4c + w is word w of counter c) and the counters of every 64-element
 // step, the padding of a last 32 included, within one 2^32 run of hi32.
@@ -213,23 +242,9 @@ FM_AVX512_INLINE uint32_t fast_model(const uint16_t* __restrict m, const float* 
 #define FM_GROUP(g, k0, k1) \
   amax = fast_group<KIND, HAS_BASE, MUL_R, MUL_W, FIRST, STORE>(m, bb, p, g, k0, k1, u, vote, amax)
   if (KIND == FAST_DARE) {  // one 16-lane Philox step per 64 elements, no per-element branch
-    DarePhilox ph;
-    dare_philox_init(&ph, p.key_lo, p.key_hi, j0 >> 2);
-    int g = 0;
-    for (; g + 128 <= len; g += 128) {
-      __mmask16 k[8];
-      dare_keep64<2>(&ph, thr, k);
-      FM_GROUP(g, k[0], k[1]);
-      FM_GROUP(g + 32, k[2], k[3]);
-      FM_GROUP(g + 64, k[4], k[5]);
-      FM_GROUP(g + 96, k[6], k[7]);
-    }
-    for (; g < len; g += 64) {
-      __mmask16 k[4];
-      dare_keep64<1>(&ph, thr, k);
-      FM_GROUP(g, k[0], k[1]);
-      if (g + 32 < len) FM_GROUP(g + 32, k[2], k[3]);
-    }
+    dare_keep_groups(p, j0, len, [&](int g, __mmask16 k0, __mmask16 k1) FM_AVX512_LAMBDA {
+      FM_GROUP(g, k0, k1);
+    });
   } else {
     const __m512i even_idx =
         _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -441,7 +456,8 @@ inline bool fast_path_applies(const MergeCtx& ctx) {
   static const bool cpu_ok = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("bmi2");
   }();
   if (!cpu_ok || !merge_fast_path_enabled()) return false;
   if (cfg.combine == COMBINE_TIES) {
@@ -467,8 +483,6 @@ inline bool fast_block_any(const MergeCtx& ctx, const FmModel* models, int64_t s
   return ctx.in->base != nullptr ? fast_block<COMBINE, NS, true>(ctx, models, s0, len, uu, bad)
                                  : fast_block<COMBINE, NS, false>(ctx, models, s0, len, uu, bad);
 }
-#undef FM_AVX512_FN
-#undef FM_AVX512_INLINE
 #endif  // FM_MERGE_AVX512
 
 }  // namespace detail

@@ -21,9 +21,6 @@ namespace cpu {
 namespace detail {
 
 #ifdef FM_MERGE_AVX512
-#define FM_STATS_FN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,bmi2"), noinline))
-#define FM_STATS_INLINE \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,bmi2"), always_inline)) inline
 
 namespace {
 
@@ -33,7 +30,7 @@ constexpr int ST_ALL = 0, ST_NONE = 1, ST_DARE = 2, ST_DARE_WORDS = 3, ST_BAND =
 // |t| of the 8 elements k..k+7 in element order (m: bf16 bits or float32), 256 bits wide:
 // half the work of a 512-bit operation where the float64 sums need 8 lanes at a time anyway
 template <bool SRC_BF16, bool HAS_BASE>
-FM_STATS_INLINE __m256 abs_task8(const void* m, const float* bb, int k) {
+FM_AVX512_INLINE __m256 abs_task8(const void* m, const float* bb, int k) {
   __m256 t;
   if (SRC_BF16) {
     const __m128i h =
@@ -49,8 +46,8 @@ FM_STATS_INLINE __m256 abs_task8(const void* m, const float* bb, int k) {
 
 // The running sums over 32 elements at g whose keep bits (element order) are keep32.
 template <int KIND, bool SRC_BF16, bool HAS_BASE>
-FM_STATS_INLINE void sums32(const void* m, const float* bb, const FmModel& p, int g,
-                            uint32_t keep32, __m512d* tot, __m512d* kept) {
+FM_AVX512_INLINE void sums32(const void* m, const float* bb, const FmModel& p, int g,
+                             uint32_t keep32, __m512d* tot, __m512d* kept) {
 #pragma GCC unroll 4
   for (int q = 0; q < 4; ++q) {
     const __m256 a = abs_task8<SRC_BF16, HAS_BASE>(m, bb, g + 8 * q);
@@ -71,34 +68,19 @@ FM_STATS_INLINE void sums32(const void* m, const float* bb, const FmModel& p, in
 }
 
 // element-order keep bits of a group of 32 from its even / odd halves (dare_keep64's order)
-FM_STATS_INLINE uint32_t interleave(__mmask16 even, __mmask16 odd) {
+FM_AVX512_INLINE uint32_t interleave(__mmask16 even, __mmask16 odd) {
   return _pdep_u32(even, 0x55555555u) | _pdep_u32(odd, 0xAAAAAAAAu);
 }
 
 template <int KIND, bool SRC_BF16, bool HAS_BASE>
-FM_STATS_FN bool stats_model(const void* m, const float* bb, const FmModel& p, uint64_t j0, int len,
-                             double* tot8, double* kept8) {
+FM_AVX512_FN bool stats_model(const void* m, const float* bb, const FmModel& p, uint64_t j0,
+                              int len, double* tot8, double* kept8) {
   __m512d tot = _mm512_loadu_pd(tot8), kept = _mm512_loadu_pd(kept8);
 #define FM_SUMS32(g, keep) sums32<KIND, SRC_BF16, HAS_BASE>(m, bb, p, g, keep, &tot, &kept)
   if (KIND == ST_DARE) {  // the merge pass's fused Philox: one 16-lane step per 64 elements
-    const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.dare_threshold & 0xFFFFFFFFu));
-    DarePhilox ph;
-    dare_philox_init(&ph, p.key_lo, p.key_hi, j0 >> 2);
-    int g = 0;
-    for (; g + 128 <= len; g += 128) {
-      __mmask16 k[8];
-      dare_keep64<2>(&ph, thr, k);
-      FM_SUMS32(g, interleave(k[0], k[1]));
-      FM_SUMS32(g + 32, interleave(k[2], k[3]));
-      FM_SUMS32(g + 64, interleave(k[4], k[5]));
-      FM_SUMS32(g + 96, interleave(k[6], k[7]));
-    }
-    for (; g < len; g += 64) {
-      __mmask16 k[4];
-      dare_keep64<1>(&ph, thr, k);
-      FM_SUMS32(g, interleave(k[0], k[1]));
-      if (g + 32 < len) FM_SUMS32(g + 32, interleave(k[2], k[3]));
-    }
+    dare_keep_groups(p, j0, len, [&](int g, __mmask16 even, __mmask16 odd) FM_AVX512_LAMBDA {
+      FM_SUMS32(g, interleave(even, odd));
+    });
   } else if (KIND == ST_DARE_WORDS) {  // a block the fused counters do not serve
     const __m512i thr = _mm512_set1_epi32(static_cast<int>(p.dare_threshold & 0xFFFFFFFFu));
     alignas(64) uint32_t w[kBlock];
@@ -132,7 +114,7 @@ inline bool stats_kind(const void* m, bool bf16, const float* bb, const FmModel&
 }
 
 // a float16 block as float32, vectorised for this instruction set
-FM_STATS_FN void load_half_block(const void* p, int64_t s0, int len, float* dst) {
+FM_AVX512_FN void load_half_block(const void* p, int64_t s0, int len, float* dst) {
   load_block(p, DTYPE_FLOAT16, s0, len, dst);
 }
 
@@ -195,8 +177,6 @@ bool stats_block_fast(const Inputs& in, int i, const FmModel& p, int score, cons
     default: return stats_kind<ST_DARE_WORDS>(m, bf16, bb, p, j0, len, tot8, kept8);
   }
 }
-#undef FM_STATS_FN
-#undef FM_STATS_INLINE
 
 #else  // no AVX-512 path on this compiler / architecture
 
