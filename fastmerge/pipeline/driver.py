@@ -38,6 +38,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -396,11 +397,11 @@ class _Passes:
                     src = (lambda c: (lambda: [c]))(chunk)
                     del chunk
                 else:
-                    src = _TensorChunks(units, (lambda r: lambda u: self.load(u, r))(
-                        only_reference), self.reader, fut, (lambda i: lambda: read_ahead(i))(
-                        j + 1), self.rereader, (name, units[0][1], units[-1][2]) if
-                        not only_reference and read_whole_for_topk(self.r, self.k, name)
-                        else None)
+                    whole = not only_reference and read_whole_for_topk(self.r, self.k, name)
+                    src = _TensorChunks(
+                        units, partial(self.load, only_reference=only_reference), self.reader,
+                        fut, partial(read_ahead, j + 1), self.rereader,
+                        whole_unit=(name, units[0][1], units[-1][2]) if whole else None)
                 del fut
                 yield name, not only_reference, src
                 del src
